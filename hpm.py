@@ -1,0 +1,183 @@
+"""Hybrid Prototype Mixing (HPM): an l2 re-classifier head for a pretrained classifier.
+
+From "Sensitivity as a Double-Edged Sword: A Trade-off Between Discriminability and
+Adversarial Robustness", section 3.6. A frozen backbone phi maps images X to features
+Z (B, D); the base model's last nn.Linear is the FC classifier W^c (K classes).
+
+    L        = fc(Z)                                          Eq. 1
+    P_ste    = softmax(L) + stopgrad(onehot(argmax L) - softmax(L))   Eq. 15
+    C_batch  = P^T Z / (column sums of P + eps)               Eq. 16
+    C_global <- lam * C_global + (1 - lam) * C_gt_batch       Eq. 14 (EMA, a buffer)
+    C_hybrid = [C_global, C_batch] W_m + b_m                  Eq. 17 (the mixer)
+    L_hybrid[i, j] = -|| Z_i - C_hybrid[j] ||_2               Eq. 18
+
+The same head also gives the two surrogates of the Mixed Surrogate Attack (section 3.7):
+mode "fc" is Surrogate 1 (the FC oracle, fc(Z)); mode "soft" is Surrogate 2 (softmax
+instead of STE in the forward pass). Mode "ste" is the real model.
+
+Choices that are ours, not the paper's:
+- EMA updates touch only the classes present in the batch; a class seen for the first
+  time is set to its batch mean; updates are a separate no-grad method, so `forward`
+  never changes state (an attack may call the model any number of times).
+- The mixer starts as the plain average: W_m = [I/2; I/2], b_m = 0.
+- Context "image" classifies every row as if it were alone in its batch (a per-image
+  model, free of batch composition), computed for the whole batch at once.
+- The l2 distance has gradient 0 (a subgradient) where it is exactly zero.
+
+This file imports torch only: copy it into any project.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def ste_assignment(L):
+    """Eq. 15: one-hot argmax in the forward pass, softmax gradient in the backward pass."""
+    P_soft = L.softmax(dim=-1)
+    P_hard = F.one_hot(L.argmax(dim=-1), L.shape[-1]).to(P_soft.dtype)
+    return P_soft + (P_hard - P_soft).detach()
+
+
+def batch_prototypes(P, Z, eps):
+    """Eq. 16: soft/hard class means of Z under assignment P (B, K); absent classes -> 0."""
+    return P.t() @ Z / (P.sum(dim=0)[:, None] + eps)  # (K, D)
+
+
+def safe_sqrt(x):
+    """sqrt with gradient 0 at x == 0 (where the true derivative is infinite)."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def l2_logits(Z, C):
+    """Eq. 18: logits[i, j] = -||Z_i - C_j||_2, via one matmul instead of a (B, K, D) tensor."""
+    d2 = Z.pow(2).sum(1, keepdim=True) - 2 * Z @ C.t() + C.pow(2).sum(1)  # (B, K)
+    return -safe_sqrt(d2.clamp_min(0))
+
+
+class HPMHead(nn.Module):
+    """The HPM head on features Z (B, D): FC classifier, EMA prototypes, mixer, l2 logits."""
+
+    def __init__(self, fc, momentum=0.98, eps=1e-6):
+        super().__init__()
+        K, D = fc.out_features, fc.in_features
+        self.fc = copy.deepcopy(fc)  # trained on its own; the base model's layer stays untouched
+        self.mixer = nn.Linear(2 * D, D)  # Eq. 17 as x @ W_m + b_m, W_m = mixer.weight.T
+        with torch.no_grad():  # start as the plain average (C_global + C_batch) / 2
+            eye = torch.eye(D, dtype=self.mixer.weight.dtype, device=self.mixer.weight.device)
+            self.mixer.weight.copy_(torch.cat([eye, eye], dim=1) / 2)
+            self.mixer.bias.zero_()
+        self.mixer.to(fc.weight.device, fc.weight.dtype)
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("prototypes", torch.zeros(K, D, device=fc.weight.device, dtype=fc.weight.dtype))
+        self.register_buffer("seen", torch.zeros(K, dtype=torch.bool, device=fc.weight.device))
+
+    def forward(self, z, mode="ste", context="batch"):
+        L = self.fc(z)  # Eq. 1, (B, K)
+        if mode == "fc":
+            return L
+        if mode == "ste":
+            P = ste_assignment(L)
+        elif mode == "soft":
+            P = L.softmax(dim=-1)
+        else:
+            raise ValueError(f"mode must be 'ste', 'soft' or 'fc', got {mode!r}")
+        if context == "batch":
+            C_batch = batch_prototypes(P, z, self.eps)  # (K, D)
+            C_hybrid = self.mixer(torch.cat([self.prototypes, C_batch], dim=1))  # Eq. 17, (K, D)
+            return l2_logits(z, C_hybrid)
+        if context == "image":
+            return self._image_logits(z, P)
+        raise ValueError(f"context must be 'batch' or 'image', got {context!r}")
+
+    def _image_logits(self, z, P):
+        # Alone in its batch, row i has C_batch[j] = a_ij * z_i with a_ij = P_ij / (P_ij + eps)
+        # (Eq. 16 with B = 1), so its hybrid prototypes are C_hybrid_i[j] = G_j + a_ij * u_i
+        # with G = C_global W_g + b_m and u_i = z_i W_b (the mixer split into its two halves).
+        # ||z_i - G_j - a_ij u_i||^2 expands into (B, K) matmuls: no (B, K, D) tensor, no loop.
+        D = z.shape[1]
+        W_g, W_b = self.mixer.weight[:, :D], self.mixer.weight[:, D:]
+        G = F.linear(self.prototypes, W_g, self.mixer.bias)  # (K, D)
+        u = F.linear(z, W_b)  # (B, D)
+        a = P / (P + self.eps)  # (B, K)
+        d2_zG = z.pow(2).sum(1, keepdim=True) - 2 * z @ G.t() + G.pow(2).sum(1)  # ||z_i - G_j||^2
+        zu = (z * u).sum(1, keepdim=True)  # (B, 1)
+        uG = u @ G.t()  # (B, K)
+        uu = u.pow(2).sum(1, keepdim=True)  # (B, 1)
+        d2 = d2_zG - 2 * a * (zu - uG) + a.pow(2) * uu
+        return -safe_sqrt(d2.clamp_min(0))
+
+    @torch.no_grad()
+    def update_prototypes(self, z, y):
+        """Eq. 14 on clean features z (B, D) with labels y (B,): only classes present move."""
+        onehot = F.one_hot(y, self.prototypes.shape[0]).to(z.dtype)  # (B, K)
+        count = onehot.sum(dim=0)  # (K,)
+        present = count > 0
+        C_gt_batch = onehot.t() @ z / count.clamp_min(1)[:, None]  # (K, D)
+        lam = torch.where(self.seen, self.momentum, 0.0).to(z.dtype)[:, None]  # first sight: copy
+        updated = lam * self.prototypes + (1 - lam) * C_gt_batch
+        self.prototypes.copy_(torch.where(present[:, None], updated, self.prototypes))
+        self.seen |= present
+
+
+def find_classifier(model):
+    """The base model's final nn.Linear: (its dotted name, the layer). Last registered wins."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("attach: the model has no nn.Linear; HPM needs logits from a final linear layer")
+    return linears[-1]
+
+
+class HPMClassifier(nn.Module):
+    """A frozen base model with the HPM head on the features that enter its final nn.Linear."""
+
+    def __init__(self, base_model, momentum=0.98, eps=1e-6):
+        super().__init__()
+        self.base_model = base_model.eval().requires_grad_(False)  # head-only: the backbone is frozen
+        self.fc_name, base_fc = find_classifier(base_model)
+        self.head = HPMHead(base_fc, momentum=momentum, eps=eps)
+        self._checked = False
+
+    def train(self, mode=True):
+        # The backbone stays in eval mode: BatchNorm statistics and dropout must not change.
+        super().train(mode)
+        self.base_model.eval()
+        return self
+
+    def features(self, x, return_logits=False):
+        """Z (B, D): the input of the base model's final nn.Linear, from one base-model pass."""
+        captured = {}
+
+        def hook(module, inputs, output):
+            captured["z"], captured["L"] = inputs[0], output
+
+        handle = self.base_model.get_submodule(self.fc_name).register_forward_hook(hook)
+        try:
+            logits = self.base_model(x)
+        finally:
+            handle.remove()
+        if "z" not in captured or captured["z"].dim() != 2:
+            raise ValueError(
+                f"attach: layer {self.fc_name!r} was not called once on (B, D) features; "
+                "HPM needs a model whose logits come from a final nn.Linear")
+        if not self._checked:  # once: the chosen layer must produce the logits themselves
+            if not (captured["L"] is logits or torch.equal(captured["L"], logits)):
+                raise ValueError(
+                    f"attach: the output of {self.fc_name!r} (the last registered nn.Linear) is not "
+                    "the model's output; HPM needs a model whose logits come from that layer")
+            self._checked = True
+        return (captured["z"], logits) if return_logits else captured["z"]
+
+    def forward(self, x, mode="ste", context="batch"):
+        return self.head(self.features(x), mode=mode, context=context)
+
+
+def attach(base_model, momentum=0.98, eps=1e-6):
+    """Plug an HPM head onto any classifier whose logits come from a final nn.Linear.
+
+    The base model is frozen (requires_grad False, eval mode) and never modified; the head
+    holds its own copy of the FC layer, so mode "fc" returns the base logits until fine-tuned.
+    """
+    return HPMClassifier(base_model, momentum=momentum, eps=eps)

@@ -161,3 +161,32 @@ def atomic_save(obj, path):
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """A head checkpoint written by finetune.py, read with weights_only=True (no code runs)."""
+    if not os.path.exists(path):
+        raise CLIError(f"head checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CLIError(f"{path} is not a head checkpoint readable with weights_only=True ({e})")
+    missing = {"head", "model", "dataset", "momentum", "eps"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise CLIError(f"{path} is not a finetune.py head checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+def load_head(ckpt, hpm_model):
+    """Load a checkpoint's head state into an attached model, or say clearly why it does not fit."""
+    state, head = ckpt["head"], hpm_model.head
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        diff = [f"{k}: checkpoint {found.get(k)} vs model {expected.get(k)}"
+                for k in sorted(set(expected) | set(found)) if found.get(k) != expected.get(k)]
+        raise CLIError(f"the head checkpoint does not fit this model ({'; '.join(diff[:3])}); "
+                       f"it was trained for {ckpt['model']!r} on {ckpt['dataset']}")
+    head.load_state_dict(state)
+    head.momentum, head.eps = ckpt["momentum"], ckpt["eps"]
+    return hpm_model

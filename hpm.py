@@ -116,7 +116,7 @@ class HPMHead(nn.Module):
         count = onehot.sum(dim=0)  # (K,)
         present = count > 0
         C_gt_batch = onehot.t() @ z / count.clamp_min(1)[:, None]  # (K, D)
-        lam = torch.where(self.seen, self.momentum, 0.0).to(z.dtype)[:, None]  # first sight: copy
+        lam = self.momentum * self.seen.to(z.dtype)[:, None]  # 0 on first sight: copy the batch mean
         updated = lam * self.prototypes + (1 - lam) * C_gt_batch
         self.prototypes.copy_(torch.where(present[:, None], updated, self.prototypes))
         self.seen |= present

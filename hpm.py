@@ -63,7 +63,8 @@ class HPMHead(nn.Module):
     def __init__(self, fc, momentum=0.98, eps=1e-6):
         super().__init__()
         K, D = fc.out_features, fc.in_features
-        self.fc = copy.deepcopy(fc)  # trained on its own; the base model's layer stays untouched
+        # A trainable copy: fine-tuning it never touches the (possibly frozen) base model's layer.
+        self.fc = copy.deepcopy(fc).requires_grad_(True)
         self.mixer = nn.Linear(2 * D, D)  # Eq. 17 as x @ W_m + b_m, W_m = mixer.weight.T
         with torch.no_grad():  # start as the plain average (C_global + C_batch) / 2
             eye = torch.eye(D, dtype=self.mixer.weight.dtype, device=self.mixer.weight.device)
@@ -177,7 +178,8 @@ class HPMClassifier(nn.Module):
 def attach(base_model, momentum=0.98, eps=1e-6):
     """Plug an HPM head onto any classifier whose logits come from a final nn.Linear.
 
-    The base model is frozen (requires_grad False, eval mode) and never modified; the head
-    holds its own copy of the FC layer, so mode "fc" returns the base logits until fine-tuned.
+    The base model is frozen in place (requires_grad False, eval mode); its tensors are never
+    changed. The head holds its own trainable copy of the FC layer, so mode "fc" returns
+    exactly the base logits until the head is fine-tuned.
     """
     return HPMClassifier(base_model, momentum=momentum, eps=eps)

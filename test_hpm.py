@@ -402,3 +402,9 @@ def test_attach_rejects_model_whose_last_linear_is_not_the_output():
 def test_attach_rejects_model_without_linear():
     with pytest.raises(ValueError, match="no nn.Linear"):
         hpm.attach(nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten()))
+
+
+def test_attach_leaves_exactly_fc_and_mixer_trainable():
+    model = hpm.attach(Nested())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.fc.weight", "head.fc.bias", "head.mixer.weight", "head.mixer.bias"}

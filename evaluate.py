@@ -1,0 +1,811 @@
+"""Evaluate a base model and its HPM head side by side: the Mixed Surrogate Attack and Square.
+
+The paper's evaluation protocol (section 3.7, supplementary 6.3), with the batch dependence
+of HPM handled as SPEC.md section 3 defines it:
+
+    python evaluate.py --head head.pt
+    python evaluate.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar10 --head head.pt
+    python evaluate.py --head head.pt --model mnist_cnn.pt --data mnist_test.npz --checks
+    python evaluate.py --model mnist_cnn.pt --dataset mnist --data mnist_test.npz   # base only
+
+What it does:
+- A fixed subset of the test set (`--n-examples`, default 25% of it as in the paper;
+  ImageNet: the whole 5-per-class validation subset; `--subset-seed`), sorted and cut into
+  fixed consecutive batches of `--batch-size` (default: the head's fine-tuning batch, 64).
+- Rows of the table: "base" (the base model with its own FC layer), "hpm/batch" (HPM, each
+  image classified together with its batch, as in the paper) and "hpm/image" (HPM, each
+  image as if alone in its batch: a per-image model, free of batch composition).
+- Attacks (AutoAttack's own implementations): APGD-CE and APGD-DLR against each surrogate
+  of the Mixed Surrogate Attack -- "fc" (Surrogate 1, the FC oracle), "soft" (Surrogate 2,
+  the soft-hybrid model), "ste" (the real model with its STE/BPDA gradients) and "mix" (the
+  mean of their log-softmaxes, all from one backbone pass) -- then Square on the real model.
+  The base model is its own surrogate: "apgd-ce", "apgd-dlr", "square".
+- Every final adversarial batch is re-scored whole on the real model; an image counts as
+  robust (worst case) only if it is correct clean and under every attack.
+- `--checks`: the gradient-masking checks (eps sweep, doubled steps, Square versus the
+  gradient attacks, transfer versus end-to-end), each printed as pass or flag.
+- The results JSON (`--out`) is rewritten atomically after every batch; running the same
+  command again resumes where it stopped and skips what is finished.
+
+Choices that are ours, not the paper's (the paper does not say how batches were formed):
+- Batch context: APGD runs the library's `attack_single_run` on the whole batch, so the
+  surrogate sees the full batch jointly at every step; each image's adversarial point is its
+  last iterate that fooled the surrogate, else its highest-loss iterate; the attack is seeded
+  per batch (the same seed for every batch, as AutoAttack does), so runs are reproducible and
+  resumable. `run_standard_evaluation` is never used: it re-forms batches between attacks.
+- Per-image models (base, hpm/image) attacked end to end use APGD's `perturb`, AutoAttack's
+  standard path (it attacks the correctly classified images only), so numbers agree exactly
+  with AutoAttack's `APGDAttack`. Transfer attacks (fc/soft/mix) use the whole-batch path in
+  every context: an image the surrogate never fooled keeps its highest-loss point, which may
+  still fool the real model.
+- Default budgets: L-inf 8/255 (CIFAR), 4/255 (ImageNet), 0.3 (MNIST); L2 0.5 (CIFAR),
+  3.0 (ImageNet), 2.0 (MNIST), the values usual in RobustBench and the MNIST literature.
+- An image whose logits are not finite after an attack counts as misclassified.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from pyautoattack.autopgd_base import APGDAttack  # PyPI's AutoAttack (import name pyautoattack)
+from pyautoattack.square import SquareAttack
+from tqdm import tqdm
+
+from finetune import (DATASETS, CLIError, atomic_save, check_labels, load_data, load_head,
+                      load_model, read_checkpoint, to_float)
+from hpm import attach, find_classifier
+
+LOSSES = ("ce", "dlr")
+SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the real model (BPDA), their mixture
+CONTEXTS = ("batch", "image")
+HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)
+DEFAULT_EPS = {  # the usual budgets: RobustBench for CIFAR/ImageNet, Madry et al. for MNIST
+    "Linf": {"cifar10": 8 / 255, "cifar100": 8 / 255, "imagenet": 4 / 255, "mnist": 0.3},
+    "L2": {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 3.0, "mnist": 2.0},
+}
+# Settings that change the numbers: an existing --out file must match them to be resumed.
+IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "norm", "data", "data_sha256",
+            "head_sha256", "eps", "n_examples", "subset_seed", "per_class", "batch_size", "steps",
+            "queries", "seed")
+
+NOTES = {
+    "batch_apgd": (
+        "hpm/batch: APGD runs AutoAttack's attack_single_run on whole batches, so the surrogate "
+        "sees the full batch at every step; each image keeps its last surrogate-fooling iterate, "
+        "else its highest-loss iterate; the whole adversarial batch is re-scored on the real model."),
+    "batch_square": (
+        "hpm/batch square: after its first query AutoAttack's Square queries only the images of a "
+        "batch it has not yet fooled, a batch composition different from the one scored. The "
+        "attack is weaker than it could be; the number stays honest because every final "
+        "adversarial batch is re-scored whole."),
+    "per_image": (
+        "base and hpm/image are per-image models: end-to-end APGD and Square use AutoAttack's "
+        "perturb (standard path; it attacks only the initially correct images, shrinking batches, "
+        "which changes nothing for a per-image model); transfer attacks (fc/soft/mix) use "
+        "attack_single_run on the whole batch."),
+    "worst_case": (
+        "worst_case: an image counts as robust only if it is correct clean and under every "
+        "finished attack of its row; accuracies are fractions of the subset."),
+    "nonfinite": "an image whose logits are not finite after an attack counts as misclassified.",
+}
+
+
+# The models attacked and scored ----------------------------------------------------------
+
+class Surrogates(nn.Module):
+    """The targets of the Mixed Surrogate Attack on an HPM model: x (B, C, H, W) -> logits (B, K).
+
+    "fc": Surrogate 1, the FC oracle; "soft": Surrogate 2, the soft-hybrid model; "ste": the
+    real model, with STE (BPDA) gradients; "mix": the mean of the three log-softmaxes, all from
+    ONE backbone pass. Scoring uses "ste", the real model.
+    """
+
+    def __init__(self, model, surrogate="mix", context="batch"):
+        super().__init__()
+        if surrogate not in SURROGATES or context not in CONTEXTS:
+            raise ValueError(f"surrogate must be one of {SURROGATES} and context one of {CONTEXTS}")
+        self.model, self.surrogate, self.context = model, surrogate, context
+
+    def forward(self, x):
+        z = self.model.features(x)  # (B, D): one backbone pass
+        head, ctx = self.model.head, self.context
+        if self.surrogate == "mix":
+            logp = [head(z, mode=m, context=ctx).log_softmax(dim=1) for m in ("fc", "soft", "ste")]
+            return torch.stack(logp).mean(dim=0)  # (B, K)
+        return head(z, mode=self.surrogate, context=ctx)
+
+
+@dataclass
+class Row:
+    """One row of the table: the model that is scored and the surrogates its attacks target."""
+    name: str  # "base", "hpm/batch" or "hpm/image"
+    model: nn.Module  # the real model, x -> logits: scores clean and every adversarial batch
+    surrogates: dict  # surrogate name -> nn.Module x -> logits (None -> the model itself)
+    per_image: bool  # False when a prediction depends on the other images of the batch
+
+    def attack_names(self, attacks):
+        """This row's attacks from the canonical HPM list: the base model drops the suffix."""
+        if None in self.surrogates:
+            return list(dict.fromkeys(a.split("/")[0] for a in attacks))
+        return list(attacks)
+
+    def target(self, attack):
+        """(surrogate name, module attacked) for an attack named like "apgd-ce/mix" or "square"."""
+        if attack == "square":  # black-box, on the real model
+            return None, self.model
+        surrogate = attack.split("/")[1] if "/" in attack else None
+        return surrogate, self.surrogates[surrogate]
+
+    def plan(self, attack):
+        """(module attacked, whole_batch): AutoAttack's standard path (perturb) only where it is
+        exact, an end-to-end attack on a per-image model; all else on the whole batch (run_attack)."""
+        surrogate, module = self.target(attack)
+        return module, not self.per_image or surrogate not in (None, "ste")
+
+
+def build_rows(base_model, hpm_model=None, contexts=CONTEXTS):
+    """The rows: "base" always; "hpm/<context>" for each context when an HPM model is given."""
+    rows = [Row("base", base_model, {None: base_model}, per_image=True)]
+    for ctx in contexts if hpm_model is not None else ():
+        surrogates = {s: Surrogates(hpm_model, s, ctx) for s in SURROGATES}
+        rows.append(Row(f"hpm/{ctx}", surrogates["ste"], surrogates, per_image=(ctx == "image")))
+    return rows
+
+
+@torch.no_grad()
+def score(model, x, y):
+    """Correctness (B,) bool of the whole batch x classified together; non-finite logits count wrong."""
+    logits = model(x)
+    return (logits.argmax(dim=1) == y) & torch.isfinite(logits).all(dim=1), logits
+
+
+# One attack on one batch ------------------------------------------------------------------
+
+def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000, seed=0,
+               whole_batch=True):
+    """One attack on one batch x (B, C, H, W) in [0, 1]; returns the adversarial batch (not scored).
+
+    attack: "apgd-ce", "apgd-dlr" or "square" (a suffix like "/mix" is ignored: `target` is the
+    module attacked). whole_batch=True: the library's attack_single_run on the whole batch
+    (for batch-dependent models and for transfer attacks); each image gets its last iterate
+    that fooled `target`, else its highest-loss iterate. whole_batch=False: the library's
+    perturb (AutoAttack's standard path). Either way the RNG is seeded with `seed` first.
+    """
+    kind = attack.split("/")[0]
+    if kind == "square":
+        sq = SquareAttack(target, norm=norm, n_queries=queries, eps=eps, p_init=0.8, n_restarts=1,
+                          seed=seed, verbose=False, device=x.device)
+        if not whole_batch:
+            return sq.perturb(x, y)
+        sq.init_hyperparam(x)
+        seed_all(seed)
+        return sq.attack_single_run(x, y)[1]
+    if kind not in ("apgd-ce", "apgd-dlr"):
+        raise ValueError(f"unknown attack {attack!r}")
+    apgd = APGDAttack(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed,
+                      loss=kind.split("-")[1], eot_iter=1, rho=0.75, verbose=False, device=x.device)
+    if not whole_batch:
+        return apgd.perturb(x, y)
+    apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
+    seed_all(seed)
+    x_best, robust, _, x_best_adv = apgd.attack_single_run(x, y)  # robust: never fooled `target`
+    return torch.where(robust.view(-1, *[1] * (x.dim() - 1)), x_best, x_best_adv)
+
+
+def seed_all(seed):
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def check_adv(x_adv, x, norm, eps):
+    """The attack stayed in the threat model: finite rows in [0, 1] within eps (else a bug)."""
+    x_adv = x_adv.detach()
+    bad = ~torch.isfinite(x_adv).flatten(1).all(dim=1)
+    x_adv = torch.where(bad.view(-1, *[1] * (x.dim() - 1)), x, x_adv)  # a NaN image is no image
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(dim=1).values if norm == "Linf" else delta.norm(dim=1)
+    if (size > eps * (1 + 1e-4) + 1e-6).any() or x_adv.min() < 0 or x_adv.max() > 1:
+        raise RuntimeError(f"attack left the threat model: max {norm} perturbation "
+                           f"{size.max().item():.6g} > eps {eps:.6g} or pixels outside [0, 1]")
+    return x_adv
+
+
+# Evaluation on tensors --------------------------------------------------------------------
+
+def make_batches(n, batch_size):
+    """Fixed consecutive batches [(start, end), ...] of the (sorted) subset."""
+    return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def new_row():
+    return {"clean": None, "attacks": {}, "worst_case": None, "correct": {}, "batches_done": {},
+            "timings_s": {}}
+
+
+def row_store(results, name):
+    """results["base"] or results["hpm"][context] for a row name like "hpm/batch"."""
+    if name == "base":
+        return results.setdefault("base", new_row())
+    model, ctx = name.split("/")
+    return results.setdefault(model, {}).setdefault(ctx, new_row())
+
+
+def run_job(store, name, batches, attack_batch, *, desc, progress=True, on_update=None, save=None):
+    """Run attack_batch(i) -> (correct (B,) bool, x_adv or None) over the batches, resuming where
+    store (a dict with "correct", "batches_done", "timings_s") left off; returns the 0/1 list."""
+    done = store["batches_done"].get(name, 0)
+    correct = list(store["correct"].get(name, []))[: batches[done - 1][1] if done else 0]
+    store["timings_s"].setdefault(name, 0.0)
+    bar = tqdm(total=len(batches), initial=done, desc=desc, leave=False, disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    for i in range(done, len(batches)):
+        t0 = time.perf_counter()
+        c, x_adv = attack_batch(i)
+        if save is not None and x_adv is not None:
+            save(i, x_adv)
+        correct += c.int().tolist()
+        store["correct"][name] = correct
+        store["batches_done"][name] = i + 1
+        store["timings_s"][name] += time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(acc=f"{sum(correct) / len(correct):.1%}")
+        if on_update is not None:
+            on_update()
+    bar.close()
+    return correct
+
+
+ORDER = ("clean", "apgd-ce", "apgd-dlr") + HPM_ATTACKS + ("worst_case",)
+
+
+def update_worst_case(row):
+    """Worst case over clean and every finished attack of the row, per image and overall.
+    Also puts the row's attacks in the canonical order, whatever order the runs took."""
+    for key in ("attacks", "correct", "batches_done", "timings_s"):
+        row[key] = dict(sorted(row[key].items(), key=lambda kv: ORDER.index(kv[0])))
+    if row["clean"] is None:
+        return
+    finished = ["clean"] + list(row["attacks"])
+    worst = [int(all(v)) for v in zip(*(row["correct"][k] for k in finished))]
+    row["correct"]["worst_case"] = worst
+    row["worst_case"] = sum(worst) / len(worst)
+
+
+def adv_path(save_dir, row_name, attack):
+    """Where --save-adv keeps one attack's adversarial images of one row."""
+    return os.path.join(save_dir, f"{row_name.replace('/', '-')}__{attack.replace('/', '_')}.pt")
+
+
+class AdvSaver:
+    """--save-adv: per-batch parts while an attack runs, one file per attack when it finishes."""
+
+    def __init__(self, save_dir, row_name, attack, y, indices, batches):
+        self.path = adv_path(save_dir, row_name, attack)
+        self.parts = os.path.join(save_dir, "parts", os.path.basename(self.path)[:-3])
+        self.meta = {"row": row_name, "attack": attack, "y": y.cpu(), "indices": indices,
+                     "batches": batches}
+        os.makedirs(self.parts, exist_ok=True)
+
+    def part(self, i):
+        return os.path.join(self.parts, f"{i:05d}.pt")
+
+    def has_parts(self, done):
+        return all(os.path.exists(self.part(i)) for i in range(done))
+
+    def __call__(self, i, x_adv):
+        atomic_save(x_adv.detach().float().cpu(), self.part(i))
+
+    def finish(self):
+        xs = [torch.load(self.part(i), weights_only=True) for i in range(len(self.meta["batches"]))]
+        atomic_save({**self.meta, "x_adv": torch.cat(xs)}, self.path)  # (N, C, H, W) float
+        for i in range(len(xs)):
+            os.remove(self.part(i))
+        os.rmdir(self.parts)
+        if not os.listdir(os.path.dirname(self.parts)):
+            os.rmdir(os.path.dirname(self.parts))
+
+
+def batch_loader(x, y, batches, device):
+    """i -> (images float (B, C, H, W) in [0, 1], labels (B,)) of batch i, on the device."""
+    def batch(i):
+        a, b = batches[i]
+        xb = to_float(x[a:b], device) if x.dtype == torch.uint8 else x[a:b].to(device).float()
+        return xb, y[a:b].to(device)
+    return batch
+
+
+def attack_job(row, attack, batch, *, norm, eps, steps, queries, seed):
+    """i -> (correct (B,) bool, x_adv): the attack on batch i, re-scored whole on the real model."""
+    target, whole_batch = row.plan(attack)
+
+    def attack_batch(i):
+        xb, yb = batch(i)
+        x_adv = run_attack(attack, target, xb, yb, norm=norm, eps=eps, steps=steps,
+                           queries=queries, seed=seed, whole_batch=whole_batch)
+        x_adv = check_adv(x_adv, xb, norm, eps)
+        return score(row.model, x_adv, yb)[0], x_adv
+    return attack_batch
+
+
+def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, queries=5000,
+             batch_size=64, seed=0, results=None, on_update=None, save_adv=None, indices=None,
+             device="cpu", progress=True, log=print):
+    """Clean and robust accuracy of every row on images x (N, C, H, W; uint8 or float in [0, 1])
+    with labels y (N,), cut into consecutive batches of `batch_size`.
+
+    results: the dict to fill (and to resume from: finished batches are skipped); on_update()
+    is called after every batch. Returns results with results["base"], results["hpm"][ctx],
+    each {"clean", "attacks": {name: accuracy}, "worst_case", "correct": {name: [0/1, ...]}, ...}.
+    """
+    results = {} if results is None else results
+    batches = make_batches(len(y), batch_size)
+    indices = list(range(len(y))) if indices is None else indices
+
+    batch = batch_loader(x, y, batches, device)
+
+    for row in rows:
+        store = row_store(results, row.name)
+
+        def clean_batch(i):
+            xb, yb = batch(i)
+            try:
+                c, logits = score(row.model, xb, yb)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # typically images of the wrong shape for this model
+                raise CLIError(f"{row.name}: the model cannot classify the images "
+                               f"{tuple(xb.shape[1:])} ({str(e).splitlines()[0]})")
+            if not torch.isfinite(logits).all():
+                raise CLIError(f"{row.name}: the model returned NaN or inf logits on clean images "
+                               f"(batch {i}); check the model file, the head and the input range")
+            return c, None
+
+        if store["batches_done"].get("clean", 0) < len(batches):
+            run_job(store, "clean", batches, clean_batch, desc=f"{row.name} clean",
+                    progress=progress, on_update=on_update)
+        store["clean"] = sum(store["correct"]["clean"]) / len(y)
+        update_worst_case(store)
+
+        for name in row.attack_names(attacks):
+            if name in store["attacks"]:
+                if save_adv and not os.path.exists(adv_path(save_adv, row.name, name)):
+                    log(f"  note: {row.name} {name} finished in an earlier run without --save-adv; "
+                        "its adversarial images were not kept")
+                continue
+            if row.name == "hpm/batch" and name == "square":
+                log("  note: " + NOTES["batch_square"])
+            attack_batch = attack_job(row, name, batch, norm=norm, eps=eps, steps=steps,
+                                      queries=queries, seed=seed)
+            saver = None
+            if save_adv:
+                saver = AdvSaver(save_adv, row.name, name, y, indices, batches)
+                if not saver.has_parts(store["batches_done"].get(name, 0)):  # resumed without parts
+                    store["batches_done"][name], store["correct"][name] = 0, []
+                    store["timings_s"][name] = 0.0
+            correct = run_job(store, name, batches, attack_batch, desc=f"{row.name} {name}",
+                              progress=progress, on_update=on_update, save=saver)
+            store["attacks"][name] = sum(correct) / len(correct)
+            update_worst_case(store)
+            if saver is not None:
+                saver.finish()
+            if on_update is not None:
+                on_update()
+            log(f"  {row.name:<10} {name:<14} {store['attacks'][name]:7.2%}   worst case "
+                f"{store['worst_case']:7.2%}   ({store['timings_s'][name]:.1f} s)")
+    return results
+
+
+# Gradient-masking checks ------------------------------------------------------------------
+
+def sweep_eps(norm, eps, dim):
+    """eps x 0.25, 0.5, 1, 2, 4 up to a budget where any honest classifier can be fooled, and
+    that budget: L-inf 0.5 (every image can become mid-grey), L2 0.5 sqrt(dim) (the same)."""
+    large = 0.5 if norm == "Linf" else 0.5 * math.sqrt(dim)
+    return sorted({m * eps for m in (0.25, 0.5, 1, 2, 4) if m * eps < large} | {large})
+
+
+def gradient_masking_checks(row_name, runs, row, *, eps, sweep, steps, n, tol):
+    """The four checks as {name: {"status": "pass" | "flag" | "n/a", "detail": str, numbers...}}.
+
+    runs: accuracies of the check attacks on the first n images, keyed by check_key();
+    row: the row's main results (whole subset); sweep: the eps values of the sweep.
+    tol: the accuracy difference tolerated; on the n check images, never less than one image.
+    """
+    attack = "apgd-ce" if row_name == "base" else "apgd-ce/mix"
+    tol_n = max(tol, 1 / n)
+    out = {}
+
+    accs = [runs[check_key(attack, e, steps)] for e in sweep]
+    rises = [e for e, a, b in zip(sweep[1:], accs, accs[1:]) if b > a + tol_n]
+    ok = not rises and accs[-1] <= tol_n
+    out["eps_sweep"] = {
+        "attack": attack, "eps": sweep, "accuracy": accs, "n": n, "status": "pass" if ok else "flag",
+        "detail": (f"{attack} at eps " + " ".join(f"{e:.4g}" for e in sweep) + ": "
+                   + " ".join(f"{100 * a:.1f}" for a in accs) + "%"
+                   + (f"; accuracy rises at eps {rises[0]:.4g}" if rises else "")
+                   + ("" if accs[-1] <= tol_n else
+                      f"; not ~0 at eps {sweep[-1]:.4g}, where an honest classifier is fooled: "
+                      "the gradients do not lead the attack")),
+    }
+
+    a1, a2 = runs[check_key(attack, eps, steps)], runs[check_key(attack, eps, 2 * steps)]
+    ok = a2 >= a1 - tol_n
+    out["doubled_steps"] = {
+        "attack": attack, "steps": [steps, 2 * steps], "accuracy": [a1, a2], "n": n,
+        "status": "pass" if ok else "flag",
+        "detail": (f"{attack} {steps} steps {a1:.1%}, {2 * steps} steps {a2:.1%}"
+                   + ("" if ok else "; the attack has not converged: use more --steps")),
+    }
+
+    grads = {k: v for k, v in row["attacks"].items() if k != "square"}
+    if "square" in row["attacks"] and grads:
+        best, sq = min(grads, key=grads.get), row["attacks"]["square"]
+        only_square = sum(1 for i, c in enumerate(row["correct"]["square"])
+                          if not c and all(row["correct"][k][i] for k in grads))
+        ok = sq >= grads[best] - tol
+        out["square_vs_gradient"] = {
+            "square": sq, "best_gradient": grads[best], "best_gradient_attack": best,
+            "images_only_square_breaks": only_square, "status": "pass" if ok else "flag",
+            "detail": (f"square {sq:.1%} vs best gradient attack {grads[best]:.1%} ({best}), whole "
+                       f"subset; {only_square} images only Square breaks"
+                       + ("" if ok else "; a black-box attack beats the gradients: masking")),
+        }
+    else:
+        out["square_vs_gradient"] = {"status": "n/a", "detail": "needs square and a gradient attack"}
+
+    if row_name != "base":
+        transfer = {k: v for k, v in grads.items() if not k.endswith("/ste")}
+        end2end = {k: v for k, v in grads.items() if k.endswith("/ste")}
+        if transfer and end2end:
+            bt, be = min(transfer, key=transfer.get), min(end2end, key=end2end.get)
+            ok = transfer[bt] >= end2end[be] - tol
+            out["transfer_vs_end_to_end"] = {
+                "best_transfer": transfer[bt], "best_transfer_attack": bt,
+                "best_end_to_end": end2end[be], "best_end_to_end_attack": be,
+                "status": "pass" if ok else "flag",
+                "detail": (("" if ok else "(expected for HPM: obfuscated gradients; this is why "
+                            "MSA exists) ") + f"best transfer {transfer[bt]:.1%} ({bt}) vs best "
+                           f"end-to-end {end2end[be]:.1%} ({be}), whole subset"),
+            }
+        else:
+            out["transfer_vs_end_to_end"] = {"status": "n/a",
+                                             "detail": "needs an /ste attack and an fc/soft/mix one"}
+    return out
+
+
+def check_key(attack, eps, steps):
+    return f"{attack} eps={eps:.6g} steps={steps}"
+
+
+def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, seed, checks_n,
+               tol, on_update=None, device="cpu", progress=True):
+    """--checks: the eps sweep and doubled steps on the first `checks_n` images of the subset
+    (cut into the same fixed batches), the other two checks from the main results."""
+    n = min(checks_n, len(y))
+    batches = make_batches(n, batch_size)
+    batch = batch_loader(x[:n], y[:n], batches, device)
+    sweep = sorted(set(sweep_eps(norm, eps, x[0].numel())) | {eps})
+    for row in rows:
+        checks = row_store(results, row.name).setdefault("checks", {})
+        runs = checks.get("runs")
+        if runs is None or runs["n"] != n:  # first time, or another --checks-n: start again
+            runs = checks["runs"] = {"n": n, "accuracy": {}, "correct": {}, "batches_done": {},
+                                     "timings_s": {}}
+        attack = "apgd-ce" if row.name == "base" else "apgd-ce/mix"
+        for e, s in [(e, steps) for e in sweep] + [(eps, 2 * steps)]:
+            key = check_key(attack, e, s)
+            if key in runs["accuracy"]:
+                continue
+            attack_batch = attack_job(row, attack, batch, norm=norm, eps=e, steps=s,
+                                      queries=queries, seed=seed)
+            correct = run_job(runs, key, batches, attack_batch, desc=f"{row.name} check {key}",
+                              progress=progress, on_update=on_update)
+            runs["accuracy"][key] = sum(correct) / n
+        checks.update(gradient_masking_checks(row.name, runs["accuracy"], row_store(results, row.name),
+                                              eps=eps, sweep=sweep, steps=steps, n=n, tol=tol))
+        if on_update is not None:
+            on_update()
+    return results
+
+
+# Output -------------------------------------------------------------------------------------
+
+TITLES = {"base": "base", "hpm/batch": "HPM (batch)", "hpm/image": "HPM (image)"}
+
+
+def format_tables(results, rows):
+    """The paper's Tables 1-2 shape (clean, worst case, difference to base), then every attack."""
+    stores = {r.name: row_store(results, r.name) for r in rows}
+    base = stores.get("base")
+
+    def pct(v):
+        return "" if v is None else f"{100 * v:.1f}"
+
+    def diff(v, ref):
+        return "" if v is None or ref is None else f"({100 * (v - ref):+.1f})"
+
+    lines = [f"{'model':<13}{'clean':>8}{'':>8}{'robust':>8}{'':>8}  (worst case over all attacks)"]
+    for name, s in stores.items():
+        ref_c = base["clean"] if name != "base" else None
+        ref_r = base["worst_case"] if name != "base" else None
+        lines.append(f"{TITLES[name]:<13}{pct(s['clean']):>8}{diff(s['clean'], ref_c):>8}"
+                     f"{pct(s['worst_case']):>8}{diff(s['worst_case'], ref_r):>8}")
+    names = sorted({a for s in stores.values() for a in s["attacks"]}, key=ORDER.index)
+    lines += ["", f"{'accuracy (%)':<16}" + "".join(f"{TITLES[n]:>13}" for n in stores)]
+    for a in ["clean"] + names + ["worst_case"]:
+        cells = [s["clean"] if a == "clean" else s["worst_case"] if a == "worst_case"
+                 else s["attacks"].get(a) for s in stores.values()]
+        lines.append(f"{a.replace('_', ' '):<16}" + "".join(f"{pct(c):>13}" for c in cells))
+    return "\n".join(lines)
+
+
+def dumps(obj, indent=0):
+    """Indented JSON; a list of numbers or short strings stays on one line (per-image lists)."""
+    pad = " " * indent
+    if isinstance(obj, dict) and obj:
+        items = [f"{pad}  {json.dumps(str(k))}: {dumps(v, indent + 2)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) or
+                                              (isinstance(v, str) and len(v) > 40) for v in obj):
+        items = [f"{pad}  {dumps(v, indent + 2)}" for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
+def write_json(obj, path):
+    """Write to a temporary file, then rename: a run that dies never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(dumps(obj) + "\n")
+    os.replace(tmp, path)
+
+
+def versions():
+    from importlib import metadata
+
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("torchvision", "pyautoattack", "robustbench"):
+        try:
+            v[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v[pkg] = None
+    return v
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# The script -------------------------------------------------------------------------------
+
+def parse_attacks(text):
+    """"apgd-ce/mix,square" -> canonical ordered names; a bare "apgd-ce" means every surrogate."""
+    chosen = set()
+    for tok in (t.strip() for t in text.split(",") if t.strip()):
+        if tok in ("apgd-ce", "apgd-dlr"):
+            chosen |= {a for a in HPM_ATTACKS if a.startswith(tok + "/")}
+        elif tok in HPM_ATTACKS:
+            chosen.add(tok)
+        else:
+            raise CLIError(f"unknown attack {tok!r}; choose from {', '.join(HPM_ATTACKS)} "
+                           "(or apgd-ce / apgd-dlr for all four surrogates)")
+    if not chosen:
+        raise CLIError("--attacks is empty")
+    return [a for a in HPM_ATTACKS if a in chosen]
+
+
+def resolve_config(args):
+    """All settings, with the checkpoint's values where the flags leave them out."""
+    ckpt = read_checkpoint(args.head) if args.head else None
+    if ckpt is None and (args.model is None or args.dataset is None):
+        raise CLIError("give --head FILE (a finetune.py checkpoint), or --model and --dataset "
+                       "to evaluate a base model alone")
+    train_args = ckpt.get("args") if ckpt is not None and isinstance(ckpt.get("args"), dict) else {}
+    cfg = {k: v for k, v in vars(args).items()}
+    cfg["model"] = args.model or ckpt["model"]
+    cfg["dataset"] = args.dataset or ckpt["dataset"]
+    if cfg["dataset"] not in DATASETS:
+        raise CLIError(f"unknown dataset {cfg['dataset']!r}; choose from {', '.join(DATASETS)}")
+    cfg["threat_model"] = args.threat_model or (ckpt or {}).get("threat_model") or "Linf"
+    cfg["norm"] = args.norm or cfg["threat_model"]
+    if cfg["norm"] not in DEFAULT_EPS:
+        raise CLIError(f"unknown norm {cfg['norm']!r}; choose Linf or L2")
+    cfg["eps"] = args.eps if args.eps is not None else DEFAULT_EPS[cfg["norm"]][cfg["dataset"]]
+    cfg["batch_size"] = args.batch_size or int(train_args.get("batch_size", 64))
+    cfg["per_class"] = args.per_class if args.per_class is not None else (
+        5 if cfg["dataset"] == "imagenet" and args.data is None else None)
+    cfg["attacks"] = parse_attacks(args.attacks)
+    cfg["contexts"] = [c.strip() for c in args.contexts.split(",") if c.strip()]
+    if not set(cfg["contexts"]) <= set(CONTEXTS):
+        raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {args.contexts!r}")
+    cfg["head_sha256"] = sha256(args.head) if args.head else None
+    cfg["model_sha256"] = sha256(cfg["model"]) if os.path.isfile(cfg["model"]) else None
+    cfg["data_sha256"] = sha256(args.data) if args.data and os.path.isfile(args.data) else None
+    cfg["out"] = args.out or (os.path.splitext(args.head)[0] + ".eval.json" if args.head
+                              else "eval.json")
+    for k in ("eps", "steps", "queries", "batch_size", "checks_n"):
+        if cfg[k] is not None and cfg[k] <= 0:
+            raise CLIError(f"--{k.replace('_', '-')} must be positive, got {cfg[k]}")
+    if cfg["n_examples"] is not None and cfg["n_examples"] <= 0:
+        raise CLIError(f"--n-examples must be positive, got {cfg['n_examples']}")
+    return cfg, ckpt
+
+
+def select_subset(n_total, n_examples, seed):
+    """Sorted indices of a fixed uniform subset of the test set."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[: min(n_examples, n_total)].sort().values
+
+
+def main(args):
+    """Evaluate as the flags say; returns the results dict (also written to --out)."""
+    cfg, ckpt = resolve_config(args)
+    try:
+        device = torch.device(cfg["device"])
+    except RuntimeError:
+        raise CLIError(f"unknown device {cfg['device']!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda, but no CUDA GPU is available; pass --device cpu")
+
+    base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"])
+    try:
+        if ckpt is not None:
+            hpm_model = load_head(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
+            num_classes = hpm_model.head.fc.out_features
+        else:
+            hpm_model, num_classes = None, find_classifier(base)[1].out_features
+    except ValueError as e:  # attach: no final nn.Linear
+        raise CLIError(str(e))
+    base = base.to(device).eval().requires_grad_(False)
+    if hpm_model is not None:
+        hpm_model = hpm_model.to(device).eval().requires_grad_(False)
+
+    split = "val" if cfg["dataset"] == "imagenet" else "test"
+    x_all, y_all = load_data(cfg["dataset"], split, data=cfg["data"], data_dir=cfg["data_dir"],
+                             per_class=cfg["per_class"])
+    check_labels(y_all, num_classes, cfg["data"] or f"{cfg['dataset']} {split}")
+    if cfg["n_examples"] is None:  # the paper: a fixed 25% of the test set (ImageNet: all 5000)
+        cfg["n_examples"] = len(y_all) if cfg["dataset"] == "imagenet" else max(1, round(len(y_all) / 4))
+    idx = select_subset(len(y_all), cfg["n_examples"], cfg["subset_seed"])
+    x, y = x_all[idx], y_all[idx]
+    rows = build_rows(base, hpm_model, cfg["contexts"])
+
+    out = cfg["out"]
+    results = None
+    if os.path.exists(out) and not cfg["overwrite"]:
+        try:
+            with open(out) as f:
+                results = json.load(f)
+            old = results["config"]
+        except (ValueError, KeyError, TypeError):
+            raise CLIError(f"{out} exists and is not a results file of evaluate.py; "
+                           "choose another --out or pass --overwrite")
+        diff = [f"{k}: {old.get(k)!r} there, {cfg[k]!r} now" for k in IDENTITY if old.get(k) != cfg[k]]
+        if diff:
+            raise CLIError(f"{out} holds results of another configuration ({'; '.join(diff[:3])}); "
+                           "choose another --out or pass --overwrite")
+        print(f"resuming from {out}")
+    if results is None:
+        results = {}
+    results["description"] = ("evaluate.py: clean and robust accuracy (fractions) of the base model "
+                              "and HPM on one fixed subset, same batches, same attacks")
+    results["config"] = {k: cfg[k] for k in sorted(cfg)}
+    results["versions"] = versions()
+    results["subset"] = {"n": len(idx), "of": len(y_all), "subset_seed": cfg["subset_seed"],
+                         "batch_size": cfg["batch_size"],
+                         "n_batches": len(make_batches(len(idx), cfg["batch_size"])),
+                         "indices": idx.tolist()}
+    results["notes"] = [NOTES["worst_case"], NOTES["per_image"], NOTES["nonfinite"]] + (
+        [NOTES["batch_apgd"], NOTES["batch_square"]] if "hpm/batch" in [r.name for r in rows] else [])
+    results["complete"] = False
+    timing = results.setdefault("timing", {})
+    timing.setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
+
+    def on_update():
+        timing["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_json(results, out)
+
+    print(f"{cfg['model']} on {cfg['dataset']}: {len(idx)} of {len(y_all)} test images "
+          f"(subset seed {cfg['subset_seed']}), batches of {cfg['batch_size']}, {cfg['norm']} "
+          f"eps {cfg['eps']:.5g}, {cfg['steps']} APGD steps, {cfg['queries']} Square queries, "
+          f"device {device}")
+    if "hpm/batch" in [r.name for r in rows]:
+        print("note: " + NOTES["batch_apgd"])
+    on_update()
+    common = dict(norm=cfg["norm"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
+                  batch_size=cfg["batch_size"], seed=cfg["seed"], on_update=on_update,
+                  device=device, progress=not cfg["no_progress"])
+    try:
+        evaluate(rows, x, y, attacks=cfg["attacks"], results=results, save_adv=cfg["save_adv"],
+                 indices=idx.tolist(), **common)
+        if cfg["checks"]:
+            run_checks(rows, x, y, results, checks_n=cfg["checks_n"], tol=cfg["checks_tol"], **common)
+    except ValueError as e:  # HPMClassifier.features: the final nn.Linear does not make the logits
+        if str(e).startswith("attach:"):
+            raise CLIError(str(e))
+        raise
+    results["complete"] = True
+    on_update()
+
+    print()
+    print(format_tables(results, rows))
+    if cfg["checks"]:
+        print(f"\ngradient-masking checks (first {min(cfg['checks_n'], len(idx))} images of the "
+              f"subset; tolerance {cfg['checks_tol']:.1%}):")
+        for r in rows:
+            for name, c in row_store(results, r.name)["checks"].items():
+                if name != "runs":
+                    print(f"  {r.name:<10} {name:<23} {c['status']:<5} {c['detail']}")
+    if "hpm/batch" in [r.name for r in rows]:
+        print("\nnote: " + NOTES["batch_square"])
+    print(f"\nresults: {out}")
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--head", help="head checkpoint written by finetune.py (model, dataset, threat "
+                   "model and batch size are read from it); without it only the base model is evaluated")
+    p.add_argument("--model", help="RobustBench model name or a pickled nn.Module file "
+                   "(default: the checkpoint's)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), help="default: the checkpoint's")
+    p.add_argument("--threat-model", choices=["Linf", "L2"],
+                   help="RobustBench list the model is loaded from (default: the checkpoint's, else Linf)")
+    p.add_argument("--norm", choices=["Linf", "L2"], help="attack norm (default: the threat model)")
+    p.add_argument("--eps", type=float, help="attack budget (default: Linf 8/255 CIFAR, 4/255 "
+                   "ImageNet, 0.3 MNIST; L2 0.5 CIFAR, 3.0 ImageNet, 2.0 MNIST)")
+    p.add_argument("--data", help="local test set .npz (x: uint8 N x C x H x W, y: int N) "
+                   "instead of the dataset's own loader")
+    p.add_argument("--data-dir", default="./data", help="where torchvision datasets / ImageNet live")
+    p.add_argument("--model-dir", default="./models", help="RobustBench model cache")
+    p.add_argument("--per-class", type=int, help="images per class (default: 5 for ImageNet "
+                   "validation, as in the paper; all otherwise)")
+    p.add_argument("--n-examples", type=int, help="size of the fixed evaluation subset (default: "
+                   "25%% of the test set, as in the paper; ImageNet: all of the 5-per-class subset)")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed that fixes the subset")
+    p.add_argument("--batch-size", type=int, help="fixed batch size B of the batch context "
+                   "(default: the checkpoint's fine-tuning batch size, else 64; 1 = per-image model)")
+    p.add_argument("--contexts", default="batch,image", help="HPM contexts to evaluate")
+    p.add_argument("--attacks", default=",".join(HPM_ATTACKS),
+                   help="comma list (apgd-ce = all four surrogates); the base model runs each once")
+    p.add_argument("--steps", type=int, default=40, help="APGD iterations (paper: 40; AutoAttack: 100)")
+    p.add_argument("--queries", type=int, default=5000, help="Square queries")
+    p.add_argument("--seed", type=int, default=0, help="attack seed (the same for every batch)")
+    p.add_argument("--checks", action="store_true", help="run the gradient-masking checks")
+    p.add_argument("--checks-n", type=int, default=512, help="images (first of the subset) for --checks")
+    p.add_argument("--checks-tol", type=float, default=0.02,
+                   help="accuracy difference tolerated by the checks (at least one image)")
+    p.add_argument("--out", help="results JSON, rewritten after every batch; rerun to resume "
+                   "(default: HEAD.eval.json, or eval.json without --head)")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --out holds results "
+                   "of another configuration")
+    p.add_argument("--save-adv", metavar="DIR", help="keep every attack's adversarial images "
+                   "(float tensors, one file per row and attack)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,281 @@
+"""Benchmark: the cost of HPM and of its evaluation, as ratios measured in one run.
+
+    python bench.py                      # CPU: a small RobustBench WideResNet (WRN-16-4)
+    python bench.py --depth 28 --width 10 --device cuda   # WRN-28-10, also images/s of evaluate.py
+
+Every figure is a ratio of two paired measurements taken alternately in the same process
+(median over --repeats pairs, after warm-up), so a shared, noisy machine affects both sides
+alike. Each is printed with its goal and written to bench.json: name -> {value, goal, ok}.
+Models are built offline from robustbench's own architecture classes (random weights: the
+cost of a forward pass does not depend on the weights). Not a test: it does not run in CI.
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import finetune
+import hpm
+
+finetune.alias_autoattack()
+import evaluate  # noqa: E402  (after the alias: evaluate imports pyautoattack pieces)
+
+
+def build_wrn(depth, width, num_classes=10):
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+
+    return WideResNet(depth=depth, widen_factor=width, num_classes=num_classes).eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def paired_ratio(f_num, f_den, device, repeats, warmup=1):
+    """Median over `repeats` of time(f_num) / time(f_den), the two run back to back."""
+    def timed(f):
+        sync(device)
+        t0 = time.perf_counter()
+        f()
+        sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        f_num(), f_den()
+    ratios, nums = [], []
+    for i in range(repeats):  # alternate the order so neither side always runs on a warm cache
+        if i % 2:
+            d, n = timed(f_den), timed(f_num)
+        else:
+            n, d = timed(f_num), timed(f_den)
+        ratios.append(n / d)
+        nums.append(n)
+    return statistics.median(ratios), statistics.median(nums)
+
+
+# The figures ---------------------------------------------------------------------------------
+
+def hpm_forward_backward(base, model, x, y, device, repeats):
+    """HPM model forward + backward (to the input, as an attack does) / the base model's."""
+    x = x.clone().requires_grad_(True)
+
+    def base_step():
+        (g,) = torch.autograd.grad(F.cross_entropy(base(x), y), x)
+
+    def hpm_step():
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+
+    return paired_ratio(hpm_step, base_step, device, repeats)[0]
+
+
+def apgd_step_msa_vs_base(base, model, x, y, device, repeats, steps):
+    """One APGD-CE step against the MSA mixture (one backbone pass) / one against the base model."""
+    mix = evaluate.Surrogates(model, "mix", "batch")
+    kw = dict(norm="Linf", eps=8 / 255, steps=steps, seed=0)
+    return paired_ratio(lambda: evaluate.run_attack("apgd-ce", mix, x, y, **kw),
+                        lambda: evaluate.run_attack("apgd-ce", base, x, y, **kw), device, repeats)[0]
+
+
+def finetune_step_vs_unfrozen(base, x, y, device, repeats, steps):
+    """One fine-tuning step (10-step attack + update) / the same step with the backbone unfrozen.
+
+    The baseline is what a plain adversarial-training loop does with an unfrozen backbone: its
+    attack calls loss.backward() (weight gradients at every step, as in the IKL/TRADES code)
+    and the update backpropagates through the backbone for the clean and adversarial batch.
+    """
+    args = argparse.Namespace(steps=steps, eps=8 / 255, step_size=2 / 255, threat_model="Linf",
+                              attack_mode="ste", alpha=3.0, beta=10.0)
+    K = base.fc.out_features if hasattr(base, "fc") else 10
+    S = torch.full((K, K), 1.0 / K, device=device)
+
+    frozen = hpm.attach(copy.deepcopy(base)).to(device)
+    opt_frozen = torch.optim.Adam(finetune.head_parameters(frozen), lr=5e-5)
+
+    unfrozen = hpm.attach(copy.deepcopy(base)).to(device)
+    unfrozen.base_model.requires_grad_(True)  # the backbone takes weight gradients
+    opt_unfrozen = torch.optim.Adam(unfrozen.head.parameters(), lr=5e-5)
+
+    def unfrozen_step():
+        z_clean = unfrozen.features(x)  # with gradients: the backbone is trainable here
+        zn_attack = unfrozen.head(z_clean).detach()
+        x_adv = x + 0.001 * torch.randn_like(x)
+        for _ in range(args.steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            loss = finetune.ikl_loss(zn_attack, unfrozen(x_adv), y, S, args.alpha, args.beta)
+            loss.backward()  # fills the backbone's .grad too, as a loop that does not freeze it
+            x_adv = finetune.project(x_adv + args.step_size * x_adv.grad.sign(), x, args.eps, "Linf")
+        za = unfrozen(x_adv.detach())
+        opt_unfrozen.zero_grad(set_to_none=True)
+        unfrozen.base_model.zero_grad(set_to_none=True)
+        finetune.ikl_loss(unfrozen.head(z_clean), za, y, S, args.alpha, args.beta).backward()
+        opt_unfrozen.step()
+        unfrozen.head.update_prototypes(z_clean.detach(), y)
+
+    return paired_ratio(lambda: finetune.train_step(frozen, opt_frozen, x, y, S, args),
+                        unfrozen_step, device, repeats)[0]
+
+
+def image_context_vs_loop(model, x, device, repeats):
+    """The head in context "image" over a batch / the head on each image alone, in a loop."""
+    with torch.no_grad():
+        z = model.features(x).detach()
+    z.requires_grad_(True)
+    head = model.head
+
+    def vectorised():
+        torch.autograd.grad(head(z, "ste", "image").sum(), z)
+
+    def looped():
+        torch.autograd.grad(sum(head(z[i:i + 1], "ste", "batch").sum() for i in range(len(z))), z)
+
+    return paired_ratio(vectorised, looped, device, repeats)[0]
+
+
+def evaluate_vs_autoattack(base, x, y, device, repeats, steps):
+    """evaluate.py's attack on a batch / AutoAttack's APGDAttack called directly on the same batch."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    row = evaluate.build_rows(base)[0]
+    target = row.target("apgd-ce")[1]
+
+    def ours():
+        evaluate.run_attack("apgd-ce", target, x, y, norm="Linf", eps=8 / 255, steps=steps, seed=0,
+                            whole_batch=False)
+
+    def direct():
+        APGDAttack(base, n_iter=steps, norm="Linf", eps=8 / 255, seed=0, loss="ce",
+                   device=x.device).perturb(x, y)
+
+    return paired_ratio(ours, direct, device, repeats)[0]
+
+
+def peak_memory_ratio(args):
+    """Peak memory of evaluate's MSA attack on a batch / the base model's APGD alone (subprocesses)."""
+    peaks = {}
+    for which in ("msa", "base"):
+        cmd = [sys.executable, __file__, "--_memory-probe", which, "--depth", str(args.depth),
+               "--width", str(args.width), "--batch", str(args.batch), "--device", args.device,
+               "--apgd-steps", str(args.apgd_steps)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        peaks[which] = float(out.strip().splitlines()[-1])
+    return peaks["msa"] / peaks["base"], peaks
+
+
+def memory_probe(args):
+    """Run one attack and print its peak memory above what was in use before it (bytes).
+
+    CUDA: the allocator's peak. CPU: the profiler's allocation events, summed in time order
+    (the process's peak RSS would hide the attack under the import of torch itself).
+    """
+    device = torch.device(args.device)
+    base, model, x, y = setup(args, device)
+    target = evaluate.Surrogates(model, "mix", "batch") if args._memory_probe == "msa" else base
+
+    def attack():
+        evaluate.run_attack("apgd-ce", target, x, y, norm="Linf", eps=8 / 255, steps=args.apgd_steps, seed=0)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        attack()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            attack()
+        # Each op's own allocations net of its own frees, and the frees between ops ("[memory]").
+        deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+        live = peak = 0
+        for _, delta in deltas:
+            live += delta
+            peak = max(peak, live)
+    print(peak)
+
+
+def evaluate_throughput(base, model, x, y, steps):
+    """Images per second of evaluate.py's APGD-CE on the MSA mixture (GPU figure, no goal)."""
+    mix = evaluate.Surrogates(model, "mix", "batch")
+    sync(x.device)
+    t0 = time.perf_counter()
+    evaluate.run_attack("apgd-ce", mix, x, y, norm="Linf", eps=8 / 255, steps=steps, seed=0)
+    sync(x.device)
+    return len(x) / (time.perf_counter() - t0)
+
+
+def setup(args, device):
+    torch.manual_seed(0)
+    base = build_wrn(args.depth, args.width).to(device)
+    model = hpm.attach(base).to(device)
+    x = torch.rand(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    with torch.no_grad():  # prototypes from one clean batch, as the fine-tuning's clean pass would
+        model.head.update_prototypes(model.features(x), base(x).argmax(1))
+    return base, model, x, y
+
+
+def main(args):
+    if args._memory_probe:
+        return memory_probe(args)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    base, model, x, y = setup(args, device)
+    print(f"WRN-{args.depth}-{args.width}, batch {args.batch}, {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats} paired runs")
+    figures = {}
+
+    def report(name, value, goal, extra=""):
+        figures[name] = {"value": round(value, 4), "goal": goal, "ok": bool(value <= goal)}
+        print(f"{name:44s} {value:7.3f}   goal <= {goal:<5}  {'ok' if value <= goal else 'MISSED'} {extra}")
+
+    r = args.repeats
+    report("hpm_fwd_bwd / base_fwd_bwd", hpm_forward_backward(base, model, x, y, device, r), 1.05)
+    report("apgd_step_msa_mix / apgd_step_base", apgd_step_msa_vs_base(base, model, x, y, device, r,
+                                                                         args.apgd_steps), 1.10)
+    report("finetune_step / step_with_backbone_grads", finetune_step_vs_unfrozen(base, x, y, device, r,
+                                                                                 args.attack_steps), 0.80)
+    report("head_image_context / 64_single_calls", image_context_vs_loop(model, x, device, r), 0.10)
+    report("evaluate_apgd / autoattack_apgd", evaluate_vs_autoattack(base, x, y, device, r,
+                                                                     args.apgd_steps), 1.05)
+    ratio, peaks = peak_memory_ratio(args)
+    report("peak_mem_msa_attack / peak_mem_base_apgd", ratio, 1.2,
+           f"({peaks['msa'] / 2**20:.0f} MiB vs {peaks['base'] / 2**20:.0f} MiB)")
+    if device.type == "cuda":
+        ips = evaluate_throughput(base, model, x, y, args.apgd_steps)
+        figures["evaluate_images_per_second"] = {"value": round(ips, 2), "goal": None, "ok": True,
+                                                 "note": f"APGD-CE on the MSA mixture, {args.apgd_steps} steps"}
+        print(f"evaluate.py images/s (APGD-CE/mix, {args.apgd_steps} steps): {ips:.1f}")
+    with open(args.out, "w") as f:
+        json.dump(figures, f, indent=2)
+    print(f"wrote {args.out}")
+    return figures
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=16, help="WideResNet depth (28 for WRN-28-10 on a GPU)")
+    p.add_argument("--width", type=int, default=4, help="WideResNet widen factor (10 for WRN-28-10)")
+    p.add_argument("--batch", type=int, default=64, help="batch size (the fine-tuning and evaluation batch)")
+    p.add_argument("--repeats", type=int, default=3, help="paired timing runs per figure (median)")
+    p.add_argument("--apgd-steps", type=int, default=5, help="APGD iterations per timed attack")
+    p.add_argument("--attack-steps", type=int, default=10, help="attack steps per fine-tuning step (paper: 10)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="bench.json", help="where the figures are written")
+    p.add_argument("--_memory-probe", dest="_memory_probe", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -755,9 +755,17 @@ def main(args):
     return results
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help text already says it (or it has none)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--head", help="head checkpoint written by finetune.py (model, dataset, threat "
                    "model and batch size are read from it); without it only the base model is evaluated")
     p.add_argument("--model", help="RobustBench model name or a pickled nn.Module file "
@@ -795,7 +803,8 @@ def parse_args(argv=None):
                    "of another configuration")
     p.add_argument("--save-adv", metavar="DIR", help="keep every attack's adversarial images "
                    "(float tensors, one file per row and attack)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import evaluate
 import finetune
 import hpm
+import run_mnist
 from finetune import (CLIError, clean_pass, head_parameters, ikl_loss, load_head, perturb,
                       read_checkpoint, soft_cross_entropy, train_step, weighted_mse)
 from hpm import attach
@@ -1245,3 +1246,138 @@ def test_unknown_robustbench_model_is_one_line_on_stderr(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown RobustBench model") and "Traceback" not in proc.stderr
     assert "Cui2023Decoupled_WRN-28-10" in proc.stderr  # the suggestion
+
+
+# ============================================================================================
+# run_mnist.py: the MNIST miniature end to end, reduced (--quick): every stage leaves its
+# artefacts and the numbers agree with each other and with independent recomputations.
+# ============================================================================================
+QUICK = run_mnist.SETTINGS["quick"]
+ROWS = {"base": ("base",), "hpm/batch": ("hpm", "batch"), "hpm/image": ("hpm", "image")}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One reduced run shared by the tests below: its output folder."""
+    out = tmp_path_factory.mktemp("mnist_quick")
+    run_mnist.main(run_mnist.parse_args(["--quick", "--out-dir", str(out), "--device", "cpu"]))
+    return out
+
+
+def rows(results):
+    out = {}
+    for name, keys in ROWS.items():
+        r = results
+        for k in keys:
+            r = r[k]
+        out[name] = r
+    return out
+
+
+def write_idx(path, array):
+    """An idx file written independently of run_mnist.read_idx (magic 2051 images, 2049 labels)."""
+    magic = 2051 if array.ndim == 3 else 2049
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_every_stage_writes_its_artefacts(quick):
+    for name in ("train.npz", "heldout.npz", "cnn_fc.pt", "cnn_l2.pt", "cnn_fc_at.pt", "fig1.md",
+                 "fig1.json", "fig1.png", "head.pt", "finetune.log", "results.json", "evaluate.log",
+                 "table1.md", "summary.md"):
+        assert (quick / name).is_file() and (quick / name).stat().st_size > 0, name
+    for name, n in (("train.npz", QUICK["n_train"]), ("heldout.npz", QUICK["n_heldout"])):
+        with np.load(quick / name) as f:
+            assert f["x"].dtype == np.uint8 and f["x"].shape == (n, 1, 28, 28)
+            assert f["y"].dtype == np.int64 and f["y"].shape == (n,)
+    for name in ("cnn_fc.pt", "cnn_l2.pt", "cnn_fc_at.pt"):
+        assert isinstance(torch.load(quick / name, weights_only=False), run_mnist.SmallCNN)
+    ckpt = read_checkpoint(str(quick / "head.pt"))  # what evaluate.py reads
+    assert ckpt["finished"] and ckpt["dataset"] == "mnist"
+    assert (quick / "fig1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((quick / "results.json").read_text())
+    assert results["complete"] and results["config"]["checks"]
+    summary = (quick / "summary.md").read_text()
+    for text in ("Fig. 1 in miniature", "Table 1 in miniature", "python finetune.py --model",
+                 "python evaluate.py --head", "eps_sweep", "the base model here"):
+        assert text in summary, text
+
+
+def test_splits_are_the_seeded_permutation_of_the_test_set(quick):
+    x = run_mnist.read_idx(run_mnist.DEFAULT_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+    y = run_mnist.read_idx(run_mnist.DEFAULT_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    perm = np.random.default_rng(0).permutation(10000)
+    n_tr, n_ho = QUICK["n_train"], QUICK["n_heldout"]
+    with np.load(quick / "train.npz") as tr, np.load(quick / "heldout.npz") as ho:
+        np.testing.assert_array_equal(tr["x"][:, 0], x[perm[:n_tr]])
+        np.testing.assert_array_equal(tr["y"], y[perm[:n_tr]])
+        # held out: the images right after the training part in the permutation, none trained on
+        np.testing.assert_array_equal(ho["x"][:, 0], x[perm[n_tr:n_tr + n_ho]])
+        np.testing.assert_array_equal(ho["y"], y[perm[n_tr:n_tr + n_ho]])
+
+
+def test_worst_case_is_below_clean_and_every_attack(quick):
+    results = json.loads((quick / "results.json").read_text())
+    for name, r in rows(results).items():
+        accs = {"clean": r["clean"], "worst_case": r["worst_case"], **r["attacks"]}
+        assert all(0 <= a <= 1 for a in accs.values()), (name, accs)
+        assert r["worst_case"] <= min(r["clean"], *r["attacks"].values()), (name, accs)
+        # recomputed from the per-image 0/1 lists: correct clean and under every attack
+        per_image = [all(c) for c in zip(*(r["correct"][k] for k in ["clean", *r["attacks"]]))]
+        assert r["worst_case"] == pytest.approx(sum(per_image) / len(per_image), abs=1e-12)
+        assert len(r["attacks"]) == (3 if name == "base" else 9)
+        assert f"| {100 * r['worst_case']:.1f} |" in (quick / "table1.md").read_text()
+
+
+def test_attacks_never_beat_clean_on_per_image_models_attacked_end_to_end(quick):
+    # AutoAttack's perturb leaves the misclassified images untouched, so on a per-image model its
+    # accuracy can only fall below clean. Not so for the batch context (an attack changes the
+    # other images' batch prototypes) nor for transfer attacks (whole-batch runs start every image,
+    # misclassified ones too, from a random point that may be classified correctly).
+    results = json.loads((quick / "results.json").read_text())
+    r = rows(results)
+    for name, attack in [("base", a) for a in r["base"]["attacks"]] + [
+            ("hpm/image", "apgd-ce/ste"), ("hpm/image", "apgd-dlr/ste"), ("hpm/image", "square")]:
+        assert r[name]["attacks"][attack] <= r[name]["clean"], (name, attack)
+
+
+def test_fig1_falls_with_eps_from_the_clean_accuracy(quick):
+    fig = json.loads((quick / "fig1.json").read_text())
+    assert fig["eps"][0] == 0 and fig["eps"] == sorted(fig["eps"])
+    with np.load(quick / "heldout.npz") as f:
+        x = torch.from_numpy(f["x"][:fig["n"]]).double() / 255
+        y = torch.from_numpy(f["y"][:fig["n"]])
+    for name in ("fc", "l2"):
+        acc = fig["accuracy"][name]
+        assert len(acc) == len(fig["eps"]) and all(0 <= a <= 1 for a in acc)
+        assert all(b <= a + 0.02 for a, b in zip(acc, acc[1:])), (name, acc)  # monotone within 2%
+        model = torch.load(quick / fig["models"][name], weights_only=False).double().eval()
+        with torch.no_grad():
+            clean = (model(x).argmax(1) == y).double().mean().item()  # float64, one batch
+        assert acc[0] == pytest.approx(clean, abs=0.5 / fig["n"]), name  # the same images
+
+
+def test_standard_layout_trains_on_the_training_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    x_train, y_train = rng.integers(0, 256, (50, 28, 28)), rng.integers(0, 10, 50)
+    x_test, y_test = rng.integers(0, 256, (20, 28, 28)), rng.integers(0, 10, 20)
+    write_idx(raw / "train-images-idx3-ubyte", x_train)  # plain and gzip files may mix
+    write_idx(raw / "train-labels-idx1-ubyte.gz", y_train)
+    write_idx(raw / "t10k-images-idx3-ubyte.gz", x_test)
+    write_idx(raw / "t10k-labels-idx1-ubyte", y_test)
+    xtr, ytr, xho, yho, _ = run_mnist.make_splits(tmp_path, run_mnist.SETTINGS["full"], seed=0)
+    np.testing.assert_array_equal(xtr[:, 0], x_train)
+    np.testing.assert_array_equal(ytr, y_train)
+    np.testing.assert_array_equal(xho[:, 0], x_test)
+    np.testing.assert_array_equal(yho, y_test)
+    assert xtr.dtype == np.uint8 and ytr.dtype == np.int64
+
+
+def test_a_folder_without_mnist_fails_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=str(tmp_path)) as e:
+        run_mnist.main(run_mnist.parse_args(["--mnist-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")]))
+    assert "\n" not in str(e.value)

@@ -1,0 +1,554 @@
+"""The MNIST miniature of the paper's Fig. 1 and Table 1: the whole method on real data, on a laptop.
+
+    python run_mnist.py                                  # about 8 minutes on 2 idle CPU cores
+    python run_mnist.py --quick --out-dir /tmp/mnist     # the reduced run of the test suite (~20 s)
+    python run_mnist.py --mnist-dir ~/data               # with the 60k training set: the full-size run
+
+Stages (everything lands in --out-dir, default runs/mnist):
+1. data      the MNIST idx files -> train.npz (x uint8 (N, 1, 28, 28), y int64) and heldout.npz.
+             With only the 10k test set (../shared/data/mnist), a seeded permutation splits it
+             into a training part and a held-out part; with the training files too
+             (train-images-idx3-ubyte, the standard layout), the 60k set trains and the 10k
+             test set is held out.
+2. models    three small CNNs (2 conv layers, a hidden linear layer, a classifier), inputs in [0, 1]:
+             cnn_fc.pt (FC classifier) and cnn_l2.pt (l2 classifier: logits = -||z - c_j||_2 to
+             learnable class prototypes c_j), both trained normally; cnn_fc_at.pt (FC classifier,
+             PGD adversarial training, L-inf eps 0.3, the standard MNIST setting of Madry et al.).
+3. fig1      Fig. 1 in miniature: APGD-CE (AutoAttack) against the two normally trained CNNs at
+             several eps -> fig1.md, fig1.json, fig1.png (accuracy versus eps).
+4. finetune  python finetune.py on cnn_fc_at.pt and train.npz -> head.pt, through its command line.
+5. evaluate  python evaluate.py on head.pt, cnn_fc_at.pt and heldout.npz -> results.json, the same way.
+6. table1    Table 1 in miniature (base vs HPM, both contexts, every attack, worst case, the
+             gradient-masking checks) -> table1.md, and summary.md with everything above.
+
+Choices that are ours (the paper has no MNIST experiment): the CNN, the training schedules, the
+split, and every reduction of the attack budgets made to fit 15 minutes on 2 CPU cores; all of
+them are in SETTINGS below and are printed into summary.md. Adversarial training is a short
+schedule: PGD with 7 steps instead of Madry's 40, 10 epochs of 5,000 images, the first 10% of the
+updates clean and eps ramped linearly to 0.3 over the next 10% (without the warm-up, small CNNs
+often stall at chance under eps 0.3). The full-size run (60k training images) keeps the same
+settings, so its training takes about 12 times longer (roughly half an hour in all).
+
+The CNN classes live in this module so that the pickled models (torch.save(model, path)) refer
+to `run_mnist.SmallCNN`; finetune.py and evaluate.py, run from this folder, can unpickle them.
+"""
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import hpm
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+
+# Every knob of the run, full and quick. Not from the paper: sized for 2 CPU cores.
+SETTINGS = {
+    "full": dict(
+        n_train=5000,          # training part of the 10k test set (the rest is held out)
+        batch_size=64,         # CNN training
+        epochs=3,              # normal training of cnn_fc and cnn_l2
+        at_epochs=10,          # adversarial training of cnn_fc_at (warm-up and ramp: the first 2)
+        at_steps=7,            # PGD steps per training batch (Madry: 40)
+        fig1_eps=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3],
+        fig1_n=1000,           # held-out images attacked for Fig. 1
+        fig1_steps=20,         # APGD-CE iterations for Fig. 1 (AutoAttack: 100)
+        ft_args=[],            # extra finetune.py flags (none: the paper's 10 IKL steps, 1 epoch)
+        # evaluate.py: 500 held-out images (paper: 25% of the test set), 20 APGD steps (paper: 40),
+        # 1000 Square queries (paper: 5000), the checks on the same 500 images
+        eval_args=["--n-examples", "500", "--steps", "20", "--queries", "1000", "--checks-n", "500"],
+    ),
+    "quick": dict(
+        n_train=500, n_heldout=200, batch_size=16, epochs=1, at_epochs=1, at_steps=2,
+        fig1_eps=[0.0, 0.1, 0.3], fig1_n=100, fig1_steps=3,
+        ft_args=["--steps", "2"],
+        eval_args=["--n-examples", "96", "--steps", "3", "--queries", "10", "--checks-n", "32"],
+    ),
+}
+EPS = 0.3  # the standard MNIST L-inf budget
+
+
+# 1. Data ------------------------------------------------------------------------------------
+
+def read_idx(path):
+    """An idx file (gzip or plain) as a numpy array: images (N, 28, 28) uint8 or labels (N,)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic, n = int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big")
+    if magic == 2051:  # images
+        rows, cols = int.from_bytes(data[8:12], "big"), int.from_bytes(data[12:16], "big")
+        return np.frombuffer(data, np.uint8, offset=16).reshape(n, rows, cols)
+    if magic == 2049:  # labels
+        return np.frombuffer(data, np.uint8, offset=8).astype(np.int64)
+    raise ValueError(f"{path} is not an MNIST idx file (magic number {magic})")
+
+
+def find_idx(folder, name):
+    """FOLDER/NAME or FOLDER/NAME.gz, in FOLDER itself or the torchvision layout MNIST/raw/."""
+    for sub in (Path(folder), Path(folder) / "MNIST" / "raw", Path(folder) / "raw"):
+        for candidate in (sub / name, sub / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_mnist(folder):
+    """(x_train, y_train, x_heldout, y_heldout, description), or None for the training part
+    when FOLDER holds the test set only."""
+    test = find_idx(folder, "t10k-images-idx3-ubyte"), find_idx(folder, "t10k-labels-idx1-ubyte")
+    if None in test:
+        raise SystemExit(f"run_mnist.py: no MNIST test set (t10k-images-idx3-ubyte[.gz], "
+                         f"t10k-labels-idx1-ubyte[.gz]) in {folder}, {folder}/MNIST/raw or "
+                         f"{folder}/raw; point --mnist-dir at the folder that holds them")
+    train = find_idx(folder, "train-images-idx3-ubyte"), find_idx(folder, "train-labels-idx1-ubyte")
+    x_test, y_test = read_idx(test[0]), read_idx(test[1])
+    if None in train:
+        return None, None, x_test, y_test, f"{test[0].parent} (test set only)"
+    return read_idx(train[0]), read_idx(train[1]), x_test, y_test, f"{train[0].parent} (training and test sets)"
+
+
+def make_splits(folder, cfg, seed):
+    """Train and held-out parts as uint8 (N, 1, 28, 28) and int64 (N,) arrays, plus a description."""
+    x_train, y_train, x_test, y_test, source = load_mnist(folder)
+    if x_train is None:  # split the test set: a seeded permutation, first n_train for training
+        perm = np.random.default_rng(seed).permutation(len(y_test))
+        n_train = cfg["n_train"]
+        train_idx, heldout_idx = perm[:n_train], perm[n_train:]
+        x_train, y_train = x_test[train_idx], y_test[train_idx]
+        x_test, y_test = x_test[heldout_idx], y_test[heldout_idx]
+        how = f"seeded split (seed {seed}) of the 10k test set: {len(y_train)} train / {len(y_test)} held out"
+    else:
+        how = f"the standard split: {len(y_train)} train / {len(y_test)} held out (test set)"
+    if "n_heldout" in cfg:  # quick run: a few hundred images in all
+        x_train, y_train = x_train[:cfg["n_train"]], y_train[:cfg["n_train"]]
+        x_test, y_test = x_test[:cfg["n_heldout"]], y_test[:cfg["n_heldout"]]
+        how += f", cut to {len(y_train)} / {len(y_test)} (--quick)"
+    return x_train[:, None], y_train, x_test[:, None], y_test, f"{source}; {how}"
+
+
+# 2. Models ----------------------------------------------------------------------------------
+
+class L2Classifier(nn.Module):
+    """Learnable class prototypes C (K, D); logits[i, j] = -||z_i - C_j||_2 (the paper's Fig. 1)."""
+
+    def __init__(self, D, K):
+        super().__init__()
+        self.prototypes = nn.Parameter(torch.randn(K, D) * 0.1)
+
+    def forward(self, z):
+        return hpm.l2_logits(z, self.prototypes)  # (B, K), the same distance as HPM's Eq. 18
+
+
+class SmallCNN(nn.Module):
+    """Two 5x5 conv layers (16, 32 channels), a hidden linear layer (D = 128), a classifier.
+
+    classifier "fc": nn.Linear(D, 10), the last nn.Linear, so hpm.attach finds it;
+    classifier "l2": L2Classifier. Inputs are images in [0, 1], (B, 1, 28, 28).
+    """
+
+    def __init__(self, classifier="fc", D=128, K=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),   # (B, 16, 14, 14)
+            nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 7, 7)
+            nn.Flatten(), nn.Linear(32 * 7 * 7, D), nn.ReLU(),            # (B, D)
+        )
+        self.classifier = nn.Linear(D, K) if classifier == "fc" else L2Classifier(D, K)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def pgd_linf(model, x, y, eps, steps):
+    """L-inf PGD from a uniform random start, signed steps of 2.5 * eps / steps (Madry et al.)."""
+    alpha = 2.5 * eps / steps
+    delta = (torch.rand_like(x) * 2 - 1) * eps
+    delta = (x + delta).clamp(0, 1) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y)
+        grad, = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+def train(model, x, y, epochs, batch_size, device, desc, at_steps=0):
+    """Adam, lr 1e-3. With at_steps > 0: PGD adversarial training at EPS (Madry et al.) on a short
+    schedule: the first 10% of the updates clean, eps ramped linearly to EPS over the next 10%."""
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    n_batches = (len(y) + batch_size - 1) // batch_size
+    for epoch in range(epochs):
+        perm = torch.randperm(len(y))
+        bar = tqdm(range(n_batches), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
+        correct = 0
+        for b in bar:
+            idx = perm[b * batch_size:(b + 1) * batch_size]
+            xb, yb = x[idx].to(device).float().div(255), y[idx].to(device)
+            eps = 0.0
+            if at_steps:
+                progress = (epoch * n_batches + b + 1) / (epochs * n_batches)
+                eps = EPS * min(1.0, max(0.0, (progress - 0.1) / 0.1))
+                if eps > 0:
+                    xb = pgd_linf(model, xb, yb, eps, at_steps)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            correct += (logits.argmax(1) == yb).sum().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", eps=f"{eps:.2f}")
+        print(f"  {desc} epoch {epoch + 1}/{epochs}: train accuracy {correct / len(y):.3f}"
+              + (f" (on PGD examples at eps {eps:.2f} by the end)" if at_steps else ""))
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model, x, y, device):
+    """Clean accuracy of a per-image model on uint8 images, in batches."""
+    correct = 0
+    for i in range(0, len(y), 500):
+        xb = x[i:i + 500].to(device).float().div(255)
+        correct += (model(xb).argmax(1).cpu() == y[i:i + 500]).sum().item()
+    return correct / len(y)
+
+
+# 3. Fig. 1: FC versus l2 classifier under APGD-CE ------------------------------------------
+
+def apgd_accuracy(model, x, y, eps, steps, seed, device):
+    """Accuracy under AutoAttack's APGD-CE (perturb: attacks the correctly classified images)."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    xf, yd = x.to(device).float().div(255), y.to(device)
+    attack = APGDAttack(model, n_iter=steps, norm="Linf", eps=eps, seed=seed, loss="ce", device=device)
+    x_adv = attack.perturb(xf, yd).detach()
+    assert (x_adv - xf).abs().max() <= eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) == yd).float().mean().item()
+
+
+def fig1(models, x, y, eps_list, steps, seed, device):
+    """{"fc": [acc at each eps], "l2": [...]}: APGD-CE on the same held-out images at every eps.
+
+    eps 0 runs the attack too (it cannot move an image), so the first point is the clean accuracy.
+    """
+    curves = {}
+    for name, model in models.items():
+        curves[name] = []
+        for eps in eps_list:
+            t0 = time.time()
+            curves[name].append(apgd_accuracy(model, x, y, eps, steps, seed, device))
+            print(f"  fig1 {name} classifier  eps {eps:<5g} accuracy {curves[name][-1]:7.2%}  ({time.time() - t0:.1f} s)")
+    return curves
+
+
+def plot_fig1(eps_list, curves, path, note):
+    """Accuracy versus eps, both classifiers: the shape of the paper's Fig. 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, label in (("fc", "FC classifier"), ("l2", "l2 classifier")):
+        ax.plot(eps_list, [100 * a for a in curves[name]], marker="o", label=label)
+    ax.set_xlabel("L-inf eps (APGD-CE)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(f"MNIST, normally trained small CNNs\n{note}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fig1_table(eps_list, curves):
+    """Markdown: one row per classifier, accuracy (%) at each eps."""
+    lines = ["| eps | " + " | ".join(f"{e:g}" for e in eps_list) + " |",
+             "|---|" + "---:|" * len(eps_list)]
+    for name, label in (("fc", "FC classifier"), ("l2", "l2 classifier")):
+        lines.append(f"| {label} | " + " | ".join(f"{100 * a:.1f}" for a in curves[name]) + " |")
+    return "\n".join(lines)
+
+
+# 4-5. finetune.py and evaluate.py, through their command lines -----------------------------
+
+def cli_path(path):
+    """A path as the command line shows it: relative to the repository (where the scripts run)
+    when it lies inside, so the printed commands can be pasted as they are."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def run_cli(argv, log_path):
+    """Run `python SCRIPT ...` from the repository (so pickled run_mnist.SmallCNN unpickles);
+    stdout goes to the console and to log_path, progress bars (stderr) to the console."""
+    cmd = [sys.executable] + argv
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    print("  $ " + shlex.join(["python"] + argv))
+    with open(log_path, "w") as log:
+        log.write("$ " + shlex.join(["python"] + argv) + "\n")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
+        for line in proc.stdout:
+            print("  | " + line, end="")
+            log.write(line)
+        rc = proc.wait()
+    if rc != 0:
+        raise SystemExit(f"run_mnist.py: {argv[0]} failed (exit code {rc}); see {log_path} and the "
+                         "messages above")
+
+
+# 6. Table 1 in miniature ---------------------------------------------------------------------
+
+ROWS = (("base", "base (FC, adversarially trained)"), ("hpm/batch", "HPM, batch context"),
+        ("hpm/image", "HPM, image context"))
+
+
+def row_of(results, name):
+    """The results of one table row: results["base"] or results["hpm"][context]."""
+    return results["base"] if name == "base" else results["hpm"][name.split("/")[1]]
+
+
+def combined(row, prefix):
+    """Accuracy under the best of several attacks per image (e.g. MSA: APGD-CE over all surrogates)."""
+    names = [a for a in row["attacks"] if a.split("/")[0] == prefix]
+    if not names:
+        return None
+    per_image = [all(c) for c in zip(*(row["correct"][a] for a in names))]
+    return sum(per_image) / len(per_image)
+
+
+def table1(results):
+    """The paper's Table 1 shape plus every attack: (compact markdown, per-attack markdown)."""
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"
+    base = results["base"]
+    lines = ["| model | clean | APGD-CE | APGD-DLR | Square | worst case | vs base |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, label in ROWS:
+        r = row_of(results, name)
+        delta = "" if name == "base" else f"{100 * (r['worst_case'] - base['worst_case']):+.1f}"
+        lines.append(f"| {label} | {pct(r['clean'])} | {pct(combined(r, 'apgd-ce'))} | "
+                     f"{pct(combined(r, 'apgd-dlr'))} | {pct(r['attacks'].get('square'))} | "
+                     f"{pct(r['worst_case'])} | {delta} |")
+    compact = "\n".join(lines)
+
+    attacks = list(dict.fromkeys(a for name, _ in ROWS for a in row_of(results, name)["attacks"]))
+    lines = ["| accuracy (%) | " + " | ".join(label for _, label in ROWS) + " |",
+             "|---|" + "---:|" * len(ROWS)]
+    for a in ["clean"] + attacks + ["worst_case"]:
+        cells = []
+        for name, _ in ROWS:
+            r = row_of(results, name)
+            cells.append(pct(r["clean"] if a == "clean" else r["worst_case"] if a == "worst_case"
+                             else r["attacks"].get(a)))
+        lines.append(f"| {a.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return compact, "\n".join(lines)
+
+
+def checks_table(results):
+    """Markdown: evaluate.py's gradient-masking checks, one line per row and check."""
+    lines = ["| model | check | status | detail |", "|---|---|---|---|"]
+    for name, label in ROWS:
+        for check, c in row_of(results, name).get("checks", {}).items():
+            if check != "runs":
+                lines.append(f"| {label} | {check} | {c['status']} | {c['detail']} |")
+    return "\n".join(lines)
+
+
+def verdict(results):
+    """A plain sentence per context: did HPM's worst case beat the base model's, on the same images?"""
+    base = results["base"]["correct"]["worst_case"]
+    n = len(base)
+    out = []
+    for name, label in ROWS[1:]:
+        hpm_wc = row_of(results, name)["correct"]["worst_case"]
+        gain = sum(h and not b for h, b in zip(hpm_wc, base))  # robust for HPM only
+        loss = sum(b and not h for h, b in zip(hpm_wc, base))  # robust for the base only
+        d = (sum(hpm_wc) - sum(base)) / n
+        significant = abs(gain - loss) > 2 * (gain + loss) ** 0.5  # sign test, about 95%
+        word = ("beat" if d > 0 and significant else "did not clearly beat" if d > 0 else "did not beat")
+        noise = ("beyond noise (sign test)" if significant else "within noise") if d != 0 else "a tie"
+        out.append(f"{label}: HPM {word} the base model here: worst case {100 * sum(hpm_wc) / n:.1f}% vs "
+                   f"{100 * sum(base) / n:.1f}% ({100 * d:+.1f} points on {n} images, {noise}; {gain} "
+                   f"images robust only with HPM, {loss} only with the base model).")
+    return out
+
+
+def machine():
+    """Where the numbers came from, in one line."""
+    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+# The script -----------------------------------------------------------------------------------
+
+def main(args):
+    t_start = time.time()
+    cfg = SETTINGS["quick" if args.quick else "full"]
+    out = Path(args.out_dir).resolve()
+    load_start = os.getloadavg()[0]
+    device = torch.device(args.device)
+    timings = {}
+
+    def stage(name):
+        timings[name] = time.time()
+
+    def done(name, text):
+        timings[name] = time.time() - timings[name]
+        print(f"[{name}] {text} ({timings[name]:.0f} s)")
+
+    stage("data")
+    x_tr, y_tr, x_ho, y_ho, source = make_splits(args.mnist_dir, cfg, args.seed)
+    print(f"  {source}")
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "train.npz", x=x_tr, y=y_tr)
+    np.savez_compressed(out / "heldout.npz", x=x_ho, y=y_ho)
+    x_tr, y_tr, x_ho, y_ho = map(torch.from_numpy, (x_tr, y_tr, x_ho, y_ho))
+    done("data", f"train.npz {tuple(x_tr.shape)}, heldout.npz {tuple(x_ho.shape)}")
+
+    stage("models")
+    print(f"  {cfg['epochs']} epoch(s) of normal training, {cfg['at_epochs']} of PGD adversarial "
+          f"training (eps {EPS}, {cfg['at_steps']} steps)")
+    models = {}
+    for key, classifier, epochs, at_steps in (("cnn_fc", "fc", cfg["epochs"], 0),
+                                              ("cnn_l2", "l2", cfg["epochs"], 0),
+                                              ("cnn_fc_at", "fc", cfg["at_epochs"], cfg["at_steps"])):
+        torch.manual_seed(args.seed)
+        models[key] = train(SmallCNN(classifier), x_tr, y_tr, epochs, cfg["batch_size"], device, key, at_steps)
+        torch.save(models[key], out / f"{key}.pt")
+    clean = {k: accuracy(m, x_ho, y_ho, device) for k, m in models.items()}
+    done("models", "held-out clean accuracy " + ", ".join(f"{k} {v:.2%}" for k, v in clean.items()))
+
+    stage("fig1")
+    n1 = min(cfg["fig1_n"], len(y_ho))
+    print(f"  APGD-CE, {cfg['fig1_steps']} iterations, on the first {n1} held-out images")
+    curves = fig1({"fc": models["cnn_fc"], "l2": models["cnn_l2"]}, x_ho[:n1], y_ho[:n1],
+                  cfg["fig1_eps"], cfg["fig1_steps"], args.seed, device)
+    fig1_md = fig1_table(cfg["fig1_eps"], curves)
+    (out / "fig1.md").write_text(fig1_md + "\n")
+    (out / "fig1.json").write_text(json.dumps({"eps": cfg["fig1_eps"], "accuracy": curves, "n": n1,
+                                               "steps": cfg["fig1_steps"], "attack": "APGD-CE (perturb)",
+                                               "models": {"fc": "cnn_fc.pt", "l2": "cnn_l2.pt"}}, indent=1))
+    plot_fig1(cfg["fig1_eps"], curves, out / "fig1.png",
+              f"APGD-CE, {cfg['fig1_steps']} iterations, {n1} held-out images")
+    done("fig1", "fig1.md, fig1.json, fig1.png")
+
+    stage("finetune")
+    ft_argv = ["finetune.py", "--model", cli_path(out / "cnn_fc_at.pt"), "--dataset", "mnist",
+               "--data", cli_path(out / "train.npz"), "--out", cli_path(out / "head.pt"),
+               "--seed", str(args.seed), "--device", args.device] + cfg["ft_args"]
+    run_cli(ft_argv, out / "finetune.log")
+    done("finetune", "head.pt")
+
+    stage("evaluate")
+    ev_argv = ["evaluate.py", "--head", cli_path(out / "head.pt"), "--model", cli_path(out / "cnn_fc_at.pt"),
+               "--dataset", "mnist", "--data", cli_path(out / "heldout.npz"), "--out", cli_path(out / "results.json"),
+               "--checks", "--overwrite", "--seed", str(args.seed), "--subset-seed", str(args.seed),
+               "--device", args.device] + cfg["eval_args"]
+    run_cli(ev_argv, out / "evaluate.log")
+    done("evaluate", "results.json")
+
+    stage("table1")
+    results = json.loads((out / "results.json").read_text())
+    compact, per_attack = table1(results)
+    checks_md, verdicts = checks_table(results), verdict(results)
+    (out / "table1.md").write_text(compact + "\n\n" + per_attack + "\n\n" + checks_md + "\n")
+    done("table1", "table1.md")
+
+    total = time.time() - t_start
+    ec = results["config"]
+    cmd = args.command
+    summary = f"""# MNIST miniature of Fig. 1 and Table 1
+
+Command: `{cmd}` ({'reduced run, --quick' if args.quick else 'full run'})
+Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; machine: {machine()}; device {args.device}.
+Total time: {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}); 1-minute
+load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above ~2 means other processes shared the CPUs).
+
+Data: {source}. Settings (not from the paper; sized for 2 CPU cores): {json.dumps(cfg)}.
+Models: small CNN (conv 5x5 16, conv 5x5 32, linear 128, classifier); Adam 1e-3, batch {cfg['batch_size']}.
+cnn_fc_at: PGD adversarial training, L-inf eps {EPS}, {cfg['at_steps']} steps of 2.5 eps / steps from a
+random start (Madry et al.: 40 steps of 0.01, 100 epochs of 60k images), {cfg['at_epochs']} epoch(s): the first
+10% of the updates clean, eps ramped linearly 0 -> {EPS} over the next 10%.
+cnn_fc and cnn_l2 start from the same backbone initialisation (same seed); only the classifier differs.
+Held-out clean accuracy: {', '.join(f'{k} {100 * v:.1f}%' for k, v in clean.items())}.
+
+## Fig. 1 in miniature: FC versus l2 classifier, trained normally
+
+APGD-CE (AutoAttack, `perturb`, {cfg['fig1_steps']} iterations; AutoAttack's default is 100) on the
+first {n1} held-out images; accuracy (%) at each L-inf eps. Plot: fig1.png.
+
+{fig1_md}
+
+## Table 1 in miniature: base (FC, adversarially trained) versus HPM
+
+    {shlex.join(['python'] + ft_argv)}
+    {shlex.join(['python'] + ev_argv)}
+
+Evaluation: {ec['n_examples']} held-out images (subset seed {ec['subset_seed']}), batches of
+{ec['batch_size']}, L-inf eps {ec['eps']:g}, APGD {ec['steps']} iterations (paper: 40), Square
+{ec['queries']} queries (paper: 5000), gradient-masking checks on the first
+{min(ec['checks_n'], ec['n_examples'])} images. APGD-CE and APGD-DLR columns for HPM: the Mixed
+Surrogate Attack, an image counted robust only if it survives all four surrogates (fc, soft, ste,
+mix); the worst case is over clean and every attack. Accuracy (%):
+
+{compact}
+
+Every attack:
+
+{per_attack}
+
+Gradient-masking checks:
+
+{checks_md}
+
+## Did HPM beat the base model?
+
+""" + "\n".join(f"- {v}" for v in verdicts) + "\n"
+    (out / "summary.md").write_text(summary)
+    print()
+    print(fig1_md)
+    print()
+    print(compact)
+    print()
+    print("\n".join(verdicts))
+    print(f"\nall artefacts in {out}; summary: {out / 'summary.md'} ({total / 60:.1f} min)")
+    return {"out": out, "fig1": curves, "results": results, "clean": clean, "seconds": total}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="the reduced run of the test suite: a few hundred images, one epoch, very few steps")
+    p.add_argument("--out-dir", default="runs/mnist", help="where every artefact is written")
+    p.add_argument("--mnist-dir", default=str(DEFAULT_MNIST_DIR),
+                   help="MNIST idx files (.gz or not), directly or in MNIST/raw/; with the "
+                        "train-* files the 60k set trains and the test set is held out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the training and the attacks")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = p.parse_args(argv)
+    args.command = shlex.join(["python", "run_mnist.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    return args
+
+
+if __name__ == "__main__":
+    import run_mnist  # the models must pickle as run_mnist.SmallCNN (importable by finetune.py), not __main__.SmallCNN
+
+    run_mnist.main(run_mnist.parse_args())

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import finetune
+import loading
 import hpm
 
-finetune.alias_autoattack()
+loading.alias_autoattack()
 import evaluate  # noqa: E402  (after the alias: evaluate imports pyautoattack pieces)
 
 
@@ -79,7 +80,7 @@ def hpm_forward_backward(base, model, x, y, device, repeats):
 
 def apgd_step_msa_vs_base(base, model, x, y, device, repeats, steps):
     """One APGD-CE step against the MSA mixture (one backbone pass) / one against the base model."""
-    mix = evaluate.Surrogates(model, "mix", "batch")
+    mix = evaluate.Surrogate(model, "mix", "batch")
     kw = dict(norm="Linf", eps=8 / 255, steps=steps, seed=0)
     return paired_ratio(lambda: evaluate.run_attack("apgd-ce", mix, x, y, **kw),
                         lambda: evaluate.run_attack("apgd-ce", base, x, y, **kw), device, repeats)[0]
@@ -178,7 +179,7 @@ def memory_probe(args):
     """
     device = torch.device(args.device)
     base, model, x, y = setup(args, device)
-    target = evaluate.Surrogates(model, "mix", "batch") if args._memory_probe == "msa" else base
+    target = evaluate.Surrogate(model, "mix", "batch") if args._memory_probe == "msa" else base
 
     def attack():
         evaluate.run_attack("apgd-ce", target, x, y, norm="Linf", eps=8 / 255, steps=args.apgd_steps, seed=0)
@@ -206,7 +207,7 @@ def memory_probe(args):
 
 def evaluate_throughput(base, model, x, y, steps):
     """Images per second of evaluate.py's APGD-CE on the MSA mixture (GPU figure, no goal)."""
-    mix = evaluate.Surrogates(model, "mix", "batch")
+    mix = evaluate.Surrogate(model, "mix", "batch")
     sync(x.device)
     t0 = time.perf_counter()
     evaluate.run_attack("apgd-ce", mix, x, y, norm="Linf", eps=8 / 255, steps=steps, seed=0)

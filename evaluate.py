@@ -56,22 +56,18 @@ import torch
 import torch.nn as nn
 from pyautoattack.autopgd_base import APGDAttack  # PyPI's AutoAttack (import name pyautoattack)
 from pyautoattack.square import SquareAttack
-from tqdm import tqdm
 
-from finetune import (DATASETS, CLIError, atomic_save, check_labels, load_data, load_head,
-                      load_model, read_checkpoint, to_float)
 from hpm import attach, find_classifier
+from loading import (DATASETS, DEFAULT_EPS, CLIError, WarningCounter, atomic_save, check_eps,
+                     check_images, check_labels, check_positive, dumps, eps_value, load_data,
+                     load_head, load_model, progress_bar, read_head, run_cli, to_float, write_json)
 
 LOSSES = ("ce", "dlr")
 SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the real model (BPDA), their mixture
 CONTEXTS = ("batch", "image")
 HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)
-DEFAULT_EPS = {  # the usual budgets: RobustBench for CIFAR/ImageNet, Madry et al. for MNIST
-    "Linf": {"cifar10": 8 / 255, "cifar100": 8 / 255, "imagenet": 4 / 255, "mnist": 0.3},
-    "L2": {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 3.0, "mnist": 2.0},
-}
 # Settings that change the numbers: an existing --out file must match them to be resumed.
-IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "norm", "data", "data_sha256",
+IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
             "head_sha256", "eps", "n_examples", "subset_seed", "per_class", "batch_size", "steps",
             "queries", "seed")
 
@@ -99,8 +95,8 @@ NOTES = {
 
 # The models attacked and scored ----------------------------------------------------------
 
-class Surrogates(nn.Module):
-    """The targets of the Mixed Surrogate Attack on an HPM model: x (B, C, H, W) -> logits (B, K).
+class Surrogate(nn.Module):
+    """One target of the Mixed Surrogate Attack on an HPM model: x (B, C, H, W) -> logits (B, K).
 
     "fc": Surrogate 1, the FC oracle; "soft": Surrogate 2, the soft-hybrid model; "ste": the
     real model, with STE (BPDA) gradients; "mix": the mean of the three log-softmaxes, all from
@@ -123,8 +119,8 @@ class Surrogates(nn.Module):
 
 
 @dataclass
-class Row:
-    """One row of the table: the model that is scored and the surrogates its attacks target."""
+class ModelUnderTest:
+    """A model under test (one row of the table): the model scored and the surrogates attacked."""
     name: str  # "base", "hpm/batch" or "hpm/image"
     model: nn.Module  # the real model, x -> logits: scores clean and every adversarial batch
     surrogates: dict  # surrogate name -> nn.Module x -> logits (None -> the model itself)
@@ -152,10 +148,10 @@ class Row:
 
 def build_rows(base_model, hpm_model=None, contexts=CONTEXTS):
     """The rows: "base" always; "hpm/<context>" for each context when an HPM model is given."""
-    rows = [Row("base", base_model, {None: base_model}, per_image=True)]
+    rows = [ModelUnderTest("base", base_model, {None: base_model}, per_image=True)]
     for ctx in contexts if hpm_model is not None else ():
-        surrogates = {s: Surrogates(hpm_model, s, ctx) for s in SURROGATES}
-        rows.append(Row(f"hpm/{ctx}", surrogates["ste"], surrogates, per_image=(ctx == "image")))
+        surrogates = {s: Surrogate(hpm_model, s, ctx) for s in SURROGATES}
+        rows.append(ModelUnderTest(f"hpm/{ctx}", surrogates["ste"], surrogates, per_image=(ctx == "image")))
     return rows
 
 
@@ -169,7 +165,7 @@ def score(model, x, y):
 # One attack on one batch ------------------------------------------------------------------
 
 def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000, seed=0,
-               whole_batch=True):
+               whole_batch=True, warnings=None):
     """One attack on one batch x (B, C, H, W) in [0, 1]; returns the adversarial batch (not scored).
 
     attack: "apgd-ce", "apgd-dlr" or "square" (a suffix like "/mix" is ignored: `target` is the
@@ -177,6 +173,7 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
     (for batch-dependent models and for transfer attacks); each image gets its last iterate
     that fooled `target`, else its highest-loss iterate. whole_batch=False: the library's
     perturb (AutoAttack's standard path). Either way the RNG is seeded with `seed` first.
+    warnings: a loading.WarningCounter that collects AutoAttack's warnings (else printed).
     """
     kind = attack.split("/")[0]
     if kind == "square":
@@ -190,7 +187,8 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
     if kind not in ("apgd-ce", "apgd-dlr"):
         raise ValueError(f"unknown attack {attack!r}")
     apgd = APGDAttack(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed,
-                      loss=kind.split("-")[1], eot_iter=1, rho=0.75, verbose=False, device=x.device)
+                      loss=kind.split("-")[1], eot_iter=1, rho=0.75, verbose=False, device=x.device,
+                      logger=warnings)
     if not whole_batch:
         return apgd.perturb(x, y)
     apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
@@ -238,14 +236,14 @@ def row_store(results, name):
     return results.setdefault(model, {}).setdefault(ctx, new_row())
 
 
-def run_job(store, name, batches, attack_batch, *, desc, progress=True, on_update=None, save=None):
+def run_job(store, name, batches, attack_batch, *, desc, show_progress=True, on_update=None, save=None):
     """Run attack_batch(i) -> (correct (B,) bool, x_adv or None) over the batches, resuming where
     store (a dict with "correct", "batches_done", "timings_s") left off; returns the 0/1 list."""
     done = store["batches_done"].get(name, 0)
     correct = list(store["correct"].get(name, []))[: batches[done - 1][1] if done else 0]
     store["timings_s"].setdefault(name, 0.0)
-    bar = tqdm(total=len(batches), initial=done, desc=desc, leave=False, disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(len(batches), desc, show_progress)
+    bar.update(done)
     for i in range(done, len(batches)):
         t0 = time.perf_counter()
         c, x_adv = attack_batch(i)
@@ -255,8 +253,8 @@ def run_job(store, name, batches, attack_batch, *, desc, progress=True, on_updat
         store["correct"][name] = correct
         store["batches_done"][name] = i + 1
         store["timings_s"][name] += time.perf_counter() - t0
+        bar.set_postfix_str(f"acc {sum(correct) / len(correct):.1%}")
         bar.update(1)
-        bar.set_postfix(acc=f"{sum(correct) / len(correct):.1%}")
         if on_update is not None:
             on_update()
     bar.close()
@@ -322,14 +320,14 @@ def batch_loader(x, y, batches, device):
     return batch
 
 
-def attack_job(row, attack, batch, *, norm, eps, steps, queries, seed):
+def attack_job(row, attack, batch, *, norm, eps, steps, queries, seed, warnings=None):
     """i -> (correct (B,) bool, x_adv): the attack on batch i, re-scored whole on the real model."""
     target, whole_batch = row.plan(attack)
 
     def attack_batch(i):
         xb, yb = batch(i)
         x_adv = run_attack(attack, target, xb, yb, norm=norm, eps=eps, steps=steps,
-                           queries=queries, seed=seed, whole_batch=whole_batch)
+                           queries=queries, seed=seed, whole_batch=whole_batch, warnings=warnings)
         x_adv = check_adv(x_adv, xb, norm, eps)
         return score(row.model, x_adv, yb)[0], x_adv
     return attack_batch
@@ -370,7 +368,7 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
 
         if store["batches_done"].get("clean", 0) < len(batches):
             run_job(store, "clean", batches, clean_batch, desc=f"{row.name} clean",
-                    progress=progress, on_update=on_update)
+                    show_progress=progress, on_update=on_update)
         store["clean"] = sum(store["correct"]["clean"]) / len(y)
         update_worst_case(store)
 
@@ -382,8 +380,9 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
                 continue
             if row.name == "hpm/batch" and name == "square":
                 log("  note: " + NOTES["batch_square"])
+            counter = WarningCounter()
             attack_batch = attack_job(row, name, batch, norm=norm, eps=eps, steps=steps,
-                                      queries=queries, seed=seed)
+                                      queries=queries, seed=seed, warnings=counter)
             saver = None
             if save_adv:
                 saver = AdvSaver(save_adv, row.name, name, y, indices, batches)
@@ -391,7 +390,7 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
                     store["batches_done"][name], store["correct"][name] = 0, []
                     store["timings_s"][name] = 0.0
             correct = run_job(store, name, batches, attack_batch, desc=f"{row.name} {name}",
-                              progress=progress, on_update=on_update, save=saver)
+                              show_progress=progress, on_update=on_update, save=saver)
             store["attacks"][name] = sum(correct) / len(correct)
             update_worst_case(store)
             if saver is not None:
@@ -400,6 +399,9 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
                 on_update()
             log(f"  {row.name:<10} {name:<14} {store['attacks'][name]:7.2%}   worst case "
                 f"{store['worst_case']:7.2%}   ({store['timings_s'][name]:.1f} s)")
+            if counter.counts:  # one line per attack, not one warning per batch
+                store.setdefault("library_warnings", {})[name] = counter.summary()
+                log(f"  {'':<10} {name:<14} AutoAttack warned: {counter.summary()}")
     return results
 
 
@@ -412,21 +414,11 @@ def sweep_eps(norm, eps, dim):
     return sorted({m * eps for m in (0.25, 0.5, 1, 2, 4) if m * eps < large} | {large})
 
 
-def gradient_masking_checks(row_name, runs, row, *, eps, sweep, steps, n, tol):
-    """The four checks as {name: {"status": "pass" | "flag" | "n/a", "detail": str, numbers...}}.
-
-    runs: accuracies of the check attacks on the first n images, keyed by check_key();
-    row: the row's main results (whole subset); sweep: the eps values of the sweep.
-    tol: the accuracy difference tolerated; on the n check images, never less than one image.
-    """
-    attack = "apgd-ce" if row_name == "base" else "apgd-ce/mix"
-    tol_n = max(tol, 1 / n)
-    out = {}
-
-    accs = [runs[check_key(attack, e, steps)] for e in sweep]
+def check_eps_sweep(attack, accs, sweep, n, tol_n):
+    """Accuracy must fall as eps grows and reach ~0 at the largest eps of the sweep."""
     rises = [e for e, a, b in zip(sweep[1:], accs, accs[1:]) if b > a + tol_n]
     ok = not rises and accs[-1] <= tol_n
-    out["eps_sweep"] = {
+    return {
         "attack": attack, "eps": sweep, "accuracy": accs, "n": n, "status": "pass" if ok else "flag",
         "detail": (f"{attack} at eps " + " ".join(f"{e:.4g}" for e in sweep) + ": "
                    + " ".join(f"{100 * a:.1f}" for a in accs) + "%"
@@ -436,49 +428,79 @@ def gradient_masking_checks(row_name, runs, row, *, eps, sweep, steps, n, tol):
                       "the gradients do not lead the attack")),
     }
 
-    a1, a2 = runs[check_key(attack, eps, steps)], runs[check_key(attack, eps, 2 * steps)]
+
+def check_doubled_steps(attack, a1, a2, steps, n, tol_n):
+    """Twice the steps must not lower the accuracy by more than the tolerance."""
     ok = a2 >= a1 - tol_n
-    out["doubled_steps"] = {
+    return {
         "attack": attack, "steps": [steps, 2 * steps], "accuracy": [a1, a2], "n": n,
         "status": "pass" if ok else "flag",
         "detail": (f"{attack} {steps} steps {a1:.1%}, {2 * steps} steps {a2:.1%}"
                    + ("" if ok else "; the attack has not converged: use more --steps")),
     }
 
-    grads = {k: v for k, v in row["attacks"].items() if k != "square"}
-    if "square" in row["attacks"] and grads:
-        best, sq = min(grads, key=grads.get), row["attacks"]["square"]
-        only_square = sum(1 for i, c in enumerate(row["correct"]["square"])
-                          if not c and all(row["correct"][k][i] for k in grads))
-        ok = sq >= grads[best] - tol
-        out["square_vs_gradient"] = {
-            "square": sq, "best_gradient": grads[best], "best_gradient_attack": best,
-            "images_only_square_breaks": only_square, "status": "pass" if ok else "flag",
-            "detail": (f"square {sq:.1%} vs best gradient attack {grads[best]:.1%} ({best}), whole "
-                       f"subset; {only_square} images only Square breaks"
-                       + ("" if ok else "; a black-box attack beats the gradients: masking")),
-        }
-    else:
-        out["square_vs_gradient"] = {"status": "n/a", "detail": "needs square and a gradient attack"}
 
+def check_square_vs_gradient(row, tol):
+    """A black-box attack must not beat the best gradient attack (whole subset)."""
+    grads = {k: v for k, v in row["attacks"].items() if k != "square"}
+    if "square" not in row["attacks"] or not grads:
+        return {"status": "n/a", "detail": "needs square and a gradient attack"}
+    best, sq = min(grads, key=grads.get), row["attacks"]["square"]
+    only_square = sum(1 for i, c in enumerate(row["correct"]["square"])
+                      if not c and all(row["correct"][k][i] for k in grads))
+    ok = sq >= grads[best] - tol
+    return {
+        "square": sq, "best_gradient": grads[best], "best_gradient_attack": best,
+        "images_only_square_breaks": only_square, "status": "pass" if ok else "flag",
+        "detail": (f"square {sq:.1%} vs best gradient attack {grads[best]:.1%} ({best}), whole "
+                   f"subset; {only_square} images only Square breaks"
+                   + ("" if ok else "; a black-box attack beats the gradients: masking")),
+    }
+
+
+def check_transfer_vs_end_to_end(row, tol):
+    """A transfer attack from a surrogate beating the end-to-end (/ste) attack: obfuscated gradients."""
+    grads = {k: v for k, v in row["attacks"].items() if k != "square"}
+    transfer = {k: v for k, v in grads.items() if not k.endswith("/ste")}
+    end2end = {k: v for k, v in grads.items() if k.endswith("/ste")}
+    if not (transfer and end2end):
+        return {"status": "n/a", "detail": "needs an /ste attack and an fc/soft/mix one"}
+    bt, be = min(transfer, key=transfer.get), min(end2end, key=end2end.get)
+    ok = transfer[bt] >= end2end[be] - tol
+    return {
+        "best_transfer": transfer[bt], "best_transfer_attack": bt,
+        "best_end_to_end": end2end[be], "best_end_to_end_attack": be,
+        "status": "pass" if ok else "flag",
+        "detail": (("" if ok else "(expected for HPM: obfuscated gradients; this is why "
+                    "MSA exists) ") + f"best transfer {transfer[bt]:.1%} ({bt}) vs best "
+                   f"end-to-end {end2end[be]:.1%} ({be}), whole subset"),
+    }
+
+
+def gradient_masking_checks(row_name, runs, row, *, eps, sweep, steps, n, tol):
+    """The four checks as {name: {"status": "pass" | "flag" | "n/a", "detail": str, numbers...}}.
+
+    runs: accuracies of the check attacks on the first n images, keyed by check_key();
+    row: the row's main results (whole subset); sweep: the eps values of the sweep.
+    tol: the accuracy difference tolerated; on the n check images, never less than one image.
+    """
+    attack = check_attack(row_name)
+    tol_n = max(tol, 1 / n)
+    out = {
+        "eps_sweep": check_eps_sweep(attack, [runs[check_key(attack, e, steps)] for e in sweep],
+                                     sweep, n, tol_n),
+        "doubled_steps": check_doubled_steps(attack, runs[check_key(attack, eps, steps)],
+                                             runs[check_key(attack, eps, 2 * steps)], steps, n, tol_n),
+        "square_vs_gradient": check_square_vs_gradient(row, tol),
+    }
     if row_name != "base":
-        transfer = {k: v for k, v in grads.items() if not k.endswith("/ste")}
-        end2end = {k: v for k, v in grads.items() if k.endswith("/ste")}
-        if transfer and end2end:
-            bt, be = min(transfer, key=transfer.get), min(end2end, key=end2end.get)
-            ok = transfer[bt] >= end2end[be] - tol
-            out["transfer_vs_end_to_end"] = {
-                "best_transfer": transfer[bt], "best_transfer_attack": bt,
-                "best_end_to_end": end2end[be], "best_end_to_end_attack": be,
-                "status": "pass" if ok else "flag",
-                "detail": (("" if ok else "(expected for HPM: obfuscated gradients; this is why "
-                            "MSA exists) ") + f"best transfer {transfer[bt]:.1%} ({bt}) vs best "
-                           f"end-to-end {end2end[be]:.1%} ({be}), whole subset"),
-            }
-        else:
-            out["transfer_vs_end_to_end"] = {"status": "n/a",
-                                             "detail": "needs an /ste attack and an fc/soft/mix one"}
+        out["transfer_vs_end_to_end"] = check_transfer_vs_end_to_end(row, tol)
     return out
+
+
+def check_attack(row_name):
+    """The attack of the eps sweep and the doubled steps: the strongest single gradient attack."""
+    return "apgd-ce" if row_name == "base" else "apgd-ce/mix"
 
 
 def check_key(attack, eps, steps):
@@ -499,15 +521,15 @@ def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, se
         if runs is None or runs["n"] != n:  # first time, or another --checks-n: start again
             runs = checks["runs"] = {"n": n, "accuracy": {}, "correct": {}, "batches_done": {},
                                      "timings_s": {}}
-        attack = "apgd-ce" if row.name == "base" else "apgd-ce/mix"
+        attack = check_attack(row.name)
         for e, s in [(e, steps) for e in sweep] + [(eps, 2 * steps)]:
             key = check_key(attack, e, s)
             if key in runs["accuracy"]:
                 continue
             attack_batch = attack_job(row, attack, batch, norm=norm, eps=e, steps=s,
-                                      queries=queries, seed=seed)
+                                      queries=queries, seed=seed, warnings=WarningCounter())
             correct = run_job(runs, key, batches, attack_batch, desc=f"{row.name} check {key}",
-                              progress=progress, on_update=on_update)
+                              show_progress=progress, on_update=on_update)
             runs["accuracy"][key] = sum(correct) / n
         checks.update(gradient_masking_checks(row.name, runs["accuracy"], row_store(results, row.name),
                                               eps=eps, sweep=sweep, steps=steps, n=n, tol=tol))
@@ -545,28 +567,6 @@ def format_tables(results, rows):
                  else s["attacks"].get(a) for s in stores.values()]
         lines.append(f"{a.replace('_', ' '):<16}" + "".join(f"{pct(c):>13}" for c in cells))
     return "\n".join(lines)
-
-
-def dumps(obj, indent=0):
-    """Indented JSON; a list of numbers or short strings stays on one line (per-image lists)."""
-    pad = " " * indent
-    if isinstance(obj, dict) and obj:
-        items = [f"{pad}  {json.dumps(str(k))}: {dumps(v, indent + 2)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) or
-                                              (isinstance(v, str) and len(v) > 40) for v in obj):
-        items = [f"{pad}  {dumps(v, indent + 2)}" for v in obj]
-        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
-    return json.dumps(obj)
-
-
-def write_json(obj, path):
-    """Write to a temporary file, then rename: a run that dies never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(dumps(obj) + "\n")
-    os.replace(tmp, path)
 
 
 def versions():
@@ -608,25 +608,28 @@ def parse_attacks(text):
 
 
 def resolve_config(args):
-    """All settings, with the checkpoint's values where the flags leave them out."""
-    ckpt = read_checkpoint(args.head) if args.head else None
+    """All settings, with the checkpoint's values where the flags leave them out; every flag is
+    checked here, before anything is loaded or written."""
+    ckpt = read_head(args.head) if args.head else None
     if ckpt is None and (args.model is None or args.dataset is None):
         raise CLIError("give --head FILE (a finetune.py checkpoint), or --model and --dataset "
                        "to evaluate a base model alone")
-    train_args = ckpt.get("args") if ckpt is not None and isinstance(ckpt.get("args"), dict) else {}
-    cfg = {k: v for k, v in vars(args).items()}
+    cfg = dict(vars(args))
     cfg["model"] = args.model or ckpt["model"]
     cfg["dataset"] = args.dataset or ckpt["dataset"]
     if cfg["dataset"] not in DATASETS:
         raise CLIError(f"unknown dataset {cfg['dataset']!r}; choose from {', '.join(DATASETS)}")
     cfg["threat_model"] = args.threat_model or (ckpt or {}).get("threat_model") or "Linf"
-    cfg["norm"] = args.norm or cfg["threat_model"]
-    if cfg["norm"] not in DEFAULT_EPS:
-        raise CLIError(f"unknown norm {cfg['norm']!r}; choose Linf or L2")
-    cfg["eps"] = args.eps if args.eps is not None else DEFAULT_EPS[cfg["norm"]][cfg["dataset"]]
-    cfg["batch_size"] = args.batch_size or int(train_args.get("batch_size", 64))
+    cfg["eps"] = args.eps if args.eps is not None else DEFAULT_EPS[cfg["threat_model"]][cfg["dataset"]]
+    if cfg["eps"] <= 0:
+        raise CLIError(f"--eps must be positive, got {cfg['eps']:g}")
+    check_eps(cfg["eps"], cfg["threat_model"])
+    cfg["batch_size"] = args.batch_size if args.batch_size is not None else int(
+        (ckpt or {}).get("batch_size") or 64)
     cfg["per_class"] = args.per_class if args.per_class is not None else (
         5 if cfg["dataset"] == "imagenet" and args.data is None else None)
+    check_positive(batch_size=cfg["batch_size"], steps=cfg["steps"], queries=cfg["queries"],
+                   checks_n=cfg["checks_n"], n_examples=cfg["n_examples"], per_class=cfg["per_class"])
     cfg["attacks"] = parse_attacks(args.attacks)
     cfg["contexts"] = [c.strip() for c in args.contexts.split(",") if c.strip()]
     if not set(cfg["contexts"]) <= set(CONTEXTS):
@@ -636,30 +639,17 @@ def resolve_config(args):
     cfg["data_sha256"] = sha256(args.data) if args.data and os.path.isfile(args.data) else None
     cfg["out"] = args.out or (os.path.splitext(args.head)[0] + ".eval.json" if args.head
                               else "eval.json")
-    for k in ("eps", "steps", "queries", "batch_size", "checks_n"):
-        if cfg[k] is not None and cfg[k] <= 0:
-            raise CLIError(f"--{k.replace('_', '-')} must be positive, got {cfg[k]}")
-    if cfg["n_examples"] is not None and cfg["n_examples"] <= 0:
-        raise CLIError(f"--n-examples must be positive, got {cfg['n_examples']}")
+    try:
+        cfg["device"] = torch.device(cfg["device"])
+    except RuntimeError:
+        raise CLIError(f"unknown device {cfg['device']!r}")
+    if cfg["device"].type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda, but no CUDA GPU is available; pass --device cpu")
     return cfg, ckpt
 
 
-def select_subset(n_total, n_examples, seed):
-    """Sorted indices of a fixed uniform subset of the test set."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_total, generator=g)[: min(n_examples, n_total)].sort().values
-
-
-def main(args):
-    """Evaluate as the flags say; returns the results dict (also written to --out)."""
-    cfg, ckpt = resolve_config(args)
-    try:
-        device = torch.device(cfg["device"])
-    except RuntimeError:
-        raise CLIError(f"unknown device {cfg['device']!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda, but no CUDA GPU is available; pass --device cpu")
-
+def load_models(cfg, ckpt):
+    """(base model, HPM model or None, number of classes), frozen, on cfg["device"]."""
     base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"])
     try:
         if ckpt is not None:
@@ -669,10 +659,20 @@ def main(args):
             hpm_model, num_classes = None, find_classifier(base)[1].out_features
     except ValueError as e:  # attach: no final nn.Linear
         raise CLIError(str(e))
-    base = base.to(device).eval().requires_grad_(False)
+    base = base.to(cfg["device"]).eval().requires_grad_(False)
     if hpm_model is not None:
-        hpm_model = hpm_model.to(device).eval().requires_grad_(False)
+        hpm_model = hpm_model.to(cfg["device"]).eval().requires_grad_(False)
+    return base, hpm_model, num_classes
 
+
+def select_subset(n_total, n_examples, seed):
+    """Sorted indices of a fixed uniform subset of the test set."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[: min(n_examples, n_total)].sort().values
+
+
+def load_subset(cfg, num_classes):
+    """(x uint8 (n, C, H, W), y (n,), sorted indices (n,), size of the test set): the fixed subset."""
     split = "val" if cfg["dataset"] == "imagenet" else "test"
     x_all, y_all = load_data(cfg["dataset"], split, data=cfg["data"], data_dir=cfg["data_dir"],
                              per_class=cfg["per_class"])
@@ -680,123 +680,139 @@ def main(args):
     if cfg["n_examples"] is None:  # the paper: a fixed 25% of the test set (ImageNet: all 5000)
         cfg["n_examples"] = len(y_all) if cfg["dataset"] == "imagenet" else max(1, round(len(y_all) / 4))
     idx = select_subset(len(y_all), cfg["n_examples"], cfg["subset_seed"])
-    x, y = x_all[idx], y_all[idx]
-    rows = build_rows(base, hpm_model, cfg["contexts"])
+    return x_all[idx], y_all[idx], idx, len(y_all)
 
+
+def open_results(cfg):
+    """The results dict to fill: {} to start, or what --out holds to resume. Refuses a file of
+    another configuration (unless --overwrite). Writes nothing."""
     out = cfg["out"]
-    results = None
-    if os.path.exists(out) and not cfg["overwrite"]:
-        try:
-            with open(out) as f:
-                results = json.load(f)
-            old = results["config"]
-        except (ValueError, KeyError, TypeError):
-            raise CLIError(f"{out} exists and is not a results file of evaluate.py; "
-                           "choose another --out or pass --overwrite")
-        diff = [f"{k}: {old.get(k)!r} there, {cfg[k]!r} now" for k in IDENTITY if old.get(k) != cfg[k]]
-        if diff:
-            raise CLIError(f"{out} holds results of another configuration ({'; '.join(diff[:3])}); "
-                           "choose another --out or pass --overwrite")
-        print(f"resuming from {out}")
-    if results is None:
-        results = {}
+    if not os.path.exists(out) or cfg["overwrite"]:
+        return {}
+    try:
+        with open(out) as f:
+            results = json.load(f)
+        old = results["config"]
+    except (ValueError, KeyError, TypeError):
+        raise CLIError(f"{out} exists and is not a results file of evaluate.py; "
+                       "choose another --out or pass --overwrite")
+    diff = [f"{k}: {old.get(k)!r} there, {cfg[k]!r} now" for k in IDENTITY if old.get(k) != cfg[k]]
+    if diff:
+        raise CLIError(f"{out} holds results of another configuration ({'; '.join(diff[:3])}); "
+                       "choose another --out or pass --overwrite")
+    print(f"resuming from {out}")
+    return results
+
+
+def describe(results, cfg, rows, idx, n_total):
+    """The parts of the results file that say what was run, on what, with which software."""
     results["description"] = ("evaluate.py: clean and robust accuracy (fractions) of the base model "
                               "and HPM on one fixed subset, same batches, same attacks")
-    results["config"] = {k: cfg[k] for k in sorted(cfg)}
+    results["config"] = {k: str(v) if k == "device" else v for k, v in sorted(cfg.items())}
     results["versions"] = versions()
-    results["subset"] = {"n": len(idx), "of": len(y_all), "subset_seed": cfg["subset_seed"],
+    results["subset"] = {"n": len(idx), "of": n_total, "subset_seed": cfg["subset_seed"],
                          "batch_size": cfg["batch_size"],
                          "n_batches": len(make_batches(len(idx), cfg["batch_size"])),
                          "indices": idx.tolist()}
     results["notes"] = [NOTES["worst_case"], NOTES["per_image"], NOTES["nonfinite"]] + (
         [NOTES["batch_apgd"], NOTES["batch_square"]] if "hpm/batch" in [r.name for r in rows] else [])
     results["complete"] = False
-    timing = results.setdefault("timing", {})
-    timing.setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
+    results.setdefault("timing", {}).setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
 
-    def on_update():
-        timing["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        write_json(results, out)
 
-    print(f"{cfg['model']} on {cfg['dataset']}: {len(idx)} of {len(y_all)} test images "
-          f"(subset seed {cfg['subset_seed']}), batches of {cfg['batch_size']}, {cfg['norm']} "
-          f"eps {cfg['eps']:.5g}, {cfg['steps']} APGD steps, {cfg['queries']} Square queries, "
-          f"device {device}")
-    if "hpm/batch" in [r.name for r in rows]:
-        print("note: " + NOTES["batch_apgd"])
-    on_update()
-    common = dict(norm=cfg["norm"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
-                  batch_size=cfg["batch_size"], seed=cfg["seed"], on_update=on_update,
-                  device=device, progress=not cfg["no_progress"])
-    try:
-        evaluate(rows, x, y, attacks=cfg["attacks"], results=results, save_adv=cfg["save_adv"],
-                 indices=idx.tolist(), **common)
-        if cfg["checks"]:
-            run_checks(rows, x, y, results, checks_n=cfg["checks_n"], tol=cfg["checks_tol"], **common)
-    except ValueError as e:  # HPMClassifier.features: the final nn.Linear does not make the logits
-        if str(e).startswith("attach:"):
-            raise CLIError(str(e))
-        raise
-    results["complete"] = True
-    on_update()
-
+def print_report(results, rows, cfg):
+    """The final tables, the checks and where the results are."""
     print()
     print(format_tables(results, rows))
     if cfg["checks"]:
-        print(f"\ngradient-masking checks (first {min(cfg['checks_n'], len(idx))} images of the "
-              f"subset; tolerance {cfg['checks_tol']:.1%}):")
+        n = min(cfg["checks_n"], results["subset"]["n"])
+        print(f"\ngradient-masking checks (first {n} images of the subset; tolerance "
+              f"{cfg['checks_tol']:.1%}):")
         for r in rows:
             for name, c in row_store(results, r.name)["checks"].items():
                 if name != "runs":
                     print(f"  {r.name:<10} {name:<23} {c['status']:<5} {c['detail']}")
     if "hpm/batch" in [r.name for r in rows]:
         print("\nnote: " + NOTES["batch_square"])
-    print(f"\nresults: {out}")
+    print(f"\nresults: {cfg['out']}")
+
+
+def main(args):
+    """Evaluate as the flags say; returns the results dict (also written to --out)."""
+    cfg, ckpt = resolve_config(args)
+    if ckpt is not None and ckpt.get("finished") is False:
+        print(f"warning: {args.head} is an unfinished head (fine-tuning was interrupted after "
+              f"{len(ckpt.get('history', []))} epoch(s)); its numbers are not those of a trained head")
+    base, hpm_model, num_classes = load_models(cfg, ckpt)
+    x, y, idx, n_total = load_subset(cfg, num_classes)
+    rows = build_rows(base, hpm_model, cfg["contexts"])
+    for row in rows:  # a model that cannot take these images fails here, before any file is written
+        check_images(row.model, x, cfg["device"], name=f"{row.name} ({cfg['model']})")
+    results = open_results(cfg)
+    describe(results, cfg, rows, idx, n_total)
+
+    def on_update():
+        results["timing"]["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_json(results, cfg["out"])
+
+    print(f"{cfg['model']} on {cfg['dataset']}: {len(idx)} of {n_total} test images "
+          f"(subset seed {cfg['subset_seed']}), batches of {cfg['batch_size']}, {cfg['threat_model']} "
+          f"eps {cfg['eps']:.5g}, {cfg['steps']} APGD steps, {cfg['queries']} Square queries, "
+          f"device {cfg['device']}")
+    if "hpm/batch" in [r.name for r in rows]:
+        print("note: " + NOTES["batch_apgd"])
+    on_update()
+    common = dict(norm=cfg["threat_model"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
+                  batch_size=cfg["batch_size"], seed=cfg["seed"], on_update=on_update,
+                  device=cfg["device"], progress=not cfg["no_progress"])
+    evaluate(rows, x, y, attacks=cfg["attacks"], results=results, save_adv=cfg["save_adv"],
+             indices=idx.tolist(), **common)
+    if cfg["checks"]:
+        run_checks(rows, x, y, results, checks_n=cfg["checks_n"], tol=cfg["checks_tol"], **common)
+    results["complete"] = True
+    on_update()
+    print_report(results, rows, cfg)
     return results
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless its help text already says it (or it has none)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--head", help="head checkpoint written by finetune.py (model, dataset, threat "
                    "model and batch size are read from it); without it only the base model is evaluated")
     p.add_argument("--model", help="RobustBench model name or a pickled nn.Module file "
                    "(default: the checkpoint's)")
     p.add_argument("--dataset", choices=sorted(DATASETS), help="default: the checkpoint's")
-    p.add_argument("--threat-model", choices=["Linf", "L2"],
-                   help="RobustBench list the model is loaded from (default: the checkpoint's, else Linf)")
-    p.add_argument("--norm", choices=["Linf", "L2"], help="attack norm (default: the threat model)")
-    p.add_argument("--eps", type=float, help="attack budget (default: Linf 8/255 CIFAR, 4/255 "
-                   "ImageNet, 0.3 MNIST; L2 0.5 CIFAR, 3.0 ImageNet, 2.0 MNIST)")
+    p.add_argument("--threat-model", choices=["Linf", "L2"], help="the attacks' norm, and the "
+                   "RobustBench list a model name is looked up in (default: the checkpoint's, else Linf)")
+    p.add_argument("--eps", type=eps_value, help="attack budget, a number or a fraction like 8/255 "
+                   "(default: Linf 8/255 CIFAR, 4/255 ImageNet, 0.3 MNIST; L2 0.5 CIFAR, 3.0 "
+                   "ImageNet, 2.0 MNIST)")
     p.add_argument("--data", help="local test set .npz (x: uint8 N x C x H x W, y: int N) "
                    "instead of the dataset's own loader")
-    p.add_argument("--data-dir", default="./data", help="where torchvision datasets / ImageNet live")
-    p.add_argument("--model-dir", default="./models", help="RobustBench model cache")
+    p.add_argument("--data-dir", default="./data",
+                   help="where torchvision datasets / ImageNet live (default ./data)")
+    p.add_argument("--model-dir", default="./models", help="RobustBench model cache (default ./models)")
     p.add_argument("--per-class", type=int, help="images per class (default: 5 for ImageNet "
                    "validation, as in the paper; all otherwise)")
     p.add_argument("--n-examples", type=int, help="size of the fixed evaluation subset (default: "
                    "25%% of the test set, as in the paper; ImageNet: all of the 5-per-class subset)")
-    p.add_argument("--subset-seed", type=int, default=0, help="seed that fixes the subset")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed that fixes the subset (default 0)")
     p.add_argument("--batch-size", type=int, help="fixed batch size B of the batch context "
                    "(default: the checkpoint's fine-tuning batch size, else 64; 1 = per-image model)")
-    p.add_argument("--contexts", default="batch,image", help="HPM contexts to evaluate")
+    p.add_argument("--contexts", default="batch,image",
+                   help="HPM contexts to evaluate (default batch,image)")
     p.add_argument("--attacks", default=",".join(HPM_ATTACKS),
-                   help="comma list (apgd-ce = all four surrogates); the base model runs each once")
-    p.add_argument("--steps", type=int, default=40, help="APGD iterations (paper: 40; AutoAttack: 100)")
-    p.add_argument("--queries", type=int, default=5000, help="Square queries")
-    p.add_argument("--seed", type=int, default=0, help="attack seed (the same for every batch)")
+                   help="comma list (apgd-ce = all four surrogates); the base model runs each once "
+                        "(default: all)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="APGD iterations (default 40, the paper's; AutoAttack: 100)")
+    p.add_argument("--queries", type=int, default=5000, help="Square queries (default 5000)")
+    p.add_argument("--seed", type=int, default=0, help="attack seed, the same for every batch (default 0)")
     p.add_argument("--checks", action="store_true", help="run the gradient-masking checks")
-    p.add_argument("--checks-n", type=int, default=512, help="images (first of the subset) for --checks")
+    p.add_argument("--checks-n", type=int, default=512,
+                   help="images (first of the subset) for --checks (default 512)")
     p.add_argument("--checks-tol", type=float, default=0.02,
-                   help="accuracy difference tolerated by the checks (at least one image)")
+                   help="accuracy difference tolerated by the checks, at least one image (default 0.02)")
     p.add_argument("--out", help="results JSON, rewritten after every batch; rerun to resume "
                    "(default: HEAD.eval.json, or eval.json without --head)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds results "
@@ -804,17 +820,11 @@ def parse_args(argv=None):
     p.add_argument("--save-adv", metavar="DIR", help="keep every attack's adversarial images "
                    "(float tensors, one file per row and attack)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+                   help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (a redirected log gets none anyway, only periodic lines)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(run_cli(main, parse_args, interrupted="interrupted: run the same command again to resume"))

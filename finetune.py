@@ -51,215 +51,27 @@ CIFAR-10; alpha 5, beta 12, T 4 on CIFAR-100. Not from the paper (ours):
   (the CIFAR-100 ones) are our choices; so are the L2 radii when --threat-model L2.
 """
 import argparse
-import difflib
 import os
 import sys
 import time
-import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from hpm import attach
-
-# Shared by finetune.py and evaluate.py ----------------------------------------------------
-
-DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "mnist": 10}
-
-
-class CLIError(Exception):
-    """Bad input from the user: printed as one line, without a traceback."""
-
-
-def alias_autoattack():
-    """robustbench imports `autoattack`; PyPI ships AutoAttack as `pyautoattack`."""
-    import importlib
-
-    if "autoattack" not in sys.modules:
-        try:
-            import autoattack  # noqa: F401  (the upstream package, if installed)
-        except ImportError:
-            pyautoattack = importlib.import_module("pyautoattack")
-            sys.modules["autoattack"] = pyautoattack
-            for sub in ("state", "autopgd_base", "square", "other_utils", "checks"):
-                try:
-                    sys.modules[f"autoattack.{sub}"] = importlib.import_module(f"pyautoattack.{sub}")
-                except ImportError:
-                    pass
-
-
-def load_model(model, dataset, threat_model="Linf", model_dir="./models"):
-    """A RobustBench model by name, or a whole pickled nn.Module from a path the user names.
-
-    Either way the model takes images in [0, 1] and returns logits; it comes back in eval mode.
-    """
-    if os.path.exists(model):
-        # A pickled module runs code on load: only ever from a path the user gave explicitly.
-        try:
-            net = torch.load(model, map_location="cpu", weights_only=False)
-        except Exception as e:  # not a pickle, or a class this Python cannot import
-            raise CLIError(f"could not load model file {model} ({type(e).__name__}: {e}); "
-                           "it must hold a whole pickled nn.Module, saved with torch.save(model, path)")
-        if not isinstance(net, torch.nn.Module):
-            raise CLIError(f"{model} holds a {type(net).__name__}, not a whole pickled nn.Module "
-                           "(save it with torch.save(model, path))")
-        return net.eval()
-    if model.endswith((".pt", ".pth", ".ckpt")) or os.sep in model:
-        raise CLIError(f"model file {model} does not exist")
-    alias_autoattack()
-    with warnings.catch_warnings():  # robustbench's imports warn about pkg_resources and torch.jit
-        warnings.simplefilter("ignore")
-        from robustbench.model_zoo import model_dicts
-        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-        from robustbench.utils import load_model as rb_load_model
-
-    try:
-        names = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)].keys()
-    except (ValueError, KeyError):
-        raise CLIError(f"RobustBench has no models for dataset {dataset!r} and threat model "
-                       f"{threat_model!r}; pass --model PATH to a pickled nn.Module instead")
-    if model not in names:
-        close = difflib.get_close_matches(model, list(names), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise CLIError(f"unknown RobustBench model {model!r} for {dataset} {threat_model}{hint}")
-    try:
-        net = rb_load_model(model_name=model, model_dir=model_dir, dataset=dataset,
-                            threat_model=threat_model)
-    except Exception as e:  # network errors come in many types; the message says enough
-        raise CLIError(f"could not load RobustBench model {model!r} into {model_dir} "
-                       f"({type(e).__name__}: {e}); check the network or pass --model PATH")
-    return net.eval()
-
-
-def load_npz(path):
-    """A local dataset: x uint8 (N, C, H, W), y integer (N,). Returns uint8 and int64 tensors."""
-    if not os.path.exists(path):
-        raise CLIError(f"data file {path} does not exist")
-    with np.load(path) as f:
-        if "x" not in f or "y" not in f:
-            raise CLIError(f"{path} must hold arrays 'x' and 'y', found {sorted(f.files)}")
-        x, y = f["x"], f["y"]
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise CLIError(f"{path}: x must be uint8 of shape (N, C, H, W), got {x.dtype} {x.shape}")
-    if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
-        raise CLIError(f"{path}: y must be integers of shape ({x.shape[0]},), got {y.dtype} {y.shape}")
-    return torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
-
-
-def load_data(dataset, split, data=None, data_dir="./data", per_class=None):
-    """Images as uint8 (N, C, H, W) and labels int64 (N,): from --data FILE.npz, else the
-    dataset's own loader (torchvision; downloads CIFAR where the internet is reachable;
-    ImageNet from a local ImageFolder at DATA_DIR/{train,val}, resized 256, cropped 224).
-    """
-    if data is not None:
-        x, y = load_npz(data)
-    elif dataset in ("cifar10", "cifar100", "mnist"):
-        import torchvision.datasets as tvd
-
-        cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST}[dataset]
-        try:
-            ds = cls(data_dir, train=(split == "train"), download=True)
-        except Exception as e:
-            raise CLIError(f"{dataset} {split} set not found in {data_dir} and could not be "
-                           f"downloaded ({type(e).__name__}); put it there, set --data-dir, or "
-                           "pass --data FILE.npz (x: uint8 N x C x H x W, y: int N)")
-        x = torch.as_tensor(np.asarray(ds.data))
-        x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
-        y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
-    elif dataset == "imagenet":
-        x, y = load_imagenet(os.path.join(data_dir, split), per_class)
-        per_class = None  # already applied while reading
-    else:
-        raise CLIError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    if per_class is not None:
-        x, y = take_per_class(x, y, per_class)
-    return x.contiguous(), y
-
-
-def take_per_class(x, y, per_class):
-    """The first `per_class` images of every class, in their original order."""
-    keep = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in y.unique()]).sort().values
-    return x[keep], y[keep]
-
-
-def load_imagenet(folder, per_class):
-    """ImageNet from an ImageFolder (one folder per synset, in sorted order), as uint8 224x224."""
-    import torchvision.datasets as tvd
-    import torchvision.transforms as T
-
-    if not os.path.isdir(folder):
-        raise CLIError(f"ImageNet folder {folder} not found; ImageNet cannot be downloaded "
-                       "automatically: put the ImageFolder (one folder per class) there, set "
-                       "--data-dir, or pass --data FILE.npz")
-    transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
-    ds = tvd.ImageFolder(folder, transform=transform)
-    targets = torch.tensor(ds.targets)
-    idx = torch.arange(len(targets))
-    if per_class is not None:
-        idx = torch.cat([idx[targets == c][:per_class] for c in targets.unique()])
-    xs = [ds[i][0] for i in idx.tolist()]
-    return torch.stack(xs), targets[idx]
-
-
-def check_labels(y, num_classes, where):
-    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
-        raise CLIError(f"{where}: labels must lie in [0, {num_classes}) for this model, "
-                       f"found range [{int(y.min())}, {int(y.max())}]")
-
-
-def to_float(x_uint8, device):
-    """uint8 images -> float in [0, 1] on the device (per batch, to keep host memory small)."""
-    return x_uint8.to(device, non_blocking=True).float().div_(255)
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a run that dies never leaves half a file."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path):
-    """A head checkpoint written by finetune.py, read with weights_only=True (no code runs)."""
-    if not os.path.exists(path):
-        raise CLIError(f"head checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CLIError(f"{path} is not a head checkpoint readable with weights_only=True ({e})")
-    missing = {"head", "model", "dataset", "momentum", "eps"} - set(ckpt if isinstance(ckpt, dict) else ())
-    if missing:
-        raise CLIError(f"{path} is not a finetune.py head checkpoint (missing {sorted(missing)})")
-    return ckpt
-
-
-def load_head(ckpt, hpm_model):
-    """Load a checkpoint's head state into an attached model, or say clearly why it does not fit."""
-    state, head = ckpt["head"], hpm_model.head
-    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != found:
-        diff = [f"{k}: checkpoint {found.get(k)} vs model {expected.get(k)}"
-                for k in sorted(set(expected) | set(found)) if found.get(k) != expected.get(k)]
-        raise CLIError(f"the head checkpoint does not fit this model ({'; '.join(diff[:3])}); "
-                       f"it was trained for {ckpt['model']!r} on {ckpt['dataset']}")
-    head.load_state_dict(state)
-    head.momentum, head.eps = ckpt["momentum"], ckpt["eps"]
-    return hpm_model
-
+from loading import (DATASETS, DEFAULT_EPS, CLIError, check_eps, check_images, check_labels,
+                     check_positive, eps_value, is_finished_head, load_data, load_model, progress_bar,
+                     run_cli, save_head, to_float)
 
 # Fine-tuning ------------------------------------------------------------------------------
 
 # Every flag left unset takes its dataset's value (sources in the module docstring).
 DEFAULTS = {
-    "cifar10": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, eps=8 / 255, per_class=None),
-    "cifar100": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, eps=8 / 255, per_class=None),
-    "imagenet": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, eps=4 / 255, per_class=10),
-    "mnist": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, eps=0.3, per_class=None),
+    "cifar10": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None),
+    "cifar100": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, per_class=None),
+    "imagenet": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, per_class=10),
+    "mnist": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None),
 }
-EPS_L2 = {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 3.0, "mnist": 2.0}  # the usual L2 radii
 
 
 def weighted_mse(zn, za, w):
@@ -290,7 +102,7 @@ def ikl_loss(zn, za, y, S, alpha, beta):
 
 
 @torch.no_grad()
-def clean_pass(model, x, y, T, batch_size, device):
+def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
     """Before training: set C_global to the exact class means of the clean features; return S.
 
     Sets model.head.prototypes and model.head.seen; returns the class means (K, D) and
@@ -301,8 +113,17 @@ def clean_pass(model, x, y, T, batch_size, device):
     head = model.head
     K = head.fc.out_features
     starts = range(0, len(x), batch_size)
-    Z = torch.cat([model.features(to_float(x[i:i + batch_size], device)).cpu()
-                   for i in tqdm(starts, desc="clean pass", leave=False)])  # (N, D)
+    bar = progress_bar(len(starts), "clean pass", show_progress)
+    Z = []
+    for i in starts:
+        Z.append(model.features(to_float(x[i:i + batch_size], device)).cpu())
+        bar.update(1)
+    bar.close()
+    Z = torch.cat(Z)  # (N, D)
+    if not torch.isfinite(Z).all():
+        bad = int((~torch.isfinite(Z).all(1)).sum())
+        raise CLIError(f"the base model's features are NaN or inf on {bad} of {len(Z)} training "
+                       "images; check the model file and that inputs are meant to lie in [0, 1]")
     count = torch.bincount(y, minlength=K).double()  # (K,)
     sums = torch.zeros(K, Z.shape[1], dtype=torch.float64).index_add_(0, y, Z.double())  # (K, D)
     C_global = sums / count.clamp_min(1)[:, None]  # float64 sums: the exact means, up to rounding
@@ -378,14 +199,17 @@ def train_epoch(model, optimizer, x, y, S, args, epoch, generator):
     order = torch.randperm(len(x), generator=generator)
     n = loss_sum = clean_correct = adv_correct = 0
     t0 = time.time()
-    bar = tqdm(range(0, len(x), args.batch_size), desc=f"epoch {epoch}/{args.epochs}", leave=False)
-    for i in bar:
+    starts = range(0, len(x), args.batch_size)
+    bar = progress_bar(len(starts), f"epoch {epoch}/{args.epochs}", not args.no_progress)
+    for i in starts:
         idx = order[i:i + args.batch_size]
         xb, yb = to_float(x[idx], args.device), y[idx].to(args.device)
         loss, clean, adv = train_step(model, optimizer, xb, yb, S, args)
         n, loss_sum = n + len(idx), loss_sum + loss * len(idx)
         clean_correct, adv_correct = clean_correct + clean, adv_correct + adv
         bar.set_postfix_str(f"loss {loss_sum / n:.4f} clean {clean_correct / n:.1%} adv {adv_correct / n:.1%}")
+        bar.update(1)
+    bar.close()
     return {"epoch": epoch, "loss": loss_sum / n, "clean_acc": clean_correct / n,
             "adv_acc": adv_correct / n, "images": n, "seconds": time.time() - t0}
 
@@ -406,16 +230,6 @@ def head_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def check_input(model, x):
-    """One forward on two images, so that a shape the model cannot take fails in one line."""
-    try:
-        with torch.no_grad():
-            model.features(to_float(x[:2], model.head.fc.weight.device))
-    except (RuntimeError, ValueError) as e:
-        raise CLIError(f"the model fails on images of shape {tuple(x.shape[1:])} (C, H, W): "
-                       f"{str(e).splitlines()[0]}")
-
-
 def check_frozen(model, base_state):
     """MoCo's sanity check: every base-model tensor, buffers included, is bitwise unchanged."""
     state = model.base_model.state_dict()
@@ -425,20 +239,21 @@ def check_frozen(model, base_state):
 
 
 def save_checkpoint(model, args, history, finished):
-    """The head's state_dict and everything needed to rebuild it (weights_only-loadable)."""
-    atomic_save({
-        "head": {k: v.cpu() for k, v in model.head.state_dict().items()},
-        "model": args.model, "dataset": args.dataset, "threat_model": args.threat_model,
-        "momentum": model.head.momentum, "eps": model.head.eps, "attack_eps": args.eps,
-        "num_classes": model.head.fc.out_features, "feature_dim": model.head.fc.in_features,
-        "fc_name": model.fc_name, "args": dict(vars(args)), "history": history, "finished": finished,
-    }, args.out)
+    """The head, atomically. An unfinished head never replaces a finished one at --out (unless
+    --overwrite): it goes beside it, to args.unfinished_out."""
+    path = args.out if finished or args.unfinished_out is None else args.unfinished_out
+    save_head(path, model, model_name=args.model, dataset=args.dataset, threat_model=args.threat_model,
+              batch_size=args.batch_size, attack_eps=args.eps, finished=finished,
+              args=dict(vars(args)), history=history)
+    if finished and args.unfinished_out is not None and os.path.exists(args.unfinished_out):
+        os.remove(args.unfinished_out)
+    return path
 
 
 def fill_defaults(args):
     """Flags left unset take the dataset's values; then the settings are checked."""
-    if args.eps is None and args.threat_model == "L2":
-        args.eps = EPS_L2[args.dataset]
+    if args.eps is None:
+        args.eps = DEFAULT_EPS[args.threat_model][args.dataset]
     for k, v in DEFAULTS[args.dataset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -449,10 +264,17 @@ def fill_defaults(args):
     if args.out is None:
         name = os.path.splitext(os.path.basename(args.model))[0]
         args.out = f"hpm_{args.dataset}_{name}.pt"
-    if args.epochs < 1 or args.batch_size < 1 or args.steps < 0:
-        raise CLIError("--epochs and --batch-size must be at least 1, --steps at least 0")
-    if not (0 <= args.momentum < 1) or args.eps < 0 or args.lr <= 0 or args.T <= 0:
-        raise CLIError("need 0 <= --momentum < 1, --eps >= 0, --lr > 0 and --T > 0")
+    check_positive(epochs=args.epochs, batch_size=args.batch_size, steps=args.steps,
+                   per_class=args.per_class)
+    check_eps(args.eps, args.threat_model)
+    if not (0 <= args.momentum < 1) or args.lr <= 0 or args.T <= 0:
+        raise CLIError("need 0 <= --momentum < 1, --lr > 0 and --T > 0")
+    if os.path.exists(args.model) and os.path.exists(args.out) and os.path.samefile(args.model, args.out):
+        raise CLIError(f"--out {args.out} is the model file itself; choose another --out")
+    args.unfinished_out = None  # where unfinished heads go when --out holds a finished one
+    if os.path.exists(args.out) and not args.overwrite and is_finished_head(args.out):
+        stem, ext = os.path.splitext(args.out)
+        args.unfinished_out = f"{stem}.unfinished{ext or '.pt'}"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     return args
@@ -467,10 +289,8 @@ def main(args):
     except ValueError as e:
         raise CLIError(str(e))
     x, y = load_data(args.dataset, "train", args.data, args.data_dir, args.per_class)
-    if len(x) == 0:
-        raise CLIError(f"the {args.dataset} training set{' in ' + args.data if args.data else ''} is empty")
     check_labels(y, model.head.fc.out_features, args.data or f"the {args.dataset} training set")
-    check_input(model, x)
+    check_images(model.base_model, x, args.device, name=f"the model {args.model}")
 
     optimizer = torch.optim.Adam(head_parameters(model), lr=args.lr)
     base_state = {k: v.detach().cpu().clone() for k, v in model.base_model.state_dict().items()}
@@ -479,7 +299,10 @@ def main(args):
           f"of batch {args.batch_size}, Adam lr {args.lr:g}, EMA momentum {args.momentum}")
     print(f"IKL alpha {args.alpha:g} beta {args.beta:g} T {args.T:g}; attack {args.threat_model} eps "
           f"{args.eps:.4g}, {args.steps} steps of {args.step_size:.4g} through mode {args.attack_mode!r}")
-    _, S = clean_pass(model, x, y, args.T, args.batch_size, args.device)
+    if args.unfinished_out is not None:
+        print(f"note: {args.out} holds a finished head; it is replaced only when this run finishes "
+              f"(until then checkpoints go to {args.unfinished_out}; --overwrite to write there)")
+    _, S = clean_pass(model, x, y, args.T, args.batch_size, args.device, not args.no_progress)
     absent = (~model.head.seen).nonzero().flatten().tolist()
     print(f"clean pass: C_global = class means of {len(x)} images" +
           (f"; classes {absent[:10]}{'...' if len(absent) > 10 else ''} absent (zero prototype, "
@@ -490,13 +313,14 @@ def main(args):
         for epoch in range(1, args.epochs + 1):
             history.append(train_epoch(model, optimizer, x, y, S, args, epoch, generator))
             check_frozen(model, base_state)
-            save_checkpoint(model, args, history, finished=epoch == args.epochs)
+            path = save_checkpoint(model, args, history, finished=epoch == args.epochs)
             h = history[-1]
-            print(f"epoch {epoch}/{args.epochs}: clean acc {h['clean_acc']:.2%}  adv acc {h['adv_acc']:.2%}  "
-                  f"loss {h['loss']:.4f}  ({h['seconds']:.0f}s)  -> {args.out}")
+            print(f"epoch {epoch}/{args.epochs}: clean acc {h['clean_acc']:.2%}  adv acc {h['adv_acc']:.2%} "
+                  f"(against the training attack, not an evaluation)  loss {h['loss']:.4f}  "
+                  f"({h['seconds']:.0f}s)  -> {path}")
     except KeyboardInterrupt:
-        save_checkpoint(model, args, history, finished=False)
-        print(f"\ninterrupted: saved the head as it stands ({len(history)} complete epoch(s)) to {args.out}",
+        path = save_checkpoint(model, args, history, finished=False)
+        print(f"\ninterrupted: saved the unfinished head ({len(history)} complete epoch(s)) to {path}",
               file=sys.stderr)
         raise
     return model
@@ -536,8 +360,8 @@ def parse_args(argv=None):
                    help="wMSE weight of IKL; per dataset: 10 on CIFAR-10, 12 on CIFAR-100 (IKL's released "
                         "models); 12 on ImageNet and 10 on MNIST (our choices)")
     p.add_argument("--T", type=float, default=None, help="temperature of the IKL class weights S (per dataset: 4)")
-    p.add_argument("--eps", type=float, default=None,
-                   help="attack radius; per dataset: Linf 8/255 on CIFAR, 4/255 on ImageNet (paper), 0.3 "
+    p.add_argument("--eps", type=eps_value, default=None,
+                   help="attack radius, a number or a fraction like 8/255; per dataset: Linf 8/255 on CIFAR, 4/255 on ImageNet (paper), 0.3 "
                         "on MNIST; L2 0.5 on CIFAR, 3 on ImageNet, 2 on MNIST (our choices)")
     p.add_argument("--steps", type=int, default=10, help="attack steps maximising IKL (paper: 10)")
     p.add_argument("--step-size", type=float, default=None, help="attack step size (default eps / 4)")
@@ -548,14 +372,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffling and the attack's random start")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let an unfinished run write over a finished head at --out (by default its "
+                        "checkpoints go to OUT.unfinished.pt until it finishes)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (a redirected log gets none anyway, only periodic lines)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(run_cli(main, parse_args))

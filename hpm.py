@@ -147,7 +147,7 @@ class HPMClassifier(nn.Module):
         self.base_model.eval()
         return self
 
-    def features(self, x, return_logits=False):
+    def features(self, x):
         """Z (B, D): the input of the base model's final nn.Linear, from one base-model pass."""
         captured = {}
 
@@ -169,7 +169,7 @@ class HPMClassifier(nn.Module):
                     f"attach: the output of {self.fc_name!r} (the last registered nn.Linear) is not "
                     "the model's output; HPM needs a model whose logits come from that layer")
             self._checked = True
-        return (captured["z"], logits) if return_logits else captured["z"]
+        return captured["z"]
 
     def forward(self, x, mode="ste", context="batch"):
         return self.head(self.features(x), mode=mode, context=context)

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 import evaluate
 import finetune
 import hpm
+import loading
 import run_mnist
-from finetune import (CLIError, clean_pass, head_parameters, ikl_loss, load_head, perturb,
-                      read_checkpoint, soft_cross_entropy, train_step, weighted_mse)
+from finetune import (clean_pass, head_parameters, ikl_loss, perturb, soft_cross_entropy, train_step,
+                      weighted_mse)
 from hpm import attach
+from loading import CLIError, load_head, read_head
 
 ROOT = HERE = Path(__file__).resolve().parent
 TOL = dict(rtol=1e-10, atol=1e-10)  # double precision comparisons
@@ -647,7 +649,7 @@ def fixed_batch_loss(model, S, x, y):
 def run(files):
     argv = ["--model", str(files / "cnn.pt"), "--dataset", "mnist", "--data", str(files / "train.npz"),
             "--epochs", "3", "--lr", "2e-3", "--out", str(files / "head.pt"), "--device", "cpu"]
-    x, y = finetune.load_npz(str(files / "train.npz"))
+    x, y = loading.load_npz(str(files / "train.npz"))
     xb, yb = x[:64].float() / 255, y[:64]
     fresh = attach(torch.load(files / "cnn.pt", weights_only=False), momentum=0.98)
     _, S = clean_pass(fresh, x, y, 4.0, 64, "cpu")
@@ -681,7 +683,7 @@ def test_finetune_leaves_the_base_model_bitwise_unchanged(run, files):
 
 
 def test_checkpoint_reloads_through_attach_and_load_head_to_identical_outputs(run, files):
-    ckpt = read_checkpoint(str(files / "head.pt"))
+    ckpt = read_head(str(files / "head.pt"))
     assert ckpt["model"] == str(files / "cnn.pt") and ckpt["dataset"] == "mnist" and ckpt["finished"]
     assert (ckpt["num_classes"], ckpt["feature_dim"], ckpt["fc_name"]) == (10, 16, "7")
     assert ckpt["momentum"] == 0.98 and ckpt["attack_eps"] == 0.3 and ckpt["args"]["epochs"] == 3
@@ -706,7 +708,7 @@ def test_an_interrupted_run_keeps_its_checkpoint(files, tmp_path, monkeypatch, c
     with pytest.raises(KeyboardInterrupt):
         finetune.main(finetune.parse_args(["--model", str(files / "cnn.pt"), "--dataset", "mnist", "--data",
                          str(files / "train.npz"), "--epochs", "2", "--out", str(out), "--device", "cpu"]))
-    ckpt = read_checkpoint(str(out))
+    ckpt = read_head(str(out))
     assert not ckpt["finished"] and [h["epoch"] for h in ckpt["history"]] == [1]
     base_fc = torch.load(files / "cnn.pt", weights_only=False)[7].weight
     assert not torch.equal(ckpt["head"]["fc.weight"], base_fc)  # the five steps taken are kept
@@ -762,12 +764,12 @@ def test_model_file_that_is_not_a_module_is_refused(files, tmp_path):
 
 
 def test_checkpoint_that_does_not_fit_is_refused(run, files):
-    ckpt = read_checkpoint(str(files / "head.pt"))
+    ckpt = read_head(str(files / "head.pt"))
     other = attach(nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.ReLU(), nn.Linear(8, 10)))
     with pytest.raises(CLIError, match="does not fit this model"):
         load_head(ckpt, other)
-    with pytest.raises(CLIError, match="weights_only=True"):  # a pickled model is not a head checkpoint
-        read_checkpoint(str(files / "cnn.pt"))
+    with pytest.raises(CLIError, match="not a head checkpoint.*pass it as --model"):  # a pickled model
+        read_head(str(files / "cnn.pt"))
 
 
 def test_cli_prints_one_error_line_and_exits_2(files, tmp_path):
@@ -1045,7 +1047,7 @@ def saved_run(tmp_path_factory):
 def loaded_hpm(paths):
     """The HPM model rebuilt from the files, independently of evaluate.py."""
     base = torch.load(paths["model"], weights_only=False).eval()
-    return load_head(read_checkpoint(paths["head"]), attach(base)).eval()
+    return load_head(read_head(paths["head"]), attach(base)).eval()
 
 
 def test_json_holds_what_the_issue_asks(saved_run):
@@ -1114,7 +1116,7 @@ def test_image_context_scores_equal_per_image_calls(saved_run):
     with torch.no_grad():
         for name, xs in images.items():
             alone = torch.cat([model(xs[i:i + 1], mode="ste", context="batch") for i in range(32)])
-            together = evaluate.Surrogates(model, "ste", "image")(xs)
+            together = evaluate.Surrogate(model, "ste", "image")(xs)
             torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
             assert (alone.argmax(1) == y).int().tolist() == row["correct"][name], name
 
@@ -1133,7 +1135,7 @@ def test_batch_context_attack_sees_the_whole_batch():
             sizes.append(xb.shape[0])
             return self.inner(xb)
 
-    target = Recorder(evaluate.Surrogates(model, "mix", "batch"))
+    target = Recorder(evaluate.Surrogate(model, "mix", "batch"))
     for attack in ("apgd-ce", "apgd-dlr"):
         evaluate.run_attack(attack, target, x.float() / 255, y, eps=0.42, steps=6, whole_batch=True)
     assert len(sizes) == 2 * 7 and set(sizes) == {16}
@@ -1147,7 +1149,7 @@ def test_mixture_is_mean_log_softmax_from_one_backbone_pass():
     xf = x.float() / 255
     for ctx in ("batch", "image"):
         calls.clear()
-        mix = evaluate.Surrogates(model, "mix", ctx)(xf)
+        mix = evaluate.Surrogate(model, "mix", ctx)(xf)
         assert len(calls) == 1
         expected = torch.stack([model(xf, mode=m, context=ctx).double().log_softmax(1)
                                 for m in ("fc", "soft", "ste")]).mean(0)
@@ -1216,9 +1218,9 @@ def nan_model():
     ("missing data", "does not exist"),
     ("missing model", "model file .* does not exist"),
     ("head does not fit", "does not fit this model"),
-    ("nan logits", "NaN or inf logits"),
+    ("nan logits", "NaN or inf"),
     ("labels out of range", r"labels must lie in \[0, 4\)"),
-    ("images of the wrong shape", r"cannot classify the images \(1, 6, 6\)"),
+    ("images of the wrong shape", r"cannot classify images of shape \(1, 6, 6\)"),
 ])
 def test_bad_input_gives_a_clean_error(tmp_path, case, message):
     y = torch.arange(8) % K
@@ -1294,7 +1296,7 @@ def test_every_stage_writes_its_artefacts(quick):
             assert f["y"].dtype == np.int64 and f["y"].shape == (n,)
     for name in ("cnn_fc.pt", "cnn_l2.pt", "cnn_fc_at.pt"):
         assert isinstance(torch.load(quick / name, weights_only=False), run_mnist.SmallCNN)
-    ckpt = read_checkpoint(str(quick / "head.pt"))  # what evaluate.py reads
+    ckpt = read_head(str(quick / "head.pt"))  # what evaluate.py reads
     assert ckpt["finished"] and ckpt["dataset"] == "mnist"
     assert (quick / "fig1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((quick / "results.json").read_text())

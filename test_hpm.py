@@ -10,6 +10,7 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1383,3 +1384,279 @@ def test_a_folder_without_mnist_fails_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=str(tmp_path)) as e:
         run_mnist.main(run_mnist.parse_args(["--mnist-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")]))
     assert "\n" not in str(e.value)
+
+
+# ============================================================================================
+# The command lines as a new user meets them: one home for loading, short logs, bad input
+# refused in one line with nothing written, and nothing lost when a run stops.
+# ============================================================================================
+
+def imported_modules(path):
+    """The top-level module names a file imports, read from its syntax tree."""
+    names = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_scripts_do_not_import_each_other_and_share_only_loading():
+    ev, ft = imported_modules(HERE / "evaluate.py"), imported_modules(HERE / "finetune.py")
+    assert "finetune" not in ev and "evaluate" not in ft
+    assert {"hpm", "loading"} <= ev and {"hpm", "loading"} <= ft
+    assert (ev & ft) - {"hpm", "loading"} <= {"argparse", "os", "sys", "time", "torch"}
+    for name in ("load_model", "load_data", "read_head", "load_head", "save_head", "CLIError"):
+        assert not hasattr(finetune, name) or getattr(finetune, name) is getattr(loading, name), name
+        assert not hasattr(evaluate, name) or getattr(evaluate, name) is getattr(loading, name), name
+
+
+def rb_wideresnet():
+    """A tiny WideResNet from robustbench's own classes (the class a RobustBench download has)."""
+    loading.alias_autoattack()
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+
+    torch.manual_seed(0)
+    return WideResNet(depth=10, widen_factor=1, num_classes=10).eval()
+
+
+def test_a_pickled_robustbench_model_loads_through_both_command_lines(tmp_path):
+    """A fresh Python (no `autoattack` alias yet) unpickles a model whose class is robustbench's."""
+    torch.save(rb_wideresnet(), tmp_path / "rb.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8),
+             y=np.arange(8) % 10)
+    common = ["--data", str(tmp_path / "c.npz"), "--device", "cpu", "--no-progress"]
+    ft = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--model", str(tmp_path / "rb.pt"),
+                         "--dataset", "cifar10", "--steps", "1", "--batch-size", "4",
+                         "--out", str(tmp_path / "head.pt"), *common],
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ft.returncode == 0, ft.stderr
+    assert read_head(str(tmp_path / "head.pt"))["finished"] is True
+    ev = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--head", str(tmp_path / "head.pt"),
+                         "--steps", "1", "--queries", "2", "--attacks", "apgd-ce/fc,square",
+                         "--n-examples", "8", "--out", str(tmp_path / "r.json"), *common],
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["complete"] and results["config"]["model"] == str(tmp_path / "rb.pt")
+
+
+def test_a_redirected_log_stays_short_with_the_table_intact(tmp_path):
+    """Output to a file: no progress-bar fragments, AutoAttack's per-batch warnings as one
+    counted line per attack (the masked model makes DLR see zero gradients in every batch)."""
+    x, y = quad_data(64)
+    base, hpm_model = masked_head_model(x, y)
+    paths = write_setup(tmp_path, base, n=64, head=hpm_model)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--head", paths["head"],
+                               "--data", paths["data"], "--device", "cpu", "--n-examples", "64",
+                               "--eps", "0.45", "--steps", "4", "--queries", "5", "--out",
+                               str(tmp_path / "r.json")], stdout=f, stderr=subprocess.STDOUT,
+                              timeout=600, cwd=tmp_path)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    lines = text.splitlines()
+    assert len(lines) < 100 and "\r" not in text
+    assert sum("points with zero gradient" in ln for ln in lines) <= len(evaluate.HPM_ATTACKS) * 2
+    assert any(ln.startswith("worst case") for ln in lines) and lines[-1].startswith("results: ")
+    results = json.loads((tmp_path / "r.json").read_text())
+    warned = results["hpm"]["image"]["library_warnings"]
+    assert any("zero gradient" in w and "times" in w for w in warned.values())
+
+
+def test_an_unfinished_head_is_evaluated_with_a_one_line_warning(tmp_path, capsys):
+    paths = write_setup(tmp_path, quad_linear(), n=8)
+    ckpt = torch.load(paths["head"], weights_only=True)
+    torch.save({**ckpt, "finished": False, "history": [{"epoch": 1}]}, paths["head"])
+    run_evaluate(paths, "--steps", "1", "--attacks", "apgd-ce/fc", "--contexts", "image",
+                 "--out", str(tmp_path / "r.json"))
+    warnings_ = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning:")]
+    assert len(warnings_) == 1 and "unfinished head" in warnings_[0] and "1 epoch(s)" in warnings_[0]
+    ckpt["finished"] = True  # a finished head: no warning
+    torch.save(ckpt, paths["head"])
+    run_evaluate(paths, "--steps", "1", "--attacks", "apgd-ce/fc", "--contexts", "image",
+                 "--out", str(tmp_path / "r2.json"))
+    assert "warning:" not in capsys.readouterr().out
+
+
+def snapshot(folder):
+    """Every file under folder: relative path -> its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file()}
+
+
+def bad_input_setup(tmp, case):
+    """Files for one bad-input case in tmp; returns (script, argv)."""
+    paths = write_setup(tmp, quad_linear(), n=8)
+    ev = ["--head", paths["head"], "--data", paths["data"], "--steps", "1", "--attacks", "apgd-ce/fc",
+          "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
+    base_only = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
+                 "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
+    ft = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
+          "--out", str(tmp / "new_head.pt"), "--device", "cpu", "--no-progress"]
+    if case == "head with NaN":
+        ckpt = torch.load(paths["head"], weights_only=True)
+        ckpt["head"]["mixer.weight"][0, 0] = float("inf")
+        torch.save(ckpt, paths["head"])
+        return "evaluate", ev
+    if case in ("base model with NaN outputs", "finetune: base model with NaN outputs"):
+        torch.save(nan_model(), paths["model"])
+        return ("finetune", ft) if case.startswith("finetune") else ("evaluate", base_only)
+    if case == "empty npz":
+        np.savez(paths["data"], x=np.zeros((0, 1, SIZE, SIZE), np.uint8), y=np.zeros(0, np.int64))
+    elif case == "npz without arrays":
+        np.savez(paths["data"])
+    elif case == "text file named .npz":
+        Path(paths["data"]).write_text("x,y\n1,2\n")
+    elif case == "truncated npz":
+        Path(paths["data"]).write_bytes(Path(paths["data"]).read_bytes()[:300])
+    elif case == "truncated model":
+        Path(paths["model"]).write_bytes(Path(paths["model"]).read_bytes()[:500])
+    elif case == "truncated head":
+        Path(paths["head"]).write_bytes(Path(paths["head"]).read_bytes()[:500])
+    elif case == "data of the wrong shape":
+        np.savez(paths["data"], x=np.zeros((8, 1, 6, 6), np.uint8), y=np.arange(8) % K)
+    elif case == "eps in pixels":
+        return "evaluate", ev + ["--eps", "8"]
+    elif case == "finetune: eps in pixels":
+        return "finetune", ft + ["--eps", "8"]
+    elif case in ("batch size 0", "steps 0", "queries 0"):
+        flag = {"batch size 0": "--batch-size", "steps 0": "--steps", "queries 0": "--queries"}[case]
+        return "evaluate", ev + [flag, "0"]
+    elif case == "finetune: epochs 0":
+        return "finetune", ft + ["--epochs", "0"]
+    elif case == "model file as head":
+        ev[ev.index("--head") + 1] = paths["model"]
+    elif case == "unimportable model class":
+        code = ("import torch, torch.nn as nn\n"
+                "class Gone(nn.Sequential):\n    pass\n")
+        (tmp / "gone_mod.py").write_text(code)
+        subprocess.run([sys.executable, "-c", "import sys, torch, torch.nn as nn; sys.path.insert(0, '.');"
+                        " import gone_mod; torch.save(gone_mod.Gone(nn.Flatten(), nn.Linear(64, 4)), "
+                        "'gone.pt')"], cwd=tmp, check=True)
+        (tmp / "gone_mod.py").unlink()
+        return "evaluate", base_only[:1] + [str(tmp / "gone.pt")] + base_only[2:]
+    elif case == "finetune: --out is --model":
+        ft[ft.index("--out") + 1] = paths["model"]
+        return "finetune", ft
+    return "evaluate", ev
+
+
+BAD_INPUTS = {
+    "head with NaN": "head holds NaN or inf values in mixer.weight",
+    "base model with NaN outputs": "returns NaN or inf logits",
+    "finetune: base model with NaN outputs": "returns NaN or inf logits",
+    "empty npz": "holds no images",
+    "npz without arrays": "must hold arrays 'x' and 'y', found none",
+    "text file named .npz": "is not a readable .npz file",
+    "truncated npz": "is not a readable .npz file",
+    "truncated model": "could not load model file",
+    "truncated head": "is not a readable head checkpoint",
+    "data of the wrong shape": r"cannot classify images of shape \(1, 6, 6\)",
+    "eps in pixels": r"--eps 8 is above 1.*--eps 8/255",
+    "finetune: eps in pixels": r"--eps 8 is above 1",
+    "batch size 0": "--batch-size must be at least 1, got 0",
+    "steps 0": "--steps must be at least 1, got 0",
+    "queries 0": "--queries must be at least 1, got 0",
+    "finetune: epochs 0": "--epochs must be at least 1, got 0",
+    "model file as head": "not a head checkpoint.*pass it as --model",
+    "unimportable model class": "refers to module 'gone_mod'.*PYTHONPATH",
+    "finetune: --out is --model": "is the model file itself",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_no_file_touched(tmp_path, capsys, case):
+    script, argv = bad_input_setup(tmp_path, case)
+    before = snapshot(tmp_path)
+    module = {"evaluate": evaluate, "finetune": finetune}[script]
+    status = loading.run_cli(module.main, module.parse_args, argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(BAD_INPUTS[case], err), err
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_eps_is_accepted_as_a_fraction(tmp_path):
+    paths = write_setup(tmp_path, quad_linear(), n=8)
+    res = run_evaluate(paths, "--eps", "8/255", "--steps", "1", "--attacks", "apgd-ce/fc",
+                       "--contexts", "image", "--out", str(tmp_path / "r.json"))
+    assert res["config"]["eps"] == 8 / 255
+    assert finetune.parse_args(["--model", "m", "--eps", "4/255"]).eps == 4 / 255
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--model", "m", "--eps", "8/0"])
+
+
+def interrupt_at(monkeypatch, step):
+    """Make the fine-tuning raise KeyboardInterrupt (what SIGINT raises) at its step-th batch."""
+    calls = []
+
+    def interrupted_step(*a):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return train_step(*a)
+
+    monkeypatch.setattr(finetune, "train_step", interrupted_step)
+
+
+def test_an_interrupt_never_replaces_a_finished_head(run, files, tmp_path, monkeypatch):
+    out = tmp_path / "head.pt"
+    out.write_bytes((files / "head.pt").read_bytes())  # a finished head, from the `run` fixture
+    finished = out.read_bytes()
+    argv = ["--model", str(files / "cnn.pt"), "--dataset", "mnist", "--data", str(files / "train.npz"),
+            "--epochs", "2", "--out", str(out), "--device", "cpu", "--no-progress"]
+    interrupt_at(monkeypatch, 6)  # the second batch of epoch 2
+    assert loading.run_cli(finetune.main, finetune.parse_args, argv) == 130
+    assert out.read_bytes() == finished
+    unfinished = read_head(str(tmp_path / "head.unfinished.pt"))
+    assert unfinished["finished"] is False and [h["epoch"] for h in unfinished["history"]] == [1]
+
+    # Finishing replaces it, and the unfinished file goes.
+    monkeypatch.setattr(finetune, "train_step", train_step)
+    assert loading.run_cli(finetune.main, finetune.parse_args, argv) == 0
+    assert read_head(str(out))["finished"] is True and out.read_bytes() != finished
+    assert not (tmp_path / "head.unfinished.pt").exists()
+
+    # --overwrite: asked for, so the unfinished head is written at --out itself.
+    interrupt_at(monkeypatch, 2)
+    assert loading.run_cli(finetune.main, finetune.parse_args, argv + ["--overwrite"]) == 130
+    assert read_head(str(out))["finished"] is False
+
+
+def test_the_readme_snippet_runs_as_written(monkeypatch):
+    """The README's Python block, executed as it stands (the RobustBench download replaced by
+    the same architecture built offline)."""
+    text = (HERE / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    calls = []
+
+    def offline_load_model(name, dataset, *a, **kw):
+        calls.append((name, dataset))
+        return rb_wideresnet()
+
+    monkeypatch.setattr(loading, "load_model", offline_load_model)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert calls == [("Cui2023Decoupled_WRN-28-10", "cifar10")]
+    model, x = scope["model"], scope["x"]
+    assert torch.equal(scope["oracle"], model.base_model(x))  # mode "fc" is the base model
+    assert scope["logits"].shape == scope["alone"].shape == (len(x), 10)
+    assert model.head.seen.any()  # the EMA update ran
+
+
+def test_offline_robustbench_name_is_one_line(monkeypatch, tmp_path):
+    loading.alias_autoattack()
+    import robustbench.utils
+
+    def no_network(**kw):
+        raise ConnectionError("Max retries exceeded with url: /uc?id=...\n  (many more lines)\n...")
+
+    monkeypatch.setattr(robustbench.utils, "load_model", no_network)
+    with pytest.raises(CLIError) as e:
+        loading.load_model("Cui2023Decoupled_WRN-28-10", "cifar10", model_dir=str(tmp_path))
+    assert "\n" not in str(e.value) and "--model PATH" in str(e.value)

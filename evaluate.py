@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from pyautoattack.autopgd_base import APGDAttack  # PyPI's AutoAttack (import name pyautoattack)
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # PyPI's AutoAttack
 from pyautoattack.square import SquareAttack
 
 from hpm import attach, find_classifier
@@ -66,10 +66,25 @@ LOSSES = ("ce", "dlr")
 SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the real model (BPDA), their mixture
 CONTEXTS = ("batch", "image")
 HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)
+KINDS = ("apgd-ce", "apgd-dlr", "apgd-t")  # APGD-T: AutoAttack's targeted DLR attack
+ALL_ATTACKS = tuple(f"{k}/{s}" for k in KINDS for s in SURROGATES) + ("square",)
+# --version paper: the paper's protocol exactly. --version strong (the default): more attacks,
+# and every query of a whole fixed batch inside the threat model is scored on the real model.
+VERSION_NOTES = {
+    "paper": "the paper's protocol (APGD-CE and APGD-DLR on the four MSA surrogates, 40 steps, "
+             "then Square); only final adversarial batches are scored",
+    "strong": "the paper's attacks plus APGD-T (fc and mix surrogates), 100 APGD steps, and every "
+              "query of a whole fixed batch scored on the real model",
+}
+VERSIONS = {
+    "paper": dict(attacks=HPM_ATTACKS, steps=40, score_queries=False),
+    "strong": dict(attacks=HPM_ATTACKS[:-1] + ("apgd-t/fc", "apgd-t/mix", "square"), steps=100,
+                   score_queries=True),
+}
 # Settings that change the numbers: an existing --out file must match them to be resumed.
 IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
             "head_sha256", "eps", "n_examples", "subset_seed", "per_class", "batch_size", "steps",
-            "queries", "seed")
+            "queries", "seed", "score_queries")
 
 NOTES = {
     "batch_apgd": (
@@ -90,6 +105,17 @@ NOTES = {
         "worst_case: an image counts as robust only if it is correct clean and under every "
         "finished attack of its row; accuracies are fractions of the subset."),
     "nonfinite": "an image whose logits are not finite after an attack counts as misclassified.",
+    "score_queries": (
+        "every query: each query an attack makes with a whole fixed batch inside the threat model "
+        "(every APGD iterate; Square's first query) is an adversarial batch in its own right and is "
+        "scored on the real model in the same context; an image counts as fooled by the attack if "
+        "any scored query or its final batch fooled it. Queries of part of a batch, or with an "
+        "image outside the eps-ball or [0, 1], are never scored."),
+    "apgd_t": (
+        "apgd-t: AutoAttack's targeted DLR attack, min(9, K - 1) target classes (the highest "
+        "clean logits after the top one) with one run each; an image counts as fooled if any "
+        "target's run fooled it. Batch context: each run perturbs the whole batch (targets from "
+        "the surrogate's clean logits), and every run's final batch is re-scored whole."),
 }
 
 
@@ -108,14 +134,59 @@ class Surrogate(nn.Module):
         if surrogate not in SURROGATES or context not in CONTEXTS:
             raise ValueError(f"surrogate must be one of {SURROGATES} and context one of {CONTEXTS}")
         self.model, self.surrogate, self.context = model, surrogate, context
+        self.scorer = None  # a QueryScorer while an attack runs with --version strong
 
     def forward(self, x):
         z = self.model.features(x)  # (B, D): one backbone pass
         head, ctx = self.model.head, self.context
+        real = head(z, mode="ste", context=ctx) if self.surrogate in ("ste", "mix") else None
         if self.surrogate == "mix":
-            logp = [head(z, mode=m, context=ctx).log_softmax(dim=1) for m in ("fc", "soft", "ste")]
-            return torch.stack(logp).mean(dim=0)  # (B, K)
-        return head(z, mode=self.surrogate, context=ctx)
+            logp = [head(z, mode=m, context=ctx).log_softmax(dim=1) for m in ("fc", "soft")]
+            out = torch.stack(logp + [real.log_softmax(dim=1)]).mean(dim=0)  # (B, K)
+        else:
+            out = real if real is not None else head(z, mode=self.surrogate, context=ctx)
+        if self.scorer is not None:  # the real model on the same features: no second backbone pass
+            with torch.no_grad():
+                self.scorer(x, real if real is not None else head(z.detach(), mode="ste", context=ctx))
+        return out
+
+
+class Scored(nn.Module):
+    """A per-image model attacked end to end, whose every query is also scored (it is the real model)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.scorer = model, None
+
+    def forward(self, x):
+        logits = self.model(x)
+        if self.scorer is not None:
+            self.scorer(x, logits.detach())
+        return logits
+
+
+class QueryScorer:
+    """Scores every query of an attack on one fixed batch x0 (B, ...) with labels y on the real
+    model: an image is fooled if any query that is the whole batch inside the threat model
+    (eps-ball around x0 and [0, 1]) fooled it. Tensor ops only: no host sync per query."""
+
+    def __init__(self, x0, y, norm, eps):
+        self.x0, self.y, self.norm, self.eps = x0, y, norm, eps
+        self.robust = torch.ones_like(y, dtype=torch.bool)
+        self.queries = self.scored = 0
+
+    def __call__(self, x, logits):
+        self.queries += 1
+        if x.shape != self.x0.shape:  # part of a batch: not an adversarial batch of this protocol
+            return
+        self.scored += 1
+        x = x.detach()
+        delta = (x - self.x0).flatten(1)
+        size = delta.abs().amax(dim=1) if self.norm == "Linf" else delta.norm(dim=1)
+        inside = ((size <= self.eps * (1 + 1e-5) + 1e-7) & (x.flatten(1).amin(1) >= 0)
+                  & (x.flatten(1).amax(1) <= 1) & torch.isfinite(x.flatten(1)).all(1)).all()
+        correct = (logits.argmax(dim=1) == self.y) & torch.isfinite(logits).all(dim=1)
+        self.robust &= correct | ~inside  # a query with any image outside the ball counts for nothing
 
 
 @dataclass
@@ -123,8 +194,9 @@ class ModelUnderTest:
     """A model under test (one row of the table): the model scored and the surrogates attacked."""
     name: str  # "base", "hpm/batch" or "hpm/image"
     model: nn.Module  # the real model, x -> logits: scores clean and every adversarial batch
-    surrogates: dict  # surrogate name -> nn.Module x -> logits (None -> the model itself)
+    surrogates: dict  # surrogate name -> nn.Module x -> logits (None: the base model itself, Scored)
     per_image: bool  # False when a prediction depends on the other images of the batch
+    backbone: nn.Module  # the module whose forward passes measure an attack's cost
 
     def attack_names(self, attacks):
         """This row's attacks from the canonical HPM list: the base model drops the suffix."""
@@ -134,9 +206,9 @@ class ModelUnderTest:
 
     def target(self, attack):
         """(surrogate name, module attacked) for an attack named like "apgd-ce/mix" or "square"."""
-        if attack == "square":  # black-box, on the real model
-            return None, self.model
         surrogate = attack.split("/")[1] if "/" in attack else None
+        if attack == "square":  # black-box, on the real model
+            surrogate = None if None in self.surrogates else "ste"
         return surrogate, self.surrogates[surrogate]
 
     def plan(self, attack):
@@ -148,10 +220,12 @@ class ModelUnderTest:
 
 def build_rows(base_model, hpm_model=None, contexts=CONTEXTS):
     """The rows: "base" always; "hpm/<context>" for each context when an HPM model is given."""
-    rows = [ModelUnderTest("base", base_model, {None: base_model}, per_image=True)]
+    rows = [ModelUnderTest("base", base_model, {None: Scored(base_model)}, per_image=True,
+                           backbone=base_model)]
     for ctx in contexts if hpm_model is not None else ():
         surrogates = {s: Surrogate(hpm_model, s, ctx) for s in SURROGATES}
-        rows.append(ModelUnderTest(f"hpm/{ctx}", surrogates["ste"], surrogates, per_image=(ctx == "image")))
+        rows.append(ModelUnderTest(f"hpm/{ctx}", surrogates["ste"], surrogates, per_image=(ctx == "image"),
+                                   backbone=hpm_model.base_model))
     return rows
 
 
@@ -165,35 +239,66 @@ def score(model, x, y):
 # One attack on one batch ------------------------------------------------------------------
 
 def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000, seed=0,
-               whole_batch=True, warnings=None):
-    """One attack on one batch x (B, C, H, W) in [0, 1]; returns the adversarial batch (not scored).
+               whole_batch=True, warnings=None, scorer=None):
+    """One attack on one batch x (B, C, H, W) in [0, 1]; returns its final adversarial batches
+    (a list: one per run; APGD-T makes one run per target class). Nothing is scored here.
 
-    attack: "apgd-ce", "apgd-dlr" or "square" (a suffix like "/mix" is ignored: `target` is the
-    module attacked). whole_batch=True: the library's attack_single_run on the whole batch
-    (for batch-dependent models and for transfer attacks); each image gets its last iterate
-    that fooled `target`, else its highest-loss iterate. whole_batch=False: the library's
-    perturb (AutoAttack's standard path). Either way the RNG is seeded with `seed` first.
+    attack: "apgd-ce", "apgd-dlr", "apgd-t" or "square" (a suffix like "/mix" is ignored:
+    `target` is the module attacked). whole_batch=True: the library's attack_single_run on the
+    whole batch (for batch-dependent models and for transfer attacks); each image gets its last
+    iterate that fooled `target`, else its highest-loss iterate. whole_batch=False: the
+    library's perturb (AutoAttack's standard path). Either way the RNG is seeded with `seed`.
     warnings: a loading.WarningCounter that collects AutoAttack's warnings (else printed).
+    scorer: a QueryScorer that `target` (a Surrogate or Scored) calls on every query.
     """
     kind = attack.split("/")[0]
-    if kind == "square":
-        sq = SquareAttack(target, norm=norm, n_queries=queries, eps=eps, p_init=0.8, n_restarts=1,
-                          seed=seed, verbose=False, device=x.device)
-        if not whole_batch:
-            return sq.perturb(x, y)
-        sq.init_hyperparam(x)
-        seed_all(seed)
-        return sq.attack_single_run(x, y)[1]
-    if kind not in ("apgd-ce", "apgd-dlr"):
+    if scorer is not None:
+        assert hasattr(target, "scorer"), "only a Surrogate or a Scored model can score its queries"
+        target.scorer = scorer
+    try:
+        if kind == "square":
+            sq = SquareAttack(target, norm=norm, n_queries=queries, eps=eps, p_init=0.8, n_restarts=1,
+                              seed=seed, verbose=False, device=x.device)
+            if not whole_batch:
+                return [sq.perturb(x, y)]
+            sq.init_hyperparam(x)
+            seed_all(seed)
+            return [sq.attack_single_run(x, y)[1]]
+        if kind in ("apgd-ce", "apgd-dlr"):
+            apgd = APGDAttack(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed,
+                              loss=kind.split("-")[1], eot_iter=1, rho=0.75, verbose=False,
+                              device=x.device, logger=warnings)
+            if not whole_batch:
+                return [apgd.perturb(x, y)]
+            apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
+            seed_all(seed)
+            return [final_batch(x, *apgd.attack_single_run(x, y))]
+        if kind == "apgd-t":
+            with torch.no_grad():
+                clean_logits = target(x)
+            n_targets = min(9, clean_logits.shape[1] - 1)
+            apgd = APGDAttack_targeted(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps,
+                                       seed=seed, eot_iter=1, rho=0.75, n_target_classes=n_targets,
+                                       verbose=False, device=x.device, logger=warnings)
+            if not whole_batch:
+                return [apgd.perturb(x, y)]
+            apgd.init_hyperparam(x)
+            seed_all(seed)  # as the library's perturb: one seed, then every target in turn
+            order = clean_logits.sort(dim=1)[1]  # (B, K) classes by clean logit, ascending
+            runs = []
+            for t in range(2, n_targets + 2):
+                apgd.y_target = order[:, -t]
+                runs.append(final_batch(x, *apgd.attack_single_run(x, y)))
+            return runs
         raise ValueError(f"unknown attack {attack!r}")
-    apgd = APGDAttack(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed,
-                      loss=kind.split("-")[1], eot_iter=1, rho=0.75, verbose=False, device=x.device,
-                      logger=warnings)
-    if not whole_batch:
-        return apgd.perturb(x, y)
-    apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
-    seed_all(seed)
-    x_best, robust, _, x_best_adv = apgd.attack_single_run(x, y)  # robust: never fooled `target`
+    finally:
+        if scorer is not None:
+            target.scorer = None
+
+
+def final_batch(x, x_best, robust, loss_best, x_best_adv):
+    """From attack_single_run's outputs: each image's last iterate that fooled the target (robust
+    False), else its highest-loss iterate."""
     return torch.where(robust.view(-1, *[1] * (x.dim() - 1)), x_best, x_best_adv)
 
 
@@ -217,6 +322,24 @@ def check_adv(x_adv, x, norm, eps):
 
 
 # Evaluation on tensors --------------------------------------------------------------------
+
+class count_backbone_images:
+    """Context manager: images (rows) that go through `module`'s forward and how many calls."""
+
+    def __init__(self, module):
+        self.module, self.images, self.batches = module, 0, 0
+
+    def hook(self, module, inputs, output):
+        self.images += inputs[0].shape[0]
+        self.batches += 1
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self.hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
 
 def make_batches(n, batch_size):
     """Fixed consecutive batches [(start, end), ...] of the (sorted) subset."""
@@ -244,13 +367,18 @@ def run_job(store, name, batches, attack_batch, *, desc, show_progress=True, on_
     store["timings_s"].setdefault(name, 0.0)
     bar = progress_bar(len(batches), desc, show_progress)
     bar.update(done)
+    n_done = batches[done - 1][1] if done else 0
+    final = list(store.get("final_batch_correct", {}).get(name, []))[:n_done]
     for i in range(done, len(batches)):
         t0 = time.perf_counter()
-        c, x_adv = attack_batch(i)
+        c, x_adv, *c_final = attack_batch(i)
         if save is not None and x_adv is not None:
             save(i, x_adv)
         correct += c.int().tolist()
         store["correct"][name] = correct
+        if c_final:  # what the kept final batch alone scores, where queries were scored too
+            final += c_final[0].int().tolist()
+            store.setdefault("final_batch_correct", {})[name] = final
         store["batches_done"][name] = i + 1
         store["timings_s"][name] += time.perf_counter() - t0
         bar.set_postfix_str(f"acc {sum(correct) / len(correct):.1%}")
@@ -261,7 +389,7 @@ def run_job(store, name, batches, attack_batch, *, desc, show_progress=True, on_
     return correct
 
 
-ORDER = ("clean", "apgd-ce", "apgd-dlr") + HPM_ATTACKS + ("worst_case",)
+ORDER = ("clean",) + KINDS + ALL_ATTACKS + ("worst_case",)
 
 
 def update_worst_case(row):
@@ -320,22 +448,31 @@ def batch_loader(x, y, batches, device):
     return batch
 
 
-def attack_job(row, attack, batch, *, norm, eps, steps, queries, seed, warnings=None):
-    """i -> (correct (B,) bool, x_adv): the attack on batch i, re-scored whole on the real model."""
+def attack_job(row, attack, batch, *, norm, eps, steps, queries, seed, warnings=None,
+               score_queries=False):
+    """i -> (correct (B,) bool, x_adv): the attack on batch i, each final batch re-scored whole on
+    the real model (and, with score_queries, every query of the whole batch as well)."""
     target, whole_batch = row.plan(attack)
 
     def attack_batch(i):
         xb, yb = batch(i)
-        x_adv = run_attack(attack, target, xb, yb, norm=norm, eps=eps, steps=steps,
-                           queries=queries, seed=seed, whole_batch=whole_batch, warnings=warnings)
-        x_adv = check_adv(x_adv, xb, norm, eps)
-        return score(row.model, x_adv, yb)[0], x_adv
+        scorer = QueryScorer(xb, yb, norm, eps) if score_queries else None
+        runs = run_attack(attack, target, xb, yb, norm=norm, eps=eps, steps=steps, queries=queries,
+                          seed=seed, whole_batch=whole_batch, warnings=warnings, scorer=scorer)
+        correct = torch.ones_like(yb, dtype=torch.bool)
+        for x_adv in runs:
+            x_adv = check_adv(x_adv, xb, norm, eps)
+            c_final = score(row.model, x_adv, yb)[0]  # the last run's batch is the one kept
+            correct = correct & c_final
+        if scorer is None:
+            return correct, x_adv
+        return correct & scorer.robust, x_adv, c_final
     return attack_batch
 
 
 def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, queries=5000,
              batch_size=64, seed=0, results=None, on_update=None, save_adv=None, indices=None,
-             device="cpu", progress=True, log=print):
+             device="cpu", progress=True, log=print, score_queries=False):
     """Clean and robust accuracy of every row on images x (N, C, H, W; uint8 or float in [0, 1])
     with labels y (N,), cut into consecutive batches of `batch_size`.
 
@@ -382,15 +519,20 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
                 log("  note: " + NOTES["batch_square"])
             counter = WarningCounter()
             attack_batch = attack_job(row, name, batch, norm=norm, eps=eps, steps=steps,
-                                      queries=queries, seed=seed, warnings=counter)
+                                      queries=queries, seed=seed, warnings=counter,
+                                      score_queries=score_queries)
             saver = None
             if save_adv:
                 saver = AdvSaver(save_adv, row.name, name, y, indices, batches)
                 if not saver.has_parts(store["batches_done"].get(name, 0)):  # resumed without parts
                     store["batches_done"][name], store["correct"][name] = 0, []
                     store["timings_s"][name] = 0.0
-            correct = run_job(store, name, batches, attack_batch, desc=f"{row.name} {name}",
-                              show_progress=progress, on_update=on_update, save=saver)
+            resumed = store["batches_done"].get(name, 0) > 0
+            with count_backbone_images(row.backbone) as seen:
+                correct = run_job(store, name, batches, attack_batch, desc=f"{row.name} {name}",
+                                  show_progress=progress, on_update=on_update, save=saver)
+            if not resumed:  # this process attacked every batch: the attack's whole cost
+                store.setdefault("backbone_passes_per_image", {})[name] = round(seen.images / len(y), 2)
             store["attacks"][name] = sum(correct) / len(correct)
             update_worst_case(store)
             if saver is not None:
@@ -508,7 +650,7 @@ def check_key(attack, eps, steps):
 
 
 def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, seed, checks_n,
-               tol, on_update=None, device="cpu", progress=True):
+               tol, on_update=None, device="cpu", progress=True, score_queries=False):
     """--checks: the eps sweep and doubled steps on the first `checks_n` images of the subset
     (cut into the same fixed batches), the other two checks from the main results."""
     n = min(checks_n, len(y))
@@ -527,7 +669,8 @@ def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, se
             if key in runs["accuracy"]:
                 continue
             attack_batch = attack_job(row, attack, batch, norm=norm, eps=e, steps=s,
-                                      queries=queries, seed=seed, warnings=WarningCounter())
+                                      queries=queries, seed=seed, warnings=WarningCounter(),
+                                      score_queries=score_queries)
             correct = run_job(runs, key, batches, attack_batch, desc=f"{row.name} check {key}",
                               show_progress=progress, on_update=on_update)
             runs["accuracy"][key] = sum(correct) / n
@@ -595,16 +738,16 @@ def parse_attacks(text):
     """"apgd-ce/mix,square" -> canonical ordered names; a bare "apgd-ce" means every surrogate."""
     chosen = set()
     for tok in (t.strip() for t in text.split(",") if t.strip()):
-        if tok in ("apgd-ce", "apgd-dlr"):
-            chosen |= {a for a in HPM_ATTACKS if a.startswith(tok + "/")}
-        elif tok in HPM_ATTACKS:
+        if tok in KINDS:
+            chosen |= {a for a in ALL_ATTACKS if a.startswith(tok + "/")}
+        elif tok in ALL_ATTACKS:
             chosen.add(tok)
         else:
-            raise CLIError(f"unknown attack {tok!r}; choose from {', '.join(HPM_ATTACKS)} "
-                           "(or apgd-ce / apgd-dlr for all four surrogates)")
+            raise CLIError(f"unknown attack {tok!r}; choose from {', '.join(ALL_ATTACKS)} "
+                           f"(or {' / '.join(KINDS)} for all four surrogates)")
     if not chosen:
         raise CLIError("--attacks is empty")
-    return [a for a in HPM_ATTACKS if a in chosen]
+    return [a for a in ALL_ATTACKS if a in chosen]
 
 
 def resolve_config(args):
@@ -628,9 +771,12 @@ def resolve_config(args):
         (ckpt or {}).get("batch_size") or 64)
     cfg["per_class"] = args.per_class if args.per_class is not None else (
         5 if cfg["dataset"] == "imagenet" and args.data is None else None)
+    version = VERSIONS[cfg["version"]]
+    cfg["steps"] = args.steps if args.steps is not None else version["steps"]
+    cfg["score_queries"] = version["score_queries"]
     check_positive(batch_size=cfg["batch_size"], steps=cfg["steps"], queries=cfg["queries"],
                    checks_n=cfg["checks_n"], n_examples=cfg["n_examples"], per_class=cfg["per_class"])
-    cfg["attacks"] = parse_attacks(args.attacks)
+    cfg["attacks"] = parse_attacks(args.attacks or ",".join(version["attacks"]))
     cfg["contexts"] = [c.strip() for c in args.contexts.split(",") if c.strip()]
     if not set(cfg["contexts"]) <= set(CONTEXTS):
         raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {args.contexts!r}")
@@ -714,8 +860,13 @@ def describe(results, cfg, rows, idx, n_total):
                          "batch_size": cfg["batch_size"],
                          "n_batches": len(make_batches(len(idx), cfg["batch_size"])),
                          "indices": idx.tolist()}
-    results["notes"] = [NOTES["worst_case"], NOTES["per_image"], NOTES["nonfinite"]] + (
-        [NOTES["batch_apgd"], NOTES["batch_square"]] if "hpm/batch" in [r.name for r in rows] else [])
+    results["version"] = cfg["version"]
+    results["notes"] = ([f"version {cfg['version']}: {VERSION_NOTES[cfg['version']]}"]
+                        + [NOTES["worst_case"], NOTES["per_image"], NOTES["nonfinite"]]
+                        + ([NOTES["batch_apgd"], NOTES["batch_square"]]
+                           if "hpm/batch" in [r.name for r in rows] else [])
+                        + ([NOTES["score_queries"]] if cfg["score_queries"] else [])
+                        + ([NOTES["apgd_t"]] if any(a.startswith("apgd-t") for a in cfg["attacks"]) else []))
     results["complete"] = False
     results.setdefault("timing", {}).setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
 
@@ -755,6 +906,7 @@ def main(args):
         results["timing"]["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
         write_json(results, cfg["out"])
 
+    print(f"version {cfg['version']}: {VERSION_NOTES[cfg['version']]}")
     print(f"{cfg['model']} on {cfg['dataset']}: {len(idx)} of {n_total} test images "
           f"(subset seed {cfg['subset_seed']}), batches of {cfg['batch_size']}, {cfg['threat_model']} "
           f"eps {cfg['eps']:.5g}, {cfg['steps']} APGD steps, {cfg['queries']} Square queries, "
@@ -764,7 +916,8 @@ def main(args):
     on_update()
     common = dict(norm=cfg["threat_model"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
                   batch_size=cfg["batch_size"], seed=cfg["seed"], on_update=on_update,
-                  device=cfg["device"], progress=not cfg["no_progress"])
+                  device=cfg["device"], progress=not cfg["no_progress"],
+                  score_queries=cfg["score_queries"])
     evaluate(rows, x, y, attacks=cfg["attacks"], results=results, save_adv=cfg["save_adv"],
              indices=idx.tolist(), **common)
     if cfg["checks"]:
@@ -801,11 +954,15 @@ def parse_args(argv=None):
                    "(default: the checkpoint's fine-tuning batch size, else 64; 1 = per-image model)")
     p.add_argument("--contexts", default="batch,image",
                    help="HPM contexts to evaluate (default batch,image)")
-    p.add_argument("--attacks", default=",".join(HPM_ATTACKS),
-                   help="comma list (apgd-ce = all four surrogates); the base model runs each once "
-                        "(default: all)")
-    p.add_argument("--steps", type=int, default=40,
-                   help="APGD iterations (default 40, the paper's; AutoAttack: 100)")
+    p.add_argument("--version", choices=sorted(VERSIONS), default="strong",
+                   help="strong (default): the paper's attacks plus APGD-T, 100 steps, every query "
+                        "scored; paper: the paper's protocol exactly (MSA with APGD-CE/DLR, 40 steps, "
+                        "Square)")
+    p.add_argument("--attacks", help="comma list from " + ", ".join(ALL_ATTACKS) + " (a bare "
+                   "apgd-ce, apgd-dlr or apgd-t = all four surrogates); the base model runs each "
+                   "kind once (default: the version's)")
+    p.add_argument("--steps", type=int,
+                   help="APGD iterations (default: the version's, paper 40, strong 100)")
     p.add_argument("--queries", type=int, default=5000, help="Square queries (default 5000)")
     p.add_argument("--seed", type=int, default=0, help="attack seed, the same for every batch (default 0)")
     p.add_argument("--checks", action="store_true", help="run the gradient-masking checks")

@@ -338,14 +338,14 @@ def table1(results):
     """The paper's Table 1 shape plus every attack: (compact markdown, per-attack markdown)."""
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}"
     base = results["base"]
-    lines = ["| model | clean | APGD-CE | APGD-DLR | Square | worst case | vs base |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | clean | APGD-CE | APGD-DLR | APGD-T | Square | worst case | vs base |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, label in ROWS:
         r = row_of(results, name)
         delta = "" if name == "base" else f"{100 * (r['worst_case'] - base['worst_case']):+.1f}"
         lines.append(f"| {label} | {pct(r['clean'])} | {pct(combined(r, 'apgd-ce'))} | "
-                     f"{pct(combined(r, 'apgd-dlr'))} | {pct(r['attacks'].get('square'))} | "
-                     f"{pct(r['worst_case'])} | {delta} |")
+                     f"{pct(combined(r, 'apgd-dlr'))} | {pct(combined(r, 'apgd-t'))} | "
+                     f"{pct(r['attacks'].get('square'))} | {pct(r['worst_case'])} | {delta} |")
     compact = "\n".join(lines)
 
     attacks = list(dict.fromkeys(a for name, _ in ROWS for a in row_of(results, name)["attacks"]))

@@ -1663,3 +1663,203 @@ def test_offline_robustbench_name_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(CLIError) as e:
         loading.load_model("Cui2023Decoupled_WRN-28-10", "cifar10", model_dir=str(tmp_path))
     assert "\n" not in str(e.value) and "--model PATH" in str(e.value)
+
+
+# ============================================================================================
+# The strength of the evaluation: every query scored, APGD-T, the paper's protocol kept exact.
+# ============================================================================================
+
+class BandModel(nn.Module):
+    """A batch-dependent toy: on mid-grey images (0.5) it is wrong exactly when the batch's mean
+    pixel lies strictly inside (0.5, 0.5 + band) or (0.5 - band, 0.5): so it is right on the clean
+    batch (mean exactly 0.5) and on a batch pushed far, and wrong on a batch that is barely moved,
+    as APGD's random start is."""
+
+    def __init__(self, band):
+        super().__init__()
+        self.band = band
+
+    def forward(self, x):
+        m = (x.mean() - 0.5).abs()
+        wrong = (m > 0) & (m < self.band)
+        logits = torch.zeros(len(x), K, dtype=x.dtype)
+        logits[:, 0] = 1.0
+        return torch.where(wrong, logits.roll(1, dims=1), logits)  # class 0 right, class 1 if wrong
+
+
+class BrighterLoses(nn.Module):
+    """A smooth surrogate whose loss grows with brightness and which is never fooled within eps:
+    APGD walks every pixel to +eps, where BandModel is right again. Calls its scorer like
+    evaluate.Surrogate does, with the real model's logits for the same query."""
+
+    def __init__(self, real):
+        super().__init__()
+        self.real, self.scorer = real, None
+
+    def forward(self, x):
+        logits = torch.zeros(len(x), K, dtype=x.dtype)
+        logits[:, 0] = 10.0 - x.flatten(1).mean(1)  # always class 0, by less as pixels brighten
+        if self.scorer is not None:
+            with torch.no_grad():
+                self.scorer(x, self.real(x))
+        return logits
+
+
+def band_setup(n=16):
+    x = torch.full((n, 1, SIZE, SIZE), 128, dtype=torch.uint8)  # 128/255, close to 0.5: shift it
+    real = BandModel(band=0.02)
+    xf = torch.full((n, 1, SIZE, SIZE), 0.5)
+    row = evaluate.ModelUnderTest("hpm/batch", real, {"ste": BrighterLoses(real)}, per_image=False,
+                                  backbone=real)
+    return xf, torch.zeros(n, dtype=torch.long), row
+
+
+def test_every_query_is_scored_so_an_early_fooling_batch_counts():
+    x, y, row = band_setup()
+    with torch.no_grad():
+        assert (row.model(x).argmax(1) == y).all()  # right on the clean batch
+        assert (row.model((x + 0.1).clamp(0, 1)).argmax(1) == y).all()  # and pushed to +eps
+    kw = dict(attacks=["apgd-ce/ste"], eps=0.1, steps=5, batch_size=16, progress=False,
+              log=lambda *a: None)
+    paper = evaluate.evaluate([row], x, y, **kw)["hpm"]["batch"]
+    strong = evaluate.evaluate([row], x, y, score_queries=True, **kw)["hpm"]["batch"]
+    assert paper["attacks"]["apgd-ce/ste"] == 1.0  # the final batch alone: robust
+    assert strong["final_batch_correct"]["apgd-ce/ste"] == [1] * 16  # the same final batch
+    assert strong["attacks"]["apgd-ce/ste"] == 0.0  # but the random start fooled every image
+
+
+def test_queries_of_part_of_a_batch_or_outside_the_ball_are_never_scored():
+    x0 = torch.full((4, 1, SIZE, SIZE), 0.5)
+    y = torch.zeros(4, dtype=torch.long)
+    wrong = torch.zeros(4, K)
+    wrong[:, 1] = 1  # every image misclassified
+    cases = {
+        "part of the batch": (x0[:3], wrong[:3]),
+        "one image outside the eps-ball": (torch.cat([x0[:3], x0[3:] + 0.2]), wrong),
+        "a pixel above 1": (torch.cat([x0[:3], (x0[3:] + 0.6)]), wrong),
+        "a NaN pixel": (torch.cat([x0[:3], x0[3:] * float("nan")]), wrong),
+    }
+    for case, (x, logits) in cases.items():
+        scorer = evaluate.QueryScorer(x0, y, "Linf", 0.1)
+        scorer(x, logits)
+        assert scorer.robust.all(), case
+    for norm, delta in (("Linf", 0.1), ("L2", 0.1 / 8)):  # on the boundary of the ball: scored
+        scorer = evaluate.QueryScorer(x0, y, norm, 0.1)
+        scorer(x0 + delta, wrong)
+        assert not scorer.robust.any(), norm
+
+
+def test_square_scores_only_its_whole_batch_queries():
+    x, y = quad_data(8)
+    model = fitted_hpm(quad_linear(), x, y)
+    target = evaluate.Surrogate(model, "ste", "batch")
+    xf = x.float() / 255
+    scorer = evaluate.QueryScorer(xf, y, "Linf", 0.6)
+    evaluate.run_attack("square", target, xf, y, eps=0.6, queries=30, scorer=scorer)
+    assert scorer.queries > scorer.scored >= 1  # the later queries hold only the unfooled images
+    assert target.scorer is None  # detached after the attack
+
+
+def dead_end_linear(a=0.5, b=5.0, m_B=1.0, m_C=6.0):
+    """A linear model on mid-grey 8x8 images of class 0 where untargeted attacks fail and a
+    targeted one does not, at L-inf eps 0.1 on the 16 pixels S of the top-left quadrant.
+    Class B (1) is the runner-up (gap m_B) and rises with the brightness of S: every gradient,
+    and Square's margin, leads there, but it is out of reach (m_B > 16 * eps * a). Class C (2)
+    is further away (gap m_C) and rises only with a checkerboard pattern on S: reachable
+    (m_C < 16 * eps * b), but only by an attack that aims at it, not by uniform squares."""
+    S = quadrant_mask(0)[0]  # (8, 8), 16 ones
+    i, j = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    checker = ((i + j) % 2 * 2 - 1).float() * S  # +-1 on S, summing to 0
+    fc = nn.Linear(D, K)
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.weight[1], fc.weight[2] = a * S.flatten(), -b * checker.flatten()
+        fc.bias.copy_(torch.tensor([0.0, -m_B - a * 8, -m_C, -100.0]))
+    return nn.Sequential(nn.Flatten(), fc).eval(), S.flatten().bool(), checker.flatten()
+
+
+def test_apgd_t_breaks_images_that_the_untargeted_attacks_and_square_miss():
+    g = torch.Generator().manual_seed(0)
+    x = (128 + torch.randint(-2, 3, (16, 1, SIZE, SIZE), generator=g)).to(torch.uint8)
+    y = torch.zeros(16, dtype=torch.long)
+    base, S, checker = dead_end_linear()
+    # Independently, in float64: the best an eps-perturbation can do for B and for C.
+    xf = (x.double() / 255).flatten(1)
+    l_y, best_B = 0.0, 0.5 * (xf[:, S] + 0.1).clamp(max=1).sum(1) - 1.0 - 4.0
+    best_C = 5.0 * 0.1 * checker.abs().sum() - 5.0 * (checker.double() * xf).sum(1) - 6.0
+    assert (best_B < l_y).all() and (best_C > l_y).all()
+    res = evaluate.evaluate(evaluate.build_rows(base), x, y, attacks=["apgd-ce/fc", "apgd-dlr/fc",
+                            "apgd-t/fc", "square"], eps=0.1, steps=20, queries=1000, batch_size=8,
+                            progress=False, log=lambda *a: None, score_queries=True)["base"]
+    assert res["clean"] == 1.0
+    assert res["attacks"]["apgd-ce"] == res["attacks"]["apgd-dlr"] == res["attacks"]["square"] == 1.0
+    assert res["attacks"]["apgd-t"] == 0.0 and res["worst_case"] == 0.0
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.05), ("L2", 0.5)])
+def test_apgd_t_agrees_with_autoattack_on_a_per_image_model(norm, eps):
+    from pyautoattack.autopgd_base import APGDAttack_targeted
+
+    torch.manual_seed(0)
+    base = TinyCNN().eval()
+    x, _ = quad_data(24, seed=1)
+    xf = x.float() / 255
+    with torch.no_grad():
+        y = base(xf).argmax(1)
+    res = evaluate.evaluate(evaluate.build_rows(base), x, y, attacks=["apgd-t/fc"], norm=norm,
+                            eps=eps, steps=10, batch_size=8, seed=3, progress=False,
+                            log=lambda *a: None)
+    peer = []
+    for a in range(0, 24, 8):
+        apgd = APGDAttack_targeted(base, n_iter=10, norm=norm, eps=eps, seed=3, device="cpu",
+                                   n_target_classes=K - 1)
+        adv = apgd.perturb(xf[a:a + 8], y[a:a + 8])
+        with torch.no_grad():
+            peer += (base(adv).argmax(1) == y[a:a + 8]).int().tolist()
+    assert 0 < sum(peer) < len(peer)
+    assert res["base"]["correct"]["apgd-t"] == peer
+
+
+def test_paper_version_is_the_papers_protocol_on_autoattacks_own_attack_single_run(tmp_path):
+    """--version paper: the paper's attack list and 40 steps, and in the batch context each
+    attack is AutoAttack's attack_single_run on the whole batch, its final batch scored whole."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    x, y = quad_data(32)
+    model = fitted_hpm(quad_linear(), x, y)
+    paths = write_setup(tmp_path, quad_linear(), head=model)
+    res = run_evaluate(paths, "--version", "paper", "--eps", "0.42", "--contexts", "batch",
+                       "--queries", "20", "--out", str(tmp_path / "r.json"))
+    assert res["config"]["steps"] == 40 and res["config"]["score_queries"] is False
+    assert list(res["hpm"]["batch"]["attacks"]) == list(evaluate.HPM_ATTACKS)
+    xf = x.float() / 255
+    for attack in ("apgd-ce/mix", "apgd-dlr/fc"):
+        loss, surrogate = attack.split("/")[0].split("-")[1], attack.split("/")[1]
+        target = evaluate.Surrogate(model, surrogate, "batch")
+        peer = []
+        for a in range(0, 32, 8):
+            apgd = APGDAttack(target, n_iter=40, norm="Linf", eps=0.42, seed=0, loss=loss, device="cpu")
+            apgd.init_hyperparam(xf[a:a + 8])
+            torch.manual_seed(0)
+            x_best, robust, _, x_best_adv = apgd.attack_single_run(xf[a:a + 8], y[a:a + 8])
+            adv = torch.where(robust.view(-1, 1, 1, 1), x_best, x_best_adv)
+            with torch.no_grad():
+                peer += (model(adv, mode="ste", context="batch").argmax(1) == y[a:a + 8]).int().tolist()
+        assert res["hpm"]["batch"]["correct"][attack] == peer, attack
+
+
+def test_strong_version_is_never_weaker_than_paper(tmp_path):
+    x, y = quad_data(32)
+    model = fitted_hpm(quad_linear(), x, y)
+    paths = write_setup(tmp_path, quad_linear(), head=model)
+    common = ["--eps", "0.35", "--steps", "10", "--queries", "20", "--contexts", "batch,image"]
+    paper = run_evaluate(paths, "--version", "paper", *common, "--out", str(tmp_path / "p.json"))
+    strong = run_evaluate(paths, *common, "--out", str(tmp_path / "s.json"))
+    assert strong["version"] == "strong" and strong["config"]["score_queries"] is True
+    for name, row in rows_of(strong).items():
+        p = rows_of(paper)[name]
+        for attack, correct in p["correct"].items():
+            if attack != "worst_case":  # the same attack with queries scored: never more robust
+                assert all(s <= c for s, c in zip(row["correct"][attack], correct)), (name, attack)
+        assert row["worst_case"] <= p["worst_case"], name
+        assert all(v > 0 for v in row["backbone_passes_per_image"].values())

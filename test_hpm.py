@@ -1291,6 +1291,7 @@ def write_idx(path, array):
 def test_every_stage_writes_its_artefacts(quick):
     for name in ("train.npz", "heldout.npz", "cnn_fc.pt", "cnn_l2.pt", "cnn_fc_at.pt", "fig1.md",
                  "fig1.json", "fig1.png", "head.pt", "finetune.log", "results.json", "evaluate.log",
+                 "results_paper.json", "evaluate_paper.log",
                  "table1.md", "summary.md"):
         assert (quick / name).is_file() and (quick / name).stat().st_size > 0, name
     for name, n in (("train.npz", QUICK["n_train"]), ("heldout.npz", QUICK["n_heldout"])):
@@ -1306,8 +1307,23 @@ def test_every_stage_writes_its_artefacts(quick):
     assert results["complete"] and results["config"]["checks"]
     summary = (quick / "summary.md").read_text()
     for text in ("Fig. 1 in miniature", "Table 1 in miniature", "python finetune.py --model",
-                 "python evaluate.py --head", "eps_sweep", "the base model here"):
+                 "python evaluate.py --head", "eps_sweep", "the base model here", "--version paper"):
         assert text in summary, text
+
+
+def test_the_strong_version_is_never_above_the_paper_version_on_mnist(quick):
+    strong = json.loads((quick / "results.json").read_text())
+    paper = json.loads((quick / "results_paper.json").read_text())
+    assert (strong["version"], paper["version"]) == ("strong", "paper")
+    assert strong["subset"]["indices"] == paper["subset"]["indices"]
+    table = (quick / "summary.md").read_text()
+    for name in rows(strong):
+        s, p = rows(strong)[name], rows(paper)[name]
+        assert s["clean"] == p["clean"]
+        # the strong suite contains the paper's attacks (with queries scored), so per image it can
+        # only be less robust; and the summary table shows both numbers
+        assert all(a <= b for a, b in zip(s["correct"]["worst_case"], p["correct"]["worst_case"])), name
+        assert f"{100 * s['worst_case']:.1f}" in table and f"{100 * p['worst_case']:.1f}" in table
 
 
 def test_splits_are_the_seeded_permutation_of_the_test_set(quick):

@@ -48,9 +48,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
-
 import hpm
+from loading import progress_bar
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
@@ -195,9 +194,9 @@ def train(model, x, y, epochs, batch_size, device, desc, at_steps=0):
     n_batches = (len(y) + batch_size - 1) // batch_size
     for epoch in range(epochs):
         perm = torch.randperm(len(y))
-        bar = tqdm(range(n_batches), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
+        bar = progress_bar(n_batches, f"{desc} epoch {epoch + 1}/{epochs}")
         correct = 0
-        for b in bar:
+        for b in range(n_batches):
             idx = perm[b * batch_size:(b + 1) * batch_size]
             xb, yb = x[idx].to(device).float().div(255), y[idx].to(device)
             eps = 0.0
@@ -212,7 +211,9 @@ def train(model, x, y, epochs, batch_size, device, desc, at_steps=0):
             loss.backward()
             opt.step()
             correct += (logits.argmax(1) == yb).sum().item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", eps=f"{eps:.2f}")
+            bar.set_postfix_str(f"loss {loss.item():.3f} eps {eps:.2f}")
+            bar.update(1)
+        bar.close()
         print(f"  {desc} epoch {epoch + 1}/{epochs}: train accuracy {correct / len(y):.3f}"
               + (f" (on PGD examples at eps {eps:.2f} by the end)" if at_steps else ""))
     return model.eval()

@@ -54,32 +54,35 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # PyPI's AutoAttack
 from pyautoattack.square import SquareAttack
 
-from hpm import attach, find_classifier
+from hpm import attach, batch_prototypes, find_classifier, l2_logits, safe_sqrt, ste_assignment
 from loading import (DATASETS, DEFAULT_EPS, CLIError, WarningCounter, atomic_save, check_eps,
                      check_images, check_labels, check_positive, dumps, eps_value, load_data,
                      load_head, load_model, progress_bar, read_head, run_cli, to_float, write_json)
 
 LOSSES = ("ce", "dlr")
 SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the real model (BPDA), their mixture
+ADAPTIVE = ("fixed",)  # adaptive surrogates designed from hpm.py (Tramer et al. 2020)
 CONTEXTS = ("batch", "image")
 HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)
 KINDS = ("apgd-ce", "apgd-dlr", "apgd-t")  # APGD-T: AutoAttack's targeted DLR attack
-ALL_ATTACKS = tuple(f"{k}/{s}" for k in KINDS for s in SURROGATES) + ("square",)
+# "flip/mix": adaptive, against the batch prototypes (see run_attack); HPM rows only.
+ALL_ATTACKS = tuple(f"{k}/{s}" for k in KINDS for s in SURROGATES + ADAPTIVE) + ("flip/mix", "square")
 # --version paper: the paper's protocol exactly. --version strong (the default): more attacks,
 # and every query of a whole fixed batch inside the threat model is scored on the real model.
 VERSION_NOTES = {
     "paper": "the paper's protocol (APGD-CE and APGD-DLR on the four MSA surrogates, 40 steps, "
              "then Square); only final adversarial batches are scored",
-    "strong": "the paper's attacks plus APGD-T (fc and mix surrogates), 100 APGD steps, and every "
-              "query of a whole fixed batch scored on the real model",
+    "strong": "the paper's attacks plus APGD-T (fc and mix surrogates) and the adaptive flip "
+              "attack, 100 APGD steps, and every query of a whole fixed batch scored on the real model",
 }
 VERSIONS = {
     "paper": dict(attacks=HPM_ATTACKS, steps=40, score_queries=False),
-    "strong": dict(attacks=HPM_ATTACKS[:-1] + ("apgd-t/fc", "apgd-t/mix", "square"), steps=100,
-                   score_queries=True),
+    "strong": dict(attacks=HPM_ATTACKS[:-1] + ("apgd-t/fc", "apgd-t/mix", "flip/mix", "square"),
+                   steps=100, score_queries=True),
 }
 # Settings that change the numbers: an existing --out file must match them to be resumed.
 IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
@@ -111,6 +114,10 @@ NOTES = {
         "scored on the real model in the same context; an image counts as fooled by the attack if "
         "any scored query or its final batch fooled it. Queries of part of a batch, or with an "
         "image outside the eps-ball or [0, 1], are never scored."),
+    "flip": (
+        "flip/mix (adaptive, HPM rows): targeted APGD on the FC oracle pushes every image toward "
+        "its real runner-up class, flipping FC assignments to move the batch prototypes; then "
+        "APGD-CE on the mixture starts from that batch. Both final batches are re-scored whole."),
     "apgd_t": (
         "apgd-t: AutoAttack's targeted DLR attack, min(9, K - 1) target classes (the highest "
         "clean logits after the top one) with one run each; an image counts as fooled if any "
@@ -131,10 +138,12 @@ class Surrogate(nn.Module):
 
     def __init__(self, model, surrogate="mix", context="batch"):
         super().__init__()
-        if surrogate not in SURROGATES or context not in CONTEXTS:
-            raise ValueError(f"surrogate must be one of {SURROGATES} and context one of {CONTEXTS}")
+        if surrogate not in SURROGATES + ADAPTIVE or context not in CONTEXTS:
+            raise ValueError(f"surrogate must be one of {SURROGATES + ADAPTIVE} and context one of "
+                             f"{CONTEXTS}")
         self.model, self.surrogate, self.context = model, surrogate, context
         self.scorer = None  # a QueryScorer while an attack runs with --version strong
+        self.z_clean = None  # "fixed": the clean batch's features, set by attack_job
 
     def forward(self, x):
         z = self.model.features(x)  # (B, D): one backbone pass
@@ -143,12 +152,37 @@ class Surrogate(nn.Module):
         if self.surrogate == "mix":
             logp = [head(z, mode=m, context=ctx).log_softmax(dim=1) for m in ("fc", "soft")]
             out = torch.stack(logp + [real.log_softmax(dim=1)]).mean(dim=0)  # (B, K)
+        elif self.surrogate == "fixed":
+            out = fixed_prototype_logits(head, z, self.z_clean, ctx)
         else:
             out = real if real is not None else head(z, mode=self.surrogate, context=ctx)
         if self.scorer is not None:  # the real model on the same features: no second backbone pass
             with torch.no_grad():
                 self.scorer(x, real if real is not None else head(z.detach(), mode="ste", context=ctx))
         return out
+
+
+def fixed_prototype_logits(head, z, z_clean, context):
+    """Adaptive surrogate "fixed": the real model with the hybrid prototypes of the clean batch
+    held fixed, so the gradient flows only through each image's own features z (B, D), never
+    through the batch prototypes nor the STE assignment. Equal to the real model at z = z_clean."""
+    if z_clean is None or z_clean.shape != z.shape:
+        raise ValueError("surrogate 'fixed' needs the clean batch's features (Surrogate.z_clean)")
+    with torch.no_grad():
+        P = ste_assignment(head.fc(z_clean))  # (B, K), the clean hard assignment
+        if context == "batch":
+            C_hybrid = head.mixer(torch.cat([head.prototypes, batch_prototypes(P, z_clean, head.eps)], 1))
+        else:  # row i alone: C_i[j] = G_j + a_ij u_i, as in HPMHead's image context, from z_clean
+            D = z.shape[1]
+            G = F.linear(head.prototypes, head.mixer.weight[:, :D], head.mixer.bias)  # (K, D)
+            u = F.linear(z_clean, head.mixer.weight[:, D:])  # (B, D)
+            a = P / (P + head.eps)  # (B, K)
+    if context == "batch":
+        return l2_logits(z, C_hybrid)
+    # ||z_i - G_j - a_ij u_i||^2 as (B, K) matmuls, z_i the only variable
+    d2 = (z.pow(2).sum(1, keepdim=True) - 2 * z @ G.t() + G.pow(2).sum(1)
+          - 2 * a * ((z * u).sum(1, keepdim=True) - u @ G.t()) + a.pow(2) * u.pow(2).sum(1, keepdim=True))
+    return -safe_sqrt(d2.clamp_min(0))
 
 
 class Scored(nn.Module):
@@ -199,9 +233,11 @@ class ModelUnderTest:
     backbone: nn.Module  # the module whose forward passes measure an attack's cost
 
     def attack_names(self, attacks):
-        """This row's attacks from the canonical HPM list: the base model drops the suffix."""
+        """This row's attacks from the canonical HPM list: the base model drops the suffix (and
+        the attacks against HPM's own structure)."""
         if None in self.surrogates:
-            return list(dict.fromkeys(a.split("/")[0] for a in attacks))
+            return list(dict.fromkeys(a.split("/")[0] for a in attacks
+                                      if a.split("/")[-1] not in ADAPTIVE and a != "flip/mix"))
         return list(attacks)
 
     def target(self, attack):
@@ -223,7 +259,7 @@ def build_rows(base_model, hpm_model=None, contexts=CONTEXTS):
     rows = [ModelUnderTest("base", base_model, {None: Scored(base_model)}, per_image=True,
                            backbone=base_model)]
     for ctx in contexts if hpm_model is not None else ():
-        surrogates = {s: Surrogate(hpm_model, s, ctx) for s in SURROGATES}
+        surrogates = {s: Surrogate(hpm_model, s, ctx) for s in SURROGATES + ADAPTIVE}
         rows.append(ModelUnderTest(f"hpm/{ctx}", surrogates["ste"], surrogates, per_image=(ctx == "image"),
                                    backbone=hpm_model.base_model))
     return rows
@@ -273,6 +309,9 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
             apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
             seed_all(seed)
             return [final_batch(x, *apgd.attack_single_run(x, y))]
+        if kind == "flip":
+            return flip_attack(target, x, y, norm=norm, eps=eps, steps=steps, seed=seed,
+                               warnings=warnings, scorer=scorer)
         if kind == "apgd-t":
             with torch.no_grad():
                 clean_logits = target(x)
@@ -294,6 +333,30 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
     finally:
         if scorer is not None:
             target.scorer = None
+
+
+def flip_attack(target, x, y, *, norm, eps, steps, seed, warnings, scorer):
+    """Adaptive attack "flip" against HPM's batch prototypes (Eq. 15-16), two APGD runs on the
+    whole batch: (1) targeted on the FC oracle, each image toward its real runner-up class, so
+    that FC assignments flip and move the batch prototypes C_batch that classify the others;
+    (2) APGD-CE on `target` (the mixture) started from that batch. Both final batches are kept."""
+    model, ctx = target.model, target.context
+    fc = Surrogate(model, "fc", ctx)
+    fc.scorer = scorer
+    with torch.no_grad():
+        real = model.head(model.features(x), mode="ste", context=ctx)  # (B, K)
+    runner_up = real.scatter(1, y[:, None], -math.inf).argmax(dim=1)  # (B,)
+    flip = APGDAttack_targeted(fc, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed,
+                               eot_iter=1, rho=0.75, n_target_classes=1, verbose=False,
+                               device=x.device, logger=warnings)
+    flip.init_hyperparam(x)
+    flip.y_target = runner_up
+    seed_all(seed)
+    x_flip = final_batch(x, *flip.attack_single_run(x, y))
+    apgd = APGDAttack(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed, loss="ce",
+                      eot_iter=1, rho=0.75, verbose=False, device=x.device, logger=warnings)
+    apgd.init_hyperparam(x)
+    return [x_flip, final_batch(x, *apgd.attack_single_run(x, y, x_init=x_flip))]
 
 
 def final_batch(x, x_best, robust, loss_best, x_best_adv):
@@ -457,6 +520,9 @@ def attack_job(row, attack, batch, *, norm, eps, steps, queries, seed, warnings=
     def attack_batch(i):
         xb, yb = batch(i)
         scorer = QueryScorer(xb, yb, norm, eps) if score_queries else None
+        if getattr(target, "surrogate", None) == "fixed":
+            with torch.no_grad():
+                target.z_clean = target.model.features(xb)
         runs = run_attack(attack, target, xb, yb, norm=norm, eps=eps, steps=steps, queries=queries,
                           seed=seed, whole_batch=whole_batch, warnings=warnings, scorer=scorer)
         correct = torch.ones_like(yb, dtype=torch.bool)
@@ -739,7 +805,7 @@ def parse_attacks(text):
     chosen = set()
     for tok in (t.strip() for t in text.split(",") if t.strip()):
         if tok in KINDS:
-            chosen |= {a for a in ALL_ATTACKS if a.startswith(tok + "/")}
+            chosen |= {f"{tok}/{s}" for s in SURROGATES}
         elif tok in ALL_ATTACKS:
             chosen.add(tok)
         else:
@@ -866,7 +932,8 @@ def describe(results, cfg, rows, idx, n_total):
                         + ([NOTES["batch_apgd"], NOTES["batch_square"]]
                            if "hpm/batch" in [r.name for r in rows] else [])
                         + ([NOTES["score_queries"]] if cfg["score_queries"] else [])
-                        + ([NOTES["apgd_t"]] if any(a.startswith("apgd-t") for a in cfg["attacks"]) else []))
+                        + ([NOTES["apgd_t"]] if any(a.startswith("apgd-t") for a in cfg["attacks"]) else [])
+                        + ([NOTES["flip"]] if "flip/mix" in cfg["attacks"] else []))
     results["complete"] = False
     results.setdefault("timing", {}).setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
 

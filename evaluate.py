@@ -68,7 +68,7 @@ SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the 
 ADAPTIVE = ("fixed",)  # adaptive surrogates designed from hpm.py (Tramer et al. 2020)
 CONTEXTS = ("batch", "image")
 HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)
-KINDS = ("apgd-ce", "apgd-dlr", "apgd-t")  # APGD-T: AutoAttack's targeted DLR attack
+KINDS = ("apgd-ce", "apgd-dlr", "apgd-t", "apgd-cw")  # APGD-T: AutoAttack's targeted DLR attack
 # "flip/mix": adaptive, against the batch prototypes (see run_attack); HPM rows only.
 ALL_ATTACKS = tuple(f"{k}/{s}" for k in KINDS for s in SURROGATES + ADAPTIVE) + ("flip/mix", "square")
 # --version paper: the paper's protocol exactly. --version strong (the default): more attacks,
@@ -87,7 +87,7 @@ VERSIONS = {
 # Settings that change the numbers: an existing --out file must match them to be resumed.
 IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
             "head_sha256", "eps", "n_examples", "subset_seed", "per_class", "batch_size", "steps",
-            "queries", "seed", "score_queries")
+            "queries", "seed", "score_queries", "restarts")
 
 NOTES = {
     "batch_apgd": (
@@ -275,7 +275,7 @@ def score(model, x, y):
 # One attack on one batch ------------------------------------------------------------------
 
 def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000, seed=0,
-               whole_batch=True, warnings=None, scorer=None):
+               whole_batch=True, warnings=None, scorer=None, restarts=1):
     """One attack on one batch x (B, C, H, W) in [0, 1]; returns its final adversarial batches
     (a list: one per run; APGD-T makes one run per target class). Nothing is scored here.
 
@@ -286,6 +286,7 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
     library's perturb (AutoAttack's standard path). Either way the RNG is seeded with `seed`.
     warnings: a loading.WarningCounter that collects AutoAttack's warnings (else printed).
     scorer: a QueryScorer that `target` (a Surrogate or Scored) calls on every query.
+    restarts: random restarts of APGD-CE, -DLR and -CW (AutoAttack's n_restarts).
     """
     kind = attack.split("/")[0]
     if scorer is not None:
@@ -300,15 +301,16 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
             sq.init_hyperparam(x)
             seed_all(seed)
             return [sq.attack_single_run(x, y)[1]]
-        if kind in ("apgd-ce", "apgd-dlr"):
-            apgd = APGDAttack(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed,
-                              loss=kind.split("-")[1], eot_iter=1, rho=0.75, verbose=False,
-                              device=x.device, logger=warnings)
+        if kind in ("apgd-ce", "apgd-dlr", "apgd-cw"):
+            cls = APGDMargin if kind == "apgd-cw" else APGDAttack
+            apgd = cls(target, n_iter=steps, norm=norm, n_restarts=restarts, eps=eps, seed=seed,
+                       loss="dlr" if kind == "apgd-cw" else kind.split("-")[1], eot_iter=1, rho=0.75,
+                       verbose=False, device=x.device, logger=warnings)
             if not whole_batch:
                 return [apgd.perturb(x, y)]
             apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
-            seed_all(seed)
-            return [final_batch(x, *apgd.attack_single_run(x, y))]
+            seed_all(seed)  # as perturb: one seed, then each restart draws its own random start
+            return [final_batch(x, *apgd.attack_single_run(x, y)) for _ in range(restarts)]
         if kind == "flip":
             return flip_attack(target, x, y, norm=norm, eps=eps, steps=steps, seed=seed,
                                warnings=warnings, scorer=scorer)
@@ -357,6 +359,15 @@ def flip_attack(target, x, y, *, norm, eps, steps, seed, warnings, scorer):
                       eot_iter=1, rho=0.75, verbose=False, device=x.device, logger=warnings)
     apgd.init_hyperparam(x)
     return [x_flip, final_batch(x, *apgd.attack_single_run(x, y, x_init=x_flip))]
+
+
+class APGDMargin(APGDAttack):
+    """APGD on the plain margin loss of Carlini and Wagner, max_{j != y} z_j - z_y: the DLR loss
+    without its scale normaliser (the l2 logits of HPM have another scale than FC logits)."""
+
+    def dlr_loss(self, x, y):
+        other = x.scatter(1, y[:, None], -math.inf).amax(dim=1)
+        return other - x.gather(1, y[:, None]).squeeze(1)
 
 
 def final_batch(x, x_best, robust, loss_best, x_best_adv):
@@ -512,7 +523,7 @@ def batch_loader(x, y, batches, device):
 
 
 def attack_job(row, attack, batch, *, norm, eps, steps, queries, seed, warnings=None,
-               score_queries=False):
+               score_queries=False, restarts=1):
     """i -> (correct (B,) bool, x_adv): the attack on batch i, each final batch re-scored whole on
     the real model (and, with score_queries, every query of the whole batch as well)."""
     target, whole_batch = row.plan(attack)
@@ -524,7 +535,8 @@ def attack_job(row, attack, batch, *, norm, eps, steps, queries, seed, warnings=
             with torch.no_grad():
                 target.z_clean = target.model.features(xb)
         runs = run_attack(attack, target, xb, yb, norm=norm, eps=eps, steps=steps, queries=queries,
-                          seed=seed, whole_batch=whole_batch, warnings=warnings, scorer=scorer)
+                          seed=seed, whole_batch=whole_batch, warnings=warnings, scorer=scorer,
+                          restarts=restarts)
         correct = torch.ones_like(yb, dtype=torch.bool)
         for x_adv in runs:
             x_adv = check_adv(x_adv, xb, norm, eps)
@@ -538,7 +550,7 @@ def attack_job(row, attack, batch, *, norm, eps, steps, queries, seed, warnings=
 
 def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, queries=5000,
              batch_size=64, seed=0, results=None, on_update=None, save_adv=None, indices=None,
-             device="cpu", progress=True, log=print, score_queries=False):
+             device="cpu", progress=True, log=print, score_queries=False, restarts=1):
     """Clean and robust accuracy of every row on images x (N, C, H, W; uint8 or float in [0, 1])
     with labels y (N,), cut into consecutive batches of `batch_size`.
 
@@ -586,7 +598,7 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
             counter = WarningCounter()
             attack_batch = attack_job(row, name, batch, norm=norm, eps=eps, steps=steps,
                                       queries=queries, seed=seed, warnings=counter,
-                                      score_queries=score_queries)
+                                      score_queries=score_queries, restarts=restarts)
             saver = None
             if save_adv:
                 saver = AdvSaver(save_adv, row.name, name, y, indices, batches)
@@ -716,7 +728,7 @@ def check_key(attack, eps, steps):
 
 
 def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, seed, checks_n,
-               tol, on_update=None, device="cpu", progress=True, score_queries=False):
+               tol, on_update=None, device="cpu", progress=True, score_queries=False, restarts=1):
     """--checks: the eps sweep and doubled steps on the first `checks_n` images of the subset
     (cut into the same fixed batches), the other two checks from the main results."""
     n = min(checks_n, len(y))
@@ -736,7 +748,7 @@ def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, se
                 continue
             attack_batch = attack_job(row, attack, batch, norm=norm, eps=e, steps=s,
                                       queries=queries, seed=seed, warnings=WarningCounter(),
-                                      score_queries=score_queries)
+                                      score_queries=score_queries, restarts=restarts)
             correct = run_job(runs, key, batches, attack_batch, desc=f"{row.name} check {key}",
                               show_progress=progress, on_update=on_update)
             runs["accuracy"][key] = sum(correct) / n
@@ -841,7 +853,8 @@ def resolve_config(args):
     cfg["steps"] = args.steps if args.steps is not None else version["steps"]
     cfg["score_queries"] = version["score_queries"]
     check_positive(batch_size=cfg["batch_size"], steps=cfg["steps"], queries=cfg["queries"],
-                   checks_n=cfg["checks_n"], n_examples=cfg["n_examples"], per_class=cfg["per_class"])
+                   restarts=cfg["restarts"], checks_n=cfg["checks_n"], n_examples=cfg["n_examples"],
+                   per_class=cfg["per_class"])
     cfg["attacks"] = parse_attacks(args.attacks or ",".join(version["attacks"]))
     cfg["contexts"] = [c.strip() for c in args.contexts.split(",") if c.strip()]
     if not set(cfg["contexts"]) <= set(CONTEXTS):
@@ -984,7 +997,7 @@ def main(args):
     common = dict(norm=cfg["threat_model"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
                   batch_size=cfg["batch_size"], seed=cfg["seed"], on_update=on_update,
                   device=cfg["device"], progress=not cfg["no_progress"],
-                  score_queries=cfg["score_queries"])
+                  score_queries=cfg["score_queries"], restarts=cfg["restarts"])
     evaluate(rows, x, y, attacks=cfg["attacks"], results=results, save_adv=cfg["save_adv"],
              indices=idx.tolist(), **common)
     if cfg["checks"]:
@@ -1031,6 +1044,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int,
                    help="APGD iterations (default: the version's, paper 40, strong 100)")
     p.add_argument("--queries", type=int, default=5000, help="Square queries (default 5000)")
+    p.add_argument("--restarts", type=int, default=1, help="random restarts of APGD-CE, -DLR and "
+                   "-CW, each from its own random start (default 1, as the paper and AutoAttack)")
     p.add_argument("--seed", type=int, default=0, help="attack seed, the same for every batch (default 0)")
     p.add_argument("--checks", action="store_true", help="run the gradient-masking checks")
     p.add_argument("--checks-n", type=int, default=512,

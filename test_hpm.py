@@ -1948,3 +1948,32 @@ def test_flip_breaks_batches_that_the_rest_of_the_strong_suite_leaves_correct():
                     ok &= model(q, mode="ste", context="batch").argmax(1) == yb
         fooled += [a + i for i in range(8) if not ok[i]]
     assert fooled == broken
+
+
+def test_margin_loss_is_the_carlini_wagner_margin():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    apgd = evaluate.APGDMargin(nn.Identity(), eps=0.1, loss="dlr")
+    expected = torch.stack([max(logits[i, j] for j in range(5) if j != y[i]) - logits[i, y[i]]
+                            for i in range(6)])
+    torch.testing.assert_close(apgd.dlr_loss(logits, y), expected, **TOL)
+
+
+def test_restarts_run_again_from_new_starts_and_are_never_weaker():
+    x, y = quad_data(32)
+    model = fitted_hpm(quad_linear(), x, y)
+    rows = evaluate.build_rows(quad_linear(), model)
+    kw = dict(attacks=["apgd-ce/ste", "apgd-cw/mix"], eps=0.38, steps=5, batch_size=8,
+              progress=False, log=lambda *a: None)
+    one = evaluate.evaluate(rows, x, y, **kw)
+    three = evaluate.evaluate(rows, x, y, restarts=3, **kw)
+    for name, row in rows_of(three).items():
+        for attack, correct in row["correct"].items():  # the first restart is the same run
+            assert all(a <= b for a, b in zip(correct, rows_of(one)[name]["correct"][attack])), (name, attack)
+    xf, queried = x[:8].float() / 255, []
+    runs = evaluate.run_attack("apgd-ce", rows[1].surrogates["mix"], xf, y[:8], eps=0.38, steps=3,
+                               restarts=3, scorer=lambda q, logits: queried.append(q.clone()))
+    assert len(runs) == 3 and len(queried) == 3 * 4  # each restart: its start and 3 steps
+    starts = queried[0::4]
+    assert not torch.equal(starts[0], starts[1]) and not torch.equal(starts[1], starts[2])

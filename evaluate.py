@@ -20,6 +20,12 @@ What it does:
   the soft-hybrid model), "ste" (the real model with its STE/BPDA gradients) and "mix" (the
   mean of their log-softmaxes, all from one backbone pass) -- then Square on the real model.
   The base model is its own surrogate: "apgd-ce", "apgd-dlr", "square".
+- `--version paper` is exactly that, with 40 APGD steps (the paper's protocol). `--version
+  strong` (the default) adds APGD-T on "fc" and "mix" (and on the base model), the adaptive
+  "flip/mix" attack against the batch prototypes, 100 APGD steps, and scores every query an
+  attack makes with a whole fixed batch inside the threat model (see NOTES). Options outside
+  both: "apgd-cw/*" (Carlini-Wagner margin), "*/fixed" (hybrid prototypes of the clean batch
+  held fixed), `--restarts`.
 - Every final adversarial batch is re-scored whole on the real model; an image counts as
   robust (worst case) only if it is correct clean and under every attack.
 - `--checks`: the gradient-masking checks (eps sweep, doubled steps, Square versus the

@@ -22,6 +22,8 @@ Choices that are ours, not the paper's:
 - The mixer starts as the plain average: W_m = [I/2; I/2], b_m = 0.
 - Context "image" classifies every row as if it were alone in its batch (a per-image
   model, free of batch composition), computed for the whole batch at once.
+- Context "batch" with `group_size=b` treats the rows as consecutive fixed batches of b
+  rows, each with its own C_batch, in one call (to fill a GPU with many fixed batches).
 - The l2 distance has gradient 0 (a subgradient) where it is exactly zero.
 
 This file imports torch only: copy it into any project.
@@ -41,8 +43,9 @@ def ste_assignment(L):
 
 
 def batch_prototypes(P, Z, eps):
-    """Eq. 16: soft/hard class means of Z under assignment P (B, K); absent classes -> 0."""
-    return P.t() @ Z / (P.sum(dim=0)[:, None] + eps)  # (K, D)
+    """Eq. 16: soft/hard class means of Z (..., B, D) under assignment P (..., B, K); absent
+    classes -> 0. Leading dimensions are independent batches (groups)."""
+    return P.transpose(-1, -2) @ Z / (P.sum(dim=-2)[..., None] + eps)  # (..., K, D)
 
 
 def safe_sqrt(x):
@@ -52,9 +55,10 @@ def safe_sqrt(x):
 
 
 def l2_logits(Z, C):
-    """Eq. 18: logits[i, j] = -||Z_i - C_j||_2, via one matmul instead of a (B, K, D) tensor."""
-    d2 = Z.pow(2).sum(1, keepdim=True) - 2 * Z @ C.t() + C.pow(2).sum(1)  # (B, K)
-    return -safe_sqrt(d2.clamp_min(0))
+    """Eq. 18: logits[i, j] = -||Z_i - C_j||_2 for Z (..., B, D) and C (..., K, D), via one
+    matmul instead of a (B, K, D) tensor."""
+    d2 = Z.pow(2).sum(-1, keepdim=True) - 2 * Z @ C.transpose(-1, -2) + C.pow(2).sum(-1)[..., None, :]
+    return -safe_sqrt(d2.clamp_min(0))  # (..., B, K)
 
 
 class HPMHead(nn.Module):
@@ -75,7 +79,9 @@ class HPMHead(nn.Module):
         self.register_buffer("prototypes", torch.zeros(K, D, device=fc.weight.device, dtype=fc.weight.dtype))
         self.register_buffer("seen", torch.zeros(K, dtype=torch.bool, device=fc.weight.device))
 
-    def forward(self, z, mode="ste", context="batch"):
+    def forward(self, z, mode="ste", context="batch", group_size=None):
+        """Logits (B, K) of features z (B, D). group_size: in context "batch", the rows are
+        consecutive fixed batches of this size, each with its own C_batch (default: one batch)."""
         L = self.fc(z)  # Eq. 1, (B, K)
         if mode == "fc":
             return L
@@ -86,9 +92,14 @@ class HPMHead(nn.Module):
         else:
             raise ValueError(f"mode must be 'ste', 'soft' or 'fc', got {mode!r}")
         if context == "batch":
-            C_batch = batch_prototypes(P, z, self.eps)  # (K, D)
-            C_hybrid = self.mixer(torch.cat([self.prototypes, C_batch], dim=1))  # Eq. 17, (K, D)
-            return l2_logits(z, C_hybrid)
+            if group_size is not None:  # G fixed batches at once: (G, b, D) and (G, b, K)
+                if group_size < 1 or len(z) % group_size:
+                    raise ValueError(f"group_size {group_size} does not divide the {len(z)} rows")
+                z, P = z.view(-1, group_size, z.shape[1]), P.view(-1, group_size, P.shape[1])
+            C_batch = batch_prototypes(P, z, self.eps)  # (K, D), or (G, K, D)
+            C_global = self.prototypes.expand_as(C_batch)
+            C_hybrid = self.mixer(torch.cat([C_global, C_batch], dim=-1))  # Eq. 17
+            return l2_logits(z, C_hybrid).view(-1, L.shape[1])
         if context == "image":
             return self._image_logits(z, P)
         raise ValueError(f"context must be 'batch' or 'image', got {context!r}")

@@ -30,17 +30,31 @@ CIFAR-10; alpha 5, beta 12, T 4 on CIFAR-100. Not from the paper (ours):
 - The backbone stays in eval mode with requires_grad False (BatchNorm statistics must not
   drift); the script asserts that only head.fc and head.mixer train and, after every epoch,
   that every base-model tensor, buffers included, is bitwise unchanged.
-- Before training, one clean pass sets C_global to the exact class means, then sets S:
-  row c is the mean of softmax(zn / T) over the clean images of class c, where zn are the
-  HPM logits (mode "ste", context "batch", in the clean pass's batches) right after C_global
-  is set. S is fixed for the run (the IKL code refreshes it every epoch of a 200-epoch run).
-  A class absent from the training set keeps a zero prototype and gets a uniform row.
+- Before training, one clean pass sets C_global to the exact class means.
+- Class weights S (--class-weights). "ema" (default, the official code's rule as we read it
+  with the paper's second momentum): S starts uniform (the official first epoch) and after
+  every batch each present class c moves by S[c] <- lam2 * S[c] + (1 - lam2) * mean of
+  softmax(zn / T) over the batch's images of class c, with lam2 = --momentum (the paper's
+  "lambda1 = lambda2") and zn the clean logits of the model being trained (the real HPM
+  logits, mode "ste", context "batch"), which is what the official code accumulates. Our
+  reading: the paper's second momentum is an EMA of S over batches; with one epoch the
+  official per-epoch refresh would leave S uniform throughout. "fixed" (ours, the first
+  landing): S computed once in the clean pass, on the HPM logits right after C_global is set,
+  and held for the run; a class absent from the training set gets a uniform row.
 - Training logits, clean and adversarial, are the real model's: mode "ste", context
   "batch". The EMA (Eq. 14) sees clean features only, after each update.
-- The attack maximises the whole IKL loss with the training alpha and beta (the IKL code
-  uses alpha 1, beta 0 on CIFAR-10 and alpha 1, beta 1 on CIFAR-100 for its attack), from
+- The attack (--attack-loss): "official" (default) maximises what the IKL code's attack
+  maximises, softCE alone (alpha 1, beta 0) on CIFAR-10 and MNIST, softCE + wMSE (alpha 1,
+  beta 1) on CIFAR-100 and ImageNet; "train" maximises the whole training loss. From
   x + 0.001 * N(0, 1), 10 steps of eps / 4 (signed for Linf; normalised gradient and
   projection on the ball for L2); the whole batch is perturbed jointly (context "batch").
+- Augmentation (--augment): random crop (zero padding 4) and horizontal flip, as the IKL
+  code's CIFAR scripts; on by default for CIFAR (official) and ImageNet (ours), off for MNIST
+  (ours: a flipped digit is another digit).
+- The mixer's start (--mixer-init; the paper is silent, and with Adam at 5e-5 for about a
+  thousand steps it barely moves): "average" (default) W_m = [I/2; I/2], b_m = 0, i.e.
+  (C_global + C_batch) / 2; "global" W_m = [I; 0], i.e. C_global alone; "default" PyTorch's
+  nn.Linear initialisation.
 - The attack differentiates through --attack-mode, default "ste": the real model, the one
   being trained, with straight-through (BPDA) gradients that differ from the gradient of
   its piecewise-constant forward pass. "soft" (surrogate 2) has exact gradients but attacks
@@ -67,11 +81,14 @@ from loading import (DATASETS, DEFAULT_EPS, CLIError, check_eps, check_images, c
 
 # Every flag left unset takes its dataset's value (sources in the module docstring).
 DEFAULTS = {
-    "cifar10": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None),
-    "cifar100": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, per_class=None),
-    "imagenet": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, per_class=10),
-    "mnist": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None),
+    "cifar10": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None, augment=True),
+    "cifar100": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, per_class=None, augment=True),
+    "imagenet": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, per_class=10, augment=True),
+    "mnist": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None, augment=False),
 }
+# --attack-loss official: (alpha, beta) of the IKL code's training attack.
+OFFICIAL_ATTACK = {"cifar10": (1.0, 0.0), "mnist": (1.0, 0.0), "cifar100": (1.0, 1.0),
+                   "imagenet": (1.0, 1.0)}
 
 
 def weighted_mse(zn, za, w):
@@ -159,7 +176,7 @@ def perturb(model, x, zn, y, S, args):
     for _ in range(args.steps):
         x_adv.requires_grad_(True)
         za = model(x_adv, mode=args.attack_mode)  # (B, K)
-        loss = ikl_loss(zn, za, y, S, args.alpha, args.beta)
+        loss = ikl_loss(zn, za, y, S, args.attack_alpha, args.attack_beta)
         grad, = torch.autograd.grad(loss, x_adv)  # the input's gradient only: no parameter .grad moves
         if args.threat_model == "Linf":
             step = grad.sign()
@@ -167,6 +184,46 @@ def perturb(model, x, zn, y, S, args):
             step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
         x_adv = project(x_adv.detach() + args.step_size * step, x, args.eps, args.threat_model)
     return x_adv.detach()
+
+
+@torch.no_grad()
+def update_class_weights(S, zn, y, T, momentum):
+    """--class-weights ema, in place: S[c] <- momentum * S[c] + (1 - momentum) * (mean of
+    softmax(zn / T) over the images of class c), for the classes present in the batch."""
+    K = S.shape[0]
+    onehot = torch.nn.functional.one_hot(y, K).to(S.dtype)  # (B, K)
+    count = onehot.sum(dim=0)  # (K,)
+    mean = onehot.t() @ (zn / T).softmax(dim=1).to(S.dtype) / count.clamp_min(1)[:, None]  # (K, K)
+    present = (count > 0)[:, None]
+    S.copy_(torch.where(present, momentum * S + (1 - momentum) * mean, S))
+
+
+def random_crop_flip(x, generator, pad=4):
+    """The IKL code's CIFAR augmentation on a uint8 batch (B, C, H, W): a random crop of the
+    zero-padded image and a horizontal flip with probability 1/2, per image, vectorised."""
+    B, _, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2 pad, W + 2 pad)
+    top = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    flip = torch.rand(B, generator=generator) < 0.5
+    rows = (top[:, None] + torch.arange(H))[:, :, None]  # (B, H, 1)
+    cols = left[:, None] + torch.arange(W)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (B, 1, W)
+    return padded[torch.arange(B)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+def init_mixer(head, how):
+    """--mixer-init: "average" [I/2; I/2] (hpm.py's own start), "global" [I; 0] (C_global alone),
+    "default" PyTorch's nn.Linear initialisation. As x @ W_m + b_m with W_m = mixer.weight.T."""
+    D = head.fc.in_features
+    with torch.no_grad():
+        if how == "default":
+            head.mixer.reset_parameters()
+            return
+        eye = torch.eye(D, dtype=head.mixer.weight.dtype, device=head.mixer.weight.device)
+        halves = {"average": (eye / 2, eye / 2), "global": (eye, torch.zeros_like(eye))}[how]
+        head.mixer.weight.copy_(torch.cat(halves, dim=1))
+        head.mixer.bias.zero_()
 
 
 def train_step(model, optimizer, x, y, S, args):
@@ -189,6 +246,8 @@ def train_step(model, optimizer, x, y, S, args):
     loss.backward()
     optimizer.step()
     head.update_prototypes(z_clean, y)  # clean features only: adversarial ones would drag the anchors
+    if args.class_weights == "ema":
+        update_class_weights(S, zn.detach(), y, args.T, args.momentum)
     return loss.item(), (zn.argmax(1) == y).sum().item(), (za.argmax(1) == y).sum().item()
 
 
@@ -203,7 +262,8 @@ def train_epoch(model, optimizer, x, y, S, args, epoch, generator):
     bar = progress_bar(len(starts), f"epoch {epoch}/{args.epochs}", not args.no_progress)
     for i in starts:
         idx = order[i:i + args.batch_size]
-        xb, yb = to_float(x[idx], args.device), y[idx].to(args.device)
+        xb = random_crop_flip(x[idx], generator) if args.augment else x[idx]
+        xb, yb = to_float(xb, args.device), y[idx].to(args.device)
         loss, clean, adv = train_step(model, optimizer, xb, yb, S, args)
         n, loss_sum = n + len(idx), loss_sum + loss * len(idx)
         clean_correct, adv_correct = clean_correct + clean, adv_correct + adv
@@ -259,6 +319,8 @@ def fill_defaults(args):
             setattr(args, k, v)
     if args.step_size is None:
         args.step_size = args.eps / 4  # 10 steps of eps / 4 can cross the ball and come back
+    args.attack_alpha, args.attack_beta = (OFFICIAL_ATTACK[args.dataset] if args.attack_loss == "official"
+                                           else (args.alpha, args.beta))
     if os.path.exists(args.model):
         args.model = os.path.abspath(args.model)  # the checkpoint must find the file from anywhere
     if args.out is None:
@@ -288,6 +350,7 @@ def main(args):
         model = attach(base_model, momentum=args.momentum)
     except ValueError as e:
         raise CLIError(str(e))
+    init_mixer(model.head, args.mixer_init)
     x, y = load_data(args.dataset, "train", args.data, args.data_dir, args.per_class)
     check_labels(y, model.head.fc.out_features, args.data or f"the {args.dataset} training set")
     check_images(model.base_model, x, args.device, name=f"the model {args.model}")
@@ -297,12 +360,16 @@ def main(args):
 
     print(f"HPM head on {args.model}: {len(x)} {args.dataset} training images, {args.epochs} epoch(s) "
           f"of batch {args.batch_size}, Adam lr {args.lr:g}, EMA momentum {args.momentum}")
-    print(f"IKL alpha {args.alpha:g} beta {args.beta:g} T {args.T:g}; attack {args.threat_model} eps "
-          f"{args.eps:.4g}, {args.steps} steps of {args.step_size:.4g} through mode {args.attack_mode!r}")
+    print(f"IKL alpha {args.alpha:g} beta {args.beta:g} T {args.T:g}, class weights {args.class_weights}; "
+          f"attack {args.threat_model} eps {args.eps:.4g}, {args.steps} steps of {args.step_size:.4g} "
+          f"on IKL with alpha {args.attack_alpha:g} beta {args.attack_beta:g} ({args.attack_loss}) through "
+          f"mode {args.attack_mode!r}; augment {args.augment}; mixer start {args.mixer_init!r}")
     if args.unfinished_out is not None:
         print(f"note: {args.out} holds a finished head; it is replaced only when this run finishes "
               f"(until then checkpoints go to {args.unfinished_out}; --overwrite to write there)")
     _, S = clean_pass(model, x, y, args.T, args.batch_size, args.device, not args.no_progress)
+    if args.class_weights == "ema":  # the official first epoch: uniform, then the EMA per batch
+        S = torch.full_like(S, 1 / S.shape[0])
     absent = (~model.head.seen).nonzero().flatten().tolist()
     print(f"clean pass: C_global = class means of {len(x)} images" +
           (f"; classes {absent[:10]}{'...' if len(absent) > 10 else ''} absent (zero prototype, "
@@ -369,6 +436,20 @@ def parse_args(argv=None):
                    help="head mode the attack differentiates through: 'ste' the real model with "
                         "straight-through gradients (default: the model being trained), 'soft' the "
                         "smooth surrogate, 'fc' the FC layer alone")
+    p.add_argument("--class-weights", choices=["ema", "fixed"], default="ema",
+                   help="IKL class weights S: 'ema' (default) from uniform, an EMA over batches of the "
+                        "clean softmax(logits / T) per class with --momentum (the official rule, our "
+                        "reading of the paper's second momentum); 'fixed' computed once before training")
+    p.add_argument("--attack-loss", choices=["official", "train"], default="official",
+                   help="what the training attack maximises: 'official' (default) the IKL code's "
+                        "attack loss (softCE alone on CIFAR-10 and MNIST; softCE + wMSE on CIFAR-100 "
+                        "and ImageNet); 'train' the whole training loss")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop (padding 4) and horizontal flip; per dataset: on for CIFAR "
+                        "(the IKL code) and ImageNet, off for MNIST")
+    p.add_argument("--mixer-init", choices=["average", "global", "default"], default="average",
+                   help="the mixer's start: 'average' (default) (C_global + C_batch) / 2; 'global' "
+                        "C_global alone; 'default' PyTorch's nn.Linear initialisation")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffling and the attack's random start")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default cuda if available, else cpu)")

@@ -562,9 +562,13 @@ def test_clean_pass_sets_exact_class_means_and_weights():
 
 
 def attack_args(threat_model="Linf", eps=0.1, mode="ste", steps=10):
-    return finetune.parse_args(["--model", "m", "--dataset", "mnist", "--threat-model", threat_model, "--eps", str(eps),
-                       "--step-size", str(eps / 4), "--steps", str(steps), "--attack-mode", mode,
-                       "--alpha", "3", "--beta", "10", "--device", "cpu"])
+    """The settings of one training step, fixed here (attack on the whole training loss, S held)."""
+    args = finetune.parse_args(["--model", "m", "--dataset", "mnist", "--threat-model", threat_model,
+                                "--eps", str(eps), "--step-size", str(eps / 4), "--steps", str(steps),
+                                "--attack-mode", mode, "--alpha", "3", "--beta", "10", "--device", "cpu",
+                                "--class-weights", "fixed", "--attack-loss", "train", "--no-augment"])
+    args.attack_alpha, args.attack_beta = args.alpha, args.beta
+    return args
 
 
 @pytest.mark.parametrize("threat_model, eps", [("Linf", 0.1), ("L2", 1.0)])
@@ -1998,3 +2002,105 @@ def test_restarts_run_again_from_new_starts_and_are_never_weaker():
     assert len(runs) == 3 and len(queried) == 3 * 4  # each restart: its start and 3 steps
     starts = queried[0::4]
     assert not torch.equal(starts[0], starts[1]) and not torch.equal(starts[1], starts[2])
+
+
+# ============================================================================================
+# finetune.py as the official IKL code does it: class weights, attack loss, augmentation,
+# and the mixer's start.
+# ============================================================================================
+
+def test_class_weight_ema_follows_its_rule_on_two_batches():
+    T, lam = 4.0, 0.9
+    S = torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    batches = [(torch.tensor([[2.0, 0.0, -1.0], [1.0, 1.0, 0.0], [0.0, 3.0, 1.0]], dtype=torch.float64),
+                torch.tensor([0, 0, 1])),
+               (torch.tensor([[0.5, 0.0, 2.0], [-1.0, 2.0, 0.0]], dtype=torch.float64), torch.tensor([2, 0]))]
+    expected = [[1 / 3] * 3 for _ in range(3)]
+    for zn, y in batches:
+        finetune.update_class_weights(S, zn, y, T, lam)
+        for c in range(3):  # by hand: mean of softmax(zn / T) over the rows of class c, then the EMA
+            rows = [i for i in range(len(y)) if y[i] == c]
+            if rows:
+                p = [[math.exp(v / T) / sum(math.exp(u / T) for u in zn[i].tolist()) for v in zn[i].tolist()]
+                     for i in rows]
+                mean = [sum(r[j] for r in p) / len(rows) for j in range(3)]
+                expected[c] = [lam * expected[c][j] + (1 - lam) * mean[j] for j in range(3)]
+    torch.testing.assert_close(S, torch.tensor(expected, dtype=torch.float64), **TOL)
+    torch.testing.assert_close(S.sum(1), torch.ones(3, dtype=torch.float64), **TOL)
+
+
+def spy_on_class_weights(monkeypatch):
+    """Record the class weights S that every training step receives."""
+    seen = []
+
+    def spying_step(model, optimizer, x, y, S, args):
+        seen.append(S.clone())
+        return train_step(model, optimizer, x, y, S, args)
+
+    monkeypatch.setattr(finetune, "train_step", spying_step)
+    return seen
+
+
+@pytest.mark.parametrize("weights", ["fixed", "ema"])
+def test_class_weights_fixed_are_the_clean_pass_and_ema_start_uniform(weights, files, tmp_path, monkeypatch):
+    seen = spy_on_class_weights(monkeypatch)
+    finetune.main(finetune.parse_args(["--model", str(files / "cnn.pt"), "--dataset", "mnist", "--data",
+                                       str(files / "train.npz"), "--out", str(tmp_path / "h.pt"), "--device",
+                                       "cpu", "--no-progress", "--steps", "2", "--class-weights", weights]))
+    x, y = loading.load_npz(str(files / "train.npz"))
+    _, S = clean_pass(attach(torch.load(files / "cnn.pt", weights_only=False)), x, y, 4.0, 64, "cpu")
+    assert len(seen) == 4  # 256 images, batches of 64
+    if weights == "fixed":  # today's S, held for the run
+        assert all(torch.equal(s, S) for s in seen)
+    else:  # uniform first, then moving
+        assert torch.equal(seen[0], torch.full_like(S, 0.1)) and not torch.equal(seen[1], seen[0])
+        assert torch.allclose(seen[-1].sum(1), torch.ones(10))
+
+
+def test_official_attack_loss_is_soft_ce_alone_on_cifar10():
+    def settings(*argv):
+        return finetune.fill_defaults(finetune.parse_args(["--model", "m", "--device", "cpu", *argv]))
+
+    a = settings("--dataset", "cifar10")
+    assert (a.attack_loss, a.attack_alpha, a.attack_beta, a.alpha, a.beta) == ("official", 1.0, 0.0, 3.0, 10.0)
+    assert (settings("--dataset", "cifar100").attack_alpha, settings("--dataset", "cifar100").attack_beta) == (1.0, 1.0)
+    b = settings("--dataset", "cifar10", "--attack-loss", "train")
+    assert (b.attack_alpha, b.attack_beta) == (3.0, 10.0)
+    # Its gradient with respect to the adversarial logits is softCE's, which the attack ascends.
+    zn, za, w = random_logits()
+    y = torch.arange(5) % 7
+    S = torch.softmax(torch.randn(7, 7, dtype=torch.float64), 1)
+    za1, za2 = za.clone().requires_grad_(True), za.clone().requires_grad_(True)
+    ikl_loss(zn, za1, y, S, a.attack_alpha, a.attack_beta).backward()
+    soft_cross_entropy(zn, za2).backward()
+    torch.testing.assert_close(za1.grad, za2.grad, **TOL)
+
+
+def test_each_mixer_start_is_its_matrix_and_average_is_the_heads_own():
+    head = make_head(K=3, D=4)
+    fresh = hpm.HPMHead(head.fc).double()
+    eye = torch.eye(4, dtype=torch.float64)
+    for how, W in (("average", torch.cat([eye / 2, eye / 2], 1)), ("global", torch.cat([eye, 0 * eye], 1))):
+        finetune.init_mixer(head, how)
+        assert torch.equal(head.mixer.weight, W) and not head.mixer.bias.any(), how
+    finetune.init_mixer(fresh, "average")  # the start the first landing had, bit for bit
+    assert torch.equal(fresh.mixer.weight, hpm.HPMHead(head.fc).double().mixer.weight)
+    torch.manual_seed(5)
+    finetune.init_mixer(head, "default")
+    torch.manual_seed(5)
+    reference = nn.Linear(8, 4, dtype=torch.float64)  # PyTorch's own init, the same draws
+    assert torch.equal(head.mixer.weight, reference.weight) and torch.equal(head.mixer.bias, reference.bias)
+
+
+def test_random_crop_flip_is_a_crop_of_the_padded_image_and_a_flip():
+    x = torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8)
+    out = finetune.random_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    g = torch.Generator().manual_seed(0)  # the same draws, one image at a time
+    top, left = torch.randint(0, 5, (6,), generator=g), torch.randint(0, 5, (6,), generator=g)
+    flip = torch.rand(6, generator=g) < 0.5
+    assert flip.any() and (~flip).any()
+    for i in range(6):
+        padded = torch.zeros(3, 9, 11, dtype=torch.uint8)
+        padded[:, 2:7, 2:9] = x[i]
+        crop = padded[:, top[i]:top[i] + 5, left[i]:left[i] + 7]
+        assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop), i

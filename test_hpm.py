@@ -2104,3 +2104,24 @@ def test_random_crop_flip_is_a_crop_of_the_padded_image_and_a_flip():
         padded[:, 2:7, 2:9] = x[i]
         crop = padded[:, top[i]:top[i] + 5, left[i]:left[i] + 7]
         assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop), i
+
+
+def test_the_reduced_study_runs_and_its_table_holds_together(quick, tmp_path):
+    import run_study
+
+    runs = run_study.main(run_study.parse_args(["--quick", "--mnist-run", str(quick), "--out-dir",
+                                                 str(tmp_path)]))
+    assert [r["setting"] for r in runs] == run_study.QUICK_SETTINGS
+    base = [r["results"]["base"]["correct"]["worst_case"] for r in runs]
+    assert all(b == base[0] for b in base)  # the same base model, images and seeds in every run
+    md = (tmp_path / "study.md").read_text()
+    for r in runs:
+        for name in ("base", "hpm/batch", "hpm/image"):
+            row = run_study.row(r["results"], name)
+            assert row["worst_case"] <= min(row["clean"], *row["attacks"].values()), (r["name"], name)
+        hb = run_study.row(r["results"], "hpm/batch")["worst_case"]
+        assert f"| {100 * hb:.1f} |" in md
+        ckpt = read_head(str(tmp_path / f"head_{r['name'].replace('/', '_')}.pt"))
+        assert all(ckpt["args"][k] == v for k, v in r["setting"].items())  # the checkpoint records them
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "official defaults" in md and "first landing" in md

@@ -1,0 +1,162 @@
+"""The fine-tuning study on the MNIST miniature: does HPM beat its base model, and under which
+fine-tuning? A reference implementation must tell "the method does not help" from "our port
+differs", so every setting that could change the answer is fine-tuned and evaluated the same way.
+
+    python run_study.py                                   # about 40 minutes on 2 idle CPU cores
+    python run_study.py --quick --mnist-run /tmp/mnist --out-dir /tmp/study   # the test suite's run
+
+It reuses run_mnist.py's artefacts in --mnist-run (train.npz, heldout.npz and the adversarially
+trained CNN cnn_fc_at.pt), running run_mnist.py there first if they are missing. Then, for each
+setting: finetune.py with the setting's flags, and evaluate.py (its default version, strong; both
+contexts) on the same held-out images, batches and seeds, through their command lines. Settings:
+the mixer's start (average, global, default) x the training attack's mode (ste, soft, fc) x the
+IKL class weights (ema, fixed), all with the official attack loss, plus the first landing's
+defaults (average, ste, fixed, attack on the whole training loss). The official defaults are
+average / ste / ema / official. Writes study.json, study.md (the table) and study.png (the plot).
+All settings are ours (the paper has no MNIST experiment); the evaluation budget is reduced to fit
+2 CPU cores (EVAL below), which weakens the attacks for every row alike.
+"""
+import argparse
+import itertools
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import run_mnist
+from run_mnist import REPO, cli_path, run_cli
+
+GRID = [dict(mixer_init=m, attack_mode=a, class_weights=w, attack_loss="official")
+        for m, a, w in itertools.product(("average", "global", "default"), ("ste", "soft", "fc"),
+                                         ("ema", "fixed"))]
+FIRST_LANDING = dict(mixer_init="average", attack_mode="ste", class_weights="fixed", attack_loss="train")
+OFFICIAL = dict(mixer_init="average", attack_mode="ste", class_weights="ema", attack_loss="official")
+EVAL = {"full": ["--n-examples", "200", "--steps", "10", "--queries", "300"],
+        "quick": ["--n-examples", "32", "--steps", "2", "--queries", "10"]}
+QUICK_SETTINGS = [OFFICIAL, FIRST_LANDING]
+
+
+def name_of(s):
+    return f"{s['mixer_init']}/{s['attack_mode']}/{s['class_weights']}/{s['attack_loss']}"
+
+
+def flags_of(s):
+    return ["--mixer-init", s["mixer_init"], "--attack-mode", s["attack_mode"],
+            "--class-weights", s["class_weights"], "--attack-loss", s["attack_loss"]]
+
+
+def row(results, name):
+    return results["base"] if name == "base" else results["hpm"][name.split("/")[1]]
+
+
+def table(runs):
+    """Markdown: one line per setting; worst case (%) per row and the difference to the base."""
+    lines = ["| setting (mixer / attack mode / class weights / attack loss) | clean (batch) | "
+             "HPM batch | vs base | HPM image | vs base | base |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        res = r["results"]
+        b, hb, hi = (row(res, n)["worst_case"] for n in ("base", "hpm/batch", "hpm/image"))
+        mark = " (official defaults)" if r["setting"] == OFFICIAL else (
+            " (first landing)" if r["setting"] == FIRST_LANDING else "")
+        lines.append(f"| {r['name']}{mark} | {100 * row(res, 'hpm/batch')['clean']:.1f} | "
+                     f"{100 * hb:.1f} | {100 * (hb - b):+.1f} | {100 * hi:.1f} | {100 * (hi - b):+.1f} | "
+                     f"{100 * b:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(runs, path, note):
+    """Worst case of HPM in both contexts per setting, against the base model's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in runs]
+    ys = range(len(runs))
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(runs) + 1.6))
+    for offset, ctx, color in ((-0.2, "hpm/batch", "tab:red"), (0.2, "hpm/image", "tab:blue")):
+        ax.barh([y + offset for y in ys], [100 * row(r["results"], ctx)["worst_case"] for r in runs],
+                height=0.4, color=color, label=f"HPM, {ctx.split('/')[1]} context")
+    base = 100 * row(runs[0]["results"], "base")["worst_case"]
+    ax.axvline(base, color="black", linestyle="--", label=f"base model ({base:.1f}%)")
+    ax.set_yticks(list(ys), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("worst-case robust accuracy (%)")
+    ax.set_title(f"MNIST miniature: HPM fine-tuning settings\n{note}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args):
+    t0 = time.time()
+    mnist, out = Path(args.mnist_run).resolve(), Path(args.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    needed = ("train.npz", "heldout.npz", "cnn_fc_at.pt")
+    if not all((mnist / f).is_file() for f in needed):
+        print(f"[prepare] {mnist} lacks {', '.join(needed)}: running run_mnist.py there first")
+        run_cli(["run_mnist.py", "--out-dir", cli_path(mnist), "--device", args.device]
+                + (["--quick"] if args.quick else []), out / "run_mnist.log")
+    settings = QUICK_SETTINGS if args.quick else GRID + [FIRST_LANDING]
+    eval_args = EVAL["quick" if args.quick else "full"]
+    runs = []
+    for i, s in enumerate(settings, 1):
+        tag = name_of(s).replace("/", "_")
+        head, res = out / f"head_{tag}.pt", out / f"results_{tag}.json"
+        t1 = time.time()
+        print(f"[{i}/{len(settings)}] {name_of(s)}")
+        if not res.is_file():  # a rerun skips the settings already done
+            run_cli(["finetune.py", "--model", cli_path(mnist / "cnn_fc_at.pt"), "--dataset", "mnist",
+                     "--data", cli_path(mnist / "train.npz"), "--out", cli_path(head), "--overwrite",
+                     "--seed", str(args.seed), "--device", args.device, "--no-progress"]
+                    + (["--steps", "2"] if args.quick else []) + flags_of(s), out / f"finetune_{tag}.log")
+            run_cli(["evaluate.py", "--head", cli_path(head), "--data", cli_path(mnist / "heldout.npz"),
+                     "--out", cli_path(res), "--overwrite", "--seed", str(args.seed), "--device",
+                     args.device, "--no-progress"] + eval_args, out / f"evaluate_{tag}.log")
+        runs.append({"name": name_of(s), "setting": s, "results": json.loads(res.read_text()),
+                     "seconds": time.time() - t1})
+    md = table(runs)
+    note = (f"evaluate.py version strong, {eval_args[1]} held-out images, {eval_args[3]} APGD steps, "
+            f"{eval_args[5]} Square queries")
+    plot(runs, out / "study.png", note)
+    minutes = (time.time() - t0) / 60
+    base = row(runs[0]["results"], "base")["worst_case"]
+    best = max(runs, key=lambda r: max(row(r["results"], c)["worst_case"] for c in ("hpm/batch", "hpm/image")))
+    best_wc = max(row(best["results"], c)["worst_case"] for c in ("hpm/batch", "hpm/image"))
+    verdict = (f"No setting beat the base model ({100 * base:.1f}%): the best HPM worst case is "
+               f"{100 * best_wc:.1f}% ({best['name']})." if best_wc <= base else
+               f"Best setting {best['name']}: {100 * best_wc:.1f}% vs base {100 * base:.1f}% "
+               f"({100 * (best_wc - base):+.1f} points).")
+    text = (f"# Fine-tuning study, MNIST miniature\n\nCommand: `{args.command}` ({minutes:.1f} min; "
+            f"machine: {run_mnist.machine()}).\n\nEvaluation: {note}; worst case (%) over every "
+            f"attack, same images, batches and seeds for every row.\n\n{md}\n\n{verdict}\n")
+    (out / "study.md").write_text(text)
+    (out / "study.json").write_text(json.dumps(
+        {"eval_args": eval_args, "minutes": minutes, "verdict": verdict,
+         "runs": [{k: r[k] for k in ("name", "setting", "seconds")} | {
+             "worst_case": {n: row(r["results"], n)["worst_case"] for n in ("base", "hpm/batch", "hpm/image")},
+             "clean": {n: row(r["results"], n)["clean"] for n in ("base", "hpm/batch", "hpm/image")}}
+             for r in runs]}, indent=1))
+    print("\n" + md + "\n\n" + verdict + f"\n\nstudy: {out / 'study.md'}, {out / 'study.png'} ({minutes:.1f} min)")
+    return runs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the reduced study of the test suite: two "
+                   "settings, a few images, very few steps")
+    p.add_argument("--mnist-run", default="runs/mnist",
+                   help="run_mnist.py's output folder to reuse (default runs/mnist)")
+    p.add_argument("--out-dir", default="runs/study", help="where the study is written (default runs/study)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every fine-tuning and evaluation (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    args = p.parse_args(argv)
+    args.command = shlex.join(["python", "run_study.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

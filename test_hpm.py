@@ -2125,3 +2125,32 @@ def test_the_reduced_study_runs_and_its_table_holds_together(quick, tmp_path):
         assert all(ckpt["args"][k] == v for k, v in r["setting"].items())  # the checkpoint records them
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "official defaults" in md and "first landing" in md
+
+
+def test_fixed_batch_square_queries_only_whole_batches_inside_the_ball():
+    x, y = quad_data(16)
+    model = fitted_hpm(quad_linear(), x, y)
+    target = evaluate.Surrogate(model, "ste", "batch")
+    xf, queried = x.float() / 255, []
+    target.scorer = lambda q, logits: queried.append(q.clone())
+    x_adv = evaluate.square_fixed_batch(target, xf, y, eps=0.45, queries=40, seed=0)
+    target.scorer = None
+    assert len(queried) >= 2 and all(q.shape == xf.shape for q in queried)
+    for q in queried + [x_adv]:
+        assert (q - xf).abs().max() <= 0.45 + 1e-6 and q.min() >= 0 and q.max() <= 1
+        assert torch.isclose((q - xf).abs(), torch.tensor(0.45)).any()  # squares of +-eps
+
+
+def test_fixed_batch_square_breaks_batches_that_autoattacks_square_misses():
+    """On HPM's batch context AutoAttack's Square scores its proposals on sub-batches, another
+    model than the one evaluated; the fixed-batch Square searches the evaluated model itself."""
+    x, y = quad_data(32)
+    base = nn.Sequential(Quantize(10), *quad_linear())  # no gradients: only black-box attacks work
+    model = fitted_hpm(base, x, y)
+    row = evaluate.build_rows(base, model, contexts=["batch"])[1]
+    kw = dict(eps=0.4, queries=300, batch_size=8, progress=False, log=lambda *a: None, attacks=["square"])
+    library = evaluate.evaluate([row], x, y, **kw)["hpm"]["batch"]
+    fixed = evaluate.evaluate([row], x, y, score_queries=True, **kw)["hpm"]["batch"]
+    only_fixed = [i for i, (a, b) in enumerate(zip(library["correct"]["square"], fixed["correct"]["square"]))
+                  if a and not b]
+    assert library["clean"] == 1.0 and len(only_fixed) >= 3

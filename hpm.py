@@ -154,7 +154,7 @@ class HPMClassifier(nn.Module):
 
     def train(self, mode=True):
         # The backbone stays in eval mode: BatchNorm statistics and dropout must not change.
-        super().train(mode)
+        nn.Module.train(self, mode)  # (not super(): dpnp.py's classifier reuses this method)
         self.base_model.eval()
         return self
 

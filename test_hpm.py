@@ -2154,3 +2154,83 @@ def test_fixed_batch_square_breaks_batches_that_autoattacks_square_misses():
     only_fixed = [i for i, (a, b) in enumerate(zip(library["correct"]["square"], fixed["correct"]["square"]))
                   if a and not b]
     assert library["clean"] == 1.0 and len(only_fixed) >= 3
+
+
+# ============================================================================================
+# dpnp.py: Adv-DPNP's unified prototypes, against the paper's formulas written out.
+# ============================================================================================
+
+import dpnp  # noqa: E402
+
+
+def dpnp_setup(B=6, M=4, D=5, seed=0):
+    torch.manual_seed(seed)
+    head = dpnp.DPNPHead(nn.Linear(D, M), alpha=3.0).double()
+    with torch.no_grad():
+        head.prototypes.add_(0.3 * torch.randn_like(head.prototypes))  # off the sphere
+    z = torch.randn(B, D, dtype=torch.float64)
+    return head, z, z + 0.2 * torch.randn_like(z), torch.arange(B) % M
+
+
+def test_dpnp_losses_equal_the_papers_formulas():
+    head, z, z_adv, y = dpnp_setup()
+    C, a = head.prototypes.detach(), head.alpha
+    B, M = len(y), C.shape[0]
+
+    def p(zz, i):  # Eq. 1 for one image, written out
+        s = [math.exp(float(C[j] @ zz[i]) / a) for j in range(M)]
+        return [v / sum(s) for v in s]
+
+    dpp = sum(-math.log(p(z, i)[y[i]]) + 0.1 / 2 * float((z[i] - C[y[i]]).pow(2).sum()) for i in range(B)) / B
+    assert float(dpnp.dpp_loss(head(z), z, C, y, 0.1)) == pytest.approx(dpp, rel=1e-12)
+    dnp = 0.0
+    for j in range(M):  # Eq. 4-5: the nearest other prototype, then sum of |.|^(1/2)
+        k = min((k for k in range(M) if k != j), key=lambda k: float((C[k] - C[j]).norm()))
+        dnp -= float((C[j] - C[k]).abs().sqrt().sum()) / M
+    assert float(dnp_value := dpnp.dnp_loss(C)) == pytest.approx(dnp, rel=1e-12) and dnp_value < 0
+    dfa = sum(sum(p(z, i)[j] * math.log(p(z, i)[j] / p(z_adv, i)[j]) for j in range(M)) for i in range(B)) / B
+    assert float(dpnp.dfa_loss(head(z), head(z_adv))) == pytest.approx(dfa, rel=1e-10)
+    dpp_adv = sum(-math.log(p(z_adv, i)[y[i]]) + 0.1 / 2 * float((z_adv[i] - C[y[i]]).pow(2).sum())
+                  for i in range(B)) / B
+    total = 0.1 * dnp + (dpp + dpp_adv + 2.0 * dfa) / 2  # Eq. 7
+    assert float(dpnp.adv_dpnp_loss(head, z, z_adv, y)) == pytest.approx(total, rel=1e-10)
+
+
+def test_prototypes_get_no_gradient_from_the_adversarial_dpp_term_and_do_from_dfa():
+    head, z, z_adv, y = dpnp_setup()
+    z_adv.requires_grad_(True)
+
+    def grad_of(loss_fn):
+        head.zero_grad()
+        z_adv.grad = None
+        loss_fn().backward()
+        return head.prototypes.grad.clone(), z_adv.grad.clone()
+
+    # Eq. 7 minus everything but the adversarial DPP term: the prototypes' gradient vanishes.
+    full = grad_of(lambda: dpnp.adv_dpnp_loss(head, z, z_adv, y))
+    no_adv = grad_of(lambda: dpnp.adv_dpnp_loss(head, z, z_adv, y) - dpnp.dpp_loss(
+        z_adv @ head.prototypes.detach().t() / head.alpha, z_adv, head.prototypes.detach(), y, 0.1) / 2)
+    torch.testing.assert_close(full[0], no_adv[0], **TOL)
+    assert not torch.allclose(full[1], no_adv[1])  # the features still get that term's gradient
+    dfa = grad_of(lambda: dpnp.dfa_loss(head(z), head(z_adv)))
+    assert dfa[0].abs().max() > 1e-6  # Algorithm 1, line 21: DFA moves the prototypes
+
+
+def test_prototypes_return_to_the_sphere_and_the_backbone_stays_frozen():
+    x, y = quad_data(16)
+    base = quad_linear()
+    before = copy.deepcopy(base.state_dict())
+    model = dpnp.attach(base, alpha=40.0)
+    torch.testing.assert_close(model.head.prototypes.norm(dim=1), torch.full((K,), 40.0))
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.5)
+    xf = x.float() / 255
+    for _ in range(3):
+        loss = dpnp.adv_dpnp_loss(model.head, model.features(xf), model.features((xf + 0.05).clamp(0, 1)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.allclose(model.head.prototypes.norm(dim=1), torch.full((K,), 40.0))
+    model.head.renormalize()
+    torch.testing.assert_close(model.head.prototypes.norm(dim=1), torch.full((K,), 40.0))
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
+    assert not any(m.training for m in model.train().base_model.modules())

@@ -12,8 +12,6 @@ cost of a forward pass does not depend on the weights). Not a test: it does not 
 import argparse
 import copy
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys

@@ -66,7 +66,7 @@ from pyautoattack.square import SquareAttack
 
 from hpm import attach, batch_prototypes, find_classifier, l2_logits, safe_sqrt, ste_assignment
 from loading import (DATASETS, DEFAULT_EPS, CLIError, WarningCounter, atomic_save, check_eps,
-                     check_images, check_labels, check_positive, dumps, eps_value, load_data,
+                     check_images, check_labels, check_positive, eps_value, load_data,
                      load_head, load_model, progress_bar, read_head, run_cli, to_float, write_json)
 
 LOSSES = ("ce", "dlr")
@@ -117,7 +117,8 @@ NOTES = {
     "nonfinite": "an image whose logits are not finite after an attack counts as misclassified.",
     "score_queries": (
         "every query: each query an attack makes with a whole fixed batch inside the threat model "
-        "(every APGD iterate; Square's first query) is an adversarial batch in its own right and is "
+        "(every APGD iterate, every query of the fixed-batch Square, the first query of "
+        "AutoAttack's Square) is an adversarial batch in its own right and is "
         "scored on the real model in the same context; an image counts as fooled by the attack if "
         "any scored query or its final batch fooled it. Queries of part of a batch, or with an "
         "image outside the eps-ball or [0, 1], are never scored."),

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import run_mnist
-from run_mnist import REPO, cli_path, run_cli
+from run_mnist import cli_path, run_cli
 
 GRID = [dict(mixer_init=m, attack_mode=a, class_weights=w, attack_loss="official")
         for m, a, w in itertools.product(("average", "global", "default"), ("ste", "soft", "fc"),

@@ -1748,7 +1748,6 @@ class BrighterLoses(nn.Module):
 
 
 def band_setup(n=16):
-    x = torch.full((n, 1, SIZE, SIZE), 128, dtype=torch.uint8)  # 128/255, close to 0.5: shift it
     real = BandModel(band=0.02)
     xf = torch.full((n, 1, SIZE, SIZE), 0.5)
     row = evaluate.ModelUnderTest("hpm/batch", real, {"ste": BrighterLoses(real)}, per_image=False,

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # PyPI's AutoAttack
 from pyautoattack.square import SquareAttack
 
+import dpnp
 from hpm import attach, batch_prototypes, find_classifier, l2_logits, safe_sqrt, ste_assignment
 from loading import (DATASETS, DEFAULT_EPS, CLIError, WarningCounter, atomic_save, check_eps,
                      check_images, check_labels, check_positive, eps_value, load_data,
@@ -268,10 +269,14 @@ class ModelUnderTest:
         return module, not self.per_image or surrogate not in (None, "ste")
 
 
-def build_rows(base_model, hpm_model=None, contexts=CONTEXTS):
-    """The rows: "base" always; "hpm/<context>" for each context when an HPM model is given."""
+def build_rows(base_model, hpm_model=None, contexts=CONTEXTS, dpnp_model=None):
+    """The rows: "base" always; "hpm/<context>" for each context when an HPM model is given;
+    "dpnp" (a per-image model, attacked like the base model) when a DPNP model is given."""
     rows = [ModelUnderTest("base", base_model, {None: Scored(base_model)}, per_image=True,
                            backbone=base_model)]
+    if dpnp_model is not None:
+        rows.append(ModelUnderTest("dpnp", dpnp_model, {None: Scored(dpnp_model)}, per_image=True,
+                                   backbone=dpnp_model.base_model))
     for ctx in contexts if hpm_model is not None else ():
         surrogates = {s: Surrogate(hpm_model, s, ctx) for s in SURROGATES + ADAPTIVE}
         rows.append(ModelUnderTest(f"hpm/{ctx}", surrogates["ste"], surrogates, per_image=(ctx == "image"),
@@ -486,9 +491,9 @@ def new_row():
 
 
 def row_store(results, name):
-    """results["base"] or results["hpm"][context] for a row name like "hpm/batch"."""
-    if name == "base":
-        return results.setdefault("base", new_row())
+    """results["base"], results["dpnp"] or results["hpm"][context] for a row name like "hpm/batch"."""
+    if "/" not in name:
+        return results.setdefault(name, new_row())
     model, ctx = name.split("/")
     return results.setdefault(model, {}).setdefault(ctx, new_row())
 
@@ -823,7 +828,7 @@ def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, se
 
 # Output -------------------------------------------------------------------------------------
 
-TITLES = {"base": "base", "hpm/batch": "HPM (batch)", "hpm/image": "HPM (image)"}
+TITLES = {"base": "base", "hpm/batch": "HPM (batch)", "hpm/image": "HPM (image)", "dpnp": "DPNP"}
 
 
 def format_tables(results, rows):
@@ -918,7 +923,10 @@ def resolve_config(args):
                    restarts=cfg["restarts"], checks_n=cfg["checks_n"], n_examples=cfg["n_examples"],
                    per_class=cfg["per_class"])
     cfg["attacks"] = parse_attacks(args.attacks or ",".join(version["attacks"]))
-    cfg["contexts"] = [c.strip() for c in args.contexts.split(",") if c.strip()]
+    cfg["head_type"] = ckpt["head_type"] if ckpt is not None else None
+    ncm = cfg["head_type"] == "ncm"  # no batch prototypes: one context says it all
+    cfg["contexts"] = [c.strip() for c in (args.contexts or ("image" if ncm else "batch,image")).split(",")
+                       if c.strip()]
     if not set(cfg["contexts"]) <= set(CONTEXTS):
         raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {args.contexts!r}")
     cfg["head_sha256"] = sha256(args.head) if args.head else None
@@ -938,18 +946,19 @@ def resolve_config(args):
 def load_models(cfg, ckpt):
     """(base model, HPM model or None, number of classes), frozen, on cfg["device"]."""
     base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"])
+    hpm_model = dpnp_model = None
     try:
-        if ckpt is not None:
+        num_classes = find_classifier(base)[1].out_features
+        if ckpt is not None and ckpt["head_type"] == "dpnp":
+            dpnp_model = load_head(ckpt, dpnp.attach(base, alpha=ckpt["alpha"]))
+        elif ckpt is not None:  # "hpm", or "ncm" (an HPM head whose mixer passes C_global alone)
             hpm_model = load_head(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
-            num_classes = hpm_model.head.fc.out_features
-        else:
-            hpm_model, num_classes = None, find_classifier(base)[1].out_features
     except ValueError as e:  # attach: no final nn.Linear
         raise CLIError(str(e))
     base = base.to(cfg["device"]).eval().requires_grad_(False)
-    if hpm_model is not None:
-        hpm_model = hpm_model.to(cfg["device"]).eval().requires_grad_(False)
-    return base, hpm_model, num_classes
+    hpm_model, dpnp_model = (m if m is None else m.to(cfg["device"]).eval().requires_grad_(False)
+                             for m in (hpm_model, dpnp_model))
+    return base, hpm_model, dpnp_model, num_classes
 
 
 def select_subset(n_total, n_examples, seed):
@@ -1038,9 +1047,9 @@ def main(args):
     if ckpt is not None and ckpt.get("finished") is False:
         print(f"warning: {args.head} is an unfinished head (fine-tuning was interrupted after "
               f"{len(ckpt.get('history', []))} epoch(s)); its numbers are not those of a trained head")
-    base, hpm_model, num_classes = load_models(cfg, ckpt)
+    base, hpm_model, dpnp_model, num_classes = load_models(cfg, ckpt)
     x, y, idx, n_total = load_subset(cfg, num_classes)
-    rows = build_rows(base, hpm_model, cfg["contexts"])
+    rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model)
     for row in rows:  # a model that cannot take these images fails here, before any file is written
         check_images(row.model, x, cfg["device"], name=f"{row.name} ({cfg['model']})")
     results = open_results(cfg)
@@ -1096,8 +1105,8 @@ def parse_args(argv=None):
     p.add_argument("--subset-seed", type=int, default=0, help="seed that fixes the subset (default 0)")
     p.add_argument("--batch-size", type=int, help="fixed batch size B of the batch context "
                    "(default: the checkpoint's fine-tuning batch size, else 64; 1 = per-image model)")
-    p.add_argument("--contexts", default="batch,image",
-                   help="HPM contexts to evaluate (default batch,image)")
+    p.add_argument("--contexts", help="HPM contexts to evaluate (default batch,image; image for an "
+                   "NCM head, which has no batch prototypes)")
     p.add_argument("--version", choices=sorted(VERSIONS), default="strong",
                    help="strong (default): the paper's attacks plus APGD-T, 100 steps, every query "
                         "scored; paper: the paper's protocol exactly (MSA with APGD-CE/DLR, 40 steps, "

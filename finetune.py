@@ -70,8 +70,10 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+import dpnp
 from hpm import attach
 from loading import (DATASETS, DEFAULT_EPS, CLIError, check_eps, check_images, check_labels,
                      check_positive, eps_value, is_finished_head, load_data, load_model, progress_bar,
@@ -86,6 +88,10 @@ DEFAULTS = {
     "imagenet": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, per_class=10, augment=True),
     "mnist": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None, augment=False),
 }
+# --head dpnp: (lambda_DPP, lambda_DNP, lambda_DFA), the Adv-DPNP paper's for CIFAR (MNIST and
+# ImageNet take CIFAR-10's and CIFAR-100's: our choice).
+DPNP_LAMBDAS = {"cifar10": dpnp.DEFAULTS["cifar10"], "mnist": dpnp.DEFAULTS["cifar10"],
+                "cifar100": dpnp.DEFAULTS["cifar100"], "imagenet": dpnp.DEFAULTS["cifar100"]}
 # --attack-loss official: (alpha, beta) of the IKL code's training attack.
 OFFICIAL_ATTACK = {"cifar10": (1.0, 0.0), "mnist": (1.0, 0.0), "cifar100": (1.0, 1.0),
                    "imagenet": (1.0, 1.0)}
@@ -172,11 +178,17 @@ def perturb(model, x, zn, y, S, args):
     zn are the clean logits in the same mode, held fixed. The batch is perturbed jointly and
     classified together (context "batch"), so the batch prototypes see the adversarial batch.
     """
-    x_adv = project(x + 0.001 * torch.randn_like(x), x, args.eps, args.threat_model)  # IKL's start
+    return ascend(x, lambda x_adv: ikl_loss(zn, model(x_adv, mode=args.attack_mode), y, S,
+                                            args.attack_alpha, args.attack_beta), args)
+
+
+def ascend(x, loss_fn, args):
+    """args.steps steps of args.step_size up loss_fn(x_adv), from x + 0.001 * N(0, 1) (IKL's
+    start), inside the eps-ball and [0, 1]: signed for Linf, normalised gradient for L2."""
+    x_adv = project(x + 0.001 * torch.randn_like(x), x, args.eps, args.threat_model)
     for _ in range(args.steps):
         x_adv.requires_grad_(True)
-        za = model(x_adv, mode=args.attack_mode)  # (B, K)
-        loss = ikl_loss(zn, za, y, S, args.attack_alpha, args.attack_beta)
+        loss = loss_fn(x_adv)
         grad, = torch.autograd.grad(loss, x_adv)  # the input's gradient only: no parameter .grad moves
         if args.threat_model == "Linf":
             step = grad.sign()
@@ -251,10 +263,31 @@ def train_step(model, optimizer, x, y, S, args):
     return loss.item(), (zn.argmax(1) == y).sum().item(), (za.argmax(1) == y).sum().item()
 
 
+def train_step_dpnp(model, optimizer, x, y, S, args):
+    """--head dpnp, one batch: PGD on the DPNP head's cross-entropy (our choice of attack), then
+    one step on Eq. 7 with Algorithm 1's dual branch (dpnp.adv_dpnp_loss). S is unused. With the
+    backbone frozen only the prototypes learn, and the adversarial branch reaches them through
+    the DFA term alone."""
+    head = model.head
+    x_adv = ascend(x, lambda x_adv: F.cross_entropy(model(x_adv), y), args)
+    with torch.no_grad():
+        z, z_adv = model.features(x), model.features(x_adv)  # (B, D) each
+    loss = dpnp.adv_dpnp_loss(head, z, z_adv, y, *args.dpnp_lambdas)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        clean, adv = (head(z).argmax(1) == y).sum().item(), (head(z_adv).argmax(1) == y).sum().item()
+    return loss.item(), clean, adv
+
+
 def train_epoch(model, optimizer, x, y, S, args, epoch, generator):
     """One shuffled pass over the uint8 training set; returns the epoch's summary as a dict."""
     model.train()  # the head only: HPMClassifier.train keeps the backbone in eval mode
     assert not any(m.training for m in model.base_model.modules()), "the backbone left eval mode"
+    if args.head == "dpnp":
+        model.head.renormalize()  # Algorithm 1, line 4: back on the sphere at every epoch's start
+    step = train_step_dpnp if args.head == "dpnp" else train_step
     order = torch.randperm(len(x), generator=generator)
     n = loss_sum = clean_correct = adv_correct = 0
     t0 = time.time()
@@ -264,7 +297,7 @@ def train_epoch(model, optimizer, x, y, S, args, epoch, generator):
         idx = order[i:i + args.batch_size]
         xb = random_crop_flip(x[idx], generator) if args.augment else x[idx]
         xb, yb = to_float(xb, args.device), y[idx].to(args.device)
-        loss, clean, adv = train_step(model, optimizer, xb, yb, S, args)
+        loss, clean, adv = step(model, optimizer, xb, yb, S, args)
         n, loss_sum = n + len(idx), loss_sum + loss * len(idx)
         clean_correct, adv_correct = clean_correct + clean, adv_correct + adv
         bar.set_postfix_str(f"loss {loss_sum / n:.4f} clean {clean_correct / n:.1%} adv {adv_correct / n:.1%}")
@@ -274,19 +307,25 @@ def train_epoch(model, optimizer, x, y, S, args, epoch, generator):
             "adv_acc": adv_correct / n, "images": n, "seconds": time.time() - t0}
 
 
-def head_parameters(model):
-    """Freeze all but head.fc and head.mixer, as MoCo's linear probe does; return those parameters.
+TRAINED = {"hpm": ("fc", "mixer"), "dpnp": ("prototypes",), "ncm": ()}  # what each head trains
+
+
+def head_parameters(model, head="hpm"):
+    """Freeze all but the head's trained parts (HPM: head.fc and head.mixer; DPNP: its
+    prototypes), as MoCo's linear probe does; return those parameters.
 
     Set here rather than trusted from attach: the head's FC is a copy of a frozen layer. The
     assertion also catches an FC shared with the base model (it would train the backbone).
     """
     model.requires_grad_(False)
-    model.head.fc.requires_grad_(True)
-    model.head.mixer.requires_grad_(True)
+    expected = set()
+    for part in TRAINED[head]:
+        getattr(model.head, part).requires_grad_(True)
+        module = getattr(model.head, part)
+        expected |= ({f"head.{part}.{name}" for name, _ in module.named_parameters()}
+                     if isinstance(module, nn.Module) else {f"head.{part}"})
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    expected = ({f"head.fc.{name}" for name, _ in model.head.fc.named_parameters()}
-                | {f"head.mixer.{name}" for name, _ in model.head.mixer.named_parameters()})
-    assert trainable == expected, f"trainable set {sorted(trainable)} is not head.fc + head.mixer"
+    assert trainable == expected, f"trainable set {sorted(trainable)} is not {sorted(expected)}"
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -302,9 +341,9 @@ def save_checkpoint(model, args, history, finished):
     """The head, atomically. An unfinished head never replaces a finished one at --out (unless
     --overwrite): it goes beside it, to args.unfinished_out."""
     path = args.out if finished or args.unfinished_out is None else args.unfinished_out
-    save_head(path, model, model_name=args.model, dataset=args.dataset, threat_model=args.threat_model,
-              batch_size=args.batch_size, attack_eps=args.eps, finished=finished,
-              args=dict(vars(args)), history=history)
+    save_head(path, model, head_type=args.head, model_name=args.model, dataset=args.dataset,
+              threat_model=args.threat_model, batch_size=args.batch_size, attack_eps=args.eps,
+              finished=finished, args=dict(vars(args)), history=history)
     if finished and args.unfinished_out is not None and os.path.exists(args.unfinished_out):
         os.remove(args.unfinished_out)
     return path
@@ -321,6 +360,7 @@ def fill_defaults(args):
         args.step_size = args.eps / 4  # 10 steps of eps / 4 can cross the ball and come back
     args.attack_alpha, args.attack_beta = (OFFICIAL_ATTACK[args.dataset] if args.attack_loss == "official"
                                            else (args.alpha, args.beta))
+    args.dpnp_lambdas = DPNP_LAMBDAS[args.dataset]
     if os.path.exists(args.model):
         args.model = os.path.abspath(args.model)  # the checkpoint must find the file from anywhere
     if args.out is None:
@@ -347,17 +387,18 @@ def main(args):
     torch.manual_seed(args.seed)
     base_model = load_model(args.model, args.dataset, args.threat_model, args.model_dir).to(args.device)
     try:
-        model = attach(base_model, momentum=args.momentum)
+        model = build_model(base_model, args)
     except ValueError as e:
         raise CLIError(str(e))
-    init_mixer(model.head, args.mixer_init)
     x, y = load_data(args.dataset, "train", args.data, args.data_dir, args.per_class)
-    check_labels(y, model.head.fc.out_features, args.data or f"the {args.dataset} training set")
+    num_classes = model.base_model.get_submodule(model.fc_name).out_features
+    check_labels(y, num_classes, args.data or f"the {args.dataset} training set")
     check_images(model.base_model, x, args.device, name=f"the model {args.model}")
+    base_state = {k: v.detach().cpu().clone() for k, v in model.base_model.state_dict().items()}
+    if args.head != "hpm":
+        return train_control(model, x, y, args, base_state)
 
     optimizer = torch.optim.Adam(head_parameters(model), lr=args.lr)
-    base_state = {k: v.detach().cpu().clone() for k, v in model.base_model.state_dict().items()}
-
     print(f"HPM head on {args.model}: {len(x)} {args.dataset} training images, {args.epochs} epoch(s) "
           f"of batch {args.batch_size}, Adam lr {args.lr:g}, EMA momentum {args.momentum}")
     print(f"IKL alpha {args.alpha:g} beta {args.beta:g} T {args.T:g}, class weights {args.class_weights}; "
@@ -390,6 +431,49 @@ def main(args):
         print(f"\ninterrupted: saved the unfinished head ({len(history)} complete epoch(s)) to {path}",
               file=sys.stderr)
         raise
+    return model
+
+
+def build_model(base_model, args):
+    """The frozen base model with the head of --head: HPM (with its mixer's start), DPNP, or NCM
+    (HPM's l2 head on C_global alone: the mixer [I; 0], nothing trained)."""
+    if args.head == "dpnp":
+        return dpnp.attach(base_model, alpha=args.dpnp_alpha)
+    model = attach(base_model, momentum=args.momentum)
+    init_mixer(model.head, "global" if args.head == "ncm" else args.mixer_init)
+    return model
+
+
+def train_control(model, x, y, args, base_state):
+    """The controls of the study. --head ncm: the clean pass sets C_global, nothing is trained.
+    --head dpnp: head-only Adv-DPNP training of the prototypes (Eq. 7, Algorithm 1)."""
+    history = []
+    if args.head == "ncm":
+        clean_pass(model, x, y, args.T, args.batch_size, args.device, not args.no_progress)
+        print(f"NCM head on {args.model}: C_global = class means of {len(x)} images; l2 logits to "
+              "C_global alone (nothing trained)")
+    else:
+        optimizer = torch.optim.Adam(head_parameters(model, "dpnp"), lr=args.lr)
+        lambdas = ", ".join(f"{n} {v:g}" for n, v in zip(("DPP", "DNP", "DFA"), args.dpnp_lambdas))
+        print(f"DPNP head on {args.model}: {len(x)} {args.dataset} training images, {args.epochs} "
+              f"epoch(s) of batch {args.batch_size}, Adam lr {args.lr:g}, alpha {args.dpnp_alpha:g}, "
+              f"lambda {lambdas}; PGD on CE, {args.steps} steps of {args.step_size:.4g}")
+        generator = torch.Generator().manual_seed(args.seed)
+        try:
+            for epoch in range(1, args.epochs + 1):
+                history.append(train_epoch(model, optimizer, x, y, None, args, epoch, generator))
+                check_frozen(model, base_state)
+                h = history[-1]
+                print(f"epoch {epoch}/{args.epochs}: clean acc {h['clean_acc']:.2%}  adv acc "
+                      f"{h['adv_acc']:.2%} (against the training attack)  loss {h['loss']:.4f}")
+                if epoch < args.epochs:
+                    save_checkpoint(model, args, history, finished=False)
+        except KeyboardInterrupt:
+            path = save_checkpoint(model, args, history, finished=False)
+            print(f"\ninterrupted: saved the unfinished head to {path}", file=sys.stderr)
+            raise
+    check_frozen(model, base_state)
+    print(f"-> {save_checkpoint(model, args, history, finished=True)}")
     return model
 
 
@@ -436,6 +520,12 @@ def parse_args(argv=None):
                    help="head mode the attack differentiates through: 'ste' the real model with "
                         "straight-through gradients (default: the model being trained), 'soft' the "
                         "smooth surrogate, 'fc' the FC layer alone")
+    p.add_argument("--head", choices=["hpm", "dpnp", "ncm"], default="hpm",
+                   help="the head: 'hpm' (default); the study's controls 'dpnp' (Adv-DPNP's unified "
+                        "prototypes, trained head-only on Eq. 7) and 'ncm' (l2 logits to C_global "
+                        "alone, nothing trained)")
+    p.add_argument("--dpnp-alpha", type=float, default=40.0,
+                   help="--head dpnp: radius of the prototypes' sphere (default 40, the paper's)")
     p.add_argument("--class-weights", choices=["ema", "fixed"], default="ema",
                    help="IKL class weights S: 'ema' (default) from uniform, an EMA over batches of the "
                         "clean softmax(logits / T) per class with --momentum (the official rule, our "

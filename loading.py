@@ -299,20 +299,22 @@ def check_images(model, x, device, name="the model"):
 
 # The head checkpoint ---------------------------------------------------------------------------
 
-HEAD_FIELDS = {"head", "model", "dataset", "threat_model", "momentum", "eps", "batch_size",
-               "attack_eps", "finished"}
+HEAD_FIELDS = {"head", "model", "dataset", "threat_model", "batch_size", "attack_eps", "finished"}
+HEAD_ARGS = {"hpm": ("momentum", "eps"), "ncm": ("momentum", "eps"), "dpnp": ("alpha",)}  # to rebuild
 
 
-def save_head(path, model, *, model_name, dataset, threat_model, batch_size, attack_eps, finished,
-              args, history):
+def save_head(path, model, *, head_type="hpm", model_name, dataset, threat_model, batch_size,
+              attack_eps, finished, args, history):
     """The head's state_dict and what evaluate.py needs to rebuild and evaluate it, as named
-    fields (readable with torch.load(..., weights_only=True)); written atomically."""
+    fields (readable with torch.load(..., weights_only=True)); written atomically. head_type:
+    "hpm", or a control of the study, "ncm" (an HPM head on C_global alone) or "dpnp"."""
+    base_fc = model.base_model.get_submodule(model.fc_name)
     atomic_save({
-        "head": {k: v.cpu() for k, v in model.head.state_dict().items()},
+        "head": {k: v.cpu() for k, v in model.head.state_dict().items()}, "head_type": head_type,
+        **{k: getattr(model.head, k) for k in HEAD_ARGS[head_type]},
         "model": model_name, "dataset": dataset, "threat_model": threat_model,
-        "momentum": model.head.momentum, "eps": model.head.eps,
         "batch_size": batch_size, "attack_eps": attack_eps, "finished": finished,
-        "num_classes": model.head.fc.out_features, "feature_dim": model.head.fc.in_features,
+        "num_classes": base_fc.out_features, "feature_dim": base_fc.in_features,
         "fc_name": model.fc_name, "args": args, "history": history,
     }, path)
 
@@ -336,7 +338,11 @@ def read_head(path):
     if legacy:
         ckpt.setdefault("batch_size", ckpt["args"].get("batch_size"))
         ckpt.setdefault("attack_eps", ckpt["args"].get("eps"))
-    missing = HEAD_FIELDS - set(ckpt) - ({"finished"} if legacy else set())
+    ckpt.setdefault("head_type", "hpm")  # heads written before the controls existed
+    if ckpt["head_type"] not in HEAD_ARGS:
+        raise CLIError(f"{path}: unknown head type {ckpt['head_type']!r}")
+    required = HEAD_FIELDS | set(HEAD_ARGS[ckpt["head_type"]])
+    missing = required - set(ckpt) - ({"finished"} if legacy else set())
     if missing:
         raise CLIError(f"{path} is not a finetune.py head checkpoint (missing {sorted(missing)})")
     bad = [k for k, v in ckpt["head"].items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
@@ -357,7 +363,8 @@ def load_head(ckpt, hpm_model):
         raise CLIError(f"the head checkpoint does not fit this model ({'; '.join(diff[:3])}); "
                        f"it was trained for {ckpt['model']!r} on {ckpt['dataset']}")
     head.load_state_dict(state)
-    head.momentum, head.eps = ckpt["momentum"], ckpt["eps"]
+    for k in HEAD_ARGS[ckpt.get("head_type", "hpm")]:
+        setattr(head, k, ckpt[k])
     return hpm_model
 
 

@@ -11,8 +11,9 @@ setting: finetune.py with the setting's flags, and evaluate.py (its default vers
 contexts) on the same held-out images, batches and seeds, through their command lines. Settings:
 the mixer's start (average, global, default) x the training attack's mode (ste, soft, fc) x the
 IKL class weights (ema, fixed), all with the official attack loss, plus the first landing's
-defaults (average, ste, fixed, attack on the whole training loss). The official defaults are
-average / ste / ema / official. Writes study.json, study.md (the table) and study.png (the plot).
+defaults (average, ste, fixed, attack on the whole training loss), plus two controls: an NCM head
+(l2 logits to C_global alone, nothing trained) and an Adv-DPNP head trained head-only (dpnp.py).
+The official defaults are average / ste / ema / official. Writes study.json, study.md (the table) and study.png (the plot).
 All settings are ours (the paper has no MNIST experiment); the evaluation budget is reduced to fit
 2 CPU cores (EVAL below), which weakens the attacks for every row alike.
 """
@@ -32,37 +33,56 @@ GRID = [dict(mixer_init=m, attack_mode=a, class_weights=w, attack_loss="official
                                          ("ema", "fixed"))]
 FIRST_LANDING = dict(mixer_init="average", attack_mode="ste", class_weights="fixed", attack_loss="train")
 OFFICIAL = dict(mixer_init="average", attack_mode="ste", class_weights="ema", attack_loss="official")
-EVAL = {"full": ["--n-examples", "200", "--steps", "10", "--queries", "300"],
+CONTROLS = [dict(head="ncm"), dict(head="dpnp")]  # l2 to C_global alone; Adv-DPNP's prototypes
+EVAL = {"full": ["--n-examples", "128", "--steps", "10", "--queries", "300"],
         "quick": ["--n-examples", "32", "--steps", "2", "--queries", "10"]}
-QUICK_SETTINGS = [OFFICIAL, FIRST_LANDING]
+QUICK_SETTINGS = [OFFICIAL, FIRST_LANDING] + CONTROLS
 
 
 def name_of(s):
+    if "head" in s:
+        return s["head"]
     return f"{s['mixer_init']}/{s['attack_mode']}/{s['class_weights']}/{s['attack_loss']}"
 
 
 def flags_of(s):
+    if "head" in s:
+        return ["--head", s["head"]]
     return ["--mixer-init", s["mixer_init"], "--attack-mode", s["attack_mode"],
             "--class-weights", s["class_weights"], "--attack-loss", s["attack_loss"]]
 
 
 def row(results, name):
-    return results["base"] if name == "base" else results["hpm"][name.split("/")[1]]
+    """One row of a results file: "base", "hpm/batch", or the per-image row ("hpm/image", which
+    is the NCM head's only one, or the DPNP head's "dpnp"); None where the run has no such row."""
+    if name == "base":
+        return results["base"]
+    if name == "hpm/image" and "dpnp" in results:
+        return results["dpnp"]
+    return results.get("hpm", {}).get(name.split("/")[1])
 
 
 def table(runs):
     """Markdown: one line per setting; worst case (%) per row and the difference to the base."""
-    lines = ["| setting (mixer / attack mode / class weights / attack loss) | clean (batch) | "
-             "HPM batch | vs base | HPM image | vs base | base |",
+    def cells(r, name):
+        if r is None:  # a control has no batch context
+            return "–", "–", "–"
+        return (f"{100 * r['clean']:.1f}", f"{100 * r['worst_case']:.1f}",
+                f"{100 * (r['worst_case'] - base):+.1f}")
+
+    lines = ["| setting: HPM (mixer / attack mode / class weights / attack loss), or a control head "
+             "| clean | batch context | vs base | clean | per image | vs base |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         res = r["results"]
-        b, hb, hi = (row(res, n)["worst_case"] for n in ("base", "hpm/batch", "hpm/image"))
-        mark = " (official defaults)" if r["setting"] == OFFICIAL else (
-            " (first landing)" if r["setting"] == FIRST_LANDING else "")
-        lines.append(f"| {r['name']}{mark} | {100 * row(res, 'hpm/batch')['clean']:.1f} | "
-                     f"{100 * hb:.1f} | {100 * (hb - b):+.1f} | {100 * hi:.1f} | {100 * (hi - b):+.1f} | "
-                     f"{100 * b:.1f} |")
+        base = row(res, "base")["worst_case"]
+        mark = {name_of(OFFICIAL): " (official defaults)", name_of(FIRST_LANDING): " (first landing)",
+                "ncm": " (control: l2 to C_global alone)", "dpnp": " (control: Adv-DPNP head)"}.get(r["name"], "")
+        lines.append(f"| {r['name']}{mark} | " + " | ".join(cells(row(res, "hpm/batch"), "batch")) + " | "
+                     + " | ".join(cells(row(res, "hpm/image"), "image")) + " |")
+    base = row(runs[0]["results"], "base")
+    lines.append(f"| base model (its own FC head) | | | | {100 * base['clean']:.1f} | "
+                 f"{100 * base['worst_case']:.1f} | |")
     return "\n".join(lines)
 
 
@@ -76,9 +96,10 @@ def plot(runs, path, note):
     names = [r["name"] for r in runs]
     ys = range(len(runs))
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(runs) + 1.6))
-    for offset, ctx, color in ((-0.2, "hpm/batch", "tab:red"), (0.2, "hpm/image", "tab:blue")):
-        ax.barh([y + offset for y in ys], [100 * row(r["results"], ctx)["worst_case"] for r in runs],
-                height=0.4, color=color, label=f"HPM, {ctx.split('/')[1]} context")
+    for offset, ctx, color, label in ((-0.2, "hpm/batch", "tab:red", "batch context"),
+                                      (0.2, "hpm/image", "tab:blue", "per image")):
+        ax.barh([y + offset for y in ys], [100 * (row(r["results"], ctx) or {"worst_case": 0})["worst_case"]
+                                           for r in runs], height=0.4, color=color, label=label)
     base = 100 * row(runs[0]["results"], "base")["worst_case"]
     ax.axvline(base, color="black", linestyle="--", label=f"base model ({base:.1f}%)")
     ax.set_yticks(list(ys), names, fontsize=7)
@@ -100,7 +121,7 @@ def main(args):
         print(f"[prepare] {mnist} lacks {', '.join(needed)}: running run_mnist.py there first")
         run_cli(["run_mnist.py", "--out-dir", cli_path(mnist), "--device", args.device]
                 + (["--quick"] if args.quick else []), out / "run_mnist.log")
-    settings = QUICK_SETTINGS if args.quick else GRID + [FIRST_LANDING]
+    settings = QUICK_SETTINGS if args.quick else GRID + [FIRST_LANDING] + CONTROLS
     eval_args = EVAL["quick" if args.quick else "full"]
     runs = []
     for i, s in enumerate(settings, 1):
@@ -124,8 +145,12 @@ def main(args):
     plot(runs, out / "study.png", note)
     minutes = (time.time() - t0) / 60
     base = row(runs[0]["results"], "base")["worst_case"]
-    best = max(runs, key=lambda r: max(row(r["results"], c)["worst_case"] for c in ("hpm/batch", "hpm/image")))
-    best_wc = max(row(best["results"], c)["worst_case"] for c in ("hpm/batch", "hpm/image"))
+    def best_of(r):
+        return max(row(r["results"], c)["worst_case"] for c in ("hpm/batch", "hpm/image")
+                   if row(r["results"], c) is not None)
+
+    best = max(runs, key=best_of)
+    best_wc = best_of(best)
     verdict = (f"No setting beat the base model ({100 * base:.1f}%): the best HPM worst case is "
                f"{100 * best_wc:.1f}% ({best['name']})." if best_wc <= base else
                f"Best setting {best['name']}: {100 * best_wc:.1f}% vs base {100 * base:.1f}% "
@@ -137,8 +162,9 @@ def main(args):
     (out / "study.json").write_text(json.dumps(
         {"eval_args": eval_args, "minutes": minutes, "verdict": verdict,
          "runs": [{k: r[k] for k in ("name", "setting", "seconds")} | {
-             "worst_case": {n: row(r["results"], n)["worst_case"] for n in ("base", "hpm/batch", "hpm/image")},
-             "clean": {n: row(r["results"], n)["clean"] for n in ("base", "hpm/batch", "hpm/image")}}
+             "worst_case": {n: (row(r["results"], n) or {}).get("worst_case")
+                            for n in ("base", "hpm/batch", "hpm/image")},
+             "clean": {n: (row(r["results"], n) or {}).get("clean") for n in ("base", "hpm/batch", "hpm/image")}}
              for r in runs]}, indent=1))
     print("\n" + md + "\n\n" + verdict + f"\n\nstudy: {out / 'study.md'}, {out / 'study.png'} ({minutes:.1f} min)")
     return runs

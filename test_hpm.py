@@ -1447,11 +1447,11 @@ def imported_modules(path):
     return names
 
 
-def test_scripts_do_not_import_each_other_and_share_only_loading():
+def test_scripts_do_not_import_each_other_and_share_only_loading_and_the_heads():
     ev, ft = imported_modules(HERE / "evaluate.py"), imported_modules(HERE / "finetune.py")
     assert "finetune" not in ev and "evaluate" not in ft
     assert {"hpm", "loading"} <= ev and {"hpm", "loading"} <= ft
-    assert (ev & ft) - {"hpm", "loading"} <= {"argparse", "os", "sys", "time", "torch"}
+    assert (ev & ft) - {"hpm", "dpnp", "loading"} <= {"argparse", "os", "sys", "time", "torch"}
     for name in ("load_model", "load_data", "read_head", "load_head", "save_head", "CLIError"):
         assert not hasattr(finetune, name) or getattr(finetune, name) is getattr(loading, name), name
         assert not hasattr(evaluate, name) or getattr(evaluate, name) is getattr(loading, name), name
@@ -2117,13 +2117,15 @@ def test_the_reduced_study_runs_and_its_table_holds_together(quick, tmp_path):
     for r in runs:
         for name in ("base", "hpm/batch", "hpm/image"):
             row = run_study.row(r["results"], name)
+            if row is None:  # the controls have no batch context
+                assert r["name"] in ("ncm", "dpnp") and name == "hpm/batch"
+                continue
             assert row["worst_case"] <= min(row["clean"], *row["attacks"].values()), (r["name"], name)
-        hb = run_study.row(r["results"], "hpm/batch")["worst_case"]
-        assert f"| {100 * hb:.1f} |" in md
+            assert f"| {100 * row['worst_case']:.1f} |" in md
         ckpt = read_head(str(tmp_path / f"head_{r['name'].replace('/', '_')}.pt"))
         assert all(ckpt["args"][k] == v for k, v in r["setting"].items())  # the checkpoint records them
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "official defaults" in md and "first landing" in md
+    assert "official defaults" in md and "first landing" in md and "Adv-DPNP" in md
 
 
 def test_fixed_batch_square_queries_only_whole_batches_inside_the_ball():
@@ -2233,3 +2235,44 @@ def test_prototypes_return_to_the_sphere_and_the_backbone_stays_frozen():
     torch.testing.assert_close(model.head.prototypes.norm(dim=1), torch.full((K,), 40.0))
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
     assert not any(m.training for m in model.train().base_model.modules())
+
+
+# The study's controls through the command lines: DPNP (head-only Adv-DPNP) and NCM ----------
+
+@pytest.mark.parametrize("head", ["dpnp", "ncm"])
+def test_control_heads_train_head_only_and_round_trip_through_evaluate(head, files, tmp_path):
+    out = tmp_path / f"{head}.pt"
+    model = finetune.main(finetune.parse_args([
+        "--model", str(files / "cnn.pt"), "--dataset", "mnist", "--data", str(files / "train.npz"),
+        "--out", str(out), "--device", "cpu", "--no-progress", "--steps", "2", "--head", head]))
+    base = torch.load(files / "cnn.pt", weights_only=False)
+    assert all(torch.equal(v, model.base_model.state_dict()[k]) for k, v in base.state_dict().items())
+    ckpt = read_head(str(out))
+    assert ckpt["head_type"] == head and ckpt["finished"]
+    x, y = loading.load_npz(str(files / "train.npz"))
+    if head == "dpnp":
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {"head.prototypes"} and ckpt["alpha"] == 40.0
+        start = 40.0 * F.normalize(base[7].weight, dim=1)  # the head's start, on the sphere
+        assert not torch.allclose(ckpt["head"]["prototypes"], start)  # it learned
+    else:  # NCM: C_global the exact class means, the mixer passes it alone, nothing trained
+        Z = attach(base).features(x.float() / 255).double()
+        means = torch.stack([Z[y == c].mean(0) for c in range(10)])
+        torch.testing.assert_close(ckpt["head"]["prototypes"].double(), means, rtol=1e-5, atol=1e-5)
+        D = means.shape[1]
+        assert torch.equal(ckpt["head"]["mixer.weight"], torch.cat([torch.eye(D), torch.zeros(D, D)], 1))
+    np.savez(tmp_path / "test.npz", x=x[:16].numpy(), y=y[:16].numpy())
+    res = evaluate.main(evaluate.parse_args([
+        "--head", str(out), "--data", str(tmp_path / "test.npz"), "--n-examples", "16", "--steps", "2",
+        "--queries", "5", "--batch-size", "8", "--device", "cpu", "--no-progress",
+        "--out", str(tmp_path / "r.json")]))
+    rows = set(res) & {"base", "dpnp", "hpm"}
+    if head == "dpnp":
+        assert rows == {"base", "dpnp"} and set(res["dpnp"]["attacks"]) == set(res["base"]["attacks"])
+        rebuilt = loading.load_head(ckpt, dpnp.attach(copy.deepcopy(base)))
+        with torch.no_grad():
+            clean = (rebuilt(x[:16].float() / 255).argmax(1) == y[:16]).float().mean().item()
+        assert res["dpnp"]["clean"] == pytest.approx(clean)
+    else:
+        assert rows == {"base", "hpm"} and list(res["hpm"]) == ["image"]
+    assert res["config"]["head_type"] == head

@@ -92,7 +92,8 @@ def finetune_step_vs_unfrozen(base, x, y, device, repeats, steps):
     and the update backpropagates through the backbone for the clean and adversarial batch.
     """
     args = argparse.Namespace(steps=steps, eps=8 / 255, step_size=2 / 255, threat_model="Linf",
-                              attack_mode="ste", alpha=3.0, beta=10.0)
+                              attack_mode="ste", alpha=3.0, beta=10.0, attack_alpha=3.0, attack_beta=10.0,
+                              class_weights="fixed", T=4.0, momentum=0.98)
     K = base.fc.out_features if hasattr(base, "fc") else 10
     S = torch.full((K, K), 1.0 / K, device=device)
 

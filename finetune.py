@@ -361,6 +361,8 @@ def fill_defaults(args):
     args.attack_alpha, args.attack_beta = (OFFICIAL_ATTACK[args.dataset] if args.attack_loss == "official"
                                            else (args.alpha, args.beta))
     args.dpnp_lambdas = DPNP_LAMBDAS[args.dataset]
+    if args.lambda_dfa is not None:
+        args.dpnp_lambdas = args.dpnp_lambdas[:2] + (args.lambda_dfa,)
     if os.path.exists(args.model):
         args.model = os.path.abspath(args.model)  # the checkpoint must find the file from anywhere
     if args.out is None:
@@ -526,6 +528,10 @@ def parse_args(argv=None):
                         "alone, nothing trained)")
     p.add_argument("--dpnp-alpha", type=float, default=40.0,
                    help="--head dpnp: radius of the prototypes' sphere (default 40, the paper's)")
+    p.add_argument("--lambda-dfa", type=float, default=None,
+                   help="--head dpnp: weight of the DFA term (default per dataset: 2 on CIFAR-10 and "
+                        "MNIST, 2.4 on CIFAR-100 and ImageNet); head-only, the adversarial branch "
+                        "reaches the prototypes through this term alone")
     p.add_argument("--class-weights", choices=["ema", "fixed"], default="ema",
                    help="IKL class weights S: 'ema' (default) from uniform, an EMA over batches of the "
                         "clean softmax(logits / T) per class with --momentum (the official rule, our "

@@ -20,6 +20,7 @@ All settings are ours (the paper has no MNIST experiment); the evaluation budget
 import argparse
 import itertools
 import json
+import re
 import shlex
 import sys
 import time
@@ -33,21 +34,28 @@ GRID = [dict(mixer_init=m, attack_mode=a, class_weights=w, attack_loss="official
                                          ("ema", "fixed"))]
 FIRST_LANDING = dict(mixer_init="average", attack_mode="ste", class_weights="fixed", attack_loss="train")
 OFFICIAL = dict(mixer_init="average", attack_mode="ste", class_weights="ema", attack_loss="official")
-CONTROLS = [dict(head="ncm"), dict(head="dpnp")]  # l2 to C_global alone; Adv-DPNP's prototypes
+# l2 to C_global alone; Adv-DPNP's prototypes, with the paper's DFA weight (2) and without DFA,
+# through which alone the adversarial branch reaches the prototypes when the backbone is frozen
+CONTROLS = [dict(head="ncm"), dict(head="dpnp"), dict(head="dpnp", lambda_dfa=0.0)]
 EVAL = {"full": ["--n-examples", "128", "--steps", "10", "--queries", "300"],
         "quick": ["--n-examples", "32", "--steps", "2", "--queries", "10"]}
-QUICK_SETTINGS = [OFFICIAL, FIRST_LANDING] + CONTROLS
+QUICK_SETTINGS = [OFFICIAL, FIRST_LANDING] + CONTROLS[:2]
 
 
 def name_of(s):
     if "head" in s:
-        return s["head"]
+        return s["head"] + (f" (lambda_DFA {s['lambda_dfa']:g})" if "lambda_dfa" in s else "")
     return f"{s['mixer_init']}/{s['attack_mode']}/{s['class_weights']}/{s['attack_loss']}"
+
+
+def tag_of(name):
+    """A setting's name as a file-name part."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("_")
 
 
 def flags_of(s):
     if "head" in s:
-        return ["--head", s["head"]]
+        return ["--head", s["head"]] + (["--lambda-dfa", str(s["lambda_dfa"])] if "lambda_dfa" in s else [])
     return ["--mixer-init", s["mixer_init"], "--attack-mode", s["attack_mode"],
             "--class-weights", s["class_weights"], "--attack-loss", s["attack_loss"]]
 
@@ -77,7 +85,8 @@ def table(runs):
         res = r["results"]
         base = row(res, "base")["worst_case"]
         mark = {name_of(OFFICIAL): " (official defaults)", name_of(FIRST_LANDING): " (first landing)",
-                "ncm": " (control: l2 to C_global alone)", "dpnp": " (control: Adv-DPNP head)"}.get(r["name"], "")
+                "ncm": " (control: l2 to C_global alone)", "dpnp": " (control: Adv-DPNP head)",
+                "dpnp (lambda_DFA 0)": " (control: Adv-DPNP head without DFA)"}.get(r["name"], "")
         lines.append(f"| {r['name']}{mark} | " + " | ".join(cells(row(res, "hpm/batch"), "batch")) + " | "
                      + " | ".join(cells(row(res, "hpm/image"), "image")) + " |")
     base = row(runs[0]["results"], "base")
@@ -125,7 +134,7 @@ def main(args):
     eval_args = EVAL["quick" if args.quick else "full"]
     runs = []
     for i, s in enumerate(settings, 1):
-        tag = name_of(s).replace("/", "_")
+        tag = tag_of(name_of(s))
         head, res = out / f"head_{tag}.pt", out / f"results_{tag}.json"
         t1 = time.time()
         print(f"[{i}/{len(settings)}] {name_of(s)}")

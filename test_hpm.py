@@ -2122,7 +2122,7 @@ def test_the_reduced_study_runs_and_its_table_holds_together(quick, tmp_path):
                 continue
             assert row["worst_case"] <= min(row["clean"], *row["attacks"].values()), (r["name"], name)
             assert f"| {100 * row['worst_case']:.1f} |" in md
-        ckpt = read_head(str(tmp_path / f"head_{r['name'].replace('/', '_')}.pt"))
+        ckpt = read_head(str(tmp_path / f"head_{run_study.tag_of(r['name'])}.pt"))
         assert all(ckpt["args"][k] == v for k, v in r["setting"].items())  # the checkpoint records them
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "official defaults" in md and "first landing" in md and "Adv-DPNP" in md
@@ -2276,3 +2276,20 @@ def test_control_heads_train_head_only_and_round_trip_through_evaluate(head, fil
     else:
         assert rows == {"base", "hpm"} and list(res["hpm"]) == ["image"]
     assert res["config"]["head_type"] == head
+
+
+def test_the_lenets_plus_plus_run_writes_its_figure_and_trains_both_models(tmp_path):
+    """Adv-DPNP end to end (the paper's Figure 2 on MNIST), reduced."""
+    import run_dpnp_mnist
+
+    results = run_dpnp_mnist.main(run_dpnp_mnist.parse_args(["--quick", "--out-dir", str(tmp_path)]))
+    assert (tmp_path / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "fig2.json").read_text())
+    assert saved["accuracy"] == results and set(results) == {"at", "dpnp"}
+    for r in results.values():
+        assert 0 <= r["pgd"] <= 1 and 0 <= r["clean"] <= 1
+    state = torch.load(tmp_path / "lenets_dpnp.pt", weights_only=True)
+    torch.manual_seed(0)  # the initialisation the run started from (its seed)
+    fresh = run_dpnp_mnist.LeNetsPP("dpnp")
+    assert state["classifier.prototypes"].shape == (10, 2)  # prototypes in the 2-D feature space
+    assert not torch.equal(state["features.0.weight"], fresh.state_dict()["features.0.weight"])  # trained end to end

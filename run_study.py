@@ -136,9 +136,9 @@ def main(args):
     for i, s in enumerate(settings, 1):
         tag = tag_of(name_of(s))
         head, res = out / f"head_{tag}.pt", out / f"results_{tag}.json"
-        t1 = time.time()
+        t1, seconds = time.time(), out / f"seconds_{tag}.txt"
         print(f"[{i}/{len(settings)}] {name_of(s)}")
-        if not res.is_file():  # a rerun skips the settings already done
+        if not res.is_file():  # a rerun skips the settings already done (and keeps their time)
             run_cli(["finetune.py", "--model", cli_path(mnist / "cnn_fc_at.pt"), "--dataset", "mnist",
                      "--data", cli_path(mnist / "train.npz"), "--out", cli_path(head), "--overwrite",
                      "--seed", str(args.seed), "--device", args.device, "--no-progress"]
@@ -146,13 +146,18 @@ def main(args):
             run_cli(["evaluate.py", "--head", cli_path(head), "--data", cli_path(mnist / "heldout.npz"),
                      "--out", cli_path(res), "--overwrite", "--seed", str(args.seed), "--device",
                      args.device, "--no-progress"] + eval_args, out / f"evaluate_{tag}.log")
+            seconds.write_text(f"{time.time() - t1:.1f}\n")
         runs.append({"name": name_of(s), "setting": s, "results": json.loads(res.read_text()),
-                     "seconds": time.time() - t1})
+                     "seconds": float(seconds.read_text()) if seconds.is_file() else None})
     md = table(runs)
     note = (f"evaluate.py version strong, {eval_args[1]} held-out images, {eval_args[3]} APGD steps, "
             f"{eval_args[5]} Square queries")
     plot(runs, out / "study.png", note)
     minutes = (time.time() - t0) / 60
+    known = [r["seconds"] for r in runs if r["seconds"] is not None]
+    compute = f"{sum(known) / 60:.1f} min of fine-tuning and evaluation over {len(known)} settings"
+    if len(known) < len(runs):
+        compute += f" ({len(runs) - len(known)} settings from an earlier run, time not recorded)"
     base = row(runs[0]["results"], "base")["worst_case"]
     def best_of(r):
         return max(row(r["results"], c)["worst_case"] for c in ("hpm/batch", "hpm/image")
@@ -160,16 +165,17 @@ def main(args):
 
     best = max(runs, key=best_of)
     best_wc = best_of(best)
-    verdict = (f"No setting beat the base model ({100 * base:.1f}%): the best HPM worst case is "
-               f"{100 * best_wc:.1f}% ({best['name']})." if best_wc <= base else
+    verdict = (f"No setting beat the base model ({100 * base:.1f}%): the best worst case is "
+               f"{100 * best_wc:.1f}% ({best['name']}{', a tie' if best_wc == base else ''})."
+               if best_wc <= base else
                f"Best setting {best['name']}: {100 * best_wc:.1f}% vs base {100 * base:.1f}% "
                f"({100 * (best_wc - base):+.1f} points).")
-    text = (f"# Fine-tuning study, MNIST miniature\n\nCommand: `{args.command}` ({minutes:.1f} min; "
+    text = (f"# Fine-tuning study, MNIST miniature\n\nCommand: `{args.command}` ({compute}; "
             f"machine: {run_mnist.machine()}).\n\nEvaluation: {note}; worst case (%) over every "
             f"attack, same images, batches and seeds for every row.\n\n{md}\n\n{verdict}\n")
     (out / "study.md").write_text(text)
     (out / "study.json").write_text(json.dumps(
-        {"eval_args": eval_args, "minutes": minutes, "verdict": verdict,
+        {"eval_args": eval_args, "minutes_this_invocation": minutes, "compute": compute, "verdict": verdict,
          "runs": [{k: r[k] for k in ("name", "setting", "seconds")} | {
              "worst_case": {n: (row(r["results"], n) or {}).get("worst_case")
                             for n in ("base", "hpm/batch", "hpm/image")},

@@ -63,6 +63,9 @@ CIFAR-10; alpha 5, beta 12, T 4 on CIFAR-100. Not from the paper (ours):
   that fool the trained model, so the default attacks it; compare with the surrogates.
 - MNIST defaults (eps 0.3, the CIFAR-10 settings otherwise) and the ImageNet alpha/beta
   (the CIFAR-100 ones) are our choices; so are the L2 radii when --threat-model L2.
+- The study's controls (--head): "ncm", HPM's l2 head on C_global alone (mixer [I; 0], the
+  clean pass's class means, nothing trained); "dpnp", Adv-DPNP's unified prototypes (dpnp.py)
+  trained head-only on its Eq. 7 with PGD on the head's cross-entropy (our choice of attack).
 """
 import argparse
 import os

@@ -431,8 +431,7 @@ class APGDMargin(APGDAttack):
     without its scale normaliser (the l2 logits of HPM have another scale than FC logits)."""
 
     def dlr_loss(self, x, y):
-        other = x.scatter(1, y[:, None], -math.inf).amax(dim=1)
-        return other - x.gather(1, y[:, None]).squeeze(1)
+        return -margins(x, y)
 
 
 def final_batch(x, x_best, robust, loss_best, x_best_adv):

@@ -384,6 +384,11 @@ def flip_attack(target, x, y, *, norm, eps, steps, seed, warnings, scorer):
     return [x_flip, final_batch(x, *apgd.attack_single_run(x, y, x_init=x_flip))]
 
 
+def square_note(score_queries, norm):
+    """The note on Square in the batch context: the fixed-batch Square (strong, L-inf) or the library's."""
+    return NOTES["batch_square_fixed" if score_queries and norm == "Linf" else "batch_square"]
+
+
 def margins(logits, y):
     """logit of the true class minus the largest other (B,); below 0: misclassified."""
     other = logits.scatter(1, y[:, None], -math.inf).amax(dim=1)
@@ -659,8 +664,7 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
                         "its adversarial images were not kept")
                 continue
             if row.name == "hpm/batch" and name == "square":
-                log("  note: " + NOTES["batch_square_fixed" if score_queries and norm == "Linf"
-                                       else "batch_square"])
+                log("  note: " + square_note(score_queries, norm))
             counter = WarningCounter()
             attack_batch = attack_job(row, name, batch, norm=norm, eps=eps, steps=steps,
                                       queries=queries, seed=seed, warnings=counter,
@@ -1012,8 +1016,7 @@ def describe(results, cfg, rows, idx, n_total):
     results["version"] = cfg["version"]
     results["notes"] = ([f"version {cfg['version']}: {VERSION_NOTES[cfg['version']]}"]
                         + [NOTES["worst_case"], NOTES["per_image"], NOTES["nonfinite"]]
-                        + ([NOTES["batch_apgd"], NOTES["batch_square_fixed"] if cfg["score_queries"]
-                            and cfg["threat_model"] == "Linf" else NOTES["batch_square"]]
+                        + ([NOTES["batch_apgd"], square_note(cfg["score_queries"], cfg["threat_model"])]
                            if "hpm/batch" in [r.name for r in rows] else [])
                         + ([NOTES["score_queries"]] if cfg["score_queries"] else [])
                         + ([NOTES["apgd_t"]] if any(a.startswith("apgd-t") for a in cfg["attacks"]) else [])
@@ -1035,8 +1038,7 @@ def print_report(results, rows, cfg):
                 if name != "runs":
                     print(f"  {r.name:<10} {name:<23} {c['status']:<5} {c['detail']}")
     if "hpm/batch" in [r.name for r in rows]:
-        fixed = cfg["score_queries"] and cfg["threat_model"] == "Linf"
-        print("\nnote: " + NOTES["batch_square_fixed" if fixed else "batch_square"])
+        print("\nnote: " + square_note(cfg["score_queries"], cfg["threat_model"]))
     print(f"\nresults: {cfg['out']}")
 
 

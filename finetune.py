@@ -206,7 +206,7 @@ def update_class_weights(S, zn, y, T, momentum):
     """--class-weights ema, in place: S[c] <- momentum * S[c] + (1 - momentum) * (mean of
     softmax(zn / T) over the images of class c), for the classes present in the batch."""
     K = S.shape[0]
-    onehot = torch.nn.functional.one_hot(y, K).to(S.dtype)  # (B, K)
+    onehot = F.one_hot(y, K).to(S.dtype)  # (B, K)
     count = onehot.sum(dim=0)  # (K,)
     mean = onehot.t() @ (zn / T).softmax(dim=1).to(S.dtype) / count.clamp_min(1)[:, None]  # (K, K)
     present = (count > 0)[:, None]

@@ -47,6 +47,11 @@ Choices that are ours, not the paper's (the paper does not say how batches were 
 - Default budgets: L-inf 8/255 (CIFAR), 4/255 (ImageNet), 0.3 (MNIST); L2 0.5 (CIFAR),
   3.0 (ImageNet), 2.0 (MNIST), the values usual in RobustBench and the MNIST literature.
 - An image whose logits are not finite after an attack counts as misclassified.
+- `--chunk`: attacks run on chunks of whole fixed batches at once (the batch context grouped,
+  each batch with its own batch prototypes), every batch with the random numbers it gets when
+  attacked alone: a per-image row gets exactly the sequential results (tested). Square on
+  AutoAttack's shrinking queries in the batch context (version paper) and L2 Square on
+  per-image rows still go batch by batch.
 """
 import argparse
 import hashlib
@@ -92,6 +97,7 @@ VERSIONS = {
     "strong": dict(attacks=HPM_ATTACKS[:-1] + ("apgd-t/fc", "apgd-t/mix", "flip/mix", "square"),
                    steps=100, score_queries=True),
 }
+DEFAULT_CHUNK = {"cuda": 1024, "cpu": 256}  # --chunk: images attacked at once
 # Settings that change the numbers: an existing --out file must match them to be resumed.
 IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
             "head_sha256", "eps", "n_examples", "subset_seed", "per_class", "batch_size", "steps",
@@ -159,41 +165,46 @@ class Surrogate(nn.Module):
         self.model, self.surrogate, self.context = model, surrogate, context
         self.scorer = None  # a QueryScorer while an attack runs with --version strong
         self.z_clean = None  # "fixed": the clean batch's features, set by attack_job
+        self.group_size = None  # context "batch": the rows are fixed batches of this size (--chunk)
 
     def forward(self, x):
         z = self.model.features(x)  # (B, D): one backbone pass
         head, ctx = self.model.head, self.context
-        real = head(z, mode="ste", context=ctx) if self.surrogate in ("ste", "mix") else None
-        if self.surrogate == "mix":
-            logp = [head(z, mode=m, context=ctx).log_softmax(dim=1) for m in ("fc", "soft")]
-            out = torch.stack(logp + [real.log_softmax(dim=1)]).mean(dim=0)  # (B, K)
+        kw = dict(context=ctx, group_size=self.group_size if ctx == "batch" else None)
+        real = head(z, mode="ste", **kw) if self.surrogate == "ste" else None
+        if self.surrogate == "mix":  # the three heads in one pass of the head's kernels
+            logits = head(z, mode=("fc", "soft", "ste"), **kw)  # (3, B, K)
+            real, out = logits[2], logits.log_softmax(dim=2).mean(dim=0)  # (B, K)
         elif self.surrogate == "fixed":
-            out = fixed_prototype_logits(head, z, self.z_clean, ctx)
+            out = fixed_prototype_logits(head, z, self.z_clean, ctx, kw["group_size"])
         else:
-            out = real if real is not None else head(z, mode=self.surrogate, context=ctx)
+            out = real if real is not None else head(z, mode=self.surrogate, **kw)
         if self.scorer is not None:  # the real model on the same features: no second backbone pass
             with torch.no_grad():
-                self.scorer(x, real if real is not None else head(z.detach(), mode="ste", context=ctx))
+                self.scorer(x, real if real is not None else head(z.detach(), mode="ste", **kw))
         return out
 
 
-def fixed_prototype_logits(head, z, z_clean, context):
+def fixed_prototype_logits(head, z, z_clean, context, group_size=None):
     """Adaptive surrogate "fixed": the real model with the hybrid prototypes of the clean batch
     held fixed, so the gradient flows only through each image's own features z (B, D), never
-    through the batch prototypes nor the STE assignment. Equal to the real model at z = z_clean."""
+    through the batch prototypes nor the STE assignment. Equal to the real model at z = z_clean.
+    group_size: the rows are fixed batches of this size, each with its own prototypes."""
     if z_clean is None or z_clean.shape != z.shape:
         raise ValueError("surrogate 'fixed' needs the clean batch's features (Surrogate.z_clean)")
     with torch.no_grad():
         P = ste_assignment(head.fc(z_clean))  # (B, K), the clean hard assignment
         if context == "batch":
-            C_hybrid = head.mixer(torch.cat([head.prototypes, batch_prototypes(P, z_clean, head.eps)], 1))
+            b = group_size or len(z)
+            C_batch = batch_prototypes(P.view(-1, b, P.shape[1]), z_clean.view(-1, b, z.shape[1]), head.eps)
+            C_hybrid = head.mixer(torch.cat([head.prototypes.expand_as(C_batch), C_batch], -1))  # (G, K, D)
         else:  # row i alone: C_i[j] = G_j + a_ij u_i, as in HPMHead's image context, from z_clean
             D = z.shape[1]
             G = F.linear(head.prototypes, head.mixer.weight[:, :D], head.mixer.bias)  # (K, D)
             u = F.linear(z_clean, head.mixer.weight[:, D:])  # (B, D)
             a = P / (P + head.eps)  # (B, K)
     if context == "batch":
-        return l2_logits(z, C_hybrid)
+        return l2_logits(z.view(len(C_hybrid), -1, z.shape[1]), C_hybrid).view(len(z), -1)
     # ||z_i - G_j - a_ij u_i||^2 as (B, K) matmuls, z_i the only variable
     d2 = (z.pow(2).sum(1, keepdim=True) - 2 * z @ G.t() + G.pow(2).sum(1)
           - 2 * a * ((z * u).sum(1, keepdim=True) - u @ G.t()) + a.pow(2) * u.pow(2).sum(1, keepdim=True))
@@ -217,10 +228,12 @@ class Scored(nn.Module):
 class QueryScorer:
     """Scores every query of an attack on one fixed batch x0 (B, ...) with labels y on the real
     model: an image is fooled if any query that is the whole batch inside the threat model
-    (eps-ball around x0 and [0, 1]) fooled it. Tensor ops only: no host sync per query."""
+    (eps-ball around x0 and [0, 1]) fooled it. Tensor ops only: no host sync per query.
+    group_size: x0 is a chunk of fixed batches of this size, each judged inside on its own."""
 
-    def __init__(self, x0, y, norm, eps):
+    def __init__(self, x0, y, norm, eps, group_size=None):
         self.x0, self.y, self.norm, self.eps = x0, y, norm, eps
+        self.group_size = group_size or len(y)
         self.robust = torch.ones_like(y, dtype=torch.bool)
         self.queries = self.scored = 0
 
@@ -233,7 +246,8 @@ class QueryScorer:
         delta = (x - self.x0).flatten(1)
         size = delta.abs().amax(dim=1) if self.norm == "Linf" else delta.norm(dim=1)
         inside = ((size <= self.eps * (1 + 1e-5) + 1e-7) & (x.flatten(1).amin(1) >= 0)
-                  & (x.flatten(1).amax(1) <= 1) & torch.isfinite(x.flatten(1)).all(1)).all()
+                  & (x.flatten(1).amax(1) <= 1) & torch.isfinite(x.flatten(1)).all(1))
+        inside = inside.view(-1, self.group_size).all(1).repeat_interleave(self.group_size)  # per batch
         correct = (logits.argmax(dim=1) == self.y) & torch.isfinite(logits).all(dim=1)
         self.robust &= correct | ~inside  # a query with any image outside the ball counts for nothing
 
@@ -294,7 +308,8 @@ def score(model, x, y):
 # One attack on one batch ------------------------------------------------------------------
 
 def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000, seed=0,
-               whole_batch=True, warnings=None, scorer=None, restarts=1, fixed_batch_square=False):
+               whole_batch=True, warnings=None, scorer=None, restarts=1, fixed_batch_square=False,
+               sizes=None):
     """One attack on one batch x (B, C, H, W) in [0, 1]; returns its final adversarial batches
     (a list: one per run; APGD-T makes one run per target class). Nothing is scored here.
 
@@ -308,7 +323,13 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
     restarts: random restarts of APGD-CE, -DLR and -CW (AutoAttack's n_restarts).
     fixed_batch_square: Square on a whole batch (whole_batch, L-inf) queries the whole fixed
     batch every time (square_fixed_batch) instead of AutoAttack's shrinking sub-batches.
+    sizes: x is a chunk of fixed batches of these sizes (equal, but for a chunk of one batch),
+    attacked at once with the random numbers each batch gets alone (see run_chunk).
     """
+    if sizes is not None and len(sizes) > 1:
+        return run_chunk(attack, target, x, y, norm=norm, eps=eps, steps=steps, queries=queries,
+                         seed=seed, whole_batch=whole_batch, warnings=warnings, scorer=scorer,
+                         restarts=restarts, fixed_batch_square=fixed_batch_square, sizes=sizes)
     kind = attack.split("/")[0]
     if scorer is not None:
         assert hasattr(target, "scorer"), "only a Surrogate or a Scored model can score its queries"
@@ -360,24 +381,232 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
             target.scorer = None
 
 
-def flip_attack(target, x, y, *, norm, eps, steps, seed, warnings, scorer):
+# Many fixed batches at once (--chunk) -------------------------------------------------------
+#
+# A chunk is G consecutive fixed batches of B images, attacked in one run: the GPU sees G*B
+# images per step instead of B. The batch context groups its rows (HPMHead's group_size), so
+# each fixed batch keeps its own batch prototypes. AutoAttack draws its random numbers on the
+# CPU generator, seeded with the same seed for every batch; here every batch of a chunk gets the
+# very numbers it gets when attacked alone, so a per-image model gets the same results as the
+# sequential form (tested), and a batch-dependent one the same attack up to float rounding.
+
+class BatchStreams:
+    """One copy of the seeded CPU random stream per fixed batch of a chunk."""
+
+    def __init__(self, seed, n):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.states = [torch.get_rng_state()] * n
+
+    def draw(self, g, fn):
+        """fn() on batch g's stream, which then moves on; the global generator is left alone."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.states[g])
+            out = fn()
+            self.states[g] = torch.get_rng_state()
+        return out
+
+
+def apgd_start(apgd, x, t):
+    """APGD's random start from the draw t on the CPU (as attack_single_run computes it)."""
+    t = 2 * t.to(apgd.device) - 1 if apgd.norm == "Linf" else t.to(apgd.device)
+    return x + apgd.eps * torch.ones_like(x) * apgd.normalize(t)
+
+
+def apgd_draw(apgd, shape):
+    return torch.rand(shape) if apgd.norm == "Linf" else torch.randn(shape)
+
+
+def tiled_starts(apgd, x, batch_size, n_runs, seed):
+    """The starts of n_runs attack_single_run calls on one seeded fixed batch, for every batch of x."""
+    seed_all(seed)
+    G = len(x) // batch_size
+    return [apgd_start(apgd, x, apgd_draw(apgd, (batch_size, *x.shape[1:])).repeat(G, *[1] * (x.dim() - 1)))
+            for _ in range(n_runs)]
+
+
+def perturb_chunk(apgd, x, y, sizes, n_targets=0):
+    """AutoAttack's APGD perturb (APGDAttack, or APGDAttack_targeted with n_targets) as if called
+    on each fixed batch of the chunk in turn: the correctly classified images of all batches in
+    one attack_single_run per restart (and target), each batch's starts from its own stream."""
+    apgd.init_hyperparam(x)
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    streams = BatchStreams(apgd.seed, len(sizes))
+    with torch.no_grad():
+        acc = apgd.model(x).max(1)[1] == y
+    adv = x.clone()
+    for target_class in range(2, n_targets + 2) if n_targets else [None]:
+        for _ in range(apgd.n_restarts):
+            idx = acc.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            x_f, y_f = x[idx], y[idx]
+            if target_class is not None:
+                with torch.no_grad():
+                    apgd.y_target = apgd.model(x_f).sort(dim=1)[1][:, -target_class]
+            counts = torch.bincount(group[idx.cpu()], minlength=len(sizes)).tolist()
+            t = torch.cat([streams.draw(g, lambda n=n: apgd_draw(apgd, (n, *x.shape[1:])))
+                           for g, n in enumerate(counts) if n])
+            _, acc_curr, _, adv_curr = apgd.attack_single_run(x_f, y_f, x_init=apgd_start(apgd, x_f, t))
+            fooled = (acc_curr == 0).nonzero().squeeze(1)
+            acc[idx[fooled]] = False
+            adv[idx[fooled]] = adv_curr[fooled]
+    return adv
+
+
+@torch.no_grad()
+def square_chunk(sq, x, y, sizes):
+    """AutoAttack's SquareAttack.perturb (L-inf, one restart) as if called on each fixed batch of
+    the chunk in turn, as one loop over all their images. The library draws one square (place
+    and signs) per query for all the images it attacks; here each image gets its batch's."""
+    sq.init_hyperparam(x)
+    c, h, w = x.shape[1:]
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(x.device)
+    adv = x.clone()
+    idx = (sq.predict(x).max(1)[1] == y).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return adv
+    xs, ys = x[idx], y[idx]
+    counts = torch.bincount(group[idx], minlength=len(sizes)).tolist()
+    sides = [min(max(int(round(math.sqrt(sq.p_selection(i) * c * h * w / c))), 1), min(h, w))
+             for i in range(sq.n_queries)]
+    streams = BatchStreams(sq.seed, len(sizes))
+
+    def schedule(n):  # the library's draws on a batch of n images: the start, then one square per query
+        start = sq.random_choice([n, c, 1, w])
+        draws = [(sq.random_int(0, h - s), sq.random_int(0, w - s), sq.random_choice([c, 1, 1])) for s in sides]
+        return start, *(torch.cat(d) if k < 2 else torch.stack(d) for k, d in enumerate(zip(*draws)))
+    attacked = [g for g, n in enumerate(counts) if n]
+    plans = [streams.draw(g, lambda n=counts[g]: schedule(n)) for g in attacked]
+    x_best = (xs + sq.eps * torch.cat([p[0] for p in plans])).clamp(0., 1.)
+    top, left, sign = (torch.stack([p[k] for p in plans]) for k in (1, 2, 3))  # (G', queries[, c, 1, 1])
+    slot = torch.zeros(len(sizes), dtype=torch.long, device=x.device)
+    slot[attacked] = torch.arange(len(attacked), device=x.device)
+    gs = slot[group[idx]]  # each attacked image's row in top, left and sign
+    margin_min, loss_min = sq.margin_and_loss(x_best, ys)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    for i, s in enumerate(sides):
+        ia = (margin_min > 0.0).nonzero().squeeze(1)
+        if ia.numel() == 0:
+            break
+        g = gs[ia]
+        t, l = top[g, i][:, None], left[g, i][:, None]
+        window = (((rows >= t) & (rows < t + s))[:, None, :, None]
+                  & ((cols >= l) & (cols < l + s))[:, None, None, :])  # (n, 1, h, w)
+        x_curr, x_best_curr = xs[ia], x_best[ia]
+        x_new = torch.where(window, x_best_curr + 2. * sq.eps * sign[g, i], x_best_curr)
+        x_new = torch.min(torch.max(x_new, x_curr - sq.eps), x_curr + sq.eps).clamp(0., 1.)
+        margin, loss = sq.margin_and_loss(x_new, ys[ia])
+        improved = loss < loss_min[ia]
+        loss_min[ia] = torch.where(improved, loss, loss_min[ia])
+        improved |= margin <= 0.
+        margin_min[ia] = torch.where(improved, margin, margin_min[ia])
+        x_best[ia] = torch.where(improved[:, None, None, None], x_new, x_best_curr)
+    fooled = (sq.predict(x_best).max(1)[1] != ys).nonzero().squeeze(1)
+    adv[idx[fooled]] = x_best[fooled]
+    return adv
+
+
+def run_chunk(attack, target, x, y, *, norm, eps, steps, queries, seed, whole_batch, warnings,
+              scorer, restarts, fixed_batch_square, sizes):
+    """run_attack on a chunk x of G fixed batches of sizes[0] images each (see run_attack): one
+    attack on all of them where the random numbers can be those of each batch alone, else the
+    batches in turn (Square on AutoAttack's shrinking queries in the batch context, L2 Square on
+    a per-image model)."""
+    kind, B = attack.split("/")[0], sizes[0]
+    square_kind = "fixed" if whole_batch and fixed_batch_square and norm == "Linf" else (
+        "chunk" if not whole_batch and norm == "Linf" else None)
+    if kind == "square" and square_kind is None:
+        return per_batch(attack, target, x, y, sizes, scorer, dict(
+            norm=norm, eps=eps, steps=steps, queries=queries, seed=seed, whole_batch=whole_batch,
+            warnings=warnings, restarts=restarts, fixed_batch_square=fixed_batch_square))
+    if scorer is not None:
+        assert hasattr(target, "scorer"), "only a Surrogate or a Scored model can score its queries"
+        target.scorer = scorer
+    try:
+        if kind == "square" and square_kind == "fixed":
+            return [square_fixed_batch(target, x, y, eps=eps, queries=queries, seed=seed, group_size=B)]
+        if kind == "square":
+            sq = SquareAttack(target, norm=norm, n_queries=queries, eps=eps, p_init=0.8, n_restarts=1,
+                              seed=seed, verbose=False, device=x.device)
+            return [square_chunk(sq, x, y, sizes)]
+        if kind in ("apgd-ce", "apgd-dlr", "apgd-cw"):
+            cls = APGDMargin if kind == "apgd-cw" else APGDAttack
+            apgd = cls(target, n_iter=steps, norm=norm, n_restarts=restarts, eps=eps, seed=seed,
+                       loss="dlr" if kind == "apgd-cw" else kind.split("-")[1], eot_iter=1, rho=0.75,
+                       verbose=False, device=x.device, logger=warnings)
+            if not whole_batch:
+                return [perturb_chunk(apgd, x, y, sizes)]
+            apgd.init_hyperparam(x)
+            return [final_batch(x, *apgd.attack_single_run(x, y, x_init=start))
+                    for start in tiled_starts(apgd, x, B, restarts, seed)]
+        if kind == "flip":
+            return flip_attack(target, x, y, norm=norm, eps=eps, steps=steps, seed=seed,
+                               warnings=warnings, scorer=scorer, batch_size=B)
+        if kind == "apgd-t":
+            with torch.no_grad():
+                clean_logits = target(x)
+            n_targets = min(9, clean_logits.shape[1] - 1)
+            apgd = APGDAttack_targeted(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps,
+                                       seed=seed, eot_iter=1, rho=0.75, n_target_classes=n_targets,
+                                       verbose=False, device=x.device, logger=warnings)
+            if not whole_batch:
+                return [perturb_chunk(apgd, x, y, sizes, n_targets=n_targets)]
+            apgd.init_hyperparam(x)
+            order = clean_logits.sort(dim=1)[1]
+            runs = []
+            for t, start in zip(range(2, n_targets + 2), tiled_starts(apgd, x, B, n_targets, seed)):
+                apgd.y_target = order[:, -t]
+                runs.append(final_batch(x, *apgd.attack_single_run(x, y, x_init=start)))
+            return runs
+        raise ValueError(f"unknown attack {attack!r}")
+    finally:
+        if scorer is not None:
+            target.scorer = None
+
+
+def per_batch(attack, target, x, y, sizes, scorer, kw):
+    """run_attack on each fixed batch of the chunk in turn; the runs joined batch by batch."""
+    runs, a = None, 0
+    group = getattr(target, "group_size", None)
+    for n in sizes:
+        sub = None if scorer is None else QueryScorer(x[a:a + n], y[a:a + n], scorer.norm, scorer.eps)
+        if group is not None:  # one batch, or part of one: no groups
+            target.group_size = None
+        try:
+            out = run_attack(attack, target, x[a:a + n], y[a:a + n], scorer=sub, **kw)
+        finally:
+            if group is not None:
+                target.group_size = group
+        if sub is not None:
+            scorer.robust[a:a + n] &= sub.robust
+            scorer.queries, scorer.scored = scorer.queries + sub.queries, scorer.scored + sub.scored
+        runs = out if runs is None else [torch.cat(pair) for pair in zip(runs, out)]
+        a += n
+    return runs
+
+
+def flip_attack(target, x, y, *, norm, eps, steps, seed, warnings, scorer, batch_size=None):
     """Adaptive attack "flip" against HPM's batch prototypes (Eq. 15-16), two APGD runs on the
     whole batch: (1) targeted on the FC oracle, each image toward its real runner-up class, so
     that FC assignments flip and move the batch prototypes C_batch that classify the others;
-    (2) APGD-CE on `target` (the mixture) started from that batch. Both final batches are kept."""
+    (2) APGD-CE on `target` (the mixture) started from that batch. Both final batches are kept.
+    batch_size: x is a chunk of fixed batches of this size (run_chunk)."""
     model, ctx = target.model, target.context
     fc = Surrogate(model, "fc", ctx)
-    fc.scorer = scorer
+    fc.scorer, fc.group_size = scorer, target.group_size
     with torch.no_grad():
-        real = model.head(model.features(x), mode="ste", context=ctx)  # (B, K)
+        group = target.group_size if ctx == "batch" else None
+        real = model.head(model.features(x), mode="ste", context=ctx, group_size=group)  # (B, K)
     runner_up = real.scatter(1, y[:, None], -math.inf).argmax(dim=1)  # (B,)
     flip = APGDAttack_targeted(fc, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed,
                                eot_iter=1, rho=0.75, n_target_classes=1, verbose=False,
                                device=x.device, logger=warnings)
     flip.init_hyperparam(x)
     flip.y_target = runner_up
+    start = None if batch_size is None else tiled_starts(flip, x, batch_size, 1, seed)[0]
     seed_all(seed)
-    x_flip = final_batch(x, *flip.attack_single_run(x, y))
+    x_flip = final_batch(x, *flip.attack_single_run(x, y, x_init=start))
     apgd = APGDAttack(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed, loss="ce",
                       eot_iter=1, rho=0.75, verbose=False, device=x.device, logger=warnings)
     apgd.init_hyperparam(x)
@@ -397,32 +626,36 @@ def margins(logits, y):
 
 
 @torch.no_grad()
-def square_fixed_batch(target, x, y, *, eps, queries, seed, p_init=0.8):
+def square_fixed_batch(target, x, y, *, eps, queries, seed, p_init=0.8, group_size=None):
     """Square (Andriushchenko et al. 2020), L-inf, for a batch-dependent model: every query is
     the whole fixed batch. AutoAttack's Square queries only the images it has not fooled yet,
     which for HPM's batch context is another model. Here each still-correct image proposes a
     new square of +-eps (per channel) around its clean pixels, all proposals go into one query
     of the whole batch, and each image keeps its proposal if its own margin fell under that
-    query. Returns the final batch (the scorer sees every query)."""
+    query. Returns the final batch (the scorer sees every query). group_size: x is a chunk of
+    fixed batches of this size, each drawing what it draws alone (one batch's draws, tiled)."""
     sq = SquareAttack(target, norm="Linf", n_queries=queries, eps=eps, p_init=p_init, seed=seed,
                       device=x.device)  # for its schedule of the square size (p_selection)
     seed_all(seed)
-    B, C, H, W = x.shape
-    stripes = torch.randint(0, 2, (B, C, 1, W), device=x.device) * 2 - 1  # the library's start
+    N, C, H, W = x.shape
+    B = group_size or N
+
+    def draw(high, shape):  # one batch's draw, the same for every batch of the chunk
+        return torch.randint(0, high, (B, *shape), device=x.device).repeat(N // B, *[1] * len(shape))
+    stripes = draw(2, (C, 1, W)) * 2 - 1  # the library's start
     x_best = (x + eps * stripes).clamp(0, 1)
-    margin = margins(target(x_best), y)  # (B,)
+    margin = margins(target(x_best), y)  # (N,)
     rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
     for i in range(queries):
         active = margin > 0
         if not active.any():
             break
         s = min(max(int(round(math.sqrt(sq.p_selection(i) * H * W))), 1), H - 1)  # square side
-        top = torch.randint(0, H - s + 1, (B, 1), device=x.device)
-        left = torch.randint(0, W - s + 1, (B, 1), device=x.device)
+        top, left = draw(H - s + 1, (1,)), draw(W - s + 1, (1,))
         window = (((rows >= top) & (rows < top + s))[:, None, :, None]
                   & ((cols >= left) & (cols < left + s))[:, None, None, :]
-                  & active[:, None, None, None])  # (B, 1, H, W)
-        sign = torch.randint(0, 2, (B, C, 1, 1), device=x.device) * 2 - 1
+                  & active[:, None, None, None])  # (N, 1, H, W)
+        sign = draw(2, (C, 1, 1)) * 2 - 1
         x_new = torch.where(window, (x + eps * sign).clamp(0, 1), x_best)
         m_new = margins(target(x_new), y)
         better = active & (m_new < margin)
@@ -502,9 +735,29 @@ def row_store(results, name):
     return results.setdefault(model, {}).setdefault(ctx, new_row())
 
 
-def run_job(store, name, batches, attack_batch, *, desc, show_progress=True, on_update=None, save=None):
-    """Run attack_batch(i) -> (correct (B,) bool, x_adv or None) over the batches, resuming where
-    store (a dict with "correct", "batches_done", "timings_s") left off; returns the 0/1 list."""
+def make_chunks(batches, done, chunk):
+    """The batches from index `done` on, as chunks [(first, end), ...] of consecutive whole fixed
+    batches, at most `chunk` images each (at least one batch); a batch smaller than the first (the
+    last of the subset) is a chunk of its own. chunk None: one batch per chunk."""
+    size = batches[0][1] - batches[0][0]
+    per = 1 if chunk is None else max(1, chunk // size)
+    chunks, i = [], done
+    while i < len(batches):
+        j = i + 1
+        while j < len(batches) and j - i < per and batches[j][1] - batches[j][0] == size:
+            j += 1
+        if batches[i][1] - batches[i][0] != size:
+            j = i + 1
+        chunks.append((i, j))
+        i = j
+    return chunks
+
+
+def run_job(store, name, batches, attack_chunk, *, desc, chunk=None, show_progress=True,
+            on_update=None, save=None):
+    """Run attack_chunk(first, end) -> (correct (n,) bool, x_adv or None[, final correct]) over
+    the batches, a chunk of whole fixed batches at a time, resuming where store (a dict with
+    "correct", "batches_done", "timings_s") left off; returns the 0/1 list."""
     done = store["batches_done"].get(name, 0)
     correct = list(store["correct"].get(name, []))[: batches[done - 1][1] if done else 0]
     store["timings_s"].setdefault(name, 0.0)
@@ -512,20 +765,21 @@ def run_job(store, name, batches, attack_batch, *, desc, show_progress=True, on_
     bar.update(done)
     n_done = batches[done - 1][1] if done else 0
     final = list(store.get("final_batch_correct", {}).get(name, []))[:n_done]
-    for i in range(done, len(batches)):
+    for first, end in make_chunks(batches, done, chunk):
         t0 = time.perf_counter()
-        c, x_adv, *c_final = attack_batch(i)
+        c, x_adv, *c_final = attack_chunk(first, end)
         if save is not None and x_adv is not None:
-            save(i, x_adv)
+            for i in range(first, end):
+                save(i, x_adv[batches[i][0] - batches[first][0]:batches[i][1] - batches[first][0]])
         correct += c.int().tolist()
         store["correct"][name] = correct
         if c_final:  # what the kept final batch alone scores, where queries were scored too
             final += c_final[0].int().tolist()
             store.setdefault("final_batch_correct", {})[name] = final
-        store["batches_done"][name] = i + 1
+        store["batches_done"][name] = end
         store["timings_s"][name] += time.perf_counter() - t0
         bar.set_postfix_str(f"acc {sum(correct) / len(correct):.1%}")
-        bar.update(1)
+        bar.update(end - first)
         if on_update is not None:
             on_update()
     bar.close()
@@ -583,46 +837,73 @@ class AdvSaver:
 
 
 def batch_loader(x, y, batches, device):
-    """i -> (images float (B, C, H, W) in [0, 1], labels (B,)) of batch i, on the device."""
-    def batch(i):
-        a, b = batches[i]
+    """(first, end) -> (images float (n, C, H, W) in [0, 1], labels (n,)) of batches first..end-1."""
+    def batch(first, end):
+        a, b = batches[first][0], batches[end - 1][1]
         xb = to_float(x[a:b], device) if x.dtype == torch.uint8 else x[a:b].to(device).float()
         return xb, y[a:b].to(device)
     return batch
 
 
-def attack_job(row, attack, batch, *, norm, eps, steps, queries, seed, warnings=None,
+class grouped:
+    """Context manager: the row's batch-context surrogates treat their rows as fixed batches of
+    `size` (None: the rows are one batch)."""
+
+    def __init__(self, row, size):
+        self.surrogates = [s for s in row.surrogates.values() if isinstance(s, Surrogate)]
+        self.size = size
+
+    def __enter__(self):
+        for s in self.surrogates:
+            s.group_size = self.size
+
+    def __exit__(self, *exc):
+        for s in self.surrogates:
+            s.group_size = None
+
+
+def chunk_sizes(batches, first, end):
+    """The fixed batch sizes of chunk (first, end), and the group size (None for one batch)."""
+    sizes = [b - a for a, b in batches[first:end]]
+    return sizes, sizes[0] if len(sizes) > 1 else None
+
+
+def attack_job(row, attack, batch, batches, *, norm, eps, steps, queries, seed, warnings=None,
                score_queries=False, restarts=1):
-    """i -> (correct (B,) bool, x_adv): the attack on batch i, each final batch re-scored whole on
-    the real model (and, with score_queries, every query of the whole batch as well; in that
-    version Square on a batch-dependent row queries only whole fixed batches)."""
+    """(first, end) -> (correct (n,) bool, x_adv[, final correct]): the attack on the chunk of
+    fixed batches first..end-1, each final batch re-scored whole on the real model (and, with
+    score_queries, every query of a whole batch as well; in that version Square on a
+    batch-dependent row queries only whole fixed batches)."""
     target, whole_batch = row.plan(attack)
 
-    def attack_batch(i):
-        xb, yb = batch(i)
-        scorer = QueryScorer(xb, yb, norm, eps) if score_queries else None
-        if getattr(target, "surrogate", None) == "fixed":
-            with torch.no_grad():
-                target.z_clean = target.model.features(xb)
-        runs = run_attack(attack, target, xb, yb, norm=norm, eps=eps, steps=steps, queries=queries,
-                          seed=seed, whole_batch=whole_batch, warnings=warnings, scorer=scorer,
-                          restarts=restarts, fixed_batch_square=score_queries)
-        correct = torch.ones_like(yb, dtype=torch.bool)
-        for x_adv in runs:
-            x_adv = check_adv(x_adv, xb, norm, eps)
-            c_final = score(row.model, x_adv, yb)[0]  # the last run's batch is the one kept
-            correct = correct & c_final
+    def attack_chunk(first, end):
+        xb, yb = batch(first, end)
+        sizes, group = chunk_sizes(batches, first, end)
+        scorer = QueryScorer(xb, yb, norm, eps, group_size=group) if score_queries else None
+        with grouped(row, group):
+            if getattr(target, "surrogate", None) == "fixed":
+                with torch.no_grad():
+                    target.z_clean = target.model.features(xb)
+            runs = run_attack(attack, target, xb, yb, norm=norm, eps=eps, steps=steps, queries=queries,
+                              seed=seed, whole_batch=whole_batch, warnings=warnings, scorer=scorer,
+                              restarts=restarts, fixed_batch_square=score_queries, sizes=sizes)
+            correct = torch.ones_like(yb, dtype=torch.bool)
+            for x_adv in runs:
+                x_adv = check_adv(x_adv, xb, norm, eps)
+                c_final = score(row.model, x_adv, yb)[0]  # the last run's batch is the one kept
+                correct = correct & c_final
         if scorer is None:
             return correct, x_adv
         return correct & scorer.robust, x_adv, c_final
-    return attack_batch
+    return attack_chunk
 
 
 def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, queries=5000,
              batch_size=64, seed=0, results=None, on_update=None, save_adv=None, indices=None,
-             device="cpu", progress=True, log=print, score_queries=False, restarts=1):
+             device="cpu", progress=True, log=print, score_queries=False, restarts=1, chunk=None):
     """Clean and robust accuracy of every row on images x (N, C, H, W; uint8 or float in [0, 1])
-    with labels y (N,), cut into consecutive batches of `batch_size`.
+    with labels y (N,), cut into consecutive batches of `batch_size`, attacked `chunk` images
+    (whole batches) at a time (None: one batch at a time).
 
     results: the dict to fill (and to resume from: finished batches are skipped); on_update()
     is called after every batch. Returns results with results["base"], results["hpm"][ctx],
@@ -637,10 +918,11 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
     for row in rows:
         store = row_store(results, row.name)
 
-        def clean_batch(i):
-            xb, yb = batch(i)
+        def clean_chunk(first, end):
+            xb, yb = batch(first, end)
             try:
-                c, logits = score(row.model, xb, yb)
+                with grouped(row, chunk_sizes(batches, first, end)[1]):
+                    c, logits = score(row.model, xb, yb)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as e:  # typically images of the wrong shape for this model
@@ -648,11 +930,12 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
                                f"{tuple(xb.shape[1:])} ({str(e).splitlines()[0]})")
             if not torch.isfinite(logits).all():
                 raise CLIError(f"{row.name}: the model returned NaN or inf logits on clean images "
-                               f"(batch {i}); check the model file, the head and the input range")
+                               f"(batches {first}-{end - 1}); check the model file, the head and "
+                               "the input range")
             return c, None
 
         if store["batches_done"].get("clean", 0) < len(batches):
-            run_job(store, "clean", batches, clean_batch, desc=f"{row.name} clean",
+            run_job(store, "clean", batches, clean_chunk, desc=f"{row.name} clean", chunk=chunk,
                     show_progress=progress, on_update=on_update)
         store["clean"] = sum(store["correct"]["clean"]) / len(y)
         update_worst_case(store)
@@ -666,7 +949,7 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
             if row.name == "hpm/batch" and name == "square":
                 log("  note: " + square_note(score_queries, norm))
             counter = WarningCounter()
-            attack_batch = attack_job(row, name, batch, norm=norm, eps=eps, steps=steps,
+            attack_chunk = attack_job(row, name, batch, batches, norm=norm, eps=eps, steps=steps,
                                       queries=queries, seed=seed, warnings=counter,
                                       score_queries=score_queries, restarts=restarts)
             saver = None
@@ -677,8 +960,8 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
                     store["timings_s"][name] = 0.0
             resumed = store["batches_done"].get(name, 0) > 0
             with count_backbone_images(row.backbone) as seen:
-                correct = run_job(store, name, batches, attack_batch, desc=f"{row.name} {name}",
-                                  show_progress=progress, on_update=on_update, save=saver)
+                correct = run_job(store, name, batches, attack_chunk, desc=f"{row.name} {name}",
+                                  chunk=chunk, show_progress=progress, on_update=on_update, save=saver)
             if not resumed:  # this process attacked every batch: the attack's whole cost
                 store.setdefault("backbone_passes_per_image", {})[name] = round(seen.images / len(y), 2)
             store["attacks"][name] = sum(correct) / len(correct)
@@ -798,7 +1081,8 @@ def check_key(attack, eps, steps):
 
 
 def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, seed, checks_n,
-               tol, on_update=None, device="cpu", progress=True, score_queries=False, restarts=1):
+               tol, on_update=None, device="cpu", progress=True, score_queries=False, restarts=1,
+               chunk=None):
     """--checks: the eps sweep and doubled steps on the first `checks_n` images of the subset
     (cut into the same fixed batches), the other two checks from the main results."""
     n = min(checks_n, len(y))
@@ -816,11 +1100,11 @@ def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, se
             key = check_key(attack, e, s)
             if key in runs["accuracy"]:
                 continue
-            attack_batch = attack_job(row, attack, batch, norm=norm, eps=e, steps=s,
+            attack_chunk = attack_job(row, attack, batch, batches, norm=norm, eps=e, steps=s,
                                       queries=queries, seed=seed, warnings=WarningCounter(),
                                       score_queries=score_queries, restarts=restarts)
-            correct = run_job(runs, key, batches, attack_batch, desc=f"{row.name} check {key}",
-                              show_progress=progress, on_update=on_update)
+            correct = run_job(runs, key, batches, attack_chunk, desc=f"{row.name} check {key}",
+                              chunk=chunk, show_progress=progress, on_update=on_update)
             runs["accuracy"][key] = sum(correct) / n
         checks.update(gradient_masking_checks(row.name, runs["accuracy"], row_store(results, row.name),
                                               eps=eps, sweep=sweep, steps=steps, n=n, tol=tol))
@@ -943,6 +1227,9 @@ def resolve_config(args):
         raise CLIError(f"unknown device {cfg['device']!r}")
     if cfg["device"].type == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda, but no CUDA GPU is available; pass --device cpu")
+    if cfg["chunk"] is None:
+        cfg["chunk"] = DEFAULT_CHUNK.get(cfg["device"].type, DEFAULT_CHUNK["cpu"])
+    check_positive(chunk=cfg["chunk"])
     return cfg, ckpt
 
 
@@ -1071,7 +1358,7 @@ def main(args):
     common = dict(norm=cfg["threat_model"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
                   batch_size=cfg["batch_size"], seed=cfg["seed"], on_update=on_update,
                   device=cfg["device"], progress=not cfg["no_progress"],
-                  score_queries=cfg["score_queries"], restarts=cfg["restarts"])
+                  score_queries=cfg["score_queries"], restarts=cfg["restarts"], chunk=cfg["chunk"])
     evaluate(rows, x, y, attacks=cfg["attacks"], results=results, save_adv=cfg["save_adv"],
              indices=idx.tolist(), **common)
     if cfg["checks"]:
@@ -1121,6 +1408,9 @@ def parse_args(argv=None):
     p.add_argument("--restarts", type=int, default=1, help="random restarts of APGD-CE, -DLR and "
                    "-CW, each from its own random start (default 1, as the paper and AutoAttack)")
     p.add_argument("--seed", type=int, default=0, help="attack seed, the same for every batch (default 0)")
+    p.add_argument("--chunk", type=int, help="images attacked at once: whole fixed batches, each "
+                   "with its own batch prototypes and the random numbers it gets alone (default "
+                   f"{DEFAULT_CHUNK['cuda']} on a GPU, {DEFAULT_CHUNK['cpu']} on the CPU; lower it if memory runs out)")
     p.add_argument("--checks", action="store_true", help="run the gradient-masking checks")
     p.add_argument("--checks-n", type=int, default=512,
                    help="images (first of the subset) for --checks (default 512)")

@@ -35,9 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def ste_assignment(L):
-    """Eq. 15: one-hot argmax in the forward pass, softmax gradient in the backward pass."""
-    P_soft = L.softmax(dim=-1)
+def ste_assignment(L, P_soft=None):
+    """Eq. 15: one-hot argmax in the forward pass, softmax gradient in the backward pass
+    (P_soft: softmax(L) if already computed)."""
+    P_soft = L.softmax(dim=-1) if P_soft is None else P_soft
     P_hard = F.one_hot(L.argmax(dim=-1), L.shape[-1]).to(P_soft.dtype)
     return P_soft + (P_hard - P_soft).detach()
 
@@ -80,32 +81,38 @@ class HPMHead(nn.Module):
         self.register_buffer("seen", torch.zeros(K, dtype=torch.bool, device=fc.weight.device))
 
     def forward(self, z, mode="ste", context="batch", group_size=None):
-        """Logits (B, K) of features z (B, D). group_size: in context "batch", the rows are
-        consecutive fixed batches of this size, each with its own C_batch (default: one batch)."""
-        L = self.fc(z)  # Eq. 1, (B, K)
-        if mode == "fc":
-            return L
-        if mode == "ste":
-            P = ste_assignment(L)
-        elif mode == "soft":
-            P = L.softmax(dim=-1)
-        else:
+        """Logits (B, K) of features z (B, D). mode: "ste", "soft" or "fc", or a tuple of them for
+        their logits stacked (M, B, K), from one pass that shares the kernels of the modes.
+        group_size: in context "batch", the rows are consecutive fixed batches of this size,
+        each with its own C_batch (default: one batch)."""
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+        if not set(modes) <= {"ste", "soft", "fc"}:
             raise ValueError(f"mode must be 'ste', 'soft' or 'fc', got {mode!r}")
-        if context == "batch":
-            if group_size is not None:  # G fixed batches at once: (G, b, D) and (G, b, K)
-                if group_size < 1 or len(z) % group_size:
-                    raise ValueError(f"group_size {group_size} does not divide the {len(z)} rows")
-                z, P = z.view(-1, group_size, z.shape[1]), P.view(-1, group_size, P.shape[1])
-            C_batch = batch_prototypes(P, z, self.eps)  # (K, D), or (G, K, D)
-            C_global = self.prototypes.expand_as(C_batch)
-            C_hybrid = self.mixer(torch.cat([C_global, C_batch], dim=-1))  # Eq. 17
-            return l2_logits(z, C_hybrid).view(-1, L.shape[1])
-        if context == "image":
-            return self._image_logits(z, P)
-        raise ValueError(f"context must be 'batch' or 'image', got {context!r}")
+        if context not in ("batch", "image"):
+            raise ValueError(f"context must be 'batch' or 'image', got {context!r}")
+        L = self.fc(z)  # Eq. 1, (B, K)
+        hybrid = [m for m in modes if m != "fc"]
+        if hybrid:
+            P_soft = L.softmax(dim=-1)
+            P = torch.stack([P_soft if m == "soft" else ste_assignment(L, P_soft) for m in hybrid])  # (M, B, K)
+            H = self._batch_logits(z, P, group_size) if context == "batch" else self._image_logits(z, P)
+        out = [L if m == "fc" else H[hybrid.index(m)] for m in modes]
+        return out[0] if isinstance(mode, str) else torch.stack(out)
+
+    def _batch_logits(self, z, P, group_size):
+        # G fixed batches of b rows at once: z (G, b, D), P (M, G, b, K) -> C_hybrid (M, G, K, D)
+        M, B, K = P.shape
+        b = group_size or B
+        if b < 1 or B % b:
+            raise ValueError(f"group_size {group_size} does not divide the {B} rows")
+        z, P = z.view(-1, b, z.shape[1]), P.view(M, -1, b, K)
+        C_batch = batch_prototypes(P, z, self.eps)  # Eq. 16
+        C_global = self.prototypes.expand_as(C_batch)
+        C_hybrid = self.mixer(torch.cat([C_global, C_batch], dim=-1))  # Eq. 17
+        return l2_logits(z, C_hybrid).view(M, B, K)
 
     def _image_logits(self, z, P):
-        # Alone in its batch, row i has C_batch[j] = a_ij * z_i with a_ij = P_ij / (P_ij + eps)
+        # P (M, B, K): one assignment per mode. Alone in its batch, row i has C_batch[j] = a_ij * z_i with a_ij = P_ij / (P_ij + eps)
         # (Eq. 16 with B = 1), so its hybrid prototypes are C_hybrid_i[j] = G_j + a_ij * u_i
         # with G = C_global W_g + b_m and u_i = z_i W_b (the mixer split into its two halves).
         # ||z_i - G_j - a_ij u_i||^2 expands into (B, K) matmuls: no (B, K, D) tensor, no loop.
@@ -113,13 +120,13 @@ class HPMHead(nn.Module):
         W_g, W_b = self.mixer.weight[:, :D], self.mixer.weight[:, D:]
         G = F.linear(self.prototypes, W_g, self.mixer.bias)  # (K, D)
         u = F.linear(z, W_b)  # (B, D)
-        a = P / (P + self.eps)  # (B, K)
+        a = P / (P + self.eps)  # (M, B, K)
         d2_zG = z.pow(2).sum(1, keepdim=True) - 2 * z @ G.t() + G.pow(2).sum(1)  # ||z_i - G_j||^2
         zu = (z * u).sum(1, keepdim=True)  # (B, 1)
         uG = u @ G.t()  # (B, K)
         uu = u.pow(2).sum(1, keepdim=True)  # (B, 1)
         d2 = d2_zG - 2 * a * (zu - uG) + a.pow(2) * uu
-        return -safe_sqrt(d2.clamp_min(0))
+        return -safe_sqrt(d2.clamp_min(0))  # (M, B, K)
 
     @torch.no_grad()
     def update_prototypes(self, z, y):

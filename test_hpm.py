@@ -1195,16 +1195,16 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
     real = evaluate.run_attack
     calls = []
 
-    def dies_on_the_seventh_call(*a, **kw):  # base: apgd-ce takes calls 1-4, apgd-dlr 5-8
+    def dies_on_the_fourth_call(*a, **kw):  # chunks of 2 batches: apgd-ce takes calls 1-2, apgd-dlr 3-4
         calls.append(1)
-        if len(calls) == 7:
+        if len(calls) == 4:
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    out = str(tmp_path / "resumed.json")
-    monkeypatch.setattr(evaluate, "run_attack", dies_on_the_seventh_call)
+    out = str(tmp_path / "resumed.json")  # whole: one chunk of 4 batches; this run: chunks of 2
+    monkeypatch.setattr(evaluate, "run_attack", dies_on_the_fourth_call)
     with pytest.raises(KeyboardInterrupt):
-        run_evaluate(paths, *argv, "--out", out)
+        run_evaluate(paths, *argv, "--out", out, "--chunk", "16")
     with open(out) as f:
         partial = json.load(f)
     assert partial["complete"] is False and partial["base"]["batches_done"]["apgd-dlr"] == 2
@@ -2155,6 +2155,86 @@ def test_fixed_batch_square_breaks_batches_that_autoattacks_square_misses():
     only_fixed = [i for i, (a, b) in enumerate(zip(library["correct"]["square"], fixed["correct"]["square"]))
                   if a and not b]
     assert library["clean"] == 1.0 and len(only_fixed) >= 3
+
+
+# Many fixed batches at once (--chunk) ----------------------------------------------------------
+
+def chunk_setup(n=44):
+    """A per-image CNN that classifies most quad images right (labels = its predictions, four
+    flipped so the standard path has images to skip), and an HPM head on it."""
+    torch.manual_seed(0)
+    base = TinyCNN().eval()
+    x, _ = quad_data(n, seed=2)
+    with torch.no_grad():
+        y = base(x.float() / 255).argmax(1)
+    y[[1, 9, 22, 40]] = (y[[1, 9, 22, 40]] + 1) % K
+    return base, fitted_hpm(base, x, y), x, y
+
+
+def test_chunks_are_whole_fixed_batches_and_a_short_last_batch_stands_alone():
+    batches = evaluate.make_batches(44, 8)  # 5 batches of 8, one of 4
+    assert evaluate.make_chunks(batches, 0, 24) == [(0, 3), (3, 5), (5, 6)]
+    assert evaluate.make_chunks(batches, 1, 24) == [(1, 4), (4, 5), (5, 6)]  # resumed mid-way
+    assert evaluate.make_chunks(batches, 0, 5) == [(i, i + 1) for i in range(6)]  # never part of a batch
+    assert evaluate.make_chunks(batches, 0, None) == [(i, i + 1) for i in range(6)]
+
+
+@pytest.mark.parametrize("version", ["strong", "paper"])
+def test_grouped_evaluation_equals_sequential_on_per_image_rows(version):
+    """Chunks of three fixed batches give every per-image row exactly the sequential per-image
+    results (AutoAttack's standard path, transfer attacks, APGD-T, Square, restarts), because each
+    batch of a chunk gets the random numbers it gets alone; and the batch context as well here."""
+    base, model, x, y = chunk_setup()
+    attacks = list(evaluate.VERSIONS[version]["attacks"]) + ["apgd-cw/fc"]
+    kw = dict(attacks=attacks, eps=0.3, steps=6, queries=60, batch_size=8, seed=5, progress=False,
+              log=lambda *a: None, score_queries=version == "strong", restarts=2)
+    sequential = evaluate.evaluate(evaluate.build_rows(base, model), x, y, **kw)
+    grouped = evaluate.evaluate(evaluate.build_rows(base, model), x, y, chunk=24, **kw)
+    broken = 0
+    for name in ("base", "hpm/image", "hpm/batch"):
+        s, g = evaluate.row_store(sequential, name), evaluate.row_store(grouped, name)
+        assert s["correct"] == g["correct"], name
+        broken += sum(s["clean"] > a for a in s["attacks"].values())
+    assert broken >= 10  # the attacks break images: the equality is not that of untouched images
+
+
+def test_grouped_batch_context_rescores_to_its_numbers_and_stays_in_the_ball(tmp_path):
+    """Each kept final batch of a chunked batch-context attack, re-scored alone as its fixed batch,
+    gives the recorded final-batch numbers; the reported ones are never above them."""
+    base, model, x, y = chunk_setup()
+    rows = evaluate.build_rows(base, model, contexts=["batch"])[1:]
+    res = evaluate.evaluate(rows, x, y, attacks=["apgd-ce/mix", "apgd-t/fc", "flip/mix", "square"],
+                            eps=0.3, steps=6, queries=60, batch_size=8, seed=5, progress=False,
+                            log=lambda *a: None, score_queries=True, chunk=24, save_adv=str(tmp_path),
+                            indices=list(range(len(y))))["hpm"]["batch"]
+    xf = x.float() / 255
+    for attack in ("apgd-ce/mix", "apgd-t/fc", "flip/mix", "square"):
+        saved = torch.load(evaluate.adv_path(str(tmp_path), "hpm/batch", attack), weights_only=True)
+        x_adv = saved["x_adv"]
+        assert (x_adv - xf).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+        rescored = []
+        for a, b in evaluate.make_batches(len(y), 8):
+            with torch.no_grad():
+                rescored += (model(x_adv[a:b], context="batch").argmax(1) == y[a:b]).int().tolist()
+        assert rescored == res["final_batch_correct"][attack], attack
+        assert all(r <= f for r, f in zip(res["correct"][attack], rescored))
+
+
+def test_fixed_batch_square_on_a_chunk_queries_whole_chunks_and_equals_each_batch_alone():
+    x, y = quad_data(32)
+    model = fitted_hpm(quad_linear(), x, y).double()
+    target = evaluate.Surrogate(model, "ste", "batch")
+    xf, queried = x.double() / 255, []
+    target.scorer = lambda q, logits: queried.append(q.shape)
+    target.group_size = 8
+    chunk = evaluate.square_fixed_batch(target, xf, y, eps=0.45, queries=40, seed=0, group_size=8)
+    target.scorer, target.group_size = None, None
+    assert len(queried) >= 2 and all(q == xf.shape for q in queried)
+    alone = torch.cat([evaluate.square_fixed_batch(target, xf[a:a + 8], y[a:a + 8], eps=0.45, queries=40,
+                                                   seed=0) for a in range(0, 32, 8)])
+    assert (chunk - xf).abs().max() <= 0.45 + 1e-9 and chunk.min() >= 0 and chunk.max() <= 1
+    assert torch.equal(chunk, alone)
+    assert not torch.equal(chunk, xf)
 
 
 # ============================================================================================

@@ -59,6 +59,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -710,11 +711,12 @@ class count_backbone_images:
         self.batches += 1
 
     def __enter__(self):
-        self.handle = self.module.register_forward_hook(self.hook)
+        self.handle = None if self.module is None else self.module.register_forward_hook(self.hook)
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def make_batches(n, batch_size):
@@ -754,20 +756,31 @@ def make_chunks(batches, done, chunk):
 
 
 def run_job(store, name, batches, attack_chunk, *, desc, chunk=None, show_progress=True,
-            on_update=None, save=None):
+            on_update=None, save=None, backbone=None, ranks=None, key=None):
     """Run attack_chunk(first, end) -> (correct (n,) bool, x_adv or None[, final correct]) over
     the batches, a chunk of whole fixed batches at a time, resuming where store (a dict with
-    "correct", "batches_done", "timings_s") left off; returns the 0/1 list."""
+    "correct", "batches_done", "timings_s") left off; returns the 0/1 list. backbone: the module
+    whose images are counted into store["backbone_images"]. ranks: a Ranks when several processes
+    share the work (torchrun); key names the job in their ledgers."""
+    if ranks is not None:
+        return ranks.run_job(store, name, batches, attack_chunk, desc=desc, chunk=chunk,
+                             show_progress=show_progress, backbone=backbone, key=key or name)
     done = store["batches_done"].get(name, 0)
     correct = list(store["correct"].get(name, []))[: batches[done - 1][1] if done else 0]
     store["timings_s"].setdefault(name, 0.0)
+    images = store.setdefault("backbone_images", {})
+    if done == 0:
+        images[name] = 0
+    elif name not in images:  # resumed from a file written before the count existed
+        images[name] = None
     bar = progress_bar(len(batches), desc, show_progress)
     bar.update(done)
     n_done = batches[done - 1][1] if done else 0
     final = list(store.get("final_batch_correct", {}).get(name, []))[:n_done]
     for first, end in make_chunks(batches, done, chunk):
         t0 = time.perf_counter()
-        c, x_adv, *c_final = attack_chunk(first, end)
+        with count_backbone_images(backbone) as seen:
+            c, x_adv, *c_final = attack_chunk(first, end)
         if save is not None and x_adv is not None:
             for i in range(first, end):
                 save(i, x_adv[batches[i][0] - batches[first][0]:batches[i][1] - batches[first][0]])
@@ -778,12 +791,102 @@ def run_job(store, name, batches, attack_chunk, *, desc, chunk=None, show_progre
             store.setdefault("final_batch_correct", {})[name] = final
         store["batches_done"][name] = end
         store["timings_s"][name] += time.perf_counter() - t0
+        if images[name] is not None:
+            images[name] += seen.images
         bar.set_postfix_str(f"acc {sum(correct) / len(correct):.1%}")
         bar.update(end - first)
         if on_update is not None:
             on_update()
     bar.close()
     return correct
+
+
+class Ranks:
+    """Several processes on one evaluation (torchrun): each attacks its share of the chunks of
+    whole fixed batches, writes what it did to its own ledger (OUT.parts/rank<r>.json, rewritten
+    after every chunk), and after each job every process reads all ledgers, so all hold the same
+    results; rank 0 writes the results file. A rerun reads the ledgers and does only the chunks
+    no rank finished, whichever rank did the others."""
+
+    def __init__(self, out, identity):
+        import torch.distributed as dist
+
+        self.dist, self.rank, self.world = dist, dist.get_rank(), dist.get_world_size()
+        self.dir, self.identity = out + ".parts", identity
+        self.mine = self.read(self.path(self.rank)).get("jobs", {})
+        # What earlier runs finished, as every rank sees it before any of them writes: the
+        # chunks still to do are shared out from this one picture.
+        self.before = {}
+        for ledger in self.ledgers():
+            for key, entries in ledger.get("jobs", {}).items():
+                self.before.setdefault(key, {}).update(entries)
+        self.barrier()
+
+    def path(self, rank):
+        return os.path.join(self.dir, f"rank{rank}.json")
+
+    def read(self, path):
+        """A ledger of this configuration, else {} (another configuration's counts for nothing)."""
+        try:
+            with open(path) as f:
+                ledger = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return ledger if ledger.get("identity") == self.identity else {}
+
+    def ledgers(self):
+        paths = sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []
+        return [self.read(os.path.join(self.dir, p)) for p in paths if p.endswith(".json")]
+
+    def done(self, key):
+        """{first batch of a chunk: its entry} for the job `key`, from every rank's ledger."""
+        out = {}
+        for ledger in self.ledgers():
+            out.update(ledger.get("jobs", {}).get(key, {}))
+        return out
+
+    def record(self, key, first, entry):
+        self.mine.setdefault(key, {})[str(first)] = entry
+        write_json({"identity": self.identity, "rank": self.rank, "pid": os.getpid(), "jobs": self.mine},
+                   self.path(self.rank))
+
+    def barrier(self):
+        self.dist.barrier()
+
+    def run_job(self, store, name, batches, attack_chunk, *, desc, chunk, show_progress, backbone, key):
+        chunks = make_chunks(batches, 0, chunk)
+        done = self.before.get(key, {})
+        todo = [c for c in chunks if str(c[0]) not in done][self.rank::self.world]
+        bar = progress_bar(len(todo), f"{desc} (rank {self.rank}: {len(todo)} chunks)",
+                           show_progress and self.rank == 0)
+        for first, end in todo:
+            t0 = time.perf_counter()
+            with count_backbone_images(backbone) as seen:
+                c, _, *c_final = attack_chunk(first, end)
+            self.record(key, first, {"end": end, "correct": c.int().tolist(),
+                                     "final": c_final[0].int().tolist() if c_final else None,
+                                     "seconds": time.perf_counter() - t0, "images": seen.images})
+            bar.update(1)
+        bar.close()
+        self.barrier()  # every rank's chunks of this job are in the ledgers
+        done = self.done(key)
+        entries = [done[str(first)] for first, _ in chunks]
+        store["correct"][name] = correct = [c for e in entries for c in e["correct"]]
+        store["batches_done"][name] = len(batches)
+        store["timings_s"][name] = sum(e["seconds"] for e in entries)
+        store.setdefault("backbone_images", {})[name] = sum(e["images"] for e in entries)
+        if entries[0]["final"] is not None:
+            store.setdefault("final_batch_correct", {})[name] = [c for e in entries for c in e["final"]]
+        return correct
+
+    def finish(self):
+        """After the last job: the results file holds everything; the ledgers go."""
+        self.barrier()
+        if self.rank == 0:
+            for p in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
+                os.remove(os.path.join(self.dir, p))
+            if os.path.isdir(self.dir):
+                os.rmdir(self.dir)
 
 
 ORDER = ("clean",) + KINDS + ALL_ATTACKS + ("worst_case",)
@@ -900,10 +1003,11 @@ def attack_job(row, attack, batch, batches, *, norm, eps, steps, queries, seed, 
 
 def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, queries=5000,
              batch_size=64, seed=0, results=None, on_update=None, save_adv=None, indices=None,
-             device="cpu", progress=True, log=print, score_queries=False, restarts=1, chunk=None):
+             device="cpu", progress=True, log=print, score_queries=False, restarts=1, chunk=None,
+             ranks=None):
     """Clean and robust accuracy of every row on images x (N, C, H, W; uint8 or float in [0, 1])
     with labels y (N,), cut into consecutive batches of `batch_size`, attacked `chunk` images
-    (whole batches) at a time (None: one batch at a time).
+    (whole batches) at a time (None: one batch at a time); ranks: a Ranks (torchrun) or None.
 
     results: the dict to fill (and to resume from: finished batches are skipped); on_update()
     is called after every batch. Returns results with results["base"], results["hpm"][ctx],
@@ -936,7 +1040,7 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
 
         if store["batches_done"].get("clean", 0) < len(batches):
             run_job(store, "clean", batches, clean_chunk, desc=f"{row.name} clean", chunk=chunk,
-                    show_progress=progress, on_update=on_update)
+                    show_progress=progress, on_update=on_update, ranks=ranks, key=f"{row.name}|clean")
         store["clean"] = sum(store["correct"]["clean"]) / len(y)
         update_worst_case(store)
 
@@ -958,12 +1062,12 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
                 if not saver.has_parts(store["batches_done"].get(name, 0)):  # resumed without parts
                     store["batches_done"][name], store["correct"][name] = 0, []
                     store["timings_s"][name] = 0.0
-            resumed = store["batches_done"].get(name, 0) > 0
-            with count_backbone_images(row.backbone) as seen:
-                correct = run_job(store, name, batches, attack_chunk, desc=f"{row.name} {name}",
-                                  chunk=chunk, show_progress=progress, on_update=on_update, save=saver)
-            if not resumed:  # this process attacked every batch: the attack's whole cost
-                store.setdefault("backbone_passes_per_image", {})[name] = round(seen.images / len(y), 2)
+            correct = run_job(store, name, batches, attack_chunk, desc=f"{row.name} {name}",
+                              chunk=chunk, show_progress=progress, on_update=on_update, save=saver,
+                              backbone=row.backbone, ranks=ranks, key=f"{row.name}|{name}")
+            images = store.get("backbone_images", {}).get(name)
+            if images is not None:  # counted over every batch (a file from before the count has none)
+                store.setdefault("backbone_passes_per_image", {})[name] = round(images / len(y), 2)
             store["attacks"][name] = sum(correct) / len(correct)
             update_worst_case(store)
             if saver is not None:
@@ -1082,7 +1186,7 @@ def check_key(attack, eps, steps):
 
 def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, seed, checks_n,
                tol, on_update=None, device="cpu", progress=True, score_queries=False, restarts=1,
-               chunk=None):
+               chunk=None, ranks=None):
     """--checks: the eps sweep and doubled steps on the first `checks_n` images of the subset
     (cut into the same fixed batches), the other two checks from the main results."""
     n = min(checks_n, len(y))
@@ -1104,7 +1208,8 @@ def run_checks(rows, x, y, results, *, norm, eps, steps, queries, batch_size, se
                                       queries=queries, seed=seed, warnings=WarningCounter(),
                                       score_queries=score_queries, restarts=restarts)
             correct = run_job(runs, key, batches, attack_chunk, desc=f"{row.name} check {key}",
-                              chunk=chunk, show_progress=progress, on_update=on_update)
+                              chunk=chunk, show_progress=progress, on_update=on_update, ranks=ranks,
+                              key=f"{row.name}|check {key}")
             runs["accuracy"][key] = sum(correct) / n
         checks.update(gradient_masking_checks(row.name, runs["accuracy"], row_store(results, row.name),
                                               eps=eps, sweep=sweep, steps=steps, n=n, tol=tol))
@@ -1332,8 +1437,47 @@ def print_report(results, rows, cfg):
 def main(args):
     """Evaluate as the flags say; returns the results dict (also written to --out)."""
     cfg, ckpt = resolve_config(args)
+    ranks = start_ranks(cfg)  # None unless torchrun started several processes
+    if ranks is not None and ranks.rank != 0:
+        sys.stdout = open(os.devnull, "w")  # one log: rank 0's
+    try:
+        return evaluate_as_configured(cfg, ckpt, ranks)
+    finally:
+        if ranks is not None:
+            if ranks.rank != 0:
+                sys.stdout.close()
+                sys.stdout = sys.__stdout__
+            ranks.dist.destroy_process_group()
+
+
+def start_ranks(cfg):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on GPUs, gloo on the CPU),
+    each process on its own GPU; returns a Ranks, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import datetime
+
+    import torch.distributed as dist
+
+    if cfg["save_adv"]:
+        raise CLIError("--save-adv works in one process only; run without torchrun to keep the images")
+    cuda = cfg["device"].type == "cuda"
+    if cuda:
+        cfg["device"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(cfg["device"])
+    # a rank waits at the end of every attack for the others' chunks: no short timeout
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=24))
+    if cfg["overwrite"] and dist.get_rank() == 0:
+        shutil.rmtree(cfg["out"] + ".parts", ignore_errors=True)
+    dist.barrier()
+    return Ranks(cfg["out"], {k: cfg[k] for k in IDENTITY + ("chunk",)})
+
+
+def evaluate_as_configured(cfg, ckpt, ranks):
+    """main's work once the configuration is settled (and the process group joined)."""
     if ckpt is not None and ckpt.get("finished") is False:
-        print(f"warning: {args.head} is an unfinished head (fine-tuning was interrupted after "
+        print(f"warning: {cfg['head']} is an unfinished head (fine-tuning was interrupted after "
               f"{len(ckpt.get('history', []))} epoch(s)); its numbers are not those of a trained head")
     base, hpm_model, dpnp_model, num_classes = load_models(cfg, ckpt)
     x, y, idx, n_total = load_subset(cfg, num_classes)
@@ -1345,7 +1489,11 @@ def main(args):
 
     def on_update():
         results["timing"]["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        write_json(results, cfg["out"])
+        if ranks is None or ranks.rank == 0:  # under torchrun, rank 0 writes the one file
+            write_json(results, cfg["out"])
+
+    if ranks is not None:
+        results["timing"]["processes"] = ranks.world
 
     print(f"version {cfg['version']}: {VERSION_NOTES[cfg['version']]}")
     print(f"{cfg['model']} on {cfg['dataset']}: {len(idx)} of {n_total} test images "
@@ -1358,13 +1506,16 @@ def main(args):
     common = dict(norm=cfg["threat_model"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
                   batch_size=cfg["batch_size"], seed=cfg["seed"], on_update=on_update,
                   device=cfg["device"], progress=not cfg["no_progress"],
-                  score_queries=cfg["score_queries"], restarts=cfg["restarts"], chunk=cfg["chunk"])
+                  score_queries=cfg["score_queries"], restarts=cfg["restarts"], chunk=cfg["chunk"],
+                  ranks=ranks)
     evaluate(rows, x, y, attacks=cfg["attacks"], results=results, save_adv=cfg["save_adv"],
              indices=idx.tolist(), **common)
     if cfg["checks"]:
         run_checks(rows, x, y, results, checks_n=cfg["checks_n"], tol=cfg["checks_tol"], **common)
     results["complete"] = True
     on_update()
+    if ranks is not None:
+        ranks.finish()
     print_report(results, rows, cfg)
     return results
 

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -899,7 +900,8 @@ def strip_timings(obj):
     has no cost figure, and warnings are counted per process)."""
     if isinstance(obj, dict):
         return {k: strip_timings(v) for k, v in obj.items()
-                if k not in ("timing", "timings_s", "out", "backbone_passes_per_image", "library_warnings")}
+                if k not in ("timing", "timings_s", "out", "backbone_passes_per_image", "backbone_images",
+                             "library_warnings")}
     if isinstance(obj, list):
         return [strip_timings(v) for v in obj]
     return obj
@@ -2235,6 +2237,57 @@ def test_fixed_batch_square_on_a_chunk_queries_whole_chunks_and_equals_each_batc
     assert (chunk - xf).abs().max() <= 0.45 + 1e-9 and chunk.min() >= 0 and chunk.max() <= 1
     assert torch.equal(chunk, alone)
     assert not torch.equal(chunk, xf)
+
+
+def torchrun(paths, out, *argv):
+    """evaluate.py in two CPU processes under torchrun (gloo), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "evaluate.py"), "--head", paths["head"], "--data", paths["data"], "--device", "cpu",
+           "--no-progress", "--n-examples", "1000000", "--out", out, *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_under_torchrun_write_what_one_writes_and_resume_after_a_rank_is_killed(tmp_path):
+    paths = write_setup(tmp_path, quad_linear(), n=48)
+    argv = ["--eps", "0.42", "--steps", "5", "--queries", "100", "--chunk", "16"]
+    one = strip_timings(run_evaluate(paths, *argv, "--out", str(tmp_path / "one.json")))
+    assert any(0 < a < 1 for r in rows_of(one).values() for a in r["attacks"].values())  # not trivial
+
+    out = str(tmp_path / "two.json")
+    p = torchrun(paths, out, *argv)
+    log, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    with open(out) as f:
+        two = json.load(f)
+    assert two["timing"]["processes"] == 2 and not os.path.exists(out + ".parts")
+    assert strip_timings(two) == one
+    assert log.count("worst case") >= 10 and "results:" in log  # one log, rank 0's
+
+    out = str(tmp_path / "killed.json")
+    p = torchrun(paths, out, *argv)
+    ledger, t0 = Path(out + ".parts") / "rank1.json", time.time()
+    while time.time() - t0 < 120:  # rank 1 has attacked a chunk: kill it there
+        try:
+            parts = json.loads(ledger.read_text())
+        except (OSError, ValueError):
+            parts = {}
+        if any(k.startswith("base|apgd") for k in parts.get("jobs", {})):
+            os.kill(parts["pid"], 9)
+            break
+        time.sleep(0.01)
+    p.communicate(timeout=120)
+    assert p.returncode != 0
+    with open(out) as f:
+        assert json.load(f)["complete"] is False
+    assert json.loads(ledger.read_text())["jobs"]  # what rank 1 did before it died is kept
+
+    p = torchrun(paths, out, *argv)
+    log, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert "resuming from" in log
+    with open(out) as f:
+        assert strip_timings(json.load(f)) == one
 
 
 # ============================================================================================

@@ -8,10 +8,19 @@ Every figure is a ratio of two paired measurements taken alternately in the same
 alike. Each is printed with its goal and written to bench.json: name -> {value, goal, ok}.
 Models are built offline from robustbench's own architecture classes (random weights: the
 cost of a forward pass does not depend on the weights). Not a test: it does not run in CI.
+
+The figures of evaluate.py's chunks (--chunk) are single timed runs, not paired medians: the
+attack phase's image-steps per second over the backbone's best forward+backward throughput at
+any batch size (the physical limit of an attack); the whole default protocol on a small subset,
+chunked versus batch by batch; AutoAttack's Square on a per-image model, chunked versus batch
+by batch (on a small CNN, where per-query overhead matters); and, as a count that does not
+depend on the machine, the head's aten ops for the mixture's forward+backward, one fused pass
+versus three calls.
 """
 import argparse
 import copy
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -214,6 +223,126 @@ def evaluate_throughput(base, model, x, y, steps):
     return len(x) / (time.perf_counter() - t0)
 
 
+# Many fixed batches at once (evaluate.py --chunk) ------------------------------------------
+
+def timed_once(f, device):
+    sync(device)
+    t0 = time.perf_counter()
+    f()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def backbone_best_throughput(base, x, y, device, repeats, sizes):
+    """The backbone's best forward+backward (to the input) throughput, images/s, over batch sizes:
+    the physical limit of an attack on this machine."""
+    best = {}
+    for b in sizes:
+        xb = x[:b].clone().requires_grad_(True)
+
+        def step():
+            torch.autograd.grad(F.cross_entropy(base(xb), y[:b]), xb)
+        step()
+        best[b] = b / statistics.median(timed_once(step, device) for _ in range(repeats))
+    return max(best.values()), best
+
+
+def attack_phase_throughput(model, x, y, batch, steps, device):
+    """Image-steps/s of APGD-CE on the MSA mixture over one chunk of fixed batches (grouped)."""
+    mix = evaluate.Surrogate(model, "mix", "batch")
+    mix.group_size = batch if len(x) > batch else None
+    sizes = [batch] * (len(x) // batch)
+    run = lambda: evaluate.run_attack("apgd-ce", mix, x, y, norm="Linf", eps=8 / 255, steps=steps,  # noqa: E731
+                                      seed=0, sizes=sizes)
+    run()  # warm-up
+    return len(x) * steps / timed_once(run, device)
+
+
+def protocol_grouped_vs_sequential(base, model, x, y, batch, chunk, steps, queries, device):
+    """The default protocol (version strong's attacks, every row) on one subset: images/s with
+    chunks of `chunk` images / images/s one fixed batch at a time."""
+    kw = dict(attacks=evaluate.VERSIONS["strong"]["attacks"], eps=8 / 255, steps=steps, queries=queries,
+              batch_size=batch, seed=0, progress=False, log=lambda *a: None, score_queries=True,
+              device=device)
+    times = {}
+    for form, c in (("sequential", None), ("grouped", chunk), ("sequential", None), ("grouped", chunk)):
+        t = timed_once(lambda: evaluate.evaluate(evaluate.build_rows(base, model), x, y, chunk=c, **kw), device)
+        times[form] = min(times.get(form, math.inf), t)
+    return times["sequential"] / times["grouped"], {k: len(x) / v for k, v in times.items()}
+
+
+def square_chunk_vs_per_batch(base, x, y, batch, queries, device):
+    """AutoAttack's Square on a per-image model: images/s of the chunked form (square_chunk, one
+    loop over all batches) / AutoAttack's perturb on each fixed batch in turn (the form before)."""
+    from pyautoattack.square import SquareAttack
+
+    sizes = [batch] * (len(x) // batch)
+
+    def new():
+        sq = SquareAttack(base, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
+                          verbose=False, device=x.device)
+        return evaluate.square_chunk(sq, x, y, sizes)
+
+    def before():
+        outs = []
+        for a in range(0, len(x), batch):
+            sq = SquareAttack(base, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
+                              verbose=False, device=x.device)
+            outs.append(sq.perturb(x[a:a + batch], y[a:a + batch]))
+        return torch.cat(outs)
+    t_new = min(timed_once(new, device) for _ in range(2))
+    t_before = min(timed_once(before, device) for _ in range(2))
+    same = torch.equal(new(), before())
+    return t_before / t_new, same
+
+
+def top_level_op(e):
+    """An aten op called from Python or from autograd, not from inside another aten op."""
+    return e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+
+
+def head_ops(model, x, y):
+    """aten ops the HPM head launches for one forward+backward of the MSA mixture: fused (one
+    pass over the three modes) / the three modes called one by one (as before)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        z0 = model.features(x)
+    head = model.head
+
+    def fused():
+        z = z0.clone().requires_grad_(True)
+        out = head(z, mode=("fc", "soft", "ste")).log_softmax(dim=2).mean(dim=0)
+        torch.autograd.grad(F.cross_entropy(out, y), z)
+
+    def separate():
+        z = z0.clone().requires_grad_(True)
+        out = torch.stack([head(z, mode=m).log_softmax(dim=1) for m in ("fc", "soft", "ste")]).mean(dim=0)
+        torch.autograd.grad(F.cross_entropy(out, y), z)
+
+    counts = {}
+    for name, f in (("fused", fused), ("separate", separate)):
+        f()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            f()
+        counts[name] = sum(1 for e in prof.events() if top_level_op(e))
+    return counts["fused"] / counts["separate"], counts
+
+
+class SmallCNN(torch.nn.Module):
+    """A small CIFAR CNN (the kind of model whose Square is bound by Python, not arithmetic)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(64 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
 def setup(args, device):
     torch.manual_seed(0)
     base = build_wrn(args.depth, args.width).to(device)
@@ -235,9 +364,11 @@ def main(args):
           f"{torch.get_num_threads()} threads, median of {args.repeats} paired runs")
     figures = {}
 
-    def report(name, value, goal, extra=""):
-        figures[name] = {"value": round(value, 4), "goal": goal, "ok": bool(value <= goal)}
-        print(f"{name:44s} {value:7.3f}   goal <= {goal:<5}  {'ok' if value <= goal else 'MISSED'} {extra}")
+    def report(name, value, goal, extra="", at_least=False):
+        ok = bool(value >= goal if at_least else value <= goal)
+        figures[name] = {"value": round(value, 4), "goal": f"{'>=' if at_least else '<='} {goal}", "ok": ok}
+        print(f"{name:52s} {value:7.3f}   goal {'>=' if at_least else '<='} {goal:<5}  "
+              f"{'ok' if ok else 'MISSED'} {extra}")
 
     r = args.repeats
     report("hpm_fwd_bwd / base_fwd_bwd", hpm_forward_backward(base, model, x, y, device, r), 1.05)
@@ -248,6 +379,40 @@ def main(args):
     report("head_image_context / 64_single_calls", image_context_vs_loop(model, x, device, r), 0.10)
     report("evaluate_apgd / autoattack_apgd", evaluate_vs_autoattack(base, x, y, device, r,
                                                                      args.apgd_steps), 1.05)
+    fused, ops = head_ops(model, x, y)
+    report("head_ops_msa_fused / head_ops_three_calls", fused, 0.6,
+           f"({ops['fused']} vs {ops['separate']} aten ops per forward+backward)")
+
+    # Many fixed batches at once (evaluate.py --chunk)
+    chunk = args.chunk or evaluate.DEFAULT_CHUNK.get(device.type, evaluate.DEFAULT_CHUNK["cpu"])
+    xc = torch.rand(max(chunk, 4 * args.batch), 3, 32, 32, device=device)
+    with torch.no_grad():
+        yc = base(xc).argmax(1)  # every image correct: every image attacked
+    sizes = sorted({max(1, args.batch // 2), args.batch, 2 * args.batch, 4 * args.batch, chunk})
+    best, per_size = backbone_best_throughput(base, xc, yc, device, r, sizes)
+    steps_s = attack_phase_throughput(model, xc[:chunk], yc[:chunk], args.batch, args.apgd_steps, device)
+    report("attack_image_steps_per_s / backbone_best_fwd_bwd", steps_s / best, 0.8,
+           f"(chunk {chunk}: {steps_s:.0f} vs {best:.0f} images/s; backbone " +
+           ", ".join(f"batch {b}: {v:.0f}" for b, v in per_size.items()) + ")", at_least=True)
+    pb = args.protocol_batch or (64 if device.type == "cuda" else 8)
+    n = pb * args.protocol_batches
+    xp, yp = xc[:n], yc[:n]
+    ratio, ips = protocol_grouped_vs_sequential(base, model, xp, yp, pb, n, args.apgd_steps,
+                                                args.protocol_queries, device)
+    report("protocol_grouped / protocol_sequential (images/s)", ratio, 1.0,
+           f"({ips['grouped']:.2f} vs {ips['sequential']:.2f} images/s; {n} images in batches of {pb}, "
+           f"strong attacks, {args.apgd_steps} steps, {args.protocol_queries} queries)", at_least=True)
+    torch.manual_seed(0)
+    cnn = SmallCNN().to(device).eval().requires_grad_(False)
+    n_sq = max(chunk, 4 * args.batch)  # chunked: at least 4 fixed batches at once
+    xs = torch.rand(n_sq, 3, 32, 32, device=device)
+    with torch.no_grad():
+        ys = cnn(xs).argmax(1)
+    sq, same = square_chunk_vs_per_batch(cnn, xs, ys, args.batch, args.square_queries, device)
+    report("square_per_image_chunk / per_batch (images/s)", sq, 10.0 if device.type == "cuda" else 3.0,
+           f"(small CNN, {n_sq} images, batches of {args.batch}, {args.square_queries} queries; "
+           f"identical adversarial images: {same})", at_least=True)
+
     ratio, peaks = peak_memory_ratio(args)
     report("peak_mem_msa_attack / peak_mem_base_apgd", ratio, 1.2,
            f"({peaks['msa'] / 2**20:.0f} MiB vs {peaks['base'] / 2**20:.0f} MiB)")
@@ -271,6 +436,14 @@ def parse_args(argv=None):
     p.add_argument("--apgd-steps", type=int, default=5, help="APGD iterations per timed attack")
     p.add_argument("--attack-steps", type=int, default=10, help="attack steps per fine-tuning step (paper: 10)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--chunk", type=int, default=0, help="images per chunk of the attack figure (0: "
+                   "evaluate.py's default for the device)")
+    p.add_argument("--protocol-batch", type=int, default=0, help="fixed batch size of the whole-protocol "
+                   "figure (0: 64 on a GPU, 8 on the CPU)")
+    p.add_argument("--protocol-batches", type=int, default=4, help="fixed batches in the whole-protocol "
+                   "figure (one chunk)")
+    p.add_argument("--protocol-queries", type=int, default=50, help="Square queries in the whole-protocol figure")
+    p.add_argument("--square-queries", type=int, default=300, help="queries of the Square figure")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench.json", help="where the figures are written")
     p.add_argument("--_memory-probe", dest="_memory_probe", default="", help=argparse.SUPPRESS)

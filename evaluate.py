@@ -7,6 +7,7 @@ of HPM handled as SPEC.md section 3 defines it:
     python evaluate.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar10 --head head.pt
     python evaluate.py --head head.pt --model mnist_cnn.pt --data mnist_test.npz --checks
     python evaluate.py --model mnist_cnn.pt --dataset mnist --data mnist_test.npz   # base only
+    torchrun --nproc-per-node 4 evaluate.py --head head.pt   # 4 GPUs share the batches (Ranks)
 
 What it does:
 - A fixed subset of the test set (`--n-examples`, default 25% of it as in the paper;
@@ -98,7 +99,9 @@ VERSIONS = {
     "strong": dict(attacks=HPM_ATTACKS[:-1] + ("apgd-t/fc", "apgd-t/mix", "flip/mix", "square"),
                    steps=100, score_queries=True),
 }
-DEFAULT_CHUNK = {"cuda": 1024, "cpu": 256}  # --chunk: images attacked at once
+# --chunk: images attacked at once. On the CPU one batch of the default size: bench.py measured
+# larger batches slower per image there (WRN-16-4 forward+backward: 164 images/s at 64, 92 at 256).
+DEFAULT_CHUNK = {"cuda": 1024, "cpu": 64}
 # Settings that change the numbers: an existing --out file must match them to be resumed.
 IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
             "head_sha256", "eps", "n_examples", "subset_seed", "per_class", "batch_size", "steps",
@@ -308,6 +311,20 @@ def score(model, x, y):
 
 # One attack on one batch ------------------------------------------------------------------
 
+def library_attack(kind, target, x, *, norm, eps, steps, queries, seed, restarts, warnings, n_targets=1):
+    """AutoAttack's object for "square", "apgd-ce", "apgd-dlr", "apgd-cw" (APGD on the CW
+    margin) or "apgd-t" (n_targets target classes), with the settings we use everywhere."""
+    if kind == "square":
+        return SquareAttack(target, norm=norm, n_queries=queries, eps=eps, p_init=0.8, n_restarts=1,
+                            seed=seed, verbose=False, device=x.device)
+    common = dict(n_iter=steps, norm=norm, eps=eps, seed=seed, eot_iter=1, rho=0.75, verbose=False,
+                  device=x.device, logger=warnings)
+    if kind == "apgd-t":
+        return APGDAttack_targeted(target, n_restarts=1, n_target_classes=n_targets, **common)
+    cls = APGDMargin if kind == "apgd-cw" else APGDAttack
+    return cls(target, n_restarts=restarts, loss="dlr" if kind == "apgd-cw" else kind.split("-")[1], **common)
+
+
 def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000, seed=0,
                whole_batch=True, warnings=None, scorer=None, restarts=1, fixed_batch_square=False,
                sizes=None):
@@ -332,6 +349,7 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
                          seed=seed, whole_batch=whole_batch, warnings=warnings, scorer=scorer,
                          restarts=restarts, fixed_batch_square=fixed_batch_square, sizes=sizes)
     kind = attack.split("/")[0]
+    kw = dict(norm=norm, eps=eps, steps=steps, queries=queries, seed=seed, restarts=restarts, warnings=warnings)
     if scorer is not None:
         assert hasattr(target, "scorer"), "only a Surrogate or a Scored model can score its queries"
         target.scorer = scorer
@@ -339,18 +357,14 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
         if kind == "square":
             if whole_batch and fixed_batch_square and norm == "Linf":
                 return [square_fixed_batch(target, x, y, eps=eps, queries=queries, seed=seed)]
-            sq = SquareAttack(target, norm=norm, n_queries=queries, eps=eps, p_init=0.8, n_restarts=1,
-                              seed=seed, verbose=False, device=x.device)
+            sq = library_attack(kind, target, x, **kw)
             if not whole_batch:
                 return [sq.perturb(x, y)]
             sq.init_hyperparam(x)
             seed_all(seed)
             return [sq.attack_single_run(x, y)[1]]
         if kind in ("apgd-ce", "apgd-dlr", "apgd-cw"):
-            cls = APGDMargin if kind == "apgd-cw" else APGDAttack
-            apgd = cls(target, n_iter=steps, norm=norm, n_restarts=restarts, eps=eps, seed=seed,
-                       loss="dlr" if kind == "apgd-cw" else kind.split("-")[1], eot_iter=1, rho=0.75,
-                       verbose=False, device=x.device, logger=warnings)
+            apgd = library_attack(kind, target, x, **kw)
             if not whole_batch:
                 return [apgd.perturb(x, y)]
             apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
@@ -363,9 +377,7 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
             with torch.no_grad():
                 clean_logits = target(x)
             n_targets = min(9, clean_logits.shape[1] - 1)
-            apgd = APGDAttack_targeted(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps,
-                                       seed=seed, eot_iter=1, rho=0.75, n_target_classes=n_targets,
-                                       verbose=False, device=x.device, logger=warnings)
+            apgd = library_attack(kind, target, x, n_targets=n_targets, **kw)
             if not whole_batch:
                 return [apgd.perturb(x, y)]
             apgd.init_hyperparam(x)
@@ -521,6 +533,7 @@ def run_chunk(attack, target, x, y, *, norm, eps, steps, queries, seed, whole_ba
         return per_batch(attack, target, x, y, sizes, scorer, dict(
             norm=norm, eps=eps, steps=steps, queries=queries, seed=seed, whole_batch=whole_batch,
             warnings=warnings, restarts=restarts, fixed_batch_square=fixed_batch_square))
+    kw = dict(norm=norm, eps=eps, steps=steps, queries=queries, seed=seed, restarts=restarts, warnings=warnings)
     if scorer is not None:
         assert hasattr(target, "scorer"), "only a Surrogate or a Scored model can score its queries"
         target.scorer = scorer
@@ -528,14 +541,9 @@ def run_chunk(attack, target, x, y, *, norm, eps, steps, queries, seed, whole_ba
         if kind == "square" and square_kind == "fixed":
             return [square_fixed_batch(target, x, y, eps=eps, queries=queries, seed=seed, group_size=B)]
         if kind == "square":
-            sq = SquareAttack(target, norm=norm, n_queries=queries, eps=eps, p_init=0.8, n_restarts=1,
-                              seed=seed, verbose=False, device=x.device)
-            return [square_chunk(sq, x, y, sizes)]
+            return [square_chunk(library_attack(kind, target, x, **kw), x, y, sizes)]
         if kind in ("apgd-ce", "apgd-dlr", "apgd-cw"):
-            cls = APGDMargin if kind == "apgd-cw" else APGDAttack
-            apgd = cls(target, n_iter=steps, norm=norm, n_restarts=restarts, eps=eps, seed=seed,
-                       loss="dlr" if kind == "apgd-cw" else kind.split("-")[1], eot_iter=1, rho=0.75,
-                       verbose=False, device=x.device, logger=warnings)
+            apgd = library_attack(kind, target, x, **kw)
             if not whole_batch:
                 return [perturb_chunk(apgd, x, y, sizes)]
             apgd.init_hyperparam(x)
@@ -548,9 +556,7 @@ def run_chunk(attack, target, x, y, *, norm, eps, steps, queries, seed, whole_ba
             with torch.no_grad():
                 clean_logits = target(x)
             n_targets = min(9, clean_logits.shape[1] - 1)
-            apgd = APGDAttack_targeted(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps,
-                                       seed=seed, eot_iter=1, rho=0.75, n_target_classes=n_targets,
-                                       verbose=False, device=x.device, logger=warnings)
+            apgd = library_attack(kind, target, x, n_targets=n_targets, **kw)
             if not whole_batch:
                 return [perturb_chunk(apgd, x, y, sizes, n_targets=n_targets)]
             apgd.init_hyperparam(x)
@@ -600,16 +606,14 @@ def flip_attack(target, x, y, *, norm, eps, steps, seed, warnings, scorer, batch
         group = target.group_size if ctx == "batch" else None
         real = model.head(model.features(x), mode="ste", context=ctx, group_size=group)  # (B, K)
     runner_up = real.scatter(1, y[:, None], -math.inf).argmax(dim=1)  # (B,)
-    flip = APGDAttack_targeted(fc, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed,
-                               eot_iter=1, rho=0.75, n_target_classes=1, verbose=False,
-                               device=x.device, logger=warnings)
+    kw = dict(norm=norm, eps=eps, steps=steps, queries=None, seed=seed, restarts=1, warnings=warnings)
+    flip = library_attack("apgd-t", fc, x, n_targets=1, **kw)
     flip.init_hyperparam(x)
     flip.y_target = runner_up
     start = None if batch_size is None else tiled_starts(flip, x, batch_size, 1, seed)[0]
     seed_all(seed)
     x_flip = final_batch(x, *flip.attack_single_run(x, y, x_init=start))
-    apgd = APGDAttack(target, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=seed, loss="ce",
-                      eot_iter=1, rho=0.75, verbose=False, device=x.device, logger=warnings)
+    apgd = library_attack("apgd-ce", target, x, **kw)
     apgd.init_hyperparam(x)
     return [x_flip, final_batch(x, *apgd.attack_single_run(x, y, x_init=x_flip))]
 

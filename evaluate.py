@@ -31,7 +31,7 @@ What it does:
   robust (worst case) only if it is correct clean and under every attack.
 - `--checks`: the gradient-masking checks (eps sweep, doubled steps, Square versus the
   gradient attacks, transfer versus end-to-end), each printed as pass or flag.
-- The results JSON (`--out`) is rewritten atomically after every batch; running the same
+- The results JSON (`--out`) is rewritten atomically after every chunk; running the same
   command again resumes where it stopped and skips what is finished.
 
 Choices that are ours, not the paper's (the paper does not say how batches were formed):
@@ -1014,7 +1014,7 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
     (whole batches) at a time (None: one batch at a time); ranks: a Ranks (torchrun) or None.
 
     results: the dict to fill (and to resume from: finished batches are skipped); on_update()
-    is called after every batch. Returns results with results["base"], results["hpm"][ctx],
+    is called after every chunk. Returns results with results["base"], results["hpm"][ctx],
     each {"clean", "attacks": {name: accuracy}, "worst_case", "correct": {name: [0/1, ...]}, ...}.
     """
     results = {} if results is None else results
@@ -1571,7 +1571,7 @@ def parse_args(argv=None):
                    help="images (first of the subset) for --checks (default 512)")
     p.add_argument("--checks-tol", type=float, default=0.02,
                    help="accuracy difference tolerated by the checks, at least one image (default 0.02)")
-    p.add_argument("--out", help="results JSON, rewritten after every batch; rerun to resume "
+    p.add_argument("--out", help="results JSON, rewritten after every chunk; rerun to resume "
                    "(default: HEAD.eval.json, or eval.json without --head)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds results "
                    "of another configuration")

@@ -100,7 +100,7 @@ VERSIONS = {
                    steps=100, score_queries=True),
 }
 # --chunk: images attacked at once. On the CPU one batch of the default size: bench.py measured
-# larger batches slower per image there (WRN-16-4 forward+backward: 164 images/s at 64, 92 at 256).
+# larger batches slower per image there (WRN-16-4 forward+backward: 148 images/s at 64, 88 at 256).
 DEFAULT_CHUNK = {"cuda": 1024, "cpu": 64}
 # Settings that change the numbers: an existing --out file must match them to be resumed.
 IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
@@ -175,14 +175,14 @@ class Surrogate(nn.Module):
         z = self.model.features(x)  # (B, D): one backbone pass
         head, ctx = self.model.head, self.context
         kw = dict(context=ctx, group_size=self.group_size if ctx == "batch" else None)
-        real = head(z, mode="ste", **kw) if self.surrogate == "ste" else None
         if self.surrogate == "mix":  # the three heads in one pass of the head's kernels
             logits = head(z, mode=("fc", "soft", "ste"), **kw)  # (3, B, K)
             real, out = logits[2], logits.log_softmax(dim=2).mean(dim=0)  # (B, K)
         elif self.surrogate == "fixed":
-            out = fixed_prototype_logits(head, z, self.z_clean, ctx, kw["group_size"])
+            real, out = None, fixed_prototype_logits(head, z, self.z_clean, ctx, kw["group_size"])
         else:
-            out = real if real is not None else head(z, mode=self.surrogate, **kw)
+            out = head(z, mode=self.surrogate, **kw)
+            real = out if self.surrogate == "ste" else None
         if self.scorer is not None:  # the real model on the same features: no second backbone pass
             with torch.no_grad():
                 self.scorer(x, real if real is not None else head(z.detach(), mode="ste", **kw))
@@ -342,53 +342,56 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
     fixed_batch_square: Square on a whole batch (whole_batch, L-inf) queries the whole fixed
     batch every time (square_fixed_batch) instead of AutoAttack's shrinking sub-batches.
     sizes: x is a chunk of fixed batches of these sizes (equal, but for a chunk of one batch),
-    attacked at once with the random numbers each batch gets alone (see run_chunk).
+    attacked at once with the random numbers each batch gets alone (see BatchStreams); AutoAttack's
+    Square on shrinking queries (whole_batch) or in L2 goes batch by batch (per_batch).
     """
-    if sizes is not None and len(sizes) > 1:
-        return run_chunk(attack, target, x, y, norm=norm, eps=eps, steps=steps, queries=queries,
-                         seed=seed, whole_batch=whole_batch, warnings=warnings, scorer=scorer,
-                         restarts=restarts, fixed_batch_square=fixed_batch_square, sizes=sizes)
     kind = attack.split("/")[0]
+    B = sizes[0] if sizes is not None and len(sizes) > 1 else None  # a chunk of fixed batches of B
     kw = dict(norm=norm, eps=eps, steps=steps, queries=queries, seed=seed, restarts=restarts, warnings=warnings)
+    fixed_square = kind == "square" and whole_batch and fixed_batch_square and norm == "Linf"
+    if B is not None and kind == "square" and not fixed_square and (whole_batch or norm != "Linf"):
+        # AutoAttack's Square on shrinking queries (batch context) or in L2: batch by batch
+        return per_batch(attack, target, x, y, sizes, scorer, dict(
+            kw, whole_batch=whole_batch, fixed_batch_square=fixed_batch_square))
     if scorer is not None:
         assert hasattr(target, "scorer"), "only a Surrogate or a Scored model can score its queries"
         target.scorer = scorer
     try:
+        if fixed_square:
+            return [square_fixed_batch(target, x, y, eps=eps, queries=queries, seed=seed, group_size=B)]
         if kind == "square":
-            if whole_batch and fixed_batch_square and norm == "Linf":
-                return [square_fixed_batch(target, x, y, eps=eps, queries=queries, seed=seed)]
             sq = library_attack(kind, target, x, **kw)
+            if B is not None:
+                return [square_chunk(sq, x, y, sizes)]
             if not whole_batch:
                 return [sq.perturb(x, y)]
             sq.init_hyperparam(x)
             seed_all(seed)
             return [sq.attack_single_run(x, y)[1]]
-        if kind in ("apgd-ce", "apgd-dlr", "apgd-cw"):
-            apgd = library_attack(kind, target, x, **kw)
-            if not whole_batch:
-                return [apgd.perturb(x, y)]
-            apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
-            seed_all(seed)  # as perturb: one seed, then each restart draws its own random start
-            return [final_batch(x, *apgd.attack_single_run(x, y)) for _ in range(restarts)]
         if kind == "flip":
             return flip_attack(target, x, y, norm=norm, eps=eps, steps=steps, seed=seed,
-                               warnings=warnings, scorer=scorer)
+                               warnings=warnings, scorer=scorer, batch_size=B or len(x))
+        n_targets = 0
         if kind == "apgd-t":
             with torch.no_grad():
                 clean_logits = target(x)
             n_targets = min(9, clean_logits.shape[1] - 1)
-            apgd = library_attack(kind, target, x, n_targets=n_targets, **kw)
-            if not whole_batch:
-                return [apgd.perturb(x, y)]
-            apgd.init_hyperparam(x)
-            seed_all(seed)  # as the library's perturb: one seed, then every target in turn
-            order = clean_logits.sort(dim=1)[1]  # (B, K) classes by clean logit, ascending
-            runs = []
-            for t in range(2, n_targets + 2):
-                apgd.y_target = order[:, -t]
-                runs.append(final_batch(x, *apgd.attack_single_run(x, y)))
-            return runs
-        raise ValueError(f"unknown attack {attack!r}")
+        elif kind not in ("apgd-ce", "apgd-dlr", "apgd-cw"):
+            raise ValueError(f"unknown attack {attack!r}")
+        apgd = library_attack(kind, target, x, n_targets=n_targets, **kw)
+        if not whole_batch:
+            return [perturb_chunk(apgd, x, y, sizes, n_targets) if B else apgd.perturb(x, y)]
+        apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
+        # as perturb: one seed, then each restart (or target) draws its own random start
+        starts = tiled_starts(apgd, x, B or len(x), n_targets or restarts, seed)
+        if kind != "apgd-t":
+            return [final_batch(x, *apgd.attack_single_run(x, y, x_init=start)) for start in starts]
+        order = clean_logits.sort(dim=1)[1]  # (B, K) classes by clean logit, ascending
+        runs = []
+        for t, start in zip(range(2, n_targets + 2), starts):
+            apgd.y_target = order[:, -t]
+            runs.append(final_batch(x, *apgd.attack_single_run(x, y, x_init=start)))
+        return runs
     finally:
         if scorer is not None:
             target.scorer = None
@@ -431,7 +434,8 @@ def apgd_draw(apgd, shape):
 
 
 def tiled_starts(apgd, x, batch_size, n_runs, seed):
-    """The starts of n_runs attack_single_run calls on one seeded fixed batch, for every batch of x."""
+    """The starts of n_runs attack_single_run calls on one seeded fixed batch, for every batch of
+    x: for x one batch, exactly the starts the library draws itself after seed_all(seed)."""
     seed_all(seed)
     G = len(x) // batch_size
     return [apgd_start(apgd, x, apgd_draw(apgd, (batch_size, *x.shape[1:])).repeat(G, *[1] * (x.dim() - 1)))
@@ -520,58 +524,6 @@ def square_chunk(sq, x, y, sizes):
     return adv
 
 
-def run_chunk(attack, target, x, y, *, norm, eps, steps, queries, seed, whole_batch, warnings,
-              scorer, restarts, fixed_batch_square, sizes):
-    """run_attack on a chunk x of G fixed batches of sizes[0] images each (see run_attack): one
-    attack on all of them where the random numbers can be those of each batch alone, else the
-    batches in turn (Square on AutoAttack's shrinking queries in the batch context, L2 Square on
-    a per-image model)."""
-    kind, B = attack.split("/")[0], sizes[0]
-    square_kind = "fixed" if whole_batch and fixed_batch_square and norm == "Linf" else (
-        "chunk" if not whole_batch and norm == "Linf" else None)
-    if kind == "square" and square_kind is None:
-        return per_batch(attack, target, x, y, sizes, scorer, dict(
-            norm=norm, eps=eps, steps=steps, queries=queries, seed=seed, whole_batch=whole_batch,
-            warnings=warnings, restarts=restarts, fixed_batch_square=fixed_batch_square))
-    kw = dict(norm=norm, eps=eps, steps=steps, queries=queries, seed=seed, restarts=restarts, warnings=warnings)
-    if scorer is not None:
-        assert hasattr(target, "scorer"), "only a Surrogate or a Scored model can score its queries"
-        target.scorer = scorer
-    try:
-        if kind == "square" and square_kind == "fixed":
-            return [square_fixed_batch(target, x, y, eps=eps, queries=queries, seed=seed, group_size=B)]
-        if kind == "square":
-            return [square_chunk(library_attack(kind, target, x, **kw), x, y, sizes)]
-        if kind in ("apgd-ce", "apgd-dlr", "apgd-cw"):
-            apgd = library_attack(kind, target, x, **kw)
-            if not whole_batch:
-                return [perturb_chunk(apgd, x, y, sizes)]
-            apgd.init_hyperparam(x)
-            return [final_batch(x, *apgd.attack_single_run(x, y, x_init=start))
-                    for start in tiled_starts(apgd, x, B, restarts, seed)]
-        if kind == "flip":
-            return flip_attack(target, x, y, norm=norm, eps=eps, steps=steps, seed=seed,
-                               warnings=warnings, scorer=scorer, batch_size=B)
-        if kind == "apgd-t":
-            with torch.no_grad():
-                clean_logits = target(x)
-            n_targets = min(9, clean_logits.shape[1] - 1)
-            apgd = library_attack(kind, target, x, n_targets=n_targets, **kw)
-            if not whole_batch:
-                return [perturb_chunk(apgd, x, y, sizes, n_targets=n_targets)]
-            apgd.init_hyperparam(x)
-            order = clean_logits.sort(dim=1)[1]
-            runs = []
-            for t, start in zip(range(2, n_targets + 2), tiled_starts(apgd, x, B, n_targets, seed)):
-                apgd.y_target = order[:, -t]
-                runs.append(final_batch(x, *apgd.attack_single_run(x, y, x_init=start)))
-            return runs
-        raise ValueError(f"unknown attack {attack!r}")
-    finally:
-        if scorer is not None:
-            target.scorer = None
-
-
 def per_batch(attack, target, x, y, sizes, scorer, kw):
     """run_attack on each fixed batch of the chunk in turn; the runs joined batch by batch."""
     runs, a = None, 0
@@ -598,7 +550,7 @@ def flip_attack(target, x, y, *, norm, eps, steps, seed, warnings, scorer, batch
     whole batch: (1) targeted on the FC oracle, each image toward its real runner-up class, so
     that FC assignments flip and move the batch prototypes C_batch that classify the others;
     (2) APGD-CE on `target` (the mixture) started from that batch. Both final batches are kept.
-    batch_size: x is a chunk of fixed batches of this size (run_chunk)."""
+    batch_size: x is a chunk of fixed batches of this size (default: one batch)."""
     model, ctx = target.model, target.context
     fc = Surrogate(model, "fc", ctx)
     fc.scorer, fc.group_size = scorer, target.group_size
@@ -610,8 +562,7 @@ def flip_attack(target, x, y, *, norm, eps, steps, seed, warnings, scorer, batch
     flip = library_attack("apgd-t", fc, x, n_targets=1, **kw)
     flip.init_hyperparam(x)
     flip.y_target = runner_up
-    start = None if batch_size is None else tiled_starts(flip, x, batch_size, 1, seed)[0]
-    seed_all(seed)
+    start = tiled_starts(flip, x, batch_size or len(x), 1, seed)[0]
     x_flip = final_batch(x, *flip.attack_single_run(x, y, x_init=start))
     apgd = library_attack("apgd-ce", target, x, **kw)
     apgd.init_hyperparam(x)
@@ -820,10 +771,7 @@ class Ranks:
         self.mine = self.read(self.path(self.rank)).get("jobs", {})
         # What earlier runs finished, as every rank sees it before any of them writes: the
         # chunks still to do are shared out from this one picture.
-        self.before = {}
-        for ledger in self.ledgers():
-            for key, entries in ledger.get("jobs", {}).items():
-                self.before.setdefault(key, {}).update(entries)
+        self.before = self.jobs()
         self.barrier()
 
     def path(self, rank):
@@ -842,11 +790,12 @@ class Ranks:
         paths = sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []
         return [self.read(os.path.join(self.dir, p)) for p in paths if p.endswith(".json")]
 
-    def done(self, key):
-        """{first batch of a chunk: its entry} for the job `key`, from every rank's ledger."""
+    def jobs(self):
+        """{job key: {first batch of a chunk: its entry}} from every rank's ledger."""
         out = {}
         for ledger in self.ledgers():
-            out.update(ledger.get("jobs", {}).get(key, {}))
+            for key, entries in ledger.get("jobs", {}).items():
+                out.setdefault(key, {}).update(entries)
         return out
 
     def record(self, key, first, entry):
@@ -873,7 +822,7 @@ class Ranks:
             bar.update(1)
         bar.close()
         self.barrier()  # every rank's chunks of this job are in the ledgers
-        done = self.done(key)
+        done = self.jobs().get(key, {})
         entries = [done[str(first)] for first, _ in chunks]
         store["correct"][name] = correct = [c for e in entries for c in e["correct"]]
         store["batches_done"][name] = len(batches)
@@ -887,10 +836,7 @@ class Ranks:
         """After the last job: the results file holds everything; the ledgers go."""
         self.barrier()
         if self.rank == 0:
-            for p in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
-                os.remove(os.path.join(self.dir, p))
-            if os.path.isdir(self.dir):
-                os.rmdir(self.dir)
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 ORDER = ("clean",) + KINDS + ALL_ATTACKS + ("worst_case",)

@@ -112,9 +112,10 @@ class HPMHead(nn.Module):
         return l2_logits(z, C_hybrid).view(M, B, K)
 
     def _image_logits(self, z, P):
-        # P (M, B, K): one assignment per mode. Alone in its batch, row i has C_batch[j] = a_ij * z_i with a_ij = P_ij / (P_ij + eps)
-        # (Eq. 16 with B = 1), so its hybrid prototypes are C_hybrid_i[j] = G_j + a_ij * u_i
-        # with G = C_global W_g + b_m and u_i = z_i W_b (the mixer split into its two halves).
+        # P (M, B, K): one assignment per mode. Alone in its batch, row i has C_batch[j] = a_ij z_i
+        # with a_ij = P_ij / (P_ij + eps) (Eq. 16 with B = 1), so its hybrid prototypes are
+        # C_hybrid_i[j] = G_j + a_ij * u_i with G = C_global W_g + b_m and u_i = z_i W_b (the
+        # mixer split into its two halves).
         # ||z_i - G_j - a_ij u_i||^2 expands into (B, K) matmuls: no (B, K, D) tensor, no loop.
         D = z.shape[1]
         W_g, W_b = self.mixer.weight[:, :D], self.mixer.weight[:, D:]

@@ -13,9 +13,11 @@ The figures of evaluate.py's chunks (--chunk) are single timed runs, not paired 
 attack phase's image-steps per second over the backbone's best forward+backward throughput at
 any batch size (the physical limit of an attack); the whole default protocol on a small subset,
 chunked versus batch by batch; AutoAttack's Square on a per-image model, chunked versus batch
-by batch (on a small CNN, where per-query overhead matters); and, as a count that does not
-depend on the machine, the head's aten ops for the mixture's forward+backward, one fused pass
-versus three calls.
+by batch (on a small CNN, where per-query overhead matters), with the limit of any Square that
+makes the same queries (the model's own forward time for them at its best batch size); and, as
+a count that does not depend on the machine, the head's aten ops for the mixture's
+forward+backward, one fused pass versus three calls. The --compile figures compare the head
+through torch.compile with the eager head (the first call compiles; it is not timed).
 """
 import argparse
 import copy
@@ -83,6 +85,21 @@ def hpm_forward_backward(base, model, x, y, device, repeats):
         (g,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
 
     return paired_ratio(hpm_step, base_step, device, repeats)[0]
+
+
+def head_compiled_vs_eager(model, x, y, device, repeats, calls=50):
+    """The head alone, forward + backward to its features, through torch.compile (evaluate.py
+    --compile) / eager: what compiling saves of the head's own cost (at batch 64 mostly the launch
+    and dispatch of its many small ops, the part that showed on an H100)."""
+    with torch.no_grad():
+        z0 = model.features(x)
+    compiled = evaluate.compile_head(copy.deepcopy(model.head))
+
+    def steps(head):
+        for _ in range(calls):
+            z = z0.clone().requires_grad_(True)
+            torch.autograd.grad(F.cross_entropy(head(z), y), z)
+    return paired_ratio(lambda: steps(compiled), lambda: steps(model.head), device, repeats)[0]
 
 
 def apgd_step_msa_vs_base(base, model, x, y, device, repeats, steps):
@@ -271,29 +288,44 @@ def protocol_grouped_vs_sequential(base, model, x, y, batch, chunk, steps, queri
     return times["sequential"] / times["grouped"], {k: len(x) / v for k, v in times.items()}
 
 
-def square_chunk_vs_per_batch(base, x, y, batch, queries, device):
+def square_chunk_vs_per_batch(base, x, y, batch, queries, device, repeats):
     """AutoAttack's Square on a per-image model: images/s of the chunked form (square_chunk, one
-    loop over all batches) / AutoAttack's perturb on each fixed batch in turn (the form before)."""
+    loop over all batches) / AutoAttack's perturb on each fixed batch in turn (the form before).
+    Also the limit of any Square making the same queries: the time before / the time the model
+    alone needs for the images it was queried on, at its best forward throughput at any batch
+    size (no reordering of the queries can beat that)."""
     from pyautoattack.square import SquareAttack
 
     sizes = [batch] * (len(x) // batch)
+    queried = [0]
+
+    def counted(xq):
+        queried[0] += len(xq)
+        return base(xq)
 
     def new():
         sq = SquareAttack(base, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
                           verbose=False, device=x.device)
         return evaluate.square_chunk(sq, x, y, sizes)
 
-    def before():
+    def before(model=base):
         outs = []
         for a in range(0, len(x), batch):
-            sq = SquareAttack(base, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
+            sq = SquareAttack(model, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
                               verbose=False, device=x.device)
             outs.append(sq.perturb(x[a:a + batch], y[a:a + batch]))
         return torch.cat(outs)
     t_new = min(timed_once(new, device) for _ in range(2))
     t_before = min(timed_once(before, device) for _ in range(2))
-    same = torch.equal(new(), before())
-    return t_before / t_new, same
+    same = torch.equal(new(), before(counted))
+    best = {}
+    with torch.no_grad():
+        for b in sorted({batch, 2 * batch, 4 * batch, len(x)}):
+            xb = x[:b]
+            base(xb)
+            best[b] = b / statistics.median(timed_once(lambda: base(xb), device) for _ in range(repeats))
+    limit = t_before / (queried[0] / max(best.values()))
+    return t_before / t_new, same, limit
 
 
 def top_level_op(e):
@@ -372,6 +404,12 @@ def main(args):
 
     r = args.repeats
     report("hpm_fwd_bwd / base_fwd_bwd", hpm_forward_backward(base, model, x, y, device, r), 1.05)
+    compiled = copy.deepcopy(model)
+    evaluate.compile_head(compiled.head)
+    report("hpm_fwd_bwd (head compiled) / base_fwd_bwd", hpm_forward_backward(base, compiled, x, y, device, r),
+           1.05, "(evaluate.py --compile)")
+    report("head_fwd_bwd compiled / eager (head alone)", head_compiled_vs_eager(model, x, y, device, r), 1.0,
+           "(below 1: compiling helps)")
     report("apgd_step_msa_mix / apgd_step_base", apgd_step_msa_vs_base(base, model, x, y, device, r,
                                                                          args.apgd_steps), 1.10)
     report("finetune_step / step_with_backbone_grads", finetune_step_vs_unfrozen(base, x, y, device, r,
@@ -408,10 +446,13 @@ def main(args):
     xs = torch.rand(n_sq, 3, 32, 32, device=device)
     with torch.no_grad():
         ys = cnn(xs).argmax(1)
-    sq, same = square_chunk_vs_per_batch(cnn, xs, ys, args.batch, args.square_queries, device)
+    sq, same, limit = square_chunk_vs_per_batch(cnn, xs, ys, args.batch, args.square_queries, device, r)
     report("square_per_image_chunk / per_batch (images/s)", sq, 10.0 if device.type == "cuda" else 3.0,
            f"(small CNN, {n_sq} images, batches of {args.batch}, {args.square_queries} queries; "
-           f"identical adversarial images: {same})", at_least=True)
+           f"identical adversarial images: {same}; the limit of any Square making these queries "
+           f"on this machine: {limit:.2f}x)", at_least=True)
+    figures["square_limit_same_queries"] = {"value": round(limit, 4), "goal": "none (the bound on the figure above)",
+                                            "ok": True}
 
     ratio, peaks = peak_memory_ratio(args)
     report("peak_mem_msa_attack / peak_mem_base_apgd", ratio, 1.2,

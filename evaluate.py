@@ -1306,6 +1306,17 @@ def load_models(cfg, ckpt):
     return base, hpm_model, dpnp_model, num_classes
 
 
+def compile_head(head):
+    """--compile: the head's forward through torch.compile, in place (its state_dict unchanged).
+    An evaluation calls it in up to ~20 forms (modes, contexts, grouped or not, grad or no_grad,
+    new batch shapes): room for all of them, so that none falls back to eager mode."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, limit, max(getattr(config, limit), 64))
+    head.compile()
+    return head
+
+
 def select_subset(n_total, n_examples, seed):
     """Sorted indices of a fixed uniform subset of the test set."""
     g = torch.Generator().manual_seed(seed)
@@ -1430,6 +1441,10 @@ def evaluate_as_configured(cfg, ckpt, ranks):
         print(f"warning: {cfg['head']} is an unfinished head (fine-tuning was interrupted after "
               f"{len(ckpt.get('history', []))} epoch(s)); its numbers are not those of a trained head")
     base, hpm_model, dpnp_model, num_classes = load_models(cfg, ckpt)
+    if cfg["compile"] and hpm_model is not None:
+        compile_head(hpm_model.head)
+        print("the HPM head runs through torch.compile (--compile): the first call of each mode, "
+              "context and batch shape compiles")
     x, y, idx, n_total = load_subset(cfg, num_classes)
     rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model)
     for row in rows:  # a model that cannot take these images fails here, before any file is written
@@ -1512,6 +1527,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, help="images attacked at once: whole fixed batches, each "
                    "with its own batch prototypes and the random numbers it gets alone (default "
                    f"{DEFAULT_CHUNK['cuda']} on a GPU, {DEFAULT_CHUNK['cpu']} on the CPU; lower it if memory runs out)")
+    p.add_argument("--compile", action="store_true", help="run the HPM head through torch.compile "
+                   "(opt-in: fewer, larger kernels where the head's many small ones show, at small "
+                   "batches on a GPU; each mode, context and batch shape compiles once, seconds each)")
     p.add_argument("--checks", action="store_true", help="run the gradient-masking checks")
     p.add_argument("--checks-n", type=int, default=512,
                    help="images (first of the subset) for --checks (default 512)")

@@ -91,13 +91,14 @@ class HPMHead(nn.Module):
         if context not in ("batch", "image"):
             raise ValueError(f"context must be 'batch' or 'image', got {context!r}")
         L = self.fc(z)  # Eq. 1, (B, K)
+        logits = {"fc": L}
         hybrid = [m for m in modes if m != "fc"]
         if hybrid:
             P_soft = L.softmax(dim=-1)
             P = torch.stack([P_soft if m == "soft" else ste_assignment(L, P_soft) for m in hybrid])  # (M, B, K)
             H = self._batch_logits(z, P, group_size) if context == "batch" else self._image_logits(z, P)
-        out = [L if m == "fc" else H[hybrid.index(m)] for m in modes]
-        return out[0] if isinstance(mode, str) else torch.stack(out)
+            logits.update(zip(hybrid, H))
+        return logits[mode] if isinstance(mode, str) else torch.stack([logits[m] for m in modes])
 
     def _batch_logits(self, z, P, group_size):
         # G fixed batches of b rows at once: z (G, b, D), P (M, G, b, K) -> C_hybrid (M, G, K, D)

@@ -2239,6 +2239,52 @@ def test_fixed_batch_square_on_a_chunk_queries_whole_chunks_and_equals_each_batc
     assert not torch.equal(chunk, xf)
 
 
+def test_compiled_head_equals_the_eager_head_in_every_form_an_evaluation_calls():
+    """--compile: the head through torch.compile gives the eager head's logits and gradients for
+    every mode (one and the fused tuple), both contexts, grouped or not, a new batch size, and under
+    no_grad; in float64, to the double-precision tolerance."""
+    eager = make_head(K=4, D=5, seed=3)
+    eager.update_prototypes(torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 4)
+    compiled = evaluate.compile_head(copy.deepcopy(eager))
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints stay loadable
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    torch.manual_seed(4)
+    z0 = torch.randn(12, 5, dtype=torch.float64)
+    w = torch.randn(12, 4, dtype=torch.float64)
+    forms = [("ste", "batch", None, 12), ("ste", "batch", None, 8), (("fc", "soft", "ste"), "batch", None, 12),
+             (("fc", "soft", "ste"), "batch", 4, 12), ("soft", "batch", 4, 12), ("ste", "image", None, 12),
+             (("fc", "soft", "ste"), "image", None, 8), ("fc", "batch", None, 12)]
+    for mode, context, group, n in forms:
+        outs = []
+        for head in (eager, compiled):
+            z = z0[:n].clone().requires_grad_(True)
+            out = head(z, mode=mode, context=context, group_size=group)
+            (grad,) = torch.autograd.grad((out * w[:n]).sum(), z)
+            with torch.no_grad():
+                plain = head(z0[:n], mode=mode, context=context, group_size=group)
+            outs.append((out.detach(), grad, plain))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"{mode} {context} {group} {n}: {m}")
+    assert counters["stats"]["unique_graphs"] >= len(forms) and not counters["graph_break"]  # all compiled
+
+
+def test_compile_flag_gives_the_eager_evaluation_per_image(tmp_path, capsys):
+    """evaluate.py --compile (the HPM head compiled) writes the same per-image results as without,
+    on an HPM model the attacks break, in both contexts and with the strong version's attacks."""
+    paths = write_setup(tmp_path, quad_linear(), n=24)
+    argv = ["--eps", "0.42", "--steps", "5", "--queries", "30", "--attacks",
+            "apgd-ce/mix,apgd-t/fc,flip/mix,square"]
+    eager = run_evaluate(paths, *argv, "--out", str(tmp_path / "eager.json"))
+    compiled = run_evaluate(paths, *argv, "--compile", "--out", str(tmp_path / "compiled.json"))
+    assert "torch.compile" in capsys.readouterr().out
+    assert compiled["config"]["compile"] is True
+    rows_e, rows_c = rows_of(strip_timings(eager)), rows_of(strip_timings(compiled))
+    assert rows_e == rows_c
+    hpm_rows = [r for name, r in rows_e.items() if name.startswith("hpm")]
+    assert len(hpm_rows) == 2 and all(r["worst_case"] <= r["clean"] - 4 / 24 for r in hpm_rows)  # broken images
+
+
 def torchrun(paths, out, *argv):
     """evaluate.py in two CPU processes under torchrun (gloo), one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

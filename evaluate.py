@@ -1317,6 +1317,19 @@ def compile_head(head):
     return head
 
 
+def check_classes(attacks, num_classes):
+    """AutoAttack's DLR loss reads the 3rd largest logit, its targeted DLR (APGD-T, and flip's
+    first run) the 4th: refuse attacks the model has too few classes for, naming the rest."""
+    need = {a: 4 if a.startswith(("apgd-t/", "flip/")) else 3 if a.startswith("apgd-dlr/") else 2
+            for a in attacks}
+    too_few = [a for a in attacks if need[a] > num_classes]
+    if too_few:
+        keep = [a for a in attacks if a not in too_few]
+        raise CLIError(f"the model has {num_classes} classes: {', '.join(too_few)} need at least "
+                       f"{max(need[a] for a in too_few)} (AutoAttack's DLR losses read the 3rd or 4th "
+                       "largest logit)" + (f"; pass --attacks {','.join(keep)}" if keep else ""))
+
+
 def select_subset(n_total, n_examples, seed):
     """Sorted indices of a fixed uniform subset of the test set."""
     g = torch.Generator().manual_seed(seed)
@@ -1441,6 +1454,7 @@ def evaluate_as_configured(cfg, ckpt, ranks):
         print(f"warning: {cfg['head']} is an unfinished head (fine-tuning was interrupted after "
               f"{len(ckpt.get('history', []))} epoch(s)); its numbers are not those of a trained head")
     base, hpm_model, dpnp_model, num_classes = load_models(cfg, ckpt)
+    check_classes(cfg["attacks"], num_classes)
     if cfg["compile"] and hpm_model is not None:
         compile_head(hpm_model.head)
         print("the HPM head runs through torch.compile (--compile): the first call of each mode, "

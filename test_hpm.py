@@ -1586,6 +1586,11 @@ def bad_input_setup(tmp, case):
                         "'gone.pt')"], cwd=tmp, check=True)
         (tmp / "gone_mod.py").unlink()
         return "evaluate", base_only[:1] + [str(tmp / "gone.pt")] + base_only[2:]
+    elif case == "three classes, default attacks":
+        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 3)), paths["model"])
+        x, _ = quad_data(8)
+        np.savez(paths["data"], x=x.numpy(), y=np.arange(8) % 3)
+        return "evaluate", base_only
     elif case == "finetune: --out is --model":
         ft[ft.index("--out") + 1] = paths["model"]
         return "finetune", ft
@@ -1612,6 +1617,8 @@ BAD_INPUTS = {
     "model file as head": "not a head checkpoint.*pass it as --model",
     "unimportable model class": "refers to module 'gone_mod'.*PYTHONPATH",
     "finetune: --out is --model": "is the model file itself",
+    "three classes, default attacks": (r"has 3 classes: apgd-t/fc, apgd-t/mix, flip/mix need at least 4 "
+                                       r".*; pass --attacks apgd-ce/fc,.*apgd-dlr/mix,square"),
 }
 
 
@@ -1626,6 +1633,25 @@ def test_bad_input_is_one_line_exit_2_and_no_file_touched(tmp_path, capsys, case
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert re.search(BAD_INPUTS[case], err), err
     assert snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_a_three_class_model_runs_the_attacks_the_refusal_suggests(tmp_path, capsys):
+    """The suggested --attacks (everything but APGD-T and flip) run on a 3-class HPM model."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 3))
+    x, _ = quad_data(16)
+    with torch.no_grad():
+        y = base(x.float() / 255).argmax(1)
+    paths = write_setup(tmp_path, base, n=16, y=y, head=fitted_hpm(base, x, y))
+    ckpt = torch.load(paths["head"], weights_only=True)
+    torch.save({**ckpt, "num_classes": 3}, paths["head"])
+    with pytest.raises(CLIError, match="pass --attacks") as refused:
+        run_evaluate(paths, "--steps", "2", "--queries", "10", "--out", str(tmp_path / "r.json"))
+    suggested = str(refused.value).split("--attacks ")[1]
+    res = run_evaluate(paths, "--steps", "2", "--queries", "10", "--attacks", suggested,
+                       "--out", str(tmp_path / "r.json"))
+    assert set(res["hpm"]["batch"]["attacks"]) == set(suggested.split(","))
+    assert "apgd-dlr" in res["base"]["attacks"] and res["complete"]
 
 
 def test_eps_is_accepted_as_a_fraction(tmp_path):

@@ -710,6 +710,22 @@ def make_chunks(batches, done, chunk):
     return chunks
 
 
+def balanced_chunks(batches, chunk, world):
+    """Under torchrun: the batches as chunks [(first, end), ...] of consecutive whole fixed batches,
+    none above `chunk` images, the full batches in a multiple of `world` chunks of near-equal size
+    (the short last batch alone), so that no process idles while another works: 2,500 images in
+    chunks of 1024 are 3 chunks by make_chunks, and one of 4 GPUs would wait."""
+    size = batches[0][1] - batches[0][0]
+    full = sum(b - a == size for a, b in batches)
+    per = 1 if chunk is None else max(1, chunk // size)  # batches per chunk, at most
+    n = min(full, world * math.ceil(full / (per * world)))  # chunks of full batches
+    q, r = divmod(full, n)
+    ends = [0]
+    for k in range(n):  # r chunks of q + 1 batches, then n - r of q
+        ends.append(ends[-1] + q + (k < r))
+    return list(zip(ends[:-1], ends[1:])) + [(i, i + 1) for i in range(full, len(batches))]
+
+
 def run_job(store, name, batches, attack_chunk, *, desc, chunk=None, show_progress=True,
             on_update=None, save=None, backbone=None, ranks=None, key=None):
     """Run attack_chunk(first, end) -> (correct (n,) bool, x_adv or None[, final correct]) over
@@ -758,7 +774,7 @@ def run_job(store, name, batches, attack_chunk, *, desc, chunk=None, show_progre
 
 class Ranks:
     """Several processes on one evaluation (torchrun): each attacks its share of the chunks of
-    whole fixed batches, writes what it did to its own ledger (OUT.parts/rank<r>.json, rewritten
+    whole fixed batches (cut so that every process gets as many: balanced_chunks), writes what it did to its own ledger (OUT.parts/rank<r>.json, rewritten
     after every chunk), and after each job every process reads all ledgers, so all hold the same
     results; rank 0 writes the results file. A rerun reads the ledgers and does only the chunks
     no rank finished, whichever rank did the others."""
@@ -807,7 +823,7 @@ class Ranks:
         self.dist.barrier()
 
     def run_job(self, store, name, batches, attack_chunk, *, desc, chunk, show_progress, backbone, key):
-        chunks = make_chunks(batches, 0, chunk)
+        chunks = balanced_chunks(batches, chunk, self.world)
         done = self.before.get(key, {})
         todo = [c for c in chunks if str(c[0]) not in done][self.rank::self.world]
         bar = progress_bar(len(todo), f"{desc} (rank {self.rank}: {len(todo)} chunks)",
@@ -1445,7 +1461,8 @@ def start_ranks(cfg):
     if cfg["overwrite"] and dist.get_rank() == 0:
         shutil.rmtree(cfg["out"] + ".parts", ignore_errors=True)
     dist.barrier()
-    return Ranks(cfg["out"], {k: cfg[k] for k in IDENTITY + ("chunk",)})
+    # the chunks depend on the number of processes: ledgers of another count do not fit
+    return Ranks(cfg["out"], {**{k: cfg[k] for k in IDENTITY + ("chunk",)}, "processes": dist.get_world_size()})
 
 
 def evaluate_as_configured(cfg, ckpt, ranks):

@@ -2311,6 +2311,32 @@ def test_compile_flag_gives_the_eager_evaluation_per_image(tmp_path, capsys):
     assert len(hpm_rows) == 2 and all(r["worst_case"] <= r["clean"] - 4 / 24 for r in hpm_rows)  # broken images
 
 
+def test_under_torchrun_every_process_gets_a_near_equal_share_of_whole_batches():
+    """balanced_chunks: consecutive whole fixed batches, none above --chunk, shared out so that no
+    process does more than its share rounded up plus one batch per extra round (before: 2,500
+    CIFAR images in chunks of 1024 on 4 GPUs gave 16, 16, 7 and 1 batches, the 1 of 4 images)."""
+    cases = [(39, 4, 16, 4), (39, 4, 16, 8), (100, 0, 16, 4), (5, 0, 16, 4), (7, 4, 1, 3), (64, 0, 16, 2),
+             (6, 0, 2, 2), (3, 4, 16, 8)]
+    for n_full, short, per, world in cases:
+        batches = evaluate.make_batches(n_full * 64 + short, 64)
+        chunks = evaluate.balanced_chunks(batches, per * 64, world)
+        assert [a for a, _ in chunks] == [0] + [b for _, b in chunks[:-1]] and chunks[-1][1] == len(batches)
+        assert all(b - a <= per for a, b in chunks)
+        if short:
+            assert chunks[-1] == (n_full, n_full + 1)  # the short batch alone
+        full = [b - a for a, b in chunks if b <= n_full]
+        load = [sum(full[r::world]) for r in range(world)]
+        rounds = math.ceil(n_full / (per * world))
+        assert max(load) <= math.ceil(n_full / world) + rounds - 1, (n_full, per, world, load)
+        assert min(load) >= n_full // world - rounds + 1 or n_full < world, (n_full, per, world, load)
+    batches = evaluate.make_batches(2500, 64)
+    old = [sum(b - a for a, b in evaluate.make_chunks(batches, 0, 1024)[r::4]) for r in range(4)]
+    new = [sum(b - a for a, b in evaluate.balanced_chunks(batches, 1024, 4)[r::4]) for r in range(4)]
+    assert old == [16, 16, 7, 1] and new == [11, 10, 10, 9]  # batches per GPU (the 11th: 4 images)
+    batches = evaluate.make_batches(48, 8)  # the torchrun test below: 6 batches, --chunk 16, 2 processes
+    assert [sum(b - a for a, b in evaluate.balanced_chunks(batches, 16, 2)[r::2]) for r in range(2)] == [3, 3]
+
+
 def torchrun(paths, out, *argv):
     """evaluate.py in two CPU processes under torchrun (gloo), one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

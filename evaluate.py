@@ -1476,6 +1476,16 @@ def evaluate_as_configured(cfg, ckpt, ranks):
         compile_head(hpm_model.head)
         print("the HPM head runs through torch.compile (--compile): the first call of each mode, "
               "context and batch shape compiles")
+        try:  # a machine that cannot compile fails here, in one line, not inside the first attack
+            with torch.no_grad():
+                fc = hpm_model.head.fc
+                hpm_model.head(torch.zeros(2, fc.in_features, device=cfg["device"], dtype=fc.weight.dtype))
+        except Exception as e:
+            while getattr(e, "inner_exception", None) or e.__cause__:  # the compiler's own error,
+                e = getattr(e, "inner_exception", None) or e.__cause__  # not dynamo's wrapper
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise CLIError(f"--compile: torch.compile fails on this machine ({type(e).__name__}: {first}); "
+                           "run without --compile")
     x, y, idx, n_total = load_subset(cfg, num_classes)
     rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model)
     for row in rows:  # a model that cannot take these images fails here, before any file is written

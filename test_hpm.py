@@ -2311,6 +2311,25 @@ def test_compile_flag_gives_the_eager_evaluation_per_image(tmp_path, capsys):
     assert len(hpm_rows) == 2 and all(r["worst_case"] <= r["clean"] - 4 / 24 for r in hpm_rows)  # broken images
 
 
+def test_a_machine_that_cannot_compile_gets_one_line_before_any_file(tmp_path, capsys, monkeypatch):
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found\n(a second line)")
+
+    monkeypatch.setattr(evaluate, "compile_head", lambda head: head.compile(backend=no_compiler) or head)
+    paths = write_setup(tmp_path, quad_linear(), n=8)
+    out = tmp_path / "r.json"
+    argv = ["--head", paths["head"], "--data", paths["data"], "--steps", "1", "--attacks", "apgd-ce/fc",
+            "--compile", "--out", str(out), "--device", "cpu", "--no-progress"]
+    try:
+        status = loading.run_cli(evaluate.main, evaluate.parse_args, argv)
+    finally:
+        torch._dynamo.reset()  # forget the failed compile: later tests compile the head again
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "torch.compile fails on this machine (RuntimeError: no C++ compiler found)" in err
+    assert not out.exists()
+
+
 def test_under_torchrun_every_process_gets_a_near_equal_share_of_whole_batches():
     """balanced_chunks: consecutive whole fixed batches, none above --chunk, shared out so that no
     process does more than its share rounded up plus one batch per extra round (before: 2,500

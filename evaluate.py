@@ -264,6 +264,7 @@ class ModelUnderTest:
     surrogates: dict  # surrogate name -> nn.Module x -> logits (None: the base model itself, Scored)
     per_image: bool  # False when a prediction depends on the other images of the batch
     backbone: nn.Module  # the module whose forward passes measure an attack's cost
+    fits: int = 0  # most fixed batches per chunk known to fit in GPU memory (0: no limit seen)
 
     def attack_names(self, attacks):
         """This row's attacks from the canonical HPM list: the base model drops the suffix (and
@@ -774,10 +775,11 @@ def run_job(store, name, batches, attack_chunk, *, desc, chunk=None, show_progre
 
 class Ranks:
     """Several processes on one evaluation (torchrun): each attacks its share of the chunks of
-    whole fixed batches (cut so that every process gets as many: balanced_chunks), writes what it did to its own ledger (OUT.parts/rank<r>.json, rewritten
-    after every chunk), and after each job every process reads all ledgers, so all hold the same
-    results; rank 0 writes the results file. A rerun reads the ledgers and does only the chunks
-    no rank finished, whichever rank did the others."""
+    whole fixed batches (cut so that every process gets as many: balanced_chunks), writes what
+    it did to its own ledger (OUT.parts/rank<r>.json, rewritten after every chunk), and after
+    each job every process reads all ledgers, so all hold the same results; rank 0 writes the
+    results file. A rerun reads the ledgers and does only the chunks no rank finished,
+    whichever rank did the others."""
 
     def __init__(self, out, identity):
         import torch.distributed as dist
@@ -937,6 +939,34 @@ def chunk_sizes(batches, first, end):
     return sizes, sizes[0] if len(sizes) > 1 else None
 
 
+def fit_memory(job, row, batches):
+    """job(first, end), run in parts of whole fixed batches when the GPU runs out of memory on a
+    chunk of several: halved until it fits, and the size that fits kept (row.fits) for every
+    later chunk of the row. The results are the whole chunk's: each batch of a chunk gets the
+    random numbers it gets alone, so parts give what the chunk gives."""
+    def run(first, end):
+        if row.fits and end - first > row.fits:
+            return join_parts([run(a, min(a + row.fits, end)) for a in range(first, end, row.fits)])
+        try:
+            return job(first, end)
+        except torch.cuda.OutOfMemoryError:
+            if end - first == 1:
+                raise
+        torch.cuda.empty_cache()  # (outside the except: its traceback no longer holds the tensors)
+        row.fits = (end - first) // 2
+        images = batches[first + row.fits][0] - batches[first][0]
+        print(f"note: {row.name} ran out of GPU memory on {batches[end - 1][1] - batches[first][0]} "
+              f"images at once; chunks of at most {images} from here on (--chunk {images} starts there)",
+              flush=True)
+        return run(first, end)
+    return run
+
+
+def join_parts(parts):
+    """The (correct, x_adv or None[, final correct]) of consecutive parts of a chunk, as one."""
+    return tuple(None if any(p is None for p in col) else torch.cat(col) for col in zip(*parts))
+
+
 def attack_job(row, attack, batch, batches, *, norm, eps, steps, queries, seed, warnings=None,
                score_queries=False, restarts=1):
     """(first, end) -> (correct (n,) bool, x_adv[, final correct]): the attack on the chunk of
@@ -964,7 +994,7 @@ def attack_job(row, attack, batch, batches, *, norm, eps, steps, queries, seed, 
         if scorer is None:
             return correct, x_adv
         return correct & scorer.robust, x_adv, c_final
-    return attack_chunk
+    return fit_memory(attack_chunk, row, batches)
 
 
 def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, queries=5000,
@@ -993,7 +1023,7 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
             try:
                 with grouped(row, chunk_sizes(batches, first, end)[1]):
                     c, logits = score(row.model, xb, yb)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 raise
             except RuntimeError as e:  # typically images of the wrong shape for this model
                 raise CLIError(f"{row.name}: the model cannot classify the images "
@@ -1005,8 +1035,9 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
             return c, None
 
         if store["batches_done"].get("clean", 0) < len(batches):
-            run_job(store, "clean", batches, clean_chunk, desc=f"{row.name} clean", chunk=chunk,
-                    show_progress=progress, on_update=on_update, ranks=ranks, key=f"{row.name}|clean")
+            run_job(store, "clean", batches, fit_memory(clean_chunk, row, batches), desc=f"{row.name} clean",
+                    chunk=chunk, show_progress=progress, on_update=on_update, ranks=ranks,
+                    key=f"{row.name}|clean")
         store["clean"] = sum(store["correct"]["clean"]) / len(y)
         update_worst_case(store)
 
@@ -1462,7 +1493,8 @@ def start_ranks(cfg):
         shutil.rmtree(cfg["out"] + ".parts", ignore_errors=True)
     dist.barrier()
     # the chunks depend on the number of processes: ledgers of another count do not fit
-    return Ranks(cfg["out"], {**{k: cfg[k] for k in IDENTITY + ("chunk",)}, "processes": dist.get_world_size()})
+    identity = {k: cfg[k] for k in IDENTITY + ("chunk",)}
+    return Ranks(cfg["out"], {**identity, "processes": dist.get_world_size()})
 
 
 def evaluate_as_configured(cfg, ckpt, ranks):
@@ -1567,7 +1599,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="attack seed, the same for every batch (default 0)")
     p.add_argument("--chunk", type=int, help="images attacked at once: whole fixed batches, each "
                    "with its own batch prototypes and the random numbers it gets alone (default "
-                   f"{DEFAULT_CHUNK['cuda']} on a GPU, {DEFAULT_CHUNK['cpu']} on the CPU; lower it if memory runs out)")
+                   f"{DEFAULT_CHUNK['cuda']} on a GPU, {DEFAULT_CHUNK['cpu']} on the CPU; halved by itself "
+                   "if the GPU runs out of memory)")
     p.add_argument("--compile", action="store_true", help="run the HPM head through torch.compile "
                    "(opt-in: fewer, larger kernels where the head's many small ones show, at small "
                    "batches on a GPU; each mode, context and batch shape compiles once, seconds each)")

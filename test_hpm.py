@@ -2248,6 +2248,44 @@ def test_grouped_batch_context_rescores_to_its_numbers_and_stays_in_the_ball(tmp
         assert all(r <= f for r, f in zip(res["correct"][attack], rescored))
 
 
+class SmallMemory(nn.Module):
+    """A model that runs out of "GPU memory" on more than `most` images at once."""
+
+    def __init__(self, model, most):
+        super().__init__()
+        self.model, self.most, self.refused = model, most, 0
+
+    def forward(self, x):
+        if len(x) > self.most:
+            self.refused += 1
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated: {len(x)} images)")
+        return self.model(x)
+
+
+def test_a_chunk_that_runs_out_of_memory_runs_in_parts_to_the_same_results(capsys):
+    """Chunks of 3 batches on a model that holds 2 (16 images): each row halves its chunks once,
+    says so, and gives what one batch at a time gives, in both contexts, for every attack."""
+    base, _, x, y = chunk_setup()
+    small = SmallMemory(base, most=len(x))
+    model = fitted_hpm(small, x, y)  # (the clean class means from all images at once)
+    small = model.base_model
+    small.most = 16
+    kw = dict(attacks=["apgd-ce/mix", "apgd-t/fc", "flip/mix", "square"], eps=0.3, steps=6, queries=60,
+              batch_size=8, seed=5, progress=False, log=lambda *a: None, score_queries=True)
+    sequential = evaluate.evaluate(evaluate.build_rows(base, fitted_hpm(base, x, y)), x, y, **kw)
+    small.refused = 0
+    parted = evaluate.evaluate(evaluate.build_rows(small, model), x, y, chunk=24, **kw)
+    for name in ("base", "hpm/image", "hpm/batch"):
+        s, p = evaluate.row_store(sequential, name), evaluate.row_store(parted, name)
+        assert s["correct"] == p["correct"], name
+        assert s.get("final_batch_correct") == p.get("final_batch_correct"), name
+    notes = [line for line in capsys.readouterr().out.splitlines() if "ran out of GPU memory" in line]
+    assert len(notes) == 3 and all("on 24 images at once; chunks of at most 8" in n for n in notes)
+    assert small.refused == 3  # once per row: the size that fits is kept
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a single batch that does not fit is an error
+        evaluate.evaluate(evaluate.build_rows(SmallMemory(base, most=4), None), x, y, chunk=24, **kw)
+
+
 def test_fixed_batch_square_on_a_chunk_queries_whole_chunks_and_equals_each_batch_alone():
     x, y = quad_data(32)
     model = fitted_hpm(quad_linear(), x, y).double()

@@ -1354,13 +1354,24 @@ def load_models(cfg, ckpt):
 
 
 def compile_head(head):
-    """--compile: the head's forward through torch.compile, in place (its state_dict unchanged).
-    An evaluation calls it in up to ~20 forms (modes, contexts, grouped or not, grad or no_grad,
-    new batch shapes): room for all of them, so that none falls back to eager mode."""
+    """--compile: the head's forward through torch.compile, in place (its state_dict unchanged),
+    tried once at once: a machine that cannot compile fails here, in one line, not inside the
+    first attack. An evaluation calls it in up to ~20 forms (modes, contexts, grouped or not,
+    with or without gradients, new batch shapes): room for all, so that none runs eager."""
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(config, limit, max(getattr(config, limit), 64))
     head.compile()
+    w = head.fc.weight
+    try:
+        with torch.no_grad():
+            head(torch.zeros(2, w.shape[1], device=w.device, dtype=w.dtype))
+    except Exception as e:
+        while getattr(e, "inner_exception", None) or e.__cause__:  # the compiler's own error,
+            e = getattr(e, "inner_exception", None) or e.__cause__  # not dynamo's wrapper
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CLIError(f"--compile: torch.compile fails on this machine ({type(e).__name__}: {first}); "
+                       "run without --compile")
     return head
 
 
@@ -1508,16 +1519,6 @@ def evaluate_as_configured(cfg, ckpt, ranks):
         compile_head(hpm_model.head)
         print("the HPM head runs through torch.compile (--compile): the first call of each mode, "
               "context and batch shape compiles")
-        try:  # a machine that cannot compile fails here, in one line, not inside the first attack
-            with torch.no_grad():
-                fc = hpm_model.head.fc
-                hpm_model.head(torch.zeros(2, fc.in_features, device=cfg["device"], dtype=fc.weight.dtype))
-        except Exception as e:
-            while getattr(e, "inner_exception", None) or e.__cause__:  # the compiler's own error,
-                e = getattr(e, "inner_exception", None) or e.__cause__  # not dynamo's wrapper
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise CLIError(f"--compile: torch.compile fails on this machine ({type(e).__name__}: {first}); "
-                           "run without --compile")
     x, y, idx, n_total = load_subset(cfg, num_classes)
     rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model)
     for row in rows:  # a model that cannot take these images fails here, before any file is written

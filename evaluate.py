@@ -72,7 +72,7 @@ from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # PyPI's 
 from pyautoattack.square import SquareAttack
 
 import dpnp
-from hpm import attach, batch_prototypes, find_classifier, l2_logits, safe_sqrt, ste_assignment
+from hpm import attach, find_classifier, l2_logits, ste_assignment
 from loading import (DATASETS, DEFAULT_EPS, CLIError, WarningCounter, atomic_save, check_eps,
                      check_images, check_labels, check_positive, eps_value, load_data,
                      load_head, load_model, progress_bar, read_head, run_cli, to_float, write_json)
@@ -199,20 +199,12 @@ def fixed_prototype_logits(head, z, z_clean, context, group_size=None):
     with torch.no_grad():
         P = ste_assignment(head.fc(z_clean))  # (B, K), the clean hard assignment
         if context == "batch":
-            b = group_size or len(z)
-            C_batch = batch_prototypes(P.view(-1, b, P.shape[1]), z_clean.view(-1, b, z.shape[1]), head.eps)
-            C_hybrid = head.mixer(torch.cat([head.prototypes.expand_as(C_batch), C_batch], -1))  # (G, K, D)
-        else:  # row i alone: C_i[j] = G_j + a_ij u_i, as in HPMHead's image context, from z_clean
-            D = z.shape[1]
-            G = F.linear(head.prototypes, head.mixer.weight[:, :D], head.mixer.bias)  # (K, D)
-            u = F.linear(z_clean, head.mixer.weight[:, D:])  # (B, D)
-            a = P / (P + head.eps)  # (B, K)
+            C_hybrid = head.hybrid_prototypes(z_clean, P, group_size)  # (G, K, D)
+        else:  # row i alone: C_i[j] = G_j + a_ij u_i (HPMHead's image context), u_i from z_clean
+            u = F.linear(z_clean, head.mixer.weight[:, z.shape[1]:])  # (B, D)
     if context == "batch":
         return l2_logits(z.view(len(C_hybrid), -1, z.shape[1]), C_hybrid).view(len(z), -1)
-    # ||z_i - G_j - a_ij u_i||^2 as (B, K) matmuls, z_i the only variable
-    d2 = (z.pow(2).sum(1, keepdim=True) - 2 * z @ G.t() + G.pow(2).sum(1)
-          - 2 * a * ((z * u).sum(1, keepdim=True) - u @ G.t()) + a.pow(2) * u.pow(2).sum(1, keepdim=True))
-    return -safe_sqrt(d2.clamp_min(0))
+    return head._image_logits(z, P[None], u)[0]  # z_i the only variable
 
 
 class Scored(nn.Module):

@@ -95,33 +95,39 @@ class HPMHead(nn.Module):
         hybrid = [m for m in modes if m != "fc"]
         if hybrid:
             P_soft = L.softmax(dim=-1)
-            P = torch.stack([P_soft if m == "soft" else ste_assignment(L, P_soft) for m in hybrid])  # (M, B, K)
+            P = torch.stack([P_soft if m == "soft" else ste_assignment(L, P_soft)
+                             for m in hybrid])  # (M, B, K)
             H = self._batch_logits(z, P, group_size) if context == "batch" else self._image_logits(z, P)
             logits.update(zip(hybrid, H))
         return logits[mode] if isinstance(mode, str) else torch.stack([logits[m] for m in modes])
 
-    def _batch_logits(self, z, P, group_size):
-        # G fixed batches of b rows at once: z (G, b, D), P (M, G, b, K) -> C_hybrid (M, G, K, D)
-        M, B, K = P.shape
+    def hybrid_prototypes(self, z, P, group_size=None):
+        """Eq. 16-17: C_hybrid (..., G, K, D) of features z (B, D) under assignments P (..., B, K),
+        the rows taken as G consecutive fixed batches of group_size rows (default: one batch)."""
+        B, K = P.shape[-2:]
         b = group_size or B
         if b < 1 or B % b:
             raise ValueError(f"group_size {group_size} does not divide the {B} rows")
-        z, P = z.view(-1, b, z.shape[1]), P.view(M, -1, b, K)
+        z, P = z.view(-1, b, z.shape[1]), P.view(*P.shape[:-2], -1, b, K)  # (G, b, D), (..., G, b, K)
         C_batch = batch_prototypes(P, z, self.eps)  # Eq. 16
         C_global = self.prototypes.expand_as(C_batch)
-        C_hybrid = self.mixer(torch.cat([C_global, C_batch], dim=-1))  # Eq. 17
-        return l2_logits(z, C_hybrid).view(M, B, K)
+        return self.mixer(torch.cat([C_global, C_batch], dim=-1))  # Eq. 17
 
-    def _image_logits(self, z, P):
+    def _batch_logits(self, z, P, group_size):
+        # P (M, B, K): each of the G fixed batches, z (G, b, D), against its C_hybrid (M, G, K, D)
+        C_hybrid = self.hybrid_prototypes(z, P, group_size)
+        return l2_logits(z.view(C_hybrid.shape[-3], -1, z.shape[1]), C_hybrid).view(P.shape)
+
+    def _image_logits(self, z, P, u=None):
         # P (M, B, K): one assignment per mode. Alone in its batch, row i has C_batch[j] = a_ij z_i
         # with a_ij = P_ij / (P_ij + eps) (Eq. 16 with B = 1), so its hybrid prototypes are
         # C_hybrid_i[j] = G_j + a_ij * u_i with G = C_global W_g + b_m and u_i = z_i W_b (the
-        # mixer split into its two halves).
+        # mixer split into its two halves; u given: those of other features, held fixed).
         # ||z_i - G_j - a_ij u_i||^2 expands into (B, K) matmuls: no (B, K, D) tensor, no loop.
         D = z.shape[1]
         W_g, W_b = self.mixer.weight[:, :D], self.mixer.weight[:, D:]
         G = F.linear(self.prototypes, W_g, self.mixer.bias)  # (K, D)
-        u = F.linear(z, W_b)  # (B, D)
+        u = F.linear(z, W_b) if u is None else u  # (B, D)
         a = P / (P + self.eps)  # (M, B, K)
         d2_zG = z.pow(2).sum(1, keepdim=True) - 2 * z @ G.t() + G.pow(2).sum(1)  # ||z_i - G_j||^2
         zu = (z * u).sum(1, keepdim=True)  # (B, 1)

@@ -416,6 +416,11 @@ class BatchStreams:
         return out
 
 
+def batch_index(sizes, device=None):
+    """Each image's fixed batch in a chunk of batches of these sizes: (sum(sizes),)."""
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+
+
 def apgd_start(apgd, x, t):
     """APGD's random start from the draw t on the CPU (as attack_single_run computes it)."""
     t = 2 * t.to(apgd.device) - 1 if apgd.norm == "Linf" else t.to(apgd.device)
@@ -440,7 +445,7 @@ def perturb_chunk(apgd, x, y, sizes, n_targets=0):
     on each fixed batch of the chunk in turn: the correctly classified images of all batches in
     one attack_single_run per restart (and target), each batch's starts from its own stream."""
     apgd.init_hyperparam(x)
-    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    group = batch_index(sizes)
     streams = BatchStreams(apgd.seed, len(sizes))
     with torch.no_grad():
         acc = apgd.model(x).max(1)[1] == y
@@ -471,7 +476,7 @@ def square_chunk(sq, x, y, sizes):
     and signs) per query for all the images it attacks; here each image gets its batch's."""
     sq.init_hyperparam(x)
     c, h, w = x.shape[1:]
-    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(x.device)
+    group = batch_index(sizes, x.device)
     adv = x.clone()
     idx = (sq.predict(x).max(1)[1] == y).nonzero().squeeze(1)
     if idx.numel() == 0:

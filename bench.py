@@ -297,27 +297,27 @@ def square_chunk_vs_per_batch(base, x, y, batch, queries, device, repeats):
     from pyautoattack.square import SquareAttack
 
     sizes = [batch] * (len(x) // batch)
-    queried = [0]
+    queried, adv = [0], {}
 
-    def counted(xq):
+    def counted(xq):  # the images the model is queried on, in the form before
         queried[0] += len(xq)
         return base(xq)
 
     def new():
         sq = SquareAttack(base, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
                           verbose=False, device=x.device)
-        return evaluate.square_chunk(sq, x, y, sizes)
+        adv["new"] = evaluate.square_chunk(sq, x, y, sizes)
 
-    def before(model=base):
-        outs = []
+    def before():
+        queried[0], outs = 0, []
         for a in range(0, len(x), batch):
-            sq = SquareAttack(model, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
+            sq = SquareAttack(counted, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
                               verbose=False, device=x.device)
             outs.append(sq.perturb(x[a:a + batch], y[a:a + batch]))
-        return torch.cat(outs)
+        adv["before"] = torch.cat(outs)
     t_new = min(timed_once(new, device) for _ in range(2))
     t_before = min(timed_once(before, device) for _ in range(2))
-    same = torch.equal(new(), before(counted))
+    same = torch.equal(adv["new"], adv["before"])
     best = {}
     with torch.no_grad():
         for b in sorted({batch, 2 * batch, 4 * batch, len(x)}):

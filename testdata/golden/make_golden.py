@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 FINETUNE = ["--dataset", "mnist", "--epochs", "1", "--lr", "2e-3", "--steps", "3",
             "--batch-size", "32", "--device", "cpu", "--no-progress"]
-EVALUATE = ["--n-examples", "64", "--batch-size", "16", "--steps", "4", "--queries", "30",
+EVALUATE = ["--n-examples", "64", "--eps", "0.08", "--batch-size", "16", "--steps", "4", "--queries", "30",
             "--device", "cpu", "--no-progress", "--chunk", "32"]
 
 
@@ -81,7 +81,7 @@ def compute(tmp, golden_head=None):
     for version in ("paper", "strong"):
         res = os.path.join(tmp, f"{version}.json")
         run("evaluate.py", "--head", head_file, "--model", model, "--data", data, "--version", version,
-            "--out", res)
+            "--out", res, *EVALUATE)
         with open(res) as f:
             out["eval"][version] = per_image(json.load(f))
     return out

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import finetune
-import loading
+from hpmkit import chunks, config, gpu, loading
 import hpm
 
 loading.alias_autoattack()
@@ -93,7 +93,7 @@ def head_compiled_vs_eager(model, x, y, device, repeats, calls=50):
     and dispatch of its many small ops, the part that showed on an H100)."""
     with torch.no_grad():
         z0 = model.features(x)
-    compiled = evaluate.compile_head(copy.deepcopy(model.head))
+    compiled = gpu.compile_head(copy.deepcopy(model.head))
 
     def steps(head):
         for _ in range(calls):
@@ -171,7 +171,7 @@ def evaluate_vs_autoattack(base, x, y, device, repeats, steps):
     from pyautoattack.autopgd_base import APGDAttack
 
     row = evaluate.build_rows(base)[0]
-    target = row.target("apgd-ce")[1]
+    target = row.surrogate(None)
 
     def ours():
         evaluate.run_attack("apgd-ce", target, x, y, norm="Linf", eps=8 / 255, steps=steps, seed=0,
@@ -306,7 +306,7 @@ def square_chunk_vs_per_batch(base, x, y, batch, queries, device, repeats):
     def new():
         sq = SquareAttack(base, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
                           verbose=False, device=x.device)
-        adv["new"] = evaluate.square_chunk(sq, x, y, sizes)
+        adv["new"] = chunks.square_chunk(sq, x, y, sizes)
 
     def before():
         queried[0], outs = 0, []
@@ -409,7 +409,7 @@ def main(args):
         torch.autograd.grad(F.cross_entropy(base(xw), y), xw)
     report("hpm_fwd_bwd / base_fwd_bwd", hpm_forward_backward(base, model, x, y, device, r), 1.05)
     compiled = copy.deepcopy(model)
-    evaluate.compile_head(compiled.head)
+    gpu.compile_head(compiled.head)
     report("hpm_fwd_bwd (head compiled) / base_fwd_bwd", hpm_forward_backward(base, compiled, x, y, device, r),
            1.05, "(evaluate.py --compile)")
     report("head_fwd_bwd compiled / eager (head alone)", head_compiled_vs_eager(model, x, y, device, r), 1.0,
@@ -426,7 +426,7 @@ def main(args):
            f"({ops['fused']} vs {ops['separate']} aten ops per forward+backward)")
 
     # Many fixed batches at once (evaluate.py --chunk)
-    chunk = args.chunk or evaluate.DEFAULT_CHUNK.get(device.type, evaluate.DEFAULT_CHUNK["cpu"])
+    chunk = args.chunk or config.DEFAULT_CHUNK.get(device.type, config.DEFAULT_CHUNK["cpu"])
     xc = torch.rand(max(chunk, 4 * args.batch), 3, 32, 32, device=device)
     with torch.no_grad():
         yc = base(xc).argmax(1)  # every image correct: every image attacked

@@ -76,9 +76,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dpnp
 from hpm import attach
-from loading import (DATASETS, DEFAULT_EPS, CLIError, check_eps, check_images, check_labels,
+from hpmkit import dpnp
+from hpmkit.loading import (DATASETS, DEFAULT_EPS, CLIError, check_eps, check_images, check_labels,
                      check_positive, eps_value, is_finished_head, load_data, load_model, progress_bar,
                      run_cli, save_head, to_float)
 

@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dpnp
+from hpmkit import dpnp
 import run_mnist
-from loading import progress_bar
+from hpmkit.loading import progress_bar
 
 SETTINGS = {
     "full": dict(n_train=5000, epochs=12, steps=5, batch_size=64, n_plot=1000, eval_steps=20, ramp=(0.1, 0.5)),

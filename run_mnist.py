@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import hpm
-from loading import progress_bar
+from hpmkit.loading import progress_bar
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 import evaluate
 import finetune
 import hpm
-import loading
 import run_mnist
+from hpmkit import attacks, chunks, config, gpu, jobs, loading
 from finetune import (clean_pass, head_parameters, ikl_loss, perturb, soft_cross_entropy, train_step,
                       weighted_mse)
 from hpm import attach
-from loading import CLIError, load_head, read_head
+from hpmkit.loading import CLIError, load_head, read_head
 
 ROOT = HERE = Path(__file__).resolve().parent
 TOL = dict(rtol=1e-10, atol=1e-10)  # double precision comparisons
@@ -927,7 +927,7 @@ def test_margin_above_eps_keeps_clean_accuracy():
         other = y != j
         margin = logits[other, y[other]] - logits[other, j]
         assert (margin > eps * (W[y[other]] - W[j]).abs().sum(1)).all()
-    res = evaluate.evaluate(evaluate.build_rows(base), x, y, attacks=evaluate.HPM_ATTACKS,
+    res = evaluate.evaluate(evaluate.build_rows(base), x, y, attacks=config.HPM_ATTACKS,
                             eps=eps, steps=10, queries=100, batch_size=16, progress=False,
                             log=lambda *a: None)
     row = res["base"]
@@ -1109,7 +1109,7 @@ def test_rescoring_saved_batches_reproduces_accuracy(saved_run):
     row = results["hpm"]["batch"]
     fooled_any = False
     for attack in row["attacks"]:
-        saved = torch.load(evaluate.adv_path(saved_run["adv"], "hpm/batch", attack), weights_only=True)
+        saved = torch.load(jobs.adv_path(saved_run["adv"], "hpm/batch", attack), weights_only=True)
         x_adv, y = saved["x_adv"], saved["y"]
         assert x_adv.dtype == torch.float32 and x_adv.shape == (32, 1, SIZE, SIZE)
         correct = []
@@ -1129,7 +1129,7 @@ def test_adversarial_images_stay_in_the_threat_model(saved_run):
     x = x.float() / 255
     for name in ("base", "hpm/batch", "hpm/image"):
         for attack in rows_of(saved_run["results"])[name]["attacks"]:
-            saved = torch.load(evaluate.adv_path(saved_run["adv"], name, attack), weights_only=True)
+            saved = torch.load(jobs.adv_path(saved_run["adv"], name, attack), weights_only=True)
             delta = (saved["x_adv"] - x[saved["indices"]]).abs().amax()
             assert delta <= 0.42 + 1e-6 and saved["x_adv"].min() >= 0 and saved["x_adv"].max() <= 1
 
@@ -1141,7 +1141,7 @@ def test_image_context_scores_equal_per_image_calls(saved_run):
     x, y = quad_data(32)
     images = {"clean": x.float() / 255}
     for attack in row["attacks"]:
-        images[attack] = torch.load(evaluate.adv_path(saved_run["adv"], "hpm/image", attack),
+        images[attack] = torch.load(jobs.adv_path(saved_run["adv"], "hpm/image", attack),
                                     weights_only=True)["x_adv"]
     with torch.no_grad():
         for name, xs in images.items():
@@ -1438,25 +1438,41 @@ def test_a_folder_without_mnist_fails_in_one_line(tmp_path):
 # refused in one line with nothing written, and nothing lost when a run stops.
 # ============================================================================================
 
-def imported_modules(path):
-    """The top-level module names a file imports, read from its syntax tree."""
+def imported_modules(path, depth=1):
+    """The module names a file imports (their first `depth` dotted parts), read from its syntax tree."""
     names = set()
     for node in ast.walk(ast.parse(Path(path).read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {".".join(a.name.split(".")[:depth]) for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(".".join(node.module.split(".")[:depth]))
+            if node.module == "hpmkit":  # from hpmkit import loading
+                names |= {f"hpmkit.{a.name}" for a in node.names}
     return names
 
 
+SCRIPTS = ("evaluate", "finetune", "run_mnist", "run_study", "run_dpnp_mnist", "bench")
+
+
 def test_scripts_do_not_import_each_other_and_share_only_loading_and_the_heads():
-    ev, ft = imported_modules(HERE / "evaluate.py"), imported_modules(HERE / "finetune.py")
+    ev, ft = imported_modules(HERE / "evaluate.py", 2), imported_modules(HERE / "finetune.py", 2)
     assert "finetune" not in ev and "evaluate" not in ft
-    assert {"hpm", "loading"} <= ev and {"hpm", "loading"} <= ft
-    assert (ev & ft) - {"hpm", "dpnp", "loading"} <= {"argparse", "os", "sys", "time", "torch"}
+    assert {"hpm", "hpmkit.loading"} <= ev and {"hpm", "hpmkit.loading"} <= ft
+    shared = {"hpm", "hpmkit", "hpmkit.dpnp", "hpmkit.loading"}
+    assert (ev & ft) - shared <= {"argparse", "os", "sys", "time", "torch", "torch.nn", "torch.nn.functional"}
     for name in ("load_model", "load_data", "read_head", "load_head", "save_head", "CLIError"):
         assert not hasattr(finetune, name) or getattr(finetune, name) is getattr(loading, name), name
         assert not hasattr(evaluate, name) or getattr(evaluate, name) is getattr(loading, name), name
+
+
+def test_no_supporting_module_imports_a_script():
+    modules = sorted((HERE / "hpmkit").glob("*.py"))
+    assert len(modules) >= 10
+    for path in modules:
+        imported = imported_modules(path)
+        assert not imported & set(SCRIPTS), (path.name, imported & set(SCRIPTS))
+        assert imported <= {"hpm", "hpmkit", "torch", "pyautoattack", "numpy", "scipy", "robustbench",
+                            "torchvision", "tqdm", "autoattack"} | set(sys.stdlib_module_names), path.name
 
 
 def rb_wideresnet():
@@ -1507,7 +1523,7 @@ def test_a_redirected_log_stays_short_with_the_table_intact(tmp_path):
     assert proc.returncode == 0, text
     lines = text.splitlines()
     assert len(lines) < 100 and "\r" not in text
-    assert sum("points with zero gradient" in ln for ln in lines) <= len(evaluate.HPM_ATTACKS) * 2
+    assert sum("points with zero gradient" in ln for ln in lines) <= len(config.HPM_ATTACKS) * 2
     assert any(ln.startswith("worst case") for ln in lines) and lines[-1].startswith("results: ")
     results = json.loads((tmp_path / "r.json").read_text())
     warned = results["hpm"]["image"]["library_warnings"]
@@ -1762,9 +1778,9 @@ class BrighterLoses(nn.Module):
     APGD walks every pixel to +eps, where BandModel is right again. Calls its scorer like
     evaluate.Surrogate does, with the real model's logits for the same query."""
 
-    def __init__(self, real):
+    def __init__(self, real, scorer=None):
         super().__init__()
-        self.real, self.scorer = real, None
+        self.real, self.scorer = real, scorer
 
     def forward(self, x):
         logits = torch.zeros(len(x), K, dtype=x.dtype)
@@ -1775,12 +1791,20 @@ class BrighterLoses(nn.Module):
         return logits
 
 
+class BandRow(evaluate.ModelUnderTest):
+    """A batch-context row whose real model is BandModel and whose "ste" surrogate is BrighterLoses."""
+
+    def surrogate(self, name, group_size=None, scorer=None, x=None):
+        return BrighterLoses(self.model, scorer)
+
+    def real(self, group_size=None):
+        return self.model
+
+
 def band_setup(n=16):
     real = BandModel(band=0.02)
     xf = torch.full((n, 1, SIZE, SIZE), 0.5)
-    row = evaluate.ModelUnderTest("hpm/batch", real, {"ste": BrighterLoses(real)}, per_image=False,
-                                  backbone=real)
-    return xf, torch.zeros(n, dtype=torch.long), row
+    return xf, torch.zeros(n, dtype=torch.long), BandRow("hpm/batch", real, "batch", backbone=real)
 
 
 def test_every_query_is_scored_so_an_early_fooling_batch_counts():
@@ -1809,11 +1833,11 @@ def test_queries_of_part_of_a_batch_or_outside_the_ball_are_never_scored():
         "a NaN pixel": (torch.cat([x0[:3], x0[3:] * float("nan")]), wrong),
     }
     for case, (x, logits) in cases.items():
-        scorer = evaluate.QueryScorer(x0, y, "Linf", 0.1)
+        scorer = attacks.QueryScorer(x0, y, "Linf", 0.1)
         scorer(x, logits)
         assert scorer.robust.all(), case
     for norm, delta in (("Linf", 0.1), ("L2", 0.1 / 8)):  # on the boundary of the ball: scored
-        scorer = evaluate.QueryScorer(x0, y, norm, 0.1)
+        scorer = attacks.QueryScorer(x0, y, norm, 0.1)
         scorer(x0 + delta, wrong)
         assert not scorer.robust.any(), norm
 
@@ -1821,12 +1845,11 @@ def test_queries_of_part_of_a_batch_or_outside_the_ball_are_never_scored():
 def test_square_scores_only_its_whole_batch_queries():
     x, y = quad_data(8)
     model = fitted_hpm(quad_linear(), x, y)
-    target = evaluate.Surrogate(model, "ste", "batch")
     xf = x.float() / 255
-    scorer = evaluate.QueryScorer(xf, y, "Linf", 0.6)
-    evaluate.run_attack("square", target, xf, y, eps=0.6, queries=30, scorer=scorer)
+    scorer = attacks.QueryScorer(xf, y, "Linf", 0.6)
+    target = evaluate.Surrogate(model, "ste", "batch", scorer=scorer)
+    evaluate.run_attack("square", target, xf, y, eps=0.6, queries=30)
     assert scorer.queries > scorer.scored >= 1  # the later queries hold only the unfooled images
-    assert target.scorer is None  # detached after the attack
 
 
 def dead_end_linear(a=0.5, b=5.0, m_B=1.0, m_C=6.0):
@@ -1900,7 +1923,7 @@ def test_paper_version_is_the_papers_protocol_on_autoattacks_own_attack_single_r
     res = run_evaluate(paths, "--version", "paper", "--eps", "0.42", "--contexts", "batch",
                        "--queries", "20", "--out", str(tmp_path / "r.json"))
     assert res["config"]["steps"] == 40 and res["config"]["score_queries"] is False
-    assert list(res["hpm"]["batch"]["attacks"]) == list(evaluate.HPM_ATTACKS)
+    assert list(res["hpm"]["batch"]["attacks"]) == list(config.HPM_ATTACKS)
     xf = x.float() / 255
     for attack in ("apgd-ce/mix", "apgd-dlr/fc"):
         loss, surrogate = attack.split("/")[0].split("-")[1], attack.split("/")[1]
@@ -1941,10 +1964,10 @@ def test_fixed_prototype_surrogate_is_the_real_model_at_the_clean_batch(context)
     head = make_head()
     torch.manual_seed(1)
     z0 = torch.randn(6, 5, dtype=torch.float64)
-    fixed = evaluate.fixed_prototype_logits(head, z0, z0, context)
+    fixed = attacks.fixed_prototype_logits(head, z0, z0, context)
     torch.testing.assert_close(fixed, head(z0, mode="ste", context=context), **TOL)
     z = (z0 + 0.3 * torch.randn_like(z0)).requires_grad_(True)
-    logits = evaluate.fixed_prototype_logits(head, z, z0, context)
+    logits = attacks.fixed_prototype_logits(head, z, z0, context)
     # independently: the clean hybrid prototypes of each row, then plain l2 distances to z
     C_rows = []
     for i in range(6):
@@ -1991,8 +2014,9 @@ def test_flip_breaks_batches_that_the_rest_of_the_strong_suite_leaves_correct():
     xf, fooled = x.float() / 255, []
     for a in range(0, 32, 8):
         xb, yb, queried = xf[a:a + 8], y[a:a + 8], []
-        runs = evaluate.run_attack("flip/mix", rows[0].surrogates["mix"], xb, yb, eps=0.35, steps=20,
-                                   scorer=lambda q, logits: queried.append(q.detach().clone()))
+        scorer = lambda q, logits: queried.append(q.detach().clone())  # noqa: E731
+        runs = evaluate.run_attack("flip/mix", rows[0].surrogate("mix", scorer=scorer), xb, yb, eps=0.35,
+                                   steps=20, fc=rows[0].surrogate("fc", scorer=scorer), real=rows[0].real())
         ok = torch.ones(8, dtype=torch.bool)
         for q in queried + runs:
             if q.shape == xb.shape and (q - xb).abs().max() <= 0.35 + 1e-6 and 0 <= q.min() and q.max() <= 1:
@@ -2006,10 +2030,12 @@ def test_margin_loss_is_the_carlini_wagner_margin():
     torch.manual_seed(0)
     logits = torch.randn(6, 5, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    apgd = evaluate.APGDMargin(nn.Identity(), eps=0.1, loss="dlr")
+    apgd = attacks.library_attack("apgd-cw", nn.Identity(), logits, norm="Linf", eps=0.1, steps=3,
+                                  queries=None, seed=0, restarts=1, warnings=None)
     expected = torch.stack([max(logits[i, j] for j in range(5) if j != y[i]) - logits[i, y[i]]
                             for i in range(6)])
-    torch.testing.assert_close(apgd.dlr_loss(logits, y), expected, **TOL)
+    torch.testing.assert_close(attacks.cw_loss(logits, y), expected, **TOL)
+    torch.testing.assert_close(apgd.dlr_loss(logits, y), expected, **TOL)  # the loss APGD maximises
 
 
 def test_restarts_run_again_from_new_starts_and_are_never_weaker():
@@ -2024,8 +2050,8 @@ def test_restarts_run_again_from_new_starts_and_are_never_weaker():
         for attack, correct in row["correct"].items():  # the first restart is the same run
             assert all(a <= b for a, b in zip(correct, rows_of(one)[name]["correct"][attack])), (name, attack)
     xf, queried = x[:8].float() / 255, []
-    runs = evaluate.run_attack("apgd-ce", rows[1].surrogates["mix"], xf, y[:8], eps=0.38, steps=3,
-                               restarts=3, scorer=lambda q, logits: queried.append(q.clone()))
+    mix = rows[1].surrogate("mix", scorer=lambda q, logits: queried.append(q.clone()))
+    runs = evaluate.run_attack("apgd-ce", mix, xf, y[:8], eps=0.38, steps=3, restarts=3)
     assert len(runs) == 3 and len(queried) == 3 * 4  # each restart: its start and 3 steps
     starts = queried[0::4]
     assert not torch.equal(starts[0], starts[1]) and not torch.equal(starts[1], starts[2])
@@ -2159,11 +2185,9 @@ def test_the_reduced_study_runs_and_its_table_holds_together(quick, tmp_path):
 def test_fixed_batch_square_queries_only_whole_batches_inside_the_ball():
     x, y = quad_data(16)
     model = fitted_hpm(quad_linear(), x, y)
-    target = evaluate.Surrogate(model, "ste", "batch")
     xf, queried = x.float() / 255, []
-    target.scorer = lambda q, logits: queried.append(q.clone())
-    x_adv = evaluate.square_fixed_batch(target, xf, y, eps=0.45, queries=40, seed=0)
-    target.scorer = None
+    target = evaluate.Surrogate(model, "ste", "batch", scorer=lambda q, logits: queried.append(q.clone()))
+    x_adv = attacks.square_fixed_batch(target, xf, y, eps=0.45, queries=40, seed=0)
     assert len(queried) >= 2 and all(q.shape == xf.shape for q in queried)
     for q in queried + [x_adv]:
         assert (q - xf).abs().max() <= 0.45 + 1e-6 and q.min() >= 0 and q.max() <= 1
@@ -2200,11 +2224,11 @@ def chunk_setup(n=44):
 
 
 def test_chunks_are_whole_fixed_batches_and_a_short_last_batch_stands_alone():
-    batches = evaluate.make_batches(44, 8)  # 5 batches of 8, one of 4
-    assert evaluate.make_chunks(batches, 0, 24) == [(0, 3), (3, 5), (5, 6)]
-    assert evaluate.make_chunks(batches, 1, 24) == [(1, 4), (4, 5), (5, 6)]  # resumed mid-way
-    assert evaluate.make_chunks(batches, 0, 5) == [(i, i + 1) for i in range(6)]  # never part of a batch
-    assert evaluate.make_chunks(batches, 0, None) == [(i, i + 1) for i in range(6)]
+    batches = chunks.make_batches(44, 8)  # 5 batches of 8, one of 4
+    assert chunks.make_chunks(batches, 0, 24) == [(0, 3), (3, 5), (5, 6)]
+    assert chunks.make_chunks(batches, 1, 24) == [(1, 4), (4, 5), (5, 6)]  # resumed mid-way
+    assert chunks.make_chunks(batches, 0, 5) == [(i, i + 1) for i in range(6)]  # never part of a batch
+    assert chunks.make_chunks(batches, 0, None) == [(i, i + 1) for i in range(6)]
 
 
 @pytest.mark.parametrize("version", ["strong", "paper"])
@@ -2220,7 +2244,7 @@ def test_grouped_evaluation_equals_sequential_on_per_image_rows(version):
     grouped = evaluate.evaluate(evaluate.build_rows(base, model), x, y, chunk=24, **kw)
     broken = 0
     for name in ("base", "hpm/image", "hpm/batch"):
-        s, g = evaluate.row_store(sequential, name), evaluate.row_store(grouped, name)
+        s, g = jobs.row_store(sequential, name), jobs.row_store(grouped, name)
         assert s["correct"] == g["correct"], name
         broken += sum(s["clean"] > a for a in s["attacks"].values())
     assert broken >= 10  # the attacks break images: the equality is not that of untouched images
@@ -2237,11 +2261,11 @@ def test_grouped_batch_context_rescores_to_its_numbers_and_stays_in_the_ball(tmp
                             indices=list(range(len(y))))["hpm"]["batch"]
     xf = x.float() / 255
     for attack in ("apgd-ce/mix", "apgd-t/fc", "flip/mix", "square"):
-        saved = torch.load(evaluate.adv_path(str(tmp_path), "hpm/batch", attack), weights_only=True)
+        saved = torch.load(jobs.adv_path(str(tmp_path), "hpm/batch", attack), weights_only=True)
         x_adv = saved["x_adv"]
         assert (x_adv - xf).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
         rescored = []
-        for a, b in evaluate.make_batches(len(y), 8):
+        for a, b in chunks.make_batches(len(y), 8):
             with torch.no_grad():
                 rescored += (model(x_adv[a:b], context="batch").argmax(1) == y[a:b]).int().tolist()
         assert rescored == res["final_batch_correct"][attack], attack
@@ -2262,7 +2286,7 @@ class SmallMemory(nn.Module):
         return self.model(x)
 
 
-def test_a_chunk_that_runs_out_of_memory_runs_in_parts_to_the_same_results(capsys):
+def test_a_chunk_that_runs_out_of_memory_runs_in_parts_to_the_same_results():
     """Chunks of 3 batches on a model that holds 2 (16 images): each row halves its chunks once,
     says so, and gives what one batch at a time gives, in both contexts, for every attack."""
     base, _, x, y = chunk_setup()
@@ -2270,16 +2294,17 @@ def test_a_chunk_that_runs_out_of_memory_runs_in_parts_to_the_same_results(capsy
     model = fitted_hpm(small, x, y)  # (the clean class means from all images at once)
     small = model.base_model
     small.most = 16
+    lines = []
     kw = dict(attacks=["apgd-ce/mix", "apgd-t/fc", "flip/mix", "square"], eps=0.3, steps=6, queries=60,
-              batch_size=8, seed=5, progress=False, log=lambda *a: None, score_queries=True)
+              batch_size=8, seed=5, progress=False, log=lines.append, score_queries=True)
     sequential = evaluate.evaluate(evaluate.build_rows(base, fitted_hpm(base, x, y)), x, y, **kw)
     small.refused = 0
     parted = evaluate.evaluate(evaluate.build_rows(small, model), x, y, chunk=24, **kw)
     for name in ("base", "hpm/image", "hpm/batch"):
-        s, p = evaluate.row_store(sequential, name), evaluate.row_store(parted, name)
+        s, p = jobs.row_store(sequential, name), jobs.row_store(parted, name)
         assert s["correct"] == p["correct"], name
         assert s.get("final_batch_correct") == p.get("final_batch_correct"), name
-    notes = [line for line in capsys.readouterr().out.splitlines() if "ran out of GPU memory" in line]
+    notes = [line for line in lines if "ran out of GPU memory" in line]
     assert len(notes) == 3 and all("on 24 images at once; chunks of at most 8" in n for n in notes)
     assert small.refused == 3  # once per row: the size that fits is kept
     with pytest.raises(torch.cuda.OutOfMemoryError):  # a single batch that does not fit is an error
@@ -2289,14 +2314,13 @@ def test_a_chunk_that_runs_out_of_memory_runs_in_parts_to_the_same_results(capsy
 def test_fixed_batch_square_on_a_chunk_queries_whole_chunks_and_equals_each_batch_alone():
     x, y = quad_data(32)
     model = fitted_hpm(quad_linear(), x, y).double()
-    target = evaluate.Surrogate(model, "ste", "batch")
     xf, queried = x.double() / 255, []
-    target.scorer = lambda q, logits: queried.append(q.shape)
-    target.group_size = 8
-    chunk = evaluate.square_fixed_batch(target, xf, y, eps=0.45, queries=40, seed=0, group_size=8)
-    target.scorer, target.group_size = None, None
+    grouped = evaluate.Surrogate(model, "ste", "batch", group_size=8,
+                                 scorer=lambda q, logits: queried.append(q.shape))
+    chunk = attacks.square_fixed_batch(grouped, xf, y, eps=0.45, queries=40, seed=0, group_size=8)
+    target = evaluate.Surrogate(model, "ste", "batch")
     assert len(queried) >= 2 and all(q == xf.shape for q in queried)
-    alone = torch.cat([evaluate.square_fixed_batch(target, xf[a:a + 8], y[a:a + 8], eps=0.45, queries=40,
+    alone = torch.cat([attacks.square_fixed_batch(target, xf[a:a + 8], y[a:a + 8], eps=0.45, queries=40,
                                                    seed=0) for a in range(0, 32, 8)])
     assert (chunk - xf).abs().max() <= 0.45 + 1e-9 and chunk.min() >= 0 and chunk.max() <= 1
     assert torch.equal(chunk, alone)
@@ -2309,7 +2333,7 @@ def test_compiled_head_equals_the_eager_head_in_every_form_an_evaluation_calls()
     no_grad; in float64, to the double-precision tolerance."""
     eager = make_head(K=4, D=5, seed=3)
     eager.update_prototypes(torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 4)
-    compiled = evaluate.compile_head(copy.deepcopy(eager))
+    compiled = gpu.compile_head(copy.deepcopy(eager))
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints stay loadable
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -2376,23 +2400,23 @@ def test_under_torchrun_every_process_gets_a_near_equal_share_of_whole_batches()
     cases = [(39, 4, 16, 4), (39, 4, 16, 8), (100, 0, 16, 4), (5, 0, 16, 4), (7, 4, 1, 3), (64, 0, 16, 2),
              (6, 0, 2, 2), (3, 4, 16, 8)]
     for n_full, short, per, world in cases:
-        batches = evaluate.make_batches(n_full * 64 + short, 64)
-        chunks = evaluate.balanced_chunks(batches, per * 64, world)
-        assert [a for a, _ in chunks] == [0] + [b for _, b in chunks[:-1]] and chunks[-1][1] == len(batches)
-        assert all(b - a <= per for a, b in chunks)
+        batches = chunks.make_batches(n_full * 64 + short, 64)
+        cut = chunks.balanced_chunks(batches, per * 64, world)
+        assert [a for a, _ in cut] == [0] + [b for _, b in cut[:-1]] and cut[-1][1] == len(batches)
+        assert all(b - a <= per for a, b in cut)
         if short:
-            assert chunks[-1] == (n_full, n_full + 1)  # the short batch alone
-        full = [b - a for a, b in chunks if b <= n_full]
+            assert cut[-1] == (n_full, n_full + 1)  # the short batch alone
+        full = [b - a for a, b in cut if b <= n_full]
         load = [sum(full[r::world]) for r in range(world)]
         rounds = math.ceil(n_full / (per * world))
         assert max(load) <= math.ceil(n_full / world) + rounds - 1, (n_full, per, world, load)
         assert min(load) >= n_full // world - rounds + 1 or n_full < world, (n_full, per, world, load)
-    batches = evaluate.make_batches(2500, 64)
-    old = [sum(b - a for a, b in evaluate.make_chunks(batches, 0, 1024)[r::4]) for r in range(4)]
-    new = [sum(b - a for a, b in evaluate.balanced_chunks(batches, 1024, 4)[r::4]) for r in range(4)]
+    batches = chunks.make_batches(2500, 64)
+    old = [sum(b - a for a, b in chunks.make_chunks(batches, 0, 1024)[r::4]) for r in range(4)]
+    new = [sum(b - a for a, b in chunks.balanced_chunks(batches, 1024, 4)[r::4]) for r in range(4)]
     assert old == [16, 16, 7, 1] and new == [11, 10, 10, 9]  # batches per GPU (the 11th: 4 images)
-    batches = evaluate.make_batches(48, 8)  # the torchrun test below: 6 batches, --chunk 16, 2 processes
-    assert [sum(b - a for a, b in evaluate.balanced_chunks(batches, 16, 2)[r::2]) for r in range(2)] == [3, 3]
+    batches = chunks.make_batches(48, 8)  # the torchrun test below: 6 batches, --chunk 16, 2 processes
+    assert [sum(b - a for a, b in chunks.balanced_chunks(batches, 16, 2)[r::2]) for r in range(2)] == [3, 3]
 
 
 def torchrun(paths, out, *argv):
@@ -2450,7 +2474,7 @@ def test_two_processes_under_torchrun_write_what_one_writes_and_resume_after_a_r
 # dpnp.py: Adv-DPNP's unified prototypes, against the paper's formulas written out.
 # ============================================================================================
 
-import dpnp  # noqa: E402
+from hpmkit import dpnp  # noqa: E402
 
 
 def dpnp_setup(B=6, M=4, D=5, seed=0):
@@ -2582,3 +2606,31 @@ def test_the_lenets_plus_plus_run_writes_its_figure_and_trains_both_models(tmp_p
     fresh = run_dpnp_mnist.LeNetsPP("dpnp")
     assert state["classifier.prototypes"].shape == (10, 2)  # prototypes in the 2-D feature space
     assert not torch.equal(state["features.0.weight"], fresh.state_dict()["features.0.weight"])  # trained end to end
+
+
+def load_make_golden():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_golden", HERE / "testdata" / "golden" / "make_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_golden_file_every_per_image_result_and_head_tensor_unchanged(tmp_path):
+    """testdata/golden/golden.pt was written by make_golden.py from the code before evaluate.py
+    was split into the protocol and hpmkit/: the same command lines must give every per-image
+    result (each row, attack and version, and the kept final batches' own scores) and every
+    tensor of the one-epoch fine-tuned head, exactly."""
+    golden = torch.load(HERE / "testdata" / "golden" / "golden.pt", weights_only=True)
+    if golden["torch"] != str(torch.__version__):
+        pytest.skip(f"golden file from torch {golden['torch']}, this is {torch.__version__}: "
+                    "float results may differ across versions; rerun make_golden.py on the older commit")
+    now = load_make_golden().compute(str(tmp_path), golden_head=str(HERE / "testdata" / "golden" / "head.pt"))
+    assert golden["head"].keys() == now["head"].keys()
+    for name, tensor in golden["head"].items():
+        assert torch.equal(tensor, now["head"][name]), name
+    assert golden["eval"] == now["eval"]
+    rows = golden["eval"]["strong"]
+    assert {"base", "hpm/batch", "hpm/image"} <= set(rows) and len(rows["hpm/batch"]["attacks"]) == 12
+    assert len(rows["hpm/batch"]["correct"]["clean"]) == 64

@@ -1,0 +1,264 @@
+"""The attacks AutoAttack lacks, and the one way the library's attacks are called.
+
+AutoAttack's APGD and Square assume a per-image model. HPM's batch context is not one: an
+image's prediction depends on the other images of its fixed batch. What this module adds, each
+kept because a test in test_hpm.py (section "hpmkit/attacks.py") shows images only it breaks:
+
+- QueryScorer: every query an attack makes with a whole fixed batch inside the threat model is
+  an adversarial batch in its own right, scored on the real model
+  (test_every_query_is_scored_so_an_early_fooling_batch_counts).
+- square_fixed_batch: Square whose every query is the whole fixed batch
+  (test_fixed_batch_square_breaks_batches_that_autoattacks_square_misses).
+- flip_attack: against the batch prototypes, FC assignments pushed toward the runner-up
+  (test_flip_breaks_batches_that_the_rest_of_the_strong_suite_leaves_correct).
+- APGDLoss with cw_loss: APGD on the Carlini-Wagner margin (optional, "apgd-cw/*"; no test model
+  showed it breaking what the rest misses: test_margin_loss_is_the_carlini_wagner_margin).
+- fixed_prototype_logits: the surrogate with the clean batch's hybrid prototypes held fixed
+  (optional, "*/fixed"; test_fixed_prototype_surrogate_is_the_real_model_at_the_clean_batch).
+
+A target (the module attacked) is x -> logits, with `scorer` (a QueryScorer or None) and
+`alone(scorer)`: the same target for one fixed batch of a chunk (chunks.per_batch uses it).
+"""
+import math
+
+import torch
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # PyPI's AutoAttack
+from pyautoattack.square import SquareAttack
+
+from hpm import l2_logits, ste_assignment
+from hpmkit.chunks import per_batch, perturb_chunk, seed_all, square_chunk, tiled_starts
+
+
+def margins(logits, y):
+    """logit of the true class minus the largest other (B,); below 0: misclassified."""
+    other = logits.scatter(1, y[:, None], -math.inf).amax(dim=1)
+    margin = logits.gather(1, y[:, None]).squeeze(1) - other
+    return torch.where(torch.isfinite(logits).all(dim=1), margin, torch.full_like(margin, -math.inf))
+
+
+def final_batch(x, x_best, robust, loss_best, x_best_adv):
+    """From attack_single_run's outputs: each image's last iterate that fooled the target (robust
+    False), else its highest-loss iterate."""
+    return torch.where(robust.view(-1, *[1] * (x.dim() - 1)), x_best, x_best_adv)
+
+
+def check_adv(x_adv, x, norm, eps):
+    """The attack stayed in the threat model: finite rows in [0, 1] within eps (else a bug)."""
+    x_adv = x_adv.detach()
+    bad = ~torch.isfinite(x_adv).flatten(1).all(dim=1)
+    x_adv = torch.where(bad.view(-1, *[1] * (x.dim() - 1)), x, x_adv)  # a NaN image is no image
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(dim=1).values if norm == "Linf" else delta.norm(dim=1)
+    if (size > eps * (1 + 1e-4) + 1e-6).any() or x_adv.min() < 0 or x_adv.max() > 1:
+        raise RuntimeError(f"attack left the threat model: max {norm} perturbation "
+                           f"{size.max().item():.6g} > eps {eps:.6g} or pixels outside [0, 1]")
+    return x_adv
+
+
+class QueryScorer:
+    """Scores every query of an attack on one fixed batch x0 (B, ...) with labels y on the real
+    model: an image is fooled if any query that is the whole batch inside the threat model
+    (eps-ball around x0 and [0, 1]) fooled it. Tensor ops only: no host sync per query.
+    group_size: x0 is a chunk of fixed batches of this size, each judged inside on its own."""
+
+    def __init__(self, x0, y, norm, eps, group_size=None):
+        self.x0, self.y, self.norm, self.eps = x0, y, norm, eps
+        self.group_size = group_size or len(y)
+        self.robust = torch.ones_like(y, dtype=torch.bool)
+        self.queries = self.scored = 0
+
+    def __call__(self, x, logits):
+        self.queries += 1
+        if x.shape != self.x0.shape:  # part of a batch: not an adversarial batch of this protocol
+            return
+        self.scored += 1
+        x = x.detach()
+        delta = (x - self.x0).flatten(1)
+        size = delta.abs().amax(dim=1) if self.norm == "Linf" else delta.norm(dim=1)
+        inside = ((size <= self.eps * (1 + 1e-5) + 1e-7) & (x.flatten(1).amin(1) >= 0)
+                  & (x.flatten(1).amax(1) <= 1) & torch.isfinite(x.flatten(1)).all(1))
+        inside = inside.view(-1, self.group_size).all(1).repeat_interleave(self.group_size)  # per batch
+        correct = (logits.argmax(dim=1) == self.y) & torch.isfinite(logits).all(dim=1)
+        self.robust &= correct | ~inside  # a query with any image outside the ball counts for nothing
+
+    def part(self, a, b):
+        """A scorer of rows a..b-1 alone (one fixed batch of the chunk)."""
+        return QueryScorer(self.x0[a:b], self.y[a:b], self.norm, self.eps)
+
+    def absorb(self, a, part):
+        """What part(a, ...) scored, merged back."""
+        self.robust[a:a + len(part.y)] &= part.robust
+        self.queries, self.scored = self.queries + part.queries, self.scored + part.scored
+
+
+def library_attack(kind, target, x, *, norm, eps, steps, queries, seed, restarts, warnings, n_targets=1):
+    """AutoAttack's object for "square", "apgd-ce", "apgd-dlr", "apgd-cw" (APGD on the CW
+    margin) or "apgd-t" (n_targets target classes), with the settings we use everywhere."""
+    if kind == "square":
+        return SquareAttack(target, norm=norm, n_queries=queries, eps=eps, p_init=0.8, n_restarts=1,
+                            seed=seed, verbose=False, device=x.device)
+    common = dict(n_iter=steps, norm=norm, eps=eps, seed=seed, eot_iter=1, rho=0.75, verbose=False,
+                  device=x.device, logger=warnings)
+    if kind == "apgd-t":
+        return APGDAttack_targeted(target, n_restarts=1, n_target_classes=n_targets, **common)
+    if kind == "apgd-cw":
+        return APGDLoss(target, cw_loss, n_restarts=restarts, **common)
+    return APGDAttack(target, n_restarts=restarts, loss=kind.split("-")[1], **common)
+
+
+def cw_loss(logits, y):
+    """The margin loss of Carlini and Wagner, max_{j != y} z_j - z_y, per image (B,): the DLR loss
+    without its scale normaliser (the l2 logits of HPM have another scale than FC logits)."""
+    return -margins(logits, y)
+
+
+class APGDLoss(APGDAttack):
+    """AutoAttack's APGD on a loss of ours, loss(logits, y) -> (B,) to maximise. The library picks
+    its loss by name inside attack_single_run; ours takes the place of its "dlr" slot."""
+
+    def __init__(self, model, loss, **kw):
+        super().__init__(model, loss="dlr", **kw)
+        self.own_loss = loss
+
+    def dlr_loss(self, logits, y):
+        return self.own_loss(logits, y)
+
+
+def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000, seed=0,
+               whole_batch=True, warnings=None, restarts=1, fixed_batch_square=False, sizes=None,
+               fc=None, real=None):
+    """One attack on x (B, C, H, W) in [0, 1], a fixed batch or a chunk of them; returns its final
+    adversarial batches (a list: one per run; APGD-T makes one run per target class). Nothing is
+    scored here, but `target.scorer` (if any) sees every query.
+
+    attack: "apgd-ce", "apgd-dlr", "apgd-cw", "apgd-t", "flip" or "square" (a suffix like "/mix"
+    is ignored: `target` is the module attacked). whole_batch=True: the library's
+    attack_single_run on the whole batch (for batch-dependent models and for transfer attacks);
+    each image gets its last iterate that fooled `target`, else its highest-loss iterate.
+    whole_batch=False: the library's perturb (AutoAttack's standard path). Either way the RNG is
+    seeded with `seed`. warnings: a loading.WarningCounter that collects AutoAttack's warnings.
+    restarts: random restarts of APGD-CE, -DLR and -CW (AutoAttack's n_restarts).
+    fixed_batch_square: Square on a whole batch (whole_batch, L-inf) queries the whole fixed
+    batch every time (square_fixed_batch) instead of AutoAttack's shrinking sub-batches.
+    sizes: x is a chunk of fixed batches of these sizes, attacked at once with the random numbers
+    each batch gets alone (chunks.py); AutoAttack's Square on shrinking queries (whole_batch) or
+    in L2 goes batch by batch (per_batch). fc, real: for "flip", the FC oracle (scored like
+    target) and the real model (not scored) on the same batches.
+    """
+    kind = attack.split("/")[0]
+    B = sizes[0] if sizes is not None and len(sizes) > 1 else None  # a chunk of fixed batches of B
+    kw = dict(norm=norm, eps=eps, steps=steps, queries=queries, seed=seed, restarts=restarts, warnings=warnings)
+    fixed_square = kind == "square" and whole_batch and fixed_batch_square and norm == "Linf"
+    if B is not None and kind == "square" and not fixed_square and (whole_batch or norm != "Linf"):
+        # AutoAttack's Square on shrinking queries (batch context) or in L2: batch by batch
+        return per_batch(lambda t, xb, yb: run_attack(attack, t, xb, yb, whole_batch=whole_batch,
+                                                      fixed_batch_square=fixed_batch_square, **kw),
+                         target, x, y, sizes)
+    if fixed_square:
+        return [square_fixed_batch(target, x, y, eps=eps, queries=queries, seed=seed, group_size=B)]
+    if kind == "square":
+        sq = library_attack(kind, target, x, **kw)
+        if B is not None:
+            return [square_chunk(sq, x, y, sizes)]
+        if not whole_batch:
+            return [sq.perturb(x, y)]
+        sq.init_hyperparam(x)
+        seed_all(seed)
+        return [sq.attack_single_run(x, y)[1]]
+    if kind == "flip":
+        return flip_attack(target, fc, real, x, y, norm=norm, eps=eps, steps=steps, seed=seed,
+                           warnings=warnings, batch_size=B or len(x))
+    n_targets = 0
+    if kind == "apgd-t":
+        with torch.no_grad():
+            clean_logits = target(x)
+        n_targets = min(9, clean_logits.shape[1] - 1)
+    elif kind not in ("apgd-ce", "apgd-dlr", "apgd-cw"):
+        raise ValueError(f"unknown attack {attack!r}")
+    apgd = library_attack(kind, target, x, n_targets=n_targets, **kw)
+    if not whole_batch:
+        return [perturb_chunk(apgd, x, y, sizes, n_targets) if B else apgd.perturb(x, y)]
+    apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
+    # as perturb: one seed, then each restart (or target) draws its own random start
+    starts = tiled_starts(apgd, x, B or len(x), n_targets or restarts, seed)
+    if kind != "apgd-t":
+        return [final_batch(x, *apgd.attack_single_run(x, y, x_init=start)) for start in starts]
+    order = clean_logits.sort(dim=1)[1]  # (B, K) classes by clean logit, ascending
+    runs = []
+    for t, start in zip(range(2, n_targets + 2), starts):
+        apgd.y_target = order[:, -t]
+        runs.append(final_batch(x, *apgd.attack_single_run(x, y, x_init=start)))
+    return runs
+
+
+def flip_attack(target, fc, real, x, y, *, norm, eps, steps, seed, warnings, batch_size=None):
+    """Adaptive attack "flip" against HPM's batch prototypes (Eq. 15-16), two APGD runs on the
+    whole batch: (1) targeted on the FC oracle `fc`, each image toward its runner-up class on the
+    real model `real`, so that FC assignments flip and move the batch prototypes C_batch that
+    classify the others; (2) APGD-CE on `target` (the mixture) started from that batch. Both
+    final batches are kept. batch_size: x is a chunk of fixed batches of this size."""
+    with torch.no_grad():
+        logits = real(x)  # (B, K)
+    runner_up = logits.scatter(1, y[:, None], -math.inf).argmax(dim=1)  # (B,)
+    kw = dict(norm=norm, eps=eps, steps=steps, queries=None, seed=seed, restarts=1, warnings=warnings)
+    flip = library_attack("apgd-t", fc, x, n_targets=1, **kw)
+    flip.init_hyperparam(x)
+    flip.y_target = runner_up
+    start = tiled_starts(flip, x, batch_size or len(x), 1, seed)[0]
+    x_flip = final_batch(x, *flip.attack_single_run(x, y, x_init=start))
+    apgd = library_attack("apgd-ce", target, x, **kw)
+    apgd.init_hyperparam(x)
+    return [x_flip, final_batch(x, *apgd.attack_single_run(x, y, x_init=x_flip))]
+
+
+@torch.no_grad()
+def square_fixed_batch(target, x, y, *, eps, queries, seed, p_init=0.8, group_size=None):
+    """Square (Andriushchenko et al. 2020), L-inf, for a batch-dependent model: every query is
+    the whole fixed batch. AutoAttack's Square queries only the images it has not fooled yet,
+    which for HPM's batch context is another model. Here each still-correct image proposes a
+    new square of +-eps (per channel) around its clean pixels, all proposals go into one query
+    of the whole batch, and each image keeps its proposal if its own margin fell under that
+    query. Returns the final batch (the scorer sees every query). group_size: x is a chunk of
+    fixed batches of this size, each drawing what it draws alone (one batch's draws, tiled)."""
+    sq = SquareAttack(target, norm="Linf", n_queries=queries, eps=eps, p_init=p_init, seed=seed,
+                      device=x.device)  # for its schedule of the square size (p_selection)
+    seed_all(seed)
+    N, C, H, W = x.shape
+    B = group_size or N
+
+    def draw(high, shape):  # one batch's draw, the same for every batch of the chunk
+        return torch.randint(0, high, (B, *shape), device=x.device).repeat(N // B, *[1] * len(shape))
+    stripes = draw(2, (C, 1, W)) * 2 - 1  # the library's start
+    x_best = (x + eps * stripes).clamp(0, 1)
+    margin = margins(target(x_best), y)  # (N,)
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    for i in range(queries):
+        active = margin > 0
+        if not active.any():
+            break
+        s = min(max(int(round(math.sqrt(sq.p_selection(i) * H * W))), 1), H - 1)  # square side
+        top, left = draw(H - s + 1, (1,)), draw(W - s + 1, (1,))
+        window = (((rows >= top) & (rows < top + s))[:, None, :, None]
+                  & ((cols >= left) & (cols < left + s))[:, None, None, :]
+                  & active[:, None, None, None])  # (N, 1, H, W)
+        sign = draw(2, (C, 1, 1)) * 2 - 1
+        x_new = torch.where(window, (x + eps * sign).clamp(0, 1), x_best)
+        m_new = margins(target(x_new), y)
+        better = active & (m_new < margin)
+        x_best = torch.where(better[:, None, None, None], x_new, x_best)
+        margin = torch.where(better, m_new, margin)
+    return x_best
+
+
+def fixed_prototype_logits(head, z, z_clean, context, group_size=None):
+    """Adaptive surrogate "fixed": the real model with the hybrid prototypes of the clean batch
+    held fixed, so the gradient flows only through each image's own features z (B, D), never
+    through the batch prototypes nor the STE assignment. Equal to the real model at z = z_clean.
+    group_size: the rows are fixed batches of this size, each with its own prototypes; in the
+    image context each row is a fixed batch of one (its own hybrid prototypes, (B, K, D))."""
+    if z_clean is None or z_clean.shape != z.shape:
+        raise ValueError("surrogate 'fixed' needs the clean batch's features (z_clean)")
+    with torch.no_grad():
+        P = ste_assignment(head.fc(z_clean))  # (B, K), the clean hard assignment
+        C_hybrid = head.hybrid_prototypes(z_clean, P, group_size if context == "batch" else 1)  # (G, K, D)
+    return l2_logits(z.view(len(C_hybrid), -1, z.shape[1]), C_hybrid).view(len(z), -1)

@@ -1,0 +1,164 @@
+"""The evaluation's configuration: the names of the attacks, the settings a results file must
+match to be resumed, every flag checked before anything is loaded or written, the fixed subset."""
+import hashlib
+import json
+import os
+
+import torch
+
+from hpmkit.loading import (DATASETS, DEFAULT_EPS, CLIError, check_eps, check_labels, check_positive,
+                            load_data, read_head)
+from hpmkit.ranks import world_size
+LOSSES = ("ce", "dlr")
+SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the real model (BPDA), their mixture
+ADAPTIVE = ("fixed",)  # adaptive surrogates designed from hpm.py (Tramer et al. 2020)
+CONTEXTS = ("batch", "image")
+HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)
+KINDS = ("apgd-ce", "apgd-dlr", "apgd-t", "apgd-cw")  # APGD-T: AutoAttack's targeted DLR attack
+# "flip/mix": adaptive, against the batch prototypes (attacks.flip_attack); HPM rows only.
+ALL_ATTACKS = tuple(f"{k}/{s}" for k in KINDS for s in SURROGATES + ADAPTIVE) + ("flip/mix", "square")
+ORDER = ("clean",) + KINDS + ALL_ATTACKS + ("worst_case",)  # of the attacks in a row's results
+
+
+# --chunk: images attacked at once. On the CPU one batch of the default size: bench.py measured
+# larger batches slower per image there (WRN-16-4 forward+backward: 148 images/s at 64, 88 at 256).
+DEFAULT_CHUNK = {"cuda": 1024, "cpu": 64}
+
+
+# Settings that change the numbers: an existing --out file must match them to be resumed.
+IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
+            "head_sha256", "eps", "n_examples", "subset_seed", "per_class", "batch_size", "steps",
+            "queries", "seed", "score_queries", "restarts")
+
+
+def parse_attacks(text):
+    """"apgd-ce/mix,square" -> canonical ordered names; a bare "apgd-ce" means every surrogate."""
+    chosen = set()
+    for tok in (t.strip() for t in text.split(",") if t.strip()):
+        if tok in KINDS:
+            chosen |= {f"{tok}/{s}" for s in SURROGATES}
+        elif tok in ALL_ATTACKS:
+            chosen.add(tok)
+        else:
+            raise CLIError(f"unknown attack {tok!r}; choose from {', '.join(ALL_ATTACKS)} "
+                           f"(or {' / '.join(KINDS)} for all four surrogates)")
+    if not chosen:
+        raise CLIError("--attacks is empty")
+    return [a for a in ALL_ATTACKS if a in chosen]
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_config(args, versions):
+    """All settings, with the checkpoint's values where the flags leave them out, and the
+    version's (versions: evaluate.VERSIONS); every flag is checked here, before anything is
+    loaded or written. Settled later, by main: n_examples when left out (it needs the test set's
+    size, load_subset) and, under torchrun, each process's GPU (ranks.start_ranks)."""
+    ckpt = read_head(args.head) if args.head else None
+    if ckpt is None and (args.model is None or args.dataset is None):
+        raise CLIError("give --head FILE (a finetune.py checkpoint), or --model and --dataset "
+                       "to evaluate a base model alone")
+    cfg = dict(vars(args))
+    cfg["model"] = args.model or ckpt["model"]
+    cfg["dataset"] = args.dataset or ckpt["dataset"]
+    if cfg["dataset"] not in DATASETS:
+        raise CLIError(f"unknown dataset {cfg['dataset']!r}; choose from {', '.join(DATASETS)}")
+    cfg["threat_model"] = args.threat_model or (ckpt or {}).get("threat_model") or "Linf"
+    cfg["eps"] = args.eps if args.eps is not None else DEFAULT_EPS[cfg["threat_model"]][cfg["dataset"]]
+    if cfg["eps"] <= 0:
+        raise CLIError(f"--eps must be positive, got {cfg['eps']:g}")
+    check_eps(cfg["eps"], cfg["threat_model"])
+    cfg["batch_size"] = args.batch_size if args.batch_size is not None else int(
+        (ckpt or {}).get("batch_size") or 64)
+    cfg["per_class"] = args.per_class if args.per_class is not None else (
+        5 if cfg["dataset"] == "imagenet" and args.data is None else None)
+    version = versions[cfg["version"]]
+    cfg["steps"] = args.steps if args.steps is not None else version["steps"]
+    cfg["score_queries"] = version["score_queries"]
+    check_positive(batch_size=cfg["batch_size"], steps=cfg["steps"], queries=cfg["queries"],
+                   restarts=cfg["restarts"], checks_n=cfg["checks_n"], n_examples=cfg["n_examples"],
+                   per_class=cfg["per_class"])
+    cfg["attacks"] = parse_attacks(args.attacks or ",".join(version["attacks"]))
+    cfg["head_type"] = ckpt["head_type"] if ckpt is not None else None
+    ncm = cfg["head_type"] == "ncm"  # no batch prototypes: one context says it all
+    cfg["contexts"] = [c.strip() for c in (args.contexts or ("image" if ncm else "batch,image")).split(",")
+                       if c.strip()]
+    if not set(cfg["contexts"]) <= set(CONTEXTS):
+        raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {args.contexts!r}")
+    cfg["head_sha256"] = sha256(args.head) if args.head else None
+    cfg["model_sha256"] = sha256(cfg["model"]) if os.path.isfile(cfg["model"]) else None
+    cfg["data_sha256"] = sha256(args.data) if args.data and os.path.isfile(args.data) else None
+    cfg["out"] = args.out or (os.path.splitext(args.head)[0] + ".eval.json" if args.head
+                              else "eval.json")
+    try:
+        cfg["device"] = torch.device(cfg["device"])
+    except RuntimeError:
+        raise CLIError(f"unknown device {cfg['device']!r}")
+    if cfg["device"].type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda, but no CUDA GPU is available; pass --device cpu")
+    if cfg["chunk"] is None:
+        cfg["chunk"] = DEFAULT_CHUNK.get(cfg["device"].type, DEFAULT_CHUNK["cpu"])
+    check_positive(chunk=cfg["chunk"])
+    if cfg["save_adv"] and world_size() > 1:
+        raise CLIError("--save-adv works in one process only; run without torchrun to keep the images")
+    return cfg, ckpt
+
+
+def check_classes(attacks, num_classes):
+    """AutoAttack's DLR loss reads the 3rd largest logit, its targeted DLR (APGD-T, and flip's
+    first run) the 4th: refuse attacks the model has too few classes for, naming the rest."""
+    need = {a: 4 if a.startswith(("apgd-t/", "flip/")) else 3 if a.startswith("apgd-dlr/") else 2
+            for a in attacks}
+    too_few = [a for a in attacks if need[a] > num_classes]
+    if too_few:
+        keep = [a for a in attacks if a not in too_few]
+        raise CLIError(f"the model has {num_classes} classes: {', '.join(too_few)} need at least "
+                       f"{max(need[a] for a in too_few)} (AutoAttack's DLR losses read the 3rd or 4th "
+                       "largest logit)" + (f"; pass --attacks {','.join(keep)}" if keep else ""))
+
+
+def select_subset(n_total, n_examples, seed):
+    """Sorted indices of a fixed uniform subset of the test set."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[: min(n_examples, n_total)].sort().values
+
+
+def load_subset(cfg, num_classes):
+    """(x uint8 (n, C, H, W), y (n,), sorted indices (n,), size of the test set, n_examples): the
+    fixed subset; n_examples is cfg's, or when left out the paper's 25% of the test set."""
+    split = "val" if cfg["dataset"] == "imagenet" else "test"
+    x_all, y_all = load_data(cfg["dataset"], split, data=cfg["data"], data_dir=cfg["data_dir"],
+                             per_class=cfg["per_class"])
+    check_labels(y_all, num_classes, cfg["data"] or f"{cfg['dataset']} {split}")
+    n_examples = cfg["n_examples"]
+    if n_examples is None:  # the paper: a fixed 25% of the test set (ImageNet: all 5000)
+        n_examples = len(y_all) if cfg["dataset"] == "imagenet" else max(1, round(len(y_all) / 4))
+    idx = select_subset(len(y_all), n_examples, cfg["subset_seed"])
+    return x_all[idx], y_all[idx], idx, len(y_all), n_examples
+
+
+def open_results(cfg):
+    """The results dict to fill: {} to start, or what --out holds to resume. Refuses a file of
+    another configuration (unless --overwrite). Writes nothing."""
+    out = cfg["out"]
+    if not os.path.exists(out) or cfg["overwrite"]:
+        return {}
+    try:
+        with open(out) as f:
+            results = json.load(f)
+        old = results["config"]
+    except (ValueError, KeyError, TypeError):
+        raise CLIError(f"{out} exists and is not a results file of evaluate.py; "
+                       "choose another --out or pass --overwrite")
+    diff = [f"{k}: {old.get(k)!r} there, {cfg[k]!r} now" for k in IDENTITY if old.get(k) != cfg[k]]
+    if diff:
+        raise CLIError(f"{out} holds results of another configuration ({'; '.join(diff[:3])}); "
+                       "choose another --out or pass --overwrite")
+    print(f"resuming from {out}")
+    return results

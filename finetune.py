@@ -400,9 +400,28 @@ def main(args):
     check_labels(y, num_classes, args.data or f"the {args.dataset} training set")
     check_images(model.base_model, x, args.device, name=f"the model {args.model}")
     base_state = {k: v.detach().cpu().clone() for k, v in model.base_model.state_dict().items()}
-    if args.head != "hpm":
-        return train_control(model, x, y, args, base_state)
+    if args.unfinished_out is not None:
+        print(f"note: {args.out} holds a finished head; it is replaced only when this run finishes "
+              f"(until then checkpoints go to {args.unfinished_out}; --overwrite to write there)")
+    optimizer, S = start(model, x, y, args)
+    train(model, optimizer, x, y, S, args, base_state)
+    return model
 
+
+def start(model, x, y, args):
+    """What comes before the first epoch, per head: (the optimizer, or None for NCM, which trains
+    nothing; the IKL class weights S, or None for DPNP)."""
+    if args.head == "ncm":
+        clean_pass(model, x, y, args.T, args.batch_size, args.device, not args.no_progress)
+        print(f"NCM head on {args.model}: C_global = class means of {len(x)} images; l2 logits to "
+              "C_global alone (nothing trained)")
+        return None, None
+    if args.head == "dpnp":
+        lambdas = ", ".join(f"{n} {v:g}" for n, v in zip(("DPP", "DNP", "DFA"), args.dpnp_lambdas))
+        print(f"DPNP head on {args.model}: {len(x)} {args.dataset} training images, {args.epochs} "
+              f"epoch(s) of batch {args.batch_size}, Adam lr {args.lr:g}, alpha {args.dpnp_alpha:g}, "
+              f"lambda {lambdas}; PGD on CE, {args.steps} steps of {args.step_size:.4g}")
+        return torch.optim.Adam(head_parameters(model, "dpnp"), lr=args.lr), None
     optimizer = torch.optim.Adam(head_parameters(model), lr=args.lr)
     print(f"HPM head on {args.model}: {len(x)} {args.dataset} training images, {args.epochs} epoch(s) "
           f"of batch {args.batch_size}, Adam lr {args.lr:g}, EMA momentum {args.momentum}")
@@ -410,9 +429,6 @@ def main(args):
           f"attack {args.threat_model} eps {args.eps:.4g}, {args.steps} steps of {args.step_size:.4g} "
           f"on IKL with alpha {args.attack_alpha:g} beta {args.attack_beta:g} ({args.attack_loss}) through "
           f"mode {args.attack_mode!r}; augment {args.augment}; mixer start {args.mixer_init!r}")
-    if args.unfinished_out is not None:
-        print(f"note: {args.out} holds a finished head; it is replaced only when this run finishes "
-              f"(until then checkpoints go to {args.unfinished_out}; --overwrite to write there)")
     _, S = clean_pass(model, x, y, args.T, args.batch_size, args.device, not args.no_progress)
     if args.class_weights == "ema":  # the official first epoch: uniform, then the EMA per batch
         S = torch.full_like(S, 1 / S.shape[0])
@@ -420,15 +436,21 @@ def main(args):
     print(f"clean pass: C_global = class means of {len(x)} images" +
           (f"; classes {absent[:10]}{'...' if len(absent) > 10 else ''} absent (zero prototype, "
            "uniform IKL weights)" if absent else ""))
+    return optimizer, S
 
+
+def train(model, optimizer, x, y, S, args, base_state):
+    """The epochs (none without an optimizer), the head saved after each (finished after the
+    last) and the backbone checked bitwise unchanged; an interrupt saves the unfinished head."""
+    epochs = 0 if optimizer is None else args.epochs
     history, generator = [], torch.Generator().manual_seed(args.seed)
     try:
-        for epoch in range(1, args.epochs + 1):
+        for epoch in range(1, epochs + 1):
             history.append(train_epoch(model, optimizer, x, y, S, args, epoch, generator))
             check_frozen(model, base_state)
-            path = save_checkpoint(model, args, history, finished=epoch == args.epochs)
+            path = save_checkpoint(model, args, history, finished=epoch == epochs)
             h = history[-1]
-            print(f"epoch {epoch}/{args.epochs}: clean acc {h['clean_acc']:.2%}  adv acc {h['adv_acc']:.2%} "
+            print(f"epoch {epoch}/{epochs}: clean acc {h['clean_acc']:.2%}  adv acc {h['adv_acc']:.2%} "
                   f"(against the training attack, not an evaluation)  loss {h['loss']:.4f}  "
                   f"({h['seconds']:.0f}s)  -> {path}")
     except KeyboardInterrupt:
@@ -436,7 +458,10 @@ def main(args):
         print(f"\ninterrupted: saved the unfinished head ({len(history)} complete epoch(s)) to {path}",
               file=sys.stderr)
         raise
-    return model
+    if epochs == 0:
+        check_frozen(model, base_state)
+        print(f"-> {save_checkpoint(model, args, history, finished=True)}")
+    return history
 
 
 def build_model(base_model, args):
@@ -446,39 +471,6 @@ def build_model(base_model, args):
         return dpnp.attach(base_model, alpha=args.dpnp_alpha)
     model = attach(base_model, momentum=args.momentum)
     init_mixer(model.head, "global" if args.head == "ncm" else args.mixer_init)
-    return model
-
-
-def train_control(model, x, y, args, base_state):
-    """The controls of the study. --head ncm: the clean pass sets C_global, nothing is trained.
-    --head dpnp: head-only Adv-DPNP training of the prototypes (Eq. 7, Algorithm 1)."""
-    history = []
-    if args.head == "ncm":
-        clean_pass(model, x, y, args.T, args.batch_size, args.device, not args.no_progress)
-        print(f"NCM head on {args.model}: C_global = class means of {len(x)} images; l2 logits to "
-              "C_global alone (nothing trained)")
-    else:
-        optimizer = torch.optim.Adam(head_parameters(model, "dpnp"), lr=args.lr)
-        lambdas = ", ".join(f"{n} {v:g}" for n, v in zip(("DPP", "DNP", "DFA"), args.dpnp_lambdas))
-        print(f"DPNP head on {args.model}: {len(x)} {args.dataset} training images, {args.epochs} "
-              f"epoch(s) of batch {args.batch_size}, Adam lr {args.lr:g}, alpha {args.dpnp_alpha:g}, "
-              f"lambda {lambdas}; PGD on CE, {args.steps} steps of {args.step_size:.4g}")
-        generator = torch.Generator().manual_seed(args.seed)
-        try:
-            for epoch in range(1, args.epochs + 1):
-                history.append(train_epoch(model, optimizer, x, y, None, args, epoch, generator))
-                check_frozen(model, base_state)
-                h = history[-1]
-                print(f"epoch {epoch}/{args.epochs}: clean acc {h['clean_acc']:.2%}  adv acc "
-                      f"{h['adv_acc']:.2%} (against the training attack)  loss {h['loss']:.4f}")
-                if epoch < args.epochs:
-                    save_checkpoint(model, args, history, finished=False)
-        except KeyboardInterrupt:
-            path = save_checkpoint(model, args, history, finished=False)
-            print(f"\ninterrupted: saved the unfinished head to {path}", file=sys.stderr)
-            raise
-    check_frozen(model, base_state)
-    print(f"-> {save_checkpoint(model, args, history, finished=True)}")
     return model
 
 

@@ -41,8 +41,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from hpm import attach, find_classifier
-from hpmkit import dpnp
 from hpmkit.attacks import QueryScorer, check_adv, fixed_prototype_logits, run_attack
 from hpmkit.checks import run_checks
 from hpmkit.chunks import batch_loader, chunk_group, chunk_sizes, make_batches
@@ -50,8 +48,8 @@ from hpmkit.config import (ADAPTIVE, ALL_ATTACKS, DEFAULT_CHUNK, HPM_ATTACKS, ID
                            check_classes, load_subset, open_results, resolve_config)
 from hpmkit.gpu import MemoryFit, compile_head
 from hpmkit.jobs import AdvSaver, ChunkResult, adv_path, row_store, run_job
-from hpmkit.loading import (DATASETS, CLIError, WarningCounter, check_images, eps_value, load_head,
-                            load_model, run_cli, write_json)
+from hpmkit.loading import (DATASETS, CLIError, WarningCounter, check_images, eps_value, load_models,
+                            run_cli, write_json)
 from hpmkit.ranks import start_ranks
 from hpmkit.report import NOTES, VERSION_NOTES, describe, print_report, square_note
 
@@ -316,23 +314,6 @@ def update_worst_case(store):
 
 # The script --------------------------------------------------------------------------------
 
-def load_models(cfg, ckpt, device):
-    """(base model, HPM model or None, DPNP model or None, number of classes), frozen, on device."""
-    base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"])
-    hpm_model = dpnp_model = None
-    try:
-        num_classes = find_classifier(base)[1].out_features
-        if ckpt is not None and ckpt["head_type"] == "dpnp":
-            dpnp_model = load_head(ckpt, dpnp.attach(base, alpha=ckpt["alpha"]))
-        elif ckpt is not None:  # "hpm", or "ncm" (an HPM head whose mixer passes C_global alone)
-            hpm_model = load_head(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
-    except ValueError as e:  # attach: no final nn.Linear
-        raise CLIError(str(e))
-    base, hpm_model, dpnp_model = (m if m is None else m.to(device).eval().requires_grad_(False)
-                                   for m in (base, hpm_model, dpnp_model))
-    return base, hpm_model, dpnp_model, num_classes
-
-
 def main(args):
     """Evaluate as the flags say; returns the results dict (also written to --out)."""
     cfg, ckpt = resolve_config(args, VERSIONS)
@@ -346,7 +327,7 @@ def main(args):
         if ckpt is not None and ckpt.get("finished") is False:
             print(f"warning: {cfg['head']} is an unfinished head (fine-tuning was interrupted after "
                   f"{len(ckpt.get('history', []))} epoch(s)); its numbers are not those of a trained head")
-        base, hpm_model, dpnp_model, num_classes = load_models(cfg, ckpt, device)
+        base, hpm_model, dpnp_model, num_classes = load_models(cfg, ckpt, device)  # frozen
         check_classes(cfg["attacks"], num_classes)
         if cfg["compile"] and hpm_model is not None:
             compile_head(hpm_model.head)

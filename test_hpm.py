@@ -1,8 +1,11 @@
-"""Tests for hpm.py, finetune.py, evaluate.py and the MNIST run.
+"""Tests for hpm.py, finetune.py, evaluate.py, hpmkit/ and the experiments, in that reading order
+(one banner per module).
 
 Each test checks one property the method or a script promises, against an independent
 computation where there is one (double precision, explicit tolerance), on tiny shapes on
-the CPU with fixed seeds. Run: `pytest -q test_hpm.py`.
+the CPU with fixed seeds. Run: `pytest -q test_hpm.py` (everything, as CI does), or
+`pytest -q -m "not slow" test_hpm.py` for the unit tests alone (end-to-end runs of the command
+lines, subprocesses and trained models carry the `slow` marker).
 """
 import ast
 import copy
@@ -26,14 +29,199 @@ import evaluate
 import finetune
 import hpm
 import run_mnist
-from hpmkit import attacks, chunks, config, gpu, jobs, loading
 from finetune import (clean_pass, head_parameters, ikl_loss, perturb, soft_cross_entropy, train_step,
                       weighted_mse)
 from hpm import attach
+from hpmkit import attacks, chunks, config, dpnp, gpu, jobs, loading
 from hpmkit.loading import CLIError, load_head, read_head
 
 ROOT = HERE = Path(__file__).resolve().parent
 TOL = dict(rtol=1e-10, atol=1e-10)  # double precision comparisons
+
+
+# ==============================================================================================
+# Shared fixtures and helpers
+# ==============================================================================================
+# What several sections use: one thread for tiny tensors, the real MNIST slice and a small CNN
+# trained on it, the quadrant toy (8x8 grey images of 4 classes; class c has its quadrant c bright
+# (0.9) and the rest dark (0.1), with a little noise; a linear model summing each quadrant, so its
+# robust margin is known in closed form) and the command-line runners.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and fair to other processes on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+MNIST = HERE.parent / "shared" / "data" / "mnist"
+
+
+# End to end on real MNIST images ---------------------------------------------------------
+
+def mnist_slice(n):
+    """The first n images of the real MNIST test set (uint8 (n, 1, 28, 28)), or, where the shared
+    data is missing, n synthetic digits-like images: a bright 7x7 block at a class-given place."""
+    if (MNIST / "t10k-images-idx3-ubyte.gz").exists():
+        with gzip.open(MNIST / "t10k-images-idx3-ubyte.gz") as f:
+            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
+        with gzip.open(MNIST / "t10k-labels-idx1-ubyte.gz") as f:
+            y = np.frombuffer(f.read(), np.uint8, offset=8)[:n].astype(np.int64)
+        return x.copy(), y
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % 10
+    x = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(y):
+        r, col = 7 * (c // 4), 7 * (c % 4)
+        x[i, 0, r:r + 7, col:col + 7] = 255
+    return x, y
+
+
+def tiny_cnn(x, y):
+    """A small CNN with BatchNorm (buffers that would drift in train mode), trained for a moment."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 16, 5, stride=2), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    xf, yt = torch.from_numpy(x).float() / 255, torch.from_numpy(y)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for step in range(60):
+        idx = torch.arange(step * 64, step * 64 + 64) % len(xf)
+        opt.zero_grad()
+        F.cross_entropy(net(xf[idx]), yt[idx]).backward()
+        opt.step()
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    x, y = mnist_slice(256)
+    np.savez(root / "train.npz", x=x, y=y)
+    torch.save(tiny_cnn(x, y), root / "cnn.pt")  # a whole pickled nn.Module, as --model expects
+    return root
+
+
+# The toy data: 8x8 grey images of 4 classes, class c has its quadrant c bright (0.9) and the
+# rest dark (0.1), with a little noise. The toy model: a linear classifier that sums each
+# quadrant, so its robust margin is known in closed form.
+
+K, SIZE, D = 4, 8, 64
+
+
+def quadrant_mask(c):
+    m = torch.zeros(1, SIZE, SIZE)
+    r, col = divmod(c, 2)
+    m[0, r * SIZE // 2:(r + 1) * SIZE // 2, col * SIZE // 2:(col + 1) * SIZE // 2] = 1
+    return m  # (1, H, W)
+
+
+def quad_data(n, seed=0):
+    """uint8 images (n, 1, 8, 8) and int64 labels; classes in turn."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    x = 25 + 205 * torch.stack([quadrant_mask(int(c)) for c in y])  # dark 0.1, bright 0.9
+    x = x + torch.randint(-12, 13, x.shape, generator=g)
+    return x.clamp(0, 255).to(torch.uint8), y
+
+
+def quad_linear(scale=1.0):
+    """logit_c = scale * (sum of quadrant c): ends in an nn.Linear, as HPM needs."""
+    fc = nn.Linear(D, K)
+    with torch.no_grad():
+        fc.weight.copy_(scale * torch.stack([quadrant_mask(c).flatten() for c in range(K)]))
+        fc.bias.zero_()
+    return nn.Sequential(nn.Flatten(), fc)
+
+
+class Quantize(nn.Module):
+    """round(x * levels) / levels: the forward is honest, the gradient is zero everywhere."""
+
+    def __init__(self, levels=10):
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, x):
+        return torch.round(x * self.levels) / self.levels
+
+
+def fitted_hpm(base, x, y):
+    """attach() with C_global set to the clean class means (what finetune.py does first)."""
+    model = attach(copy.deepcopy(base))
+    with torch.no_grad():
+        model.head.update_prototypes(model.features(x.float() / 255), y)
+    return model
+
+
+def write_setup(tmp, base, n=32, seed=0, head=None, y=None, batch_size=8):
+    """Model file, .npz test set and head checkpoint in tmp; returns their paths."""
+    x, y0 = quad_data(n, seed)
+    y = y0 if y is None else y
+    paths = {k: str(tmp / f) for k, f in (("model", "model.pt"), ("data", "test.npz"),
+                                          ("head", "head.pt"))}
+    torch.save(base, paths["model"])
+    np.savez(paths["data"], x=x.numpy(), y=y.numpy())
+    hpm_model = fitted_hpm(base, x, y0) if head is None else head
+    torch.save({"head": hpm_model.head.state_dict(), "model": paths["model"], "dataset": "mnist",
+                "threat_model": "Linf", "momentum": 0.98, "eps": 1e-6, "num_classes": K,
+                "feature_dim": D, "fc_name": "1", "args": {"batch_size": batch_size},
+                "history": []}, paths["head"])
+    return paths
+
+
+def run_evaluate(paths, *argv):
+    args = evaluate.parse_args(["--head", paths["head"], "--data", paths["data"], "--device", "cpu",
+                                "--no-progress", "--n-examples", "1000000", *argv])
+    return evaluate.main(args)
+
+
+def strip_timings(obj):
+    """The results without what measures time or cost, or names the output file (a resumed attack
+    has no cost figure, and warnings are counted per process)."""
+    if isinstance(obj, dict):
+        return {k: strip_timings(v) for k, v in obj.items()
+                if k not in ("timing", "timings_s", "out", "backbone_passes_per_image", "backbone_images",
+                             "library_warnings")}
+    if isinstance(obj, list):
+        return [strip_timings(v) for v in obj]
+    return obj
+
+
+def rows_of(results):
+    rows = {"base": results["base"]}
+    rows.update({f"hpm/{c}": r for c, r in results.get("hpm", {}).items()})
+    return rows
+
+
+def snapshot(folder):
+    """Every file under folder: relative path -> its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file()}
+
+
+def imported_modules(path, depth=1):
+    """The module names a file imports (their first `depth` dotted parts), read from its syntax tree."""
+    names = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            names |= {".".join(a.name.split(".")[:depth]) for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(".".join(node.module.split(".")[:depth]))
+            if node.module == "hpmkit":  # from hpmkit import loading
+                names |= {f"hpmkit.{a.name}" for a in node.names}
+    return names
+
+
+SCRIPTS = ("evaluate", "finetune", "run_mnist", "run_study", "run_dpnp_mnist", "bench")
+
+
+# ==============================================================================================
+# hpm.py
+# ==============================================================================================
+# The head, equation by equation, against loops in double precision.
 
 
 def make_head(K=4, D=5, seed=0, dtype=torch.float64):
@@ -340,6 +528,7 @@ def test_state_dict_round_trip_keeps_prototypes_mixer_and_fc():
     assert torch.equal(fresh(z), head(z))
 
 
+@pytest.mark.slow
 def test_hpm_imports_torch_alone():
     tree = ast.parse((ROOT / "hpm.py").read_text())
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -446,11 +635,11 @@ def test_attach_leaves_exactly_fc_and_mixer_trainable():
     assert trainable == {"head.fc.weight", "head.fc.bias", "head.mixer.weight", "head.mixer.bias"}
 
 
-# ============================================================================================
+# ==============================================================================================
 # finetune.py
-# ============================================================================================
-
-MNIST = HERE.parent / "shared" / "data" / "mnist"
+# ==============================================================================================
+# IKL against independent computations, the training step, the command line end to end, and
+# what the official IKL code does (class weights, attack loss, augmentation, the mixer's start).
 
 
 # IKL against independent computations, in double precision --------------------------------
@@ -616,51 +805,6 @@ def test_train_step_moves_only_fc_and_mixer_and_the_ema_sees_clean_features():
     assert torch.equal(after["head.prototypes"][3], before["head.prototypes"][3])
 
 
-# End to end on real MNIST images ---------------------------------------------------------
-
-def mnist_slice(n):
-    """The first n images of the real MNIST test set (uint8 (n, 1, 28, 28)), or, where the shared
-    data is missing, n synthetic digits-like images: a bright 7x7 block at a class-given place."""
-    if (MNIST / "t10k-images-idx3-ubyte.gz").exists():
-        with gzip.open(MNIST / "t10k-images-idx3-ubyte.gz") as f:
-            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
-        with gzip.open(MNIST / "t10k-labels-idx1-ubyte.gz") as f:
-            y = np.frombuffer(f.read(), np.uint8, offset=8)[:n].astype(np.int64)
-        return x.copy(), y
-    rng = np.random.default_rng(0)
-    y = np.arange(n) % 10
-    x = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
-    for i, c in enumerate(y):
-        r, col = 7 * (c // 4), 7 * (c % 4)
-        x[i, 0, r:r + 7, col:col + 7] = 255
-    return x, y
-
-
-def tiny_cnn(x, y):
-    """A small CNN with BatchNorm (buffers that would drift in train mode), trained for a moment."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.Conv2d(8, 16, 5, stride=2), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-    xf, yt = torch.from_numpy(x).float() / 255, torch.from_numpy(y)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for step in range(60):
-        idx = torch.arange(step * 64, step * 64 + 64) % len(xf)
-        opt.zero_grad()
-        F.cross_entropy(net(xf[idx]), yt[idx]).backward()
-        opt.step()
-    return net.eval()
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    x, y = mnist_slice(256)
-    np.savez(root / "train.npz", x=x, y=y)
-    torch.save(tiny_cnn(x, y), root / "cnn.pt")  # a whole pickled nn.Module, as --model expects
-    return root
-
-
 def fixed_batch_loss(model, S, x, y):
     """The training objective on one fixed batch, the attack re-run from the same seed."""
     torch.manual_seed(123)
@@ -742,6 +886,43 @@ def test_an_interrupted_run_keeps_its_checkpoint(files, tmp_path, monkeypatch, c
     assert "interrupted" in capsys.readouterr().err
 
 
+def interrupt_at(monkeypatch, step):
+    """Make the fine-tuning raise KeyboardInterrupt (what SIGINT raises) at its step-th batch."""
+    calls = []
+
+    def interrupted_step(*a):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return train_step(*a)
+
+    monkeypatch.setattr(finetune, "train_step", interrupted_step)
+
+
+def test_an_interrupt_never_replaces_a_finished_head(run, files, tmp_path, monkeypatch):
+    out = tmp_path / "head.pt"
+    out.write_bytes((files / "head.pt").read_bytes())  # a finished head, from the `run` fixture
+    finished = out.read_bytes()
+    argv = ["--model", str(files / "cnn.pt"), "--dataset", "mnist", "--data", str(files / "train.npz"),
+            "--epochs", "2", "--out", str(out), "--device", "cpu", "--no-progress"]
+    interrupt_at(monkeypatch, 6)  # the second batch of epoch 2
+    assert loading.run_cli(finetune.main, finetune.parse_args, argv) == 130
+    assert out.read_bytes() == finished
+    unfinished = read_head(str(tmp_path / "head.unfinished.pt"))
+    assert unfinished["finished"] is False and [h["epoch"] for h in unfinished["history"]] == [1]
+
+    # Finishing replaces it, and the unfinished file goes.
+    monkeypatch.setattr(finetune, "train_step", train_step)
+    assert loading.run_cli(finetune.main, finetune.parse_args, argv) == 0
+    assert read_head(str(out))["finished"] is True and out.read_bytes() != finished
+    assert not (tmp_path / "head.unfinished.pt").exists()
+
+    # --overwrite: asked for, so the unfinished head is written at --out itself.
+    interrupt_at(monkeypatch, 2)
+    assert loading.run_cli(finetune.main, finetune.parse_args, argv + ["--overwrite"]) == 130
+    assert read_head(str(out))["finished"] is False
+
+
 # Bad input: one clear line, no traceback -------------------------------------------------
 
 def finetune_error(*argv):
@@ -799,6 +980,7 @@ def test_checkpoint_that_does_not_fit_is_refused(run, files):
         read_head(str(files / "cnn.pt"))
 
 
+@pytest.mark.slow
 def test_cli_prints_one_error_line_and_exits_2(files, tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 1, 28, 28), np.uint8), y=np.array([0, 1, 10, 2]))
     result = subprocess.run(
@@ -810,107 +992,108 @@ def test_cli_prints_one_error_line_and_exits_2(files, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "h.pt").exists()
 
 
-# ============================================================================================
+def test_class_weight_ema_follows_its_rule_on_two_batches():
+    T, lam = 4.0, 0.9
+    S = torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    batches = [(torch.tensor([[2.0, 0.0, -1.0], [1.0, 1.0, 0.0], [0.0, 3.0, 1.0]], dtype=torch.float64),
+                torch.tensor([0, 0, 1])),
+               (torch.tensor([[0.5, 0.0, 2.0], [-1.0, 2.0, 0.0]], dtype=torch.float64), torch.tensor([2, 0]))]
+    expected = [[1 / 3] * 3 for _ in range(3)]
+    for zn, y in batches:
+        finetune.update_class_weights(S, zn, y, T, lam)
+        for c in range(3):  # by hand: mean of softmax(zn / T) over the rows of class c, then the EMA
+            rows = [i for i in range(len(y)) if y[i] == c]
+            if rows:
+                p = [[math.exp(v / T) / sum(math.exp(u / T) for u in zn[i].tolist()) for v in zn[i].tolist()]
+                     for i in rows]
+                mean = [sum(r[j] for r in p) / len(rows) for j in range(3)]
+                expected[c] = [lam * expected[c][j] + (1 - lam) * mean[j] for j in range(3)]
+    torch.testing.assert_close(S, torch.tensor(expected, dtype=torch.float64), **TOL)
+    torch.testing.assert_close(S.sum(1), torch.ones(3, dtype=torch.float64), **TOL)
+
+
+def spy_on_class_weights(monkeypatch):
+    """Record the class weights S that every training step receives."""
+    seen = []
+
+    def spying_step(model, optimizer, x, y, S, args):
+        seen.append(S.clone())
+        return train_step(model, optimizer, x, y, S, args)
+
+    monkeypatch.setattr(finetune, "train_step", spying_step)
+    return seen
+
+
+@pytest.mark.parametrize("weights", ["fixed", "ema"])
+def test_class_weights_fixed_are_the_clean_pass_and_ema_start_uniform(weights, files, tmp_path, monkeypatch):
+    seen = spy_on_class_weights(monkeypatch)
+    finetune.main(finetune.parse_args(["--model", str(files / "cnn.pt"), "--dataset", "mnist", "--data",
+                                       str(files / "train.npz"), "--out", str(tmp_path / "h.pt"), "--device",
+                                       "cpu", "--no-progress", "--steps", "2", "--class-weights", weights]))
+    x, y = loading.load_npz(str(files / "train.npz"))
+    _, S = clean_pass(attach(torch.load(files / "cnn.pt", weights_only=False)), x, y, 4.0, 64, "cpu")
+    assert len(seen) == 4  # 256 images, batches of 64
+    if weights == "fixed":  # today's S, held for the run
+        assert all(torch.equal(s, S) for s in seen)
+    else:  # uniform first, then moving
+        assert torch.equal(seen[0], torch.full_like(S, 0.1)) and not torch.equal(seen[1], seen[0])
+        assert torch.allclose(seen[-1].sum(1), torch.ones(10))
+
+
+def test_official_attack_loss_is_soft_ce_alone_on_cifar10():
+    def settings(*argv):
+        return finetune.fill_defaults(finetune.parse_args(["--model", "m", "--device", "cpu", *argv]))
+
+    a = settings("--dataset", "cifar10")
+    assert (a.attack_loss, a.attack_alpha, a.attack_beta, a.alpha, a.beta) == ("official", 1.0, 0.0, 3.0, 10.0)
+    assert (settings("--dataset", "cifar100").attack_alpha, settings("--dataset", "cifar100").attack_beta) == (1.0, 1.0)
+    b = settings("--dataset", "cifar10", "--attack-loss", "train")
+    assert (b.attack_alpha, b.attack_beta) == (3.0, 10.0)
+    # Its gradient with respect to the adversarial logits is softCE's, which the attack ascends.
+    zn, za, w = random_logits()
+    y = torch.arange(5) % 7
+    S = torch.softmax(torch.randn(7, 7, dtype=torch.float64), 1)
+    za1, za2 = za.clone().requires_grad_(True), za.clone().requires_grad_(True)
+    ikl_loss(zn, za1, y, S, a.attack_alpha, a.attack_beta).backward()
+    soft_cross_entropy(zn, za2).backward()
+    torch.testing.assert_close(za1.grad, za2.grad, **TOL)
+
+
+def test_each_mixer_start_is_its_matrix_and_average_is_the_heads_own():
+    head = make_head(K=3, D=4)
+    fresh = hpm.HPMHead(head.fc).double()
+    eye = torch.eye(4, dtype=torch.float64)
+    for how, W in (("average", torch.cat([eye / 2, eye / 2], 1)), ("global", torch.cat([eye, 0 * eye], 1))):
+        finetune.init_mixer(head, how)
+        assert torch.equal(head.mixer.weight, W) and not head.mixer.bias.any(), how
+    finetune.init_mixer(fresh, "average")  # the start the first landing had, bit for bit
+    assert torch.equal(fresh.mixer.weight, hpm.HPMHead(head.fc).double().mixer.weight)
+    torch.manual_seed(5)
+    finetune.init_mixer(head, "default")
+    torch.manual_seed(5)
+    reference = nn.Linear(8, 4, dtype=torch.float64)  # PyTorch's own init, the same draws
+    assert torch.equal(head.mixer.weight, reference.weight) and torch.equal(head.mixer.bias, reference.bias)
+
+
+def test_random_crop_flip_is_a_crop_of_the_padded_image_and_a_flip():
+    x = torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8)
+    out = finetune.random_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    g = torch.Generator().manual_seed(0)  # the same draws, one image at a time
+    top, left = torch.randint(0, 5, (6,), generator=g), torch.randint(0, 5, (6,), generator=g)
+    flip = torch.rand(6, generator=g) < 0.5
+    assert flip.any() and (~flip).any()
+    for i in range(6):
+        padded = torch.zeros(3, 9, 11, dtype=torch.uint8)
+        padded[:, 2:7, 2:9] = x[i]
+        crop = padded[:, top[i]:top[i] + 5, left[i]:left[i] + 7]
+        assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop), i
+
+
+# ==============================================================================================
 # evaluate.py
-# ============================================================================================
-# The toy data: 8x8 grey images of 4 classes, class c has its quadrant c bright (0.9) and the
-# rest dark (0.1), with a little noise. The toy model: a linear classifier that sums each
-# quadrant, so its robust margin is known in closed form.
-
-K, SIZE, D = 4, 8, 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and fair to other processes on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def quadrant_mask(c):
-    m = torch.zeros(1, SIZE, SIZE)
-    r, col = divmod(c, 2)
-    m[0, r * SIZE // 2:(r + 1) * SIZE // 2, col * SIZE // 2:(col + 1) * SIZE // 2] = 1
-    return m  # (1, H, W)
-
-
-def quad_data(n, seed=0):
-    """uint8 images (n, 1, 8, 8) and int64 labels; classes in turn."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % K
-    x = 25 + 205 * torch.stack([quadrant_mask(int(c)) for c in y])  # dark 0.1, bright 0.9
-    x = x + torch.randint(-12, 13, x.shape, generator=g)
-    return x.clamp(0, 255).to(torch.uint8), y
-
-
-def quad_linear(scale=1.0):
-    """logit_c = scale * (sum of quadrant c): ends in an nn.Linear, as HPM needs."""
-    fc = nn.Linear(D, K)
-    with torch.no_grad():
-        fc.weight.copy_(scale * torch.stack([quadrant_mask(c).flatten() for c in range(K)]))
-        fc.bias.zero_()
-    return nn.Sequential(nn.Flatten(), fc)
-
-
-class Quantize(nn.Module):
-    """round(x * levels) / levels: the forward is honest, the gradient is zero everywhere."""
-
-    def __init__(self, levels=10):
-        super().__init__()
-        self.levels = levels
-
-    def forward(self, x):
-        return torch.round(x * self.levels) / self.levels
-
-
-def fitted_hpm(base, x, y):
-    """attach() with C_global set to the clean class means (what finetune.py does first)."""
-    model = attach(copy.deepcopy(base))
-    with torch.no_grad():
-        model.head.update_prototypes(model.features(x.float() / 255), y)
-    return model
-
-
-def write_setup(tmp, base, n=32, seed=0, head=None, y=None, batch_size=8):
-    """Model file, .npz test set and head checkpoint in tmp; returns their paths."""
-    x, y0 = quad_data(n, seed)
-    y = y0 if y is None else y
-    paths = {k: str(tmp / f) for k, f in (("model", "model.pt"), ("data", "test.npz"),
-                                          ("head", "head.pt"))}
-    torch.save(base, paths["model"])
-    np.savez(paths["data"], x=x.numpy(), y=y.numpy())
-    hpm_model = fitted_hpm(base, x, y0) if head is None else head
-    torch.save({"head": hpm_model.head.state_dict(), "model": paths["model"], "dataset": "mnist",
-                "threat_model": "Linf", "momentum": 0.98, "eps": 1e-6, "num_classes": K,
-                "feature_dim": D, "fc_name": "1", "args": {"batch_size": batch_size},
-                "history": []}, paths["head"])
-    return paths
-
-
-def run_evaluate(paths, *argv):
-    args = evaluate.parse_args(["--head", paths["head"], "--data", paths["data"], "--device", "cpu",
-                                "--no-progress", "--n-examples", "1000000", *argv])
-    return evaluate.main(args)
-
-
-def strip_timings(obj):
-    """The results without what measures time or cost, or names the output file (a resumed attack
-    has no cost figure, and warnings are counted per process)."""
-    if isinstance(obj, dict):
-        return {k: strip_timings(v) for k, v in obj.items()
-                if k not in ("timing", "timings_s", "out", "backbone_passes_per_image", "backbone_images",
-                             "library_warnings")}
-    if isinstance(obj, list):
-        return [strip_timings(v) for v in obj]
-    return obj
-
-
-def rows_of(results):
-    rows = {"base": results["base"]}
-    rows.update({f"hpm/{c}": r for c, r in results.get("hpm", {}).items()})
-    return rows
+# ==============================================================================================
+# The protocol: known answers on the quadrant toy, the surrogates, the results file, both
+# versions against AutoAttack's own code.
 
 
 # Known answers ------------------------------------------------------------------------------
@@ -1013,13 +1196,6 @@ def test_quantised_input_masks_apgd_but_square_finds_it(tmp_path):
         assert row["checks"]["square_vs_gradient"]["images_only_square_breaks"] >= 7, name
         assert row["checks"]["eps_sweep"]["status"] == "flag", name
         assert row["checks"]["eps_sweep"]["accuracy"][-1] == 1.0, name
-
-
-def test_checks_pass_an_honest_model(saved_run):
-    for name, row in rows_of(saved_run["results"]).items():
-        for check in ("eps_sweep", "doubled_steps", "square_vs_gradient"):
-            assert row["checks"][check]["status"] == "pass", (name, check, row["checks"][check])
-        assert row["checks"]["eps_sweep"]["accuracy"][-1] == 0.0
 
 
 # Peer agreement ------------------------------------------------------------------------------
@@ -1186,348 +1362,68 @@ def test_mixture_is_mean_log_softmax_from_one_backbone_pass():
         torch.testing.assert_close(mix.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-# Resume ----------------------------------------------------------------------------------------
+def test_paper_version_is_the_papers_protocol_on_autoattacks_own_attack_single_run(tmp_path):
+    """--version paper: the paper's attack list and 40 steps, and in the batch context each
+    attack is AutoAttack's attack_single_run on the whole batch, its final batch scored whole."""
+    from pyautoattack.autopgd_base import APGDAttack
 
-def test_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
-    paths = write_setup(tmp_path, quad_linear())
-    argv = ["--eps", "0.42", "--steps", "5", "--queries", "30", "--contexts", "batch", "--attacks",
-            "apgd-ce/mix,apgd-dlr/fc,square", "--checks", "--checks-n", "16"]
-    whole = run_evaluate(paths, *argv, "--out", str(tmp_path / "whole.json"))
-
-    real = evaluate.run_attack
-    calls = []
-
-    def dies_on_the_fourth_call(*a, **kw):  # chunks of 2 batches: apgd-ce takes calls 1-2, apgd-dlr 3-4
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    out = str(tmp_path / "resumed.json")  # whole: one chunk of 4 batches; this run: chunks of 2
-    monkeypatch.setattr(evaluate, "run_attack", dies_on_the_fourth_call)
-    with pytest.raises(KeyboardInterrupt):
-        run_evaluate(paths, *argv, "--out", out, "--chunk", "16")
-    with open(out) as f:
-        partial = json.load(f)
-    assert partial["complete"] is False and partial["base"]["batches_done"]["apgd-dlr"] == 2
-    assert "apgd-dlr" not in partial["base"]["attacks"]  # interrupted inside its batches
-    monkeypatch.setattr(evaluate, "run_attack", real)
-    resumed = run_evaluate(paths, *argv, "--out", out)
-    with open(out) as f:
-        on_disk = json.load(f)
-    assert strip_timings(resumed) == strip_timings(whole) == strip_timings(on_disk)
-
-    # An attack subset first, then the full list: the same results again.
-    out2 = str(tmp_path / "in_two.json")
-    first = ["--eps", "0.42", "--steps", "5", "--queries", "30", "--contexts", "batch",
-             "--attacks", "apgd-dlr/fc"]
-    run_evaluate(paths, *first, "--out", out2)
-    assert strip_timings(run_evaluate(paths, *argv, "--out", out2)) == strip_timings(whole)
+    x, y = quad_data(32)
+    model = fitted_hpm(quad_linear(), x, y)
+    paths = write_setup(tmp_path, quad_linear(), head=model)
+    res = run_evaluate(paths, "--version", "paper", "--eps", "0.42", "--contexts", "batch",
+                       "--queries", "20", "--out", str(tmp_path / "r.json"))
+    assert res["config"]["steps"] == 40 and res["config"]["score_queries"] is False
+    assert list(res["hpm"]["batch"]["attacks"]) == list(config.HPM_ATTACKS)
+    xf = x.float() / 255
+    for attack in ("apgd-ce/mix", "apgd-dlr/fc"):
+        loss, surrogate = attack.split("/")[0].split("-")[1], attack.split("/")[1]
+        target = evaluate.Surrogate(model, surrogate, "batch")
+        peer = []
+        for a in range(0, 32, 8):
+            apgd = APGDAttack(target, n_iter=40, norm="Linf", eps=0.42, seed=0, loss=loss, device="cpu")
+            apgd.init_hyperparam(xf[a:a + 8])
+            torch.manual_seed(0)
+            x_best, robust, _, x_best_adv = apgd.attack_single_run(xf[a:a + 8], y[a:a + 8])
+            adv = torch.where(robust.view(-1, 1, 1, 1), x_best, x_best_adv)
+            with torch.no_grad():
+                peer += (model(adv, mode="ste", context="batch").argmax(1) == y[a:a + 8]).int().tolist()
+        assert res["hpm"]["batch"]["correct"][attack] == peer, attack
 
 
-def test_another_configuration_in_out_is_refused(tmp_path):
-    paths = write_setup(tmp_path, quad_linear(), n=8)
-    argv = ["--steps", "2", "--contexts", "image", "--attacks", "apgd-ce/fc",
-            "--out", str(tmp_path / "r.json")]
-    run_evaluate(paths, "--eps", "0.1", *argv)
-    with pytest.raises(CLIError, match="another configuration.*eps"):
-        run_evaluate(paths, "--eps", "0.2", *argv)
-    assert run_evaluate(paths, "--eps", "0.2", "--overwrite", *argv)["config"]["eps"] == 0.2
+def test_strong_version_is_never_weaker_than_paper(tmp_path):
+    x, y = quad_data(32)
+    model = fitted_hpm(quad_linear(), x, y)
+    paths = write_setup(tmp_path, quad_linear(), head=model)
+    common = ["--eps", "0.35", "--steps", "10", "--queries", "20", "--contexts", "batch,image"]
+    paper = run_evaluate(paths, "--version", "paper", *common, "--out", str(tmp_path / "p.json"))
+    strong = run_evaluate(paths, *common, "--out", str(tmp_path / "s.json"))
+    assert strong["version"] == "strong" and strong["config"]["score_queries"] is True
+    for name, row in rows_of(strong).items():
+        p = rows_of(paper)[name]
+        for attack, correct in p["correct"].items():
+            if attack != "worst_case":  # the same attack with queries scored: never more robust
+                assert all(s <= c for s, c in zip(row["correct"][attack], correct)), (name, attack)
+        assert row["worst_case"] <= p["worst_case"], name
+        assert all(v > 0 for v in row["backbone_passes_per_image"].values())
 
 
-# Clean errors ------------------------------------------------------------------------------------
-
-def nan_model():
-    base = quad_linear()
-    with torch.no_grad():
-        base[1].bias[0] = float("nan")
-    return base
-
-
-@pytest.mark.parametrize("case,message", [
-    ("missing data", "does not exist"),
-    ("missing model", "model file .* does not exist"),
-    ("head does not fit", "does not fit this model"),
-    ("nan logits", "NaN or inf"),
-    ("labels out of range", r"labels must lie in \[0, 4\)"),
-    ("images of the wrong shape", r"cannot classify images of shape \(1, 6, 6\)"),
-])
-def test_bad_input_gives_a_clean_error(tmp_path, case, message):
-    y = torch.arange(8) % K
-    if case == "labels out of range":
-        y = y + 3
-    paths = write_setup(tmp_path, nan_model() if case == "nan logits" else quad_linear(), n=8, y=y)
-    extra = []
-    if case == "missing data":
-        paths["data"] = str(tmp_path / "nowhere.npz")
-    elif case == "missing model":
-        extra = ["--model", str(tmp_path / "nowhere.pt")]
-    elif case == "images of the wrong shape":
-        np.savez(paths["data"], x=np.zeros((8, 1, 6, 6), np.uint8), y=y.numpy())
-    elif case == "head does not fit":
-        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(D, K + 1)), paths["model"])
-    with pytest.raises(CLIError, match=message):
-        run_evaluate(paths, "--steps", "1", "--attacks", "apgd-ce/fc", "--out",
-                 str(tmp_path / "r.json"), *extra)
-
-
-def test_unknown_robustbench_model_is_one_line_on_stderr(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--model",
-                           "Cui2023Decoupled_WRN-28-1", "--dataset", "cifar10", "--out",
-                           str(tmp_path / "r.json")], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: unknown RobustBench model") and "Traceback" not in proc.stderr
-    assert "Cui2023Decoupled_WRN-28-10" in proc.stderr  # the suggestion
-
-
-# ============================================================================================
-# run_mnist.py: the MNIST miniature end to end, reduced (--quick): every stage leaves its
-# artefacts and the numbers agree with each other and with independent recomputations.
-# ============================================================================================
-QUICK = run_mnist.SETTINGS["quick"]
-ROWS = {"base": ("base",), "hpm/batch": ("hpm", "batch"), "hpm/image": ("hpm", "image")}
-
-
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """One reduced run shared by the tests below: its output folder."""
-    out = tmp_path_factory.mktemp("mnist_quick")
-    run_mnist.main(run_mnist.parse_args(["--quick", "--out-dir", str(out), "--device", "cpu"]))
-    return out
-
-
-def rows(results):
-    out = {}
-    for name, keys in ROWS.items():
-        r = results
-        for k in keys:
-            r = r[k]
-        out[name] = r
-    return out
-
-
-def write_idx(path, array):
-    """An idx file written independently of run_mnist.read_idx (magic 2051 images, 2049 labels)."""
-    magic = 2051 if array.ndim == 3 else 2049
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def test_every_stage_writes_its_artefacts(quick):
-    for name in ("train.npz", "heldout.npz", "cnn_fc.pt", "cnn_l2.pt", "cnn_fc_at.pt", "fig1.md",
-                 "fig1.json", "fig1.png", "head.pt", "finetune.log", "results.json", "evaluate.log",
-                 "results_paper.json", "evaluate_paper.log",
-                 "table1.md", "summary.md"):
-        assert (quick / name).is_file() and (quick / name).stat().st_size > 0, name
-    for name, n in (("train.npz", QUICK["n_train"]), ("heldout.npz", QUICK["n_heldout"])):
-        with np.load(quick / name) as f:
-            assert f["x"].dtype == np.uint8 and f["x"].shape == (n, 1, 28, 28)
-            assert f["y"].dtype == np.int64 and f["y"].shape == (n,)
-    for name in ("cnn_fc.pt", "cnn_l2.pt", "cnn_fc_at.pt"):
-        assert isinstance(torch.load(quick / name, weights_only=False), run_mnist.SmallCNN)
-    ckpt = read_head(str(quick / "head.pt"))  # what evaluate.py reads
-    assert ckpt["finished"] and ckpt["dataset"] == "mnist"
-    assert (quick / "fig1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    results = json.loads((quick / "results.json").read_text())
-    assert results["complete"] and results["config"]["checks"]
-    summary = (quick / "summary.md").read_text()
-    for text in ("Fig. 1 in miniature", "Table 1 in miniature", "python finetune.py --model",
-                 "python evaluate.py --head", "eps_sweep", "the base model here", "--version paper"):
-        assert text in summary, text
-
-
-def test_the_strong_version_is_never_above_the_paper_version_on_mnist(quick):
-    strong = json.loads((quick / "results.json").read_text())
-    paper = json.loads((quick / "results_paper.json").read_text())
-    assert (strong["version"], paper["version"]) == ("strong", "paper")
-    assert strong["subset"]["indices"] == paper["subset"]["indices"]
-    table = (quick / "summary.md").read_text()
-    for name in rows(strong):
-        s, p = rows(strong)[name], rows(paper)[name]
-        assert s["clean"] == p["clean"]
-        # the strong suite contains the paper's attacks (with queries scored), so per image it can
-        # only be less robust; and the summary table shows both numbers
-        assert all(a <= b for a, b in zip(s["correct"]["worst_case"], p["correct"]["worst_case"])), name
-        assert f"{100 * s['worst_case']:.1f}" in table and f"{100 * p['worst_case']:.1f}" in table
-
-
-def test_splits_are_the_seeded_permutation_of_the_test_set(quick):
-    x = run_mnist.read_idx(run_mnist.DEFAULT_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
-    y = run_mnist.read_idx(run_mnist.DEFAULT_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
-    perm = np.random.default_rng(0).permutation(10000)
-    n_tr, n_ho = QUICK["n_train"], QUICK["n_heldout"]
-    with np.load(quick / "train.npz") as tr, np.load(quick / "heldout.npz") as ho:
-        np.testing.assert_array_equal(tr["x"][:, 0], x[perm[:n_tr]])
-        np.testing.assert_array_equal(tr["y"], y[perm[:n_tr]])
-        # held out: the images right after the training part in the permutation, none trained on
-        np.testing.assert_array_equal(ho["x"][:, 0], x[perm[n_tr:n_tr + n_ho]])
-        np.testing.assert_array_equal(ho["y"], y[perm[n_tr:n_tr + n_ho]])
-
-
-def test_worst_case_is_below_clean_and_every_attack(quick):
-    results = json.loads((quick / "results.json").read_text())
-    for name, r in rows(results).items():
-        accs = {"clean": r["clean"], "worst_case": r["worst_case"], **r["attacks"]}
-        assert all(0 <= a <= 1 for a in accs.values()), (name, accs)
-        assert r["worst_case"] <= min(r["clean"], *r["attacks"].values()), (name, accs)
-        # recomputed from the per-image 0/1 lists: correct clean and under every attack
-        per_image = [all(c) for c in zip(*(r["correct"][k] for k in ["clean", *r["attacks"]]))]
-        assert r["worst_case"] == pytest.approx(sum(per_image) / len(per_image), abs=1e-12)
-        attacks = evaluate.VERSIONS[results["version"]]["attacks"]
-        base_kinds = {a.split("/")[0] for a in attacks if a != "flip/mix"}  # flip needs an HPM head
-        assert len(r["attacks"]) == len(base_kinds if name == "base" else attacks)
-        assert f"| {100 * r['worst_case']:.1f} |" in (quick / "table1.md").read_text()
-
-
-def test_attacks_never_beat_clean_on_per_image_models_attacked_end_to_end(quick):
-    # AutoAttack's perturb leaves the misclassified images untouched, so on a per-image model its
-    # accuracy can only fall below clean. Not so for the batch context (an attack changes the
-    # other images' batch prototypes) nor for transfer attacks (whole-batch runs start every image,
-    # misclassified ones too, from a random point that may be classified correctly).
-    results = json.loads((quick / "results.json").read_text())
-    r = rows(results)
-    for name, attack in [("base", a) for a in r["base"]["attacks"]] + [
-            ("hpm/image", "apgd-ce/ste"), ("hpm/image", "apgd-dlr/ste"), ("hpm/image", "square")]:
-        assert r[name]["attacks"][attack] <= r[name]["clean"], (name, attack)
-
-
-def test_fig1_falls_with_eps_from_the_clean_accuracy(quick):
-    fig = json.loads((quick / "fig1.json").read_text())
-    assert fig["eps"][0] == 0 and fig["eps"] == sorted(fig["eps"])
-    with np.load(quick / "heldout.npz") as f:
-        x = torch.from_numpy(f["x"][:fig["n"]]).double() / 255
-        y = torch.from_numpy(f["y"][:fig["n"]])
-    for name in ("fc", "l2"):
-        acc = fig["accuracy"][name]
-        assert len(acc) == len(fig["eps"]) and all(0 <= a <= 1 for a in acc)
-        assert all(b <= a + 0.02 for a, b in zip(acc, acc[1:])), (name, acc)  # monotone within 2%
-        model = torch.load(quick / fig["models"][name], weights_only=False).double().eval()
-        with torch.no_grad():
-            clean = (model(x).argmax(1) == y).double().mean().item()  # float64, one batch
-        assert acc[0] == pytest.approx(clean, abs=0.5 / fig["n"]), name  # the same images
-
-
-def test_standard_layout_trains_on_the_training_files(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    x_train, y_train = rng.integers(0, 256, (50, 28, 28)), rng.integers(0, 10, 50)
-    x_test, y_test = rng.integers(0, 256, (20, 28, 28)), rng.integers(0, 10, 20)
-    write_idx(raw / "train-images-idx3-ubyte", x_train)  # plain and gzip files may mix
-    write_idx(raw / "train-labels-idx1-ubyte.gz", y_train)
-    write_idx(raw / "t10k-images-idx3-ubyte.gz", x_test)
-    write_idx(raw / "t10k-labels-idx1-ubyte", y_test)
-    xtr, ytr, xho, yho, _ = run_mnist.make_splits(tmp_path, run_mnist.SETTINGS["full"], seed=0)
-    np.testing.assert_array_equal(xtr[:, 0], x_train)
-    np.testing.assert_array_equal(ytr, y_train)
-    np.testing.assert_array_equal(xho[:, 0], x_test)
-    np.testing.assert_array_equal(yho, y_test)
-    assert xtr.dtype == np.uint8 and ytr.dtype == np.int64
-
-
-def test_a_folder_without_mnist_fails_in_one_line(tmp_path):
-    with pytest.raises(SystemExit, match=str(tmp_path)) as e:
-        run_mnist.main(run_mnist.parse_args(["--mnist-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")]))
-    assert "\n" not in str(e.value)
-
-
-# ============================================================================================
-# The command lines as a new user meets them: one home for loading, short logs, bad input
-# refused in one line with nothing written, and nothing lost when a run stops.
-# ============================================================================================
-
-def imported_modules(path, depth=1):
-    """The module names a file imports (their first `depth` dotted parts), read from its syntax tree."""
-    names = set()
-    for node in ast.walk(ast.parse(Path(path).read_text())):
-        if isinstance(node, ast.Import):
-            names |= {".".join(a.name.split(".")[:depth]) for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(".".join(node.module.split(".")[:depth]))
-            if node.module == "hpmkit":  # from hpmkit import loading
-                names |= {f"hpmkit.{a.name}" for a in node.names}
-    return names
-
-
-SCRIPTS = ("evaluate", "finetune", "run_mnist", "run_study", "run_dpnp_mnist", "bench")
-
-
-def test_scripts_do_not_import_each_other_and_share_only_loading_and_the_heads():
-    ev, ft = imported_modules(HERE / "evaluate.py", 2), imported_modules(HERE / "finetune.py", 2)
-    assert "finetune" not in ev and "evaluate" not in ft
-    assert {"hpm", "hpmkit.loading"} <= ev and {"hpm", "hpmkit.loading"} <= ft
-    shared = {"hpm", "hpmkit", "hpmkit.dpnp", "hpmkit.loading"}
-    assert (ev & ft) - shared <= {"argparse", "os", "sys", "time", "torch", "torch.nn", "torch.nn.functional"}
-    for name in ("load_model", "load_data", "read_head", "load_head", "save_head", "CLIError"):
-        assert not hasattr(finetune, name) or getattr(finetune, name) is getattr(loading, name), name
-        assert not hasattr(evaluate, name) or getattr(evaluate, name) is getattr(loading, name), name
-
-
-def test_no_supporting_module_imports_a_script():
-    modules = sorted((HERE / "hpmkit").glob("*.py"))
-    assert len(modules) >= 10
-    for path in modules:
-        imported = imported_modules(path)
-        assert not imported & set(SCRIPTS), (path.name, imported & set(SCRIPTS))
-        assert imported <= {"hpm", "hpmkit", "torch", "pyautoattack", "numpy", "scipy", "robustbench",
-                            "torchvision", "tqdm", "autoattack"} | set(sys.stdlib_module_names), path.name
-
-
-def rb_wideresnet():
-    """A tiny WideResNet from robustbench's own classes (the class a RobustBench download has)."""
-    loading.alias_autoattack()
-    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
-
-    torch.manual_seed(0)
-    return WideResNet(depth=10, widen_factor=1, num_classes=10).eval()
-
-
-def test_a_pickled_robustbench_model_loads_through_both_command_lines(tmp_path):
-    """A fresh Python (no `autoattack` alias yet) unpickles a model whose class is robustbench's."""
-    torch.save(rb_wideresnet(), tmp_path / "rb.pt")
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "c.npz", x=rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8),
-             y=np.arange(8) % 10)
-    common = ["--data", str(tmp_path / "c.npz"), "--device", "cpu", "--no-progress"]
-    ft = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--model", str(tmp_path / "rb.pt"),
-                         "--dataset", "cifar10", "--steps", "1", "--batch-size", "4",
-                         "--out", str(tmp_path / "head.pt"), *common],
-                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert ft.returncode == 0, ft.stderr
-    assert read_head(str(tmp_path / "head.pt"))["finished"] is True
-    ev = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--head", str(tmp_path / "head.pt"),
-                         "--steps", "1", "--queries", "2", "--attacks", "apgd-ce/fc,square",
-                         "--n-examples", "8", "--out", str(tmp_path / "r.json"), *common],
-                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert ev.returncode == 0, ev.stderr
-    results = json.loads((tmp_path / "r.json").read_text())
-    assert results["complete"] and results["config"]["model"] == str(tmp_path / "rb.pt")
-
-
-def test_a_redirected_log_stays_short_with_the_table_intact(tmp_path):
-    """Output to a file: no progress-bar fragments, AutoAttack's per-batch warnings as one
-    counted line per attack (the masked model makes DLR see zero gradients in every batch)."""
-    x, y = quad_data(64)
-    base, hpm_model = masked_head_model(x, y)
-    paths = write_setup(tmp_path, base, n=64, head=hpm_model)
-    log = tmp_path / "log.txt"
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--head", paths["head"],
-                               "--data", paths["data"], "--device", "cpu", "--n-examples", "64",
-                               "--eps", "0.45", "--steps", "4", "--queries", "5", "--out",
-                               str(tmp_path / "r.json")], stdout=f, stderr=subprocess.STDOUT,
-                              timeout=600, cwd=tmp_path)
-    text = log.read_text()
-    assert proc.returncode == 0, text
-    lines = text.splitlines()
-    assert len(lines) < 100 and "\r" not in text
-    assert sum("points with zero gradient" in ln for ln in lines) <= len(config.HPM_ATTACKS) * 2
-    assert any(ln.startswith("worst case") for ln in lines) and lines[-1].startswith("results: ")
-    results = json.loads((tmp_path / "r.json").read_text())
-    warned = results["hpm"]["image"]["library_warnings"]
-    assert any("zero gradient" in w and "times" in w for w in warned.values())
+def test_restarts_run_again_from_new_starts_and_are_never_weaker():
+    x, y = quad_data(32)
+    model = fitted_hpm(quad_linear(), x, y)
+    rows = evaluate.build_rows(quad_linear(), model)
+    kw = dict(attacks=["apgd-ce/ste", "apgd-cw/mix"], eps=0.38, steps=5, batch_size=8,
+              progress=False, log=lambda *a: None)
+    one = evaluate.evaluate(rows, x, y, **kw)
+    three = evaluate.evaluate(rows, x, y, restarts=3, **kw)
+    for name, row in rows_of(three).items():
+        for attack, correct in row["correct"].items():  # the first restart is the same run
+            assert all(a <= b for a, b in zip(correct, rows_of(one)[name]["correct"][attack])), (name, attack)
+    xf, queried = x[:8].float() / 255, []
+    mix = rows[1].surrogate("mix", scorer=lambda q, logits: queried.append(q.clone()))
+    runs = evaluate.run_attack("apgd-ce", mix, xf, y[:8], eps=0.38, steps=3, restarts=3)
+    assert len(runs) == 3 and len(queried) == 3 * 4  # each restart: its start and 3 steps
+    starts = queried[0::4]
+    assert not torch.equal(starts[0], starts[1]) and not torch.equal(starts[1], starts[2])
 
 
 def test_an_unfinished_head_is_evaluated_with_a_one_line_warning(tmp_path, capsys):
@@ -1543,112 +1439,6 @@ def test_an_unfinished_head_is_evaluated_with_a_one_line_warning(tmp_path, capsy
     run_evaluate(paths, "--steps", "1", "--attacks", "apgd-ce/fc", "--contexts", "image",
                  "--out", str(tmp_path / "r2.json"))
     assert "warning:" not in capsys.readouterr().out
-
-
-def snapshot(folder):
-    """Every file under folder: relative path -> its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
-            if p.is_file()}
-
-
-def bad_input_setup(tmp, case):
-    """Files for one bad-input case in tmp; returns (script, argv)."""
-    paths = write_setup(tmp, quad_linear(), n=8)
-    ev = ["--head", paths["head"], "--data", paths["data"], "--steps", "1", "--attacks", "apgd-ce/fc",
-          "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
-    base_only = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
-                 "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
-    ft = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
-          "--out", str(tmp / "new_head.pt"), "--device", "cpu", "--no-progress"]
-    if case == "head with NaN":
-        ckpt = torch.load(paths["head"], weights_only=True)
-        ckpt["head"]["mixer.weight"][0, 0] = float("inf")
-        torch.save(ckpt, paths["head"])
-        return "evaluate", ev
-    if case in ("base model with NaN outputs", "finetune: base model with NaN outputs"):
-        torch.save(nan_model(), paths["model"])
-        return ("finetune", ft) if case.startswith("finetune") else ("evaluate", base_only)
-    if case == "empty npz":
-        np.savez(paths["data"], x=np.zeros((0, 1, SIZE, SIZE), np.uint8), y=np.zeros(0, np.int64))
-    elif case == "npz without arrays":
-        np.savez(paths["data"])
-    elif case == "text file named .npz":
-        Path(paths["data"]).write_text("x,y\n1,2\n")
-    elif case == "truncated npz":
-        Path(paths["data"]).write_bytes(Path(paths["data"]).read_bytes()[:300])
-    elif case == "truncated model":
-        Path(paths["model"]).write_bytes(Path(paths["model"]).read_bytes()[:500])
-    elif case == "truncated head":
-        Path(paths["head"]).write_bytes(Path(paths["head"]).read_bytes()[:500])
-    elif case == "data of the wrong shape":
-        np.savez(paths["data"], x=np.zeros((8, 1, 6, 6), np.uint8), y=np.arange(8) % K)
-    elif case == "eps in pixels":
-        return "evaluate", ev + ["--eps", "8"]
-    elif case == "finetune: eps in pixels":
-        return "finetune", ft + ["--eps", "8"]
-    elif case in ("batch size 0", "steps 0", "queries 0"):
-        flag = {"batch size 0": "--batch-size", "steps 0": "--steps", "queries 0": "--queries"}[case]
-        return "evaluate", ev + [flag, "0"]
-    elif case == "finetune: epochs 0":
-        return "finetune", ft + ["--epochs", "0"]
-    elif case == "model file as head":
-        ev[ev.index("--head") + 1] = paths["model"]
-    elif case == "unimportable model class":
-        code = ("import torch, torch.nn as nn\n"
-                "class Gone(nn.Sequential):\n    pass\n")
-        (tmp / "gone_mod.py").write_text(code)
-        subprocess.run([sys.executable, "-c", "import sys, torch, torch.nn as nn; sys.path.insert(0, '.');"
-                        " import gone_mod; torch.save(gone_mod.Gone(nn.Flatten(), nn.Linear(64, 4)), "
-                        "'gone.pt')"], cwd=tmp, check=True)
-        (tmp / "gone_mod.py").unlink()
-        return "evaluate", base_only[:1] + [str(tmp / "gone.pt")] + base_only[2:]
-    elif case == "three classes, default attacks":
-        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 3)), paths["model"])
-        x, _ = quad_data(8)
-        np.savez(paths["data"], x=x.numpy(), y=np.arange(8) % 3)
-        return "evaluate", base_only
-    elif case == "finetune: --out is --model":
-        ft[ft.index("--out") + 1] = paths["model"]
-        return "finetune", ft
-    return "evaluate", ev
-
-
-BAD_INPUTS = {
-    "head with NaN": "head holds NaN or inf values in mixer.weight",
-    "base model with NaN outputs": "returns NaN or inf logits",
-    "finetune: base model with NaN outputs": "returns NaN or inf logits",
-    "empty npz": "holds no images",
-    "npz without arrays": "must hold arrays 'x' and 'y', found none",
-    "text file named .npz": "is not a readable .npz file",
-    "truncated npz": "is not a readable .npz file",
-    "truncated model": "could not load model file",
-    "truncated head": "is not a readable head checkpoint",
-    "data of the wrong shape": r"cannot classify images of shape \(1, 6, 6\)",
-    "eps in pixels": r"--eps 8 is above 1.*--eps 8/255",
-    "finetune: eps in pixels": r"--eps 8 is above 1",
-    "batch size 0": "--batch-size must be at least 1, got 0",
-    "steps 0": "--steps must be at least 1, got 0",
-    "queries 0": "--queries must be at least 1, got 0",
-    "finetune: epochs 0": "--epochs must be at least 1, got 0",
-    "model file as head": "not a head checkpoint.*pass it as --model",
-    "unimportable model class": "refers to module 'gone_mod'.*PYTHONPATH",
-    "finetune: --out is --model": "is the model file itself",
-    "three classes, default attacks": (r"has 3 classes: apgd-t/fc, apgd-t/mix, flip/mix need at least 4 "
-                                       r".*; pass --attacks apgd-ce/fc,.*apgd-dlr/mix,square"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_exit_2_and_no_file_touched(tmp_path, capsys, case):
-    script, argv = bad_input_setup(tmp_path, case)
-    before = snapshot(tmp_path)
-    module = {"evaluate": evaluate, "finetune": finetune}[script]
-    status = loading.run_cli(module.main, module.parse_args, argv)
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    assert re.search(BAD_INPUTS[case], err), err
-    assert snapshot(tmp_path) == before  # nothing written, nothing changed
 
 
 def test_a_three_class_model_runs_the_attacks_the_refusal_suggests(tmp_path, capsys):
@@ -1680,80 +1470,12 @@ def test_eps_is_accepted_as_a_fraction(tmp_path):
         finetune.parse_args(["--model", "m", "--eps", "8/0"])
 
 
-def interrupt_at(monkeypatch, step):
-    """Make the fine-tuning raise KeyboardInterrupt (what SIGINT raises) at its step-th batch."""
-    calls = []
+# ==============================================================================================
+# hpmkit/attacks.py
+# ==============================================================================================
+# Each attack AutoAttack lacks earns its place: a model built for it, where it breaks images
+# that the rest of the strong suite leaves correct.
 
-    def interrupted_step(*a):
-        calls.append(1)
-        if len(calls) == step:
-            raise KeyboardInterrupt
-        return train_step(*a)
-
-    monkeypatch.setattr(finetune, "train_step", interrupted_step)
-
-
-def test_an_interrupt_never_replaces_a_finished_head(run, files, tmp_path, monkeypatch):
-    out = tmp_path / "head.pt"
-    out.write_bytes((files / "head.pt").read_bytes())  # a finished head, from the `run` fixture
-    finished = out.read_bytes()
-    argv = ["--model", str(files / "cnn.pt"), "--dataset", "mnist", "--data", str(files / "train.npz"),
-            "--epochs", "2", "--out", str(out), "--device", "cpu", "--no-progress"]
-    interrupt_at(monkeypatch, 6)  # the second batch of epoch 2
-    assert loading.run_cli(finetune.main, finetune.parse_args, argv) == 130
-    assert out.read_bytes() == finished
-    unfinished = read_head(str(tmp_path / "head.unfinished.pt"))
-    assert unfinished["finished"] is False and [h["epoch"] for h in unfinished["history"]] == [1]
-
-    # Finishing replaces it, and the unfinished file goes.
-    monkeypatch.setattr(finetune, "train_step", train_step)
-    assert loading.run_cli(finetune.main, finetune.parse_args, argv) == 0
-    assert read_head(str(out))["finished"] is True and out.read_bytes() != finished
-    assert not (tmp_path / "head.unfinished.pt").exists()
-
-    # --overwrite: asked for, so the unfinished head is written at --out itself.
-    interrupt_at(monkeypatch, 2)
-    assert loading.run_cli(finetune.main, finetune.parse_args, argv + ["--overwrite"]) == 130
-    assert read_head(str(out))["finished"] is False
-
-
-def test_the_readme_snippet_runs_as_written(monkeypatch):
-    """The README's Python block, executed as it stands (the RobustBench download replaced by
-    the same architecture built offline)."""
-    text = (HERE / "README.md").read_text()
-    code = text.split("```python\n", 1)[1].split("```", 1)[0]
-    calls = []
-
-    def offline_load_model(name, dataset, *a, **kw):
-        calls.append((name, dataset))
-        return rb_wideresnet()
-
-    monkeypatch.setattr(loading, "load_model", offline_load_model)
-    scope = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    assert calls == [("Cui2023Decoupled_WRN-28-10", "cifar10")]
-    model, x = scope["model"], scope["x"]
-    assert torch.equal(scope["oracle"], model.base_model(x))  # mode "fc" is the base model
-    assert scope["logits"].shape == scope["alone"].shape == (len(x), 10)
-    assert model.head.seen.any()  # the EMA update ran
-
-
-def test_offline_robustbench_name_is_one_line(monkeypatch, tmp_path):
-    loading.alias_autoattack()
-    import robustbench.utils
-
-    def no_network(**kw):
-        raise ConnectionError("Max retries exceeded with url: /uc?id=...\n  (many more lines)\n...")
-
-    monkeypatch.setattr(robustbench.utils, "load_model", no_network)
-    with pytest.raises(CLIError) as e:
-        loading.load_model("Cui2023Decoupled_WRN-28-10", "cifar10", model_dir=str(tmp_path))
-    assert "\n" not in str(e.value) and "--model PATH" in str(e.value)
-
-
-# ============================================================================================
-# The strength of the evaluation: every query scored, APGD-T, the paper's protocol kept exact.
-# ============================================================================================
 
 class BandModel(nn.Module):
     """A batch-dependent toy: on mid-grey images (0.5) it is wrong exactly when the batch's mean
@@ -1912,51 +1634,6 @@ def test_apgd_t_agrees_with_autoattack_on_a_per_image_model(norm, eps):
     assert res["base"]["correct"]["apgd-t"] == peer
 
 
-def test_paper_version_is_the_papers_protocol_on_autoattacks_own_attack_single_run(tmp_path):
-    """--version paper: the paper's attack list and 40 steps, and in the batch context each
-    attack is AutoAttack's attack_single_run on the whole batch, its final batch scored whole."""
-    from pyautoattack.autopgd_base import APGDAttack
-
-    x, y = quad_data(32)
-    model = fitted_hpm(quad_linear(), x, y)
-    paths = write_setup(tmp_path, quad_linear(), head=model)
-    res = run_evaluate(paths, "--version", "paper", "--eps", "0.42", "--contexts", "batch",
-                       "--queries", "20", "--out", str(tmp_path / "r.json"))
-    assert res["config"]["steps"] == 40 and res["config"]["score_queries"] is False
-    assert list(res["hpm"]["batch"]["attacks"]) == list(config.HPM_ATTACKS)
-    xf = x.float() / 255
-    for attack in ("apgd-ce/mix", "apgd-dlr/fc"):
-        loss, surrogate = attack.split("/")[0].split("-")[1], attack.split("/")[1]
-        target = evaluate.Surrogate(model, surrogate, "batch")
-        peer = []
-        for a in range(0, 32, 8):
-            apgd = APGDAttack(target, n_iter=40, norm="Linf", eps=0.42, seed=0, loss=loss, device="cpu")
-            apgd.init_hyperparam(xf[a:a + 8])
-            torch.manual_seed(0)
-            x_best, robust, _, x_best_adv = apgd.attack_single_run(xf[a:a + 8], y[a:a + 8])
-            adv = torch.where(robust.view(-1, 1, 1, 1), x_best, x_best_adv)
-            with torch.no_grad():
-                peer += (model(adv, mode="ste", context="batch").argmax(1) == y[a:a + 8]).int().tolist()
-        assert res["hpm"]["batch"]["correct"][attack] == peer, attack
-
-
-def test_strong_version_is_never_weaker_than_paper(tmp_path):
-    x, y = quad_data(32)
-    model = fitted_hpm(quad_linear(), x, y)
-    paths = write_setup(tmp_path, quad_linear(), head=model)
-    common = ["--eps", "0.35", "--steps", "10", "--queries", "20", "--contexts", "batch,image"]
-    paper = run_evaluate(paths, "--version", "paper", *common, "--out", str(tmp_path / "p.json"))
-    strong = run_evaluate(paths, *common, "--out", str(tmp_path / "s.json"))
-    assert strong["version"] == "strong" and strong["config"]["score_queries"] is True
-    for name, row in rows_of(strong).items():
-        p = rows_of(paper)[name]
-        for attack, correct in p["correct"].items():
-            if attack != "worst_case":  # the same attack with queries scored: never more robust
-                assert all(s <= c for s, c in zip(row["correct"][attack], correct)), (name, attack)
-        assert row["worst_case"] <= p["worst_case"], name
-        assert all(v > 0 for v in row["backbone_passes_per_image"].values())
-
-
 @pytest.mark.parametrize("context", ["batch", "image"])
 def test_fixed_prototype_surrogate_is_the_real_model_at_the_clean_batch(context):
     """The adaptive surrogate "fixed" freezes the clean batch's hybrid prototypes: at the clean
@@ -1989,6 +1666,7 @@ def hpm_hybrid(head, z):
     return torch.cat([head.prototypes, C_batch], 1) @ head.mixer.weight.t() + head.mixer.bias
 
 
+@pytest.mark.slow
 def test_flip_breaks_batches_that_the_rest_of_the_strong_suite_leaves_correct():
     """The adaptive flip attack against the batch prototypes: on the quadrant model with a
     saturated FC layer (every softmax one-hot, so STE and soft gradients carry nothing through
@@ -2038,150 +1716,6 @@ def test_margin_loss_is_the_carlini_wagner_margin():
     torch.testing.assert_close(apgd.dlr_loss(logits, y), expected, **TOL)  # the loss APGD maximises
 
 
-def test_restarts_run_again_from_new_starts_and_are_never_weaker():
-    x, y = quad_data(32)
-    model = fitted_hpm(quad_linear(), x, y)
-    rows = evaluate.build_rows(quad_linear(), model)
-    kw = dict(attacks=["apgd-ce/ste", "apgd-cw/mix"], eps=0.38, steps=5, batch_size=8,
-              progress=False, log=lambda *a: None)
-    one = evaluate.evaluate(rows, x, y, **kw)
-    three = evaluate.evaluate(rows, x, y, restarts=3, **kw)
-    for name, row in rows_of(three).items():
-        for attack, correct in row["correct"].items():  # the first restart is the same run
-            assert all(a <= b for a, b in zip(correct, rows_of(one)[name]["correct"][attack])), (name, attack)
-    xf, queried = x[:8].float() / 255, []
-    mix = rows[1].surrogate("mix", scorer=lambda q, logits: queried.append(q.clone()))
-    runs = evaluate.run_attack("apgd-ce", mix, xf, y[:8], eps=0.38, steps=3, restarts=3)
-    assert len(runs) == 3 and len(queried) == 3 * 4  # each restart: its start and 3 steps
-    starts = queried[0::4]
-    assert not torch.equal(starts[0], starts[1]) and not torch.equal(starts[1], starts[2])
-
-
-# ============================================================================================
-# finetune.py as the official IKL code does it: class weights, attack loss, augmentation,
-# and the mixer's start.
-# ============================================================================================
-
-def test_class_weight_ema_follows_its_rule_on_two_batches():
-    T, lam = 4.0, 0.9
-    S = torch.full((3, 3), 1 / 3, dtype=torch.float64)
-    batches = [(torch.tensor([[2.0, 0.0, -1.0], [1.0, 1.0, 0.0], [0.0, 3.0, 1.0]], dtype=torch.float64),
-                torch.tensor([0, 0, 1])),
-               (torch.tensor([[0.5, 0.0, 2.0], [-1.0, 2.0, 0.0]], dtype=torch.float64), torch.tensor([2, 0]))]
-    expected = [[1 / 3] * 3 for _ in range(3)]
-    for zn, y in batches:
-        finetune.update_class_weights(S, zn, y, T, lam)
-        for c in range(3):  # by hand: mean of softmax(zn / T) over the rows of class c, then the EMA
-            rows = [i for i in range(len(y)) if y[i] == c]
-            if rows:
-                p = [[math.exp(v / T) / sum(math.exp(u / T) for u in zn[i].tolist()) for v in zn[i].tolist()]
-                     for i in rows]
-                mean = [sum(r[j] for r in p) / len(rows) for j in range(3)]
-                expected[c] = [lam * expected[c][j] + (1 - lam) * mean[j] for j in range(3)]
-    torch.testing.assert_close(S, torch.tensor(expected, dtype=torch.float64), **TOL)
-    torch.testing.assert_close(S.sum(1), torch.ones(3, dtype=torch.float64), **TOL)
-
-
-def spy_on_class_weights(monkeypatch):
-    """Record the class weights S that every training step receives."""
-    seen = []
-
-    def spying_step(model, optimizer, x, y, S, args):
-        seen.append(S.clone())
-        return train_step(model, optimizer, x, y, S, args)
-
-    monkeypatch.setattr(finetune, "train_step", spying_step)
-    return seen
-
-
-@pytest.mark.parametrize("weights", ["fixed", "ema"])
-def test_class_weights_fixed_are_the_clean_pass_and_ema_start_uniform(weights, files, tmp_path, monkeypatch):
-    seen = spy_on_class_weights(monkeypatch)
-    finetune.main(finetune.parse_args(["--model", str(files / "cnn.pt"), "--dataset", "mnist", "--data",
-                                       str(files / "train.npz"), "--out", str(tmp_path / "h.pt"), "--device",
-                                       "cpu", "--no-progress", "--steps", "2", "--class-weights", weights]))
-    x, y = loading.load_npz(str(files / "train.npz"))
-    _, S = clean_pass(attach(torch.load(files / "cnn.pt", weights_only=False)), x, y, 4.0, 64, "cpu")
-    assert len(seen) == 4  # 256 images, batches of 64
-    if weights == "fixed":  # today's S, held for the run
-        assert all(torch.equal(s, S) for s in seen)
-    else:  # uniform first, then moving
-        assert torch.equal(seen[0], torch.full_like(S, 0.1)) and not torch.equal(seen[1], seen[0])
-        assert torch.allclose(seen[-1].sum(1), torch.ones(10))
-
-
-def test_official_attack_loss_is_soft_ce_alone_on_cifar10():
-    def settings(*argv):
-        return finetune.fill_defaults(finetune.parse_args(["--model", "m", "--device", "cpu", *argv]))
-
-    a = settings("--dataset", "cifar10")
-    assert (a.attack_loss, a.attack_alpha, a.attack_beta, a.alpha, a.beta) == ("official", 1.0, 0.0, 3.0, 10.0)
-    assert (settings("--dataset", "cifar100").attack_alpha, settings("--dataset", "cifar100").attack_beta) == (1.0, 1.0)
-    b = settings("--dataset", "cifar10", "--attack-loss", "train")
-    assert (b.attack_alpha, b.attack_beta) == (3.0, 10.0)
-    # Its gradient with respect to the adversarial logits is softCE's, which the attack ascends.
-    zn, za, w = random_logits()
-    y = torch.arange(5) % 7
-    S = torch.softmax(torch.randn(7, 7, dtype=torch.float64), 1)
-    za1, za2 = za.clone().requires_grad_(True), za.clone().requires_grad_(True)
-    ikl_loss(zn, za1, y, S, a.attack_alpha, a.attack_beta).backward()
-    soft_cross_entropy(zn, za2).backward()
-    torch.testing.assert_close(za1.grad, za2.grad, **TOL)
-
-
-def test_each_mixer_start_is_its_matrix_and_average_is_the_heads_own():
-    head = make_head(K=3, D=4)
-    fresh = hpm.HPMHead(head.fc).double()
-    eye = torch.eye(4, dtype=torch.float64)
-    for how, W in (("average", torch.cat([eye / 2, eye / 2], 1)), ("global", torch.cat([eye, 0 * eye], 1))):
-        finetune.init_mixer(head, how)
-        assert torch.equal(head.mixer.weight, W) and not head.mixer.bias.any(), how
-    finetune.init_mixer(fresh, "average")  # the start the first landing had, bit for bit
-    assert torch.equal(fresh.mixer.weight, hpm.HPMHead(head.fc).double().mixer.weight)
-    torch.manual_seed(5)
-    finetune.init_mixer(head, "default")
-    torch.manual_seed(5)
-    reference = nn.Linear(8, 4, dtype=torch.float64)  # PyTorch's own init, the same draws
-    assert torch.equal(head.mixer.weight, reference.weight) and torch.equal(head.mixer.bias, reference.bias)
-
-
-def test_random_crop_flip_is_a_crop_of_the_padded_image_and_a_flip():
-    x = torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8)
-    out = finetune.random_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
-    g = torch.Generator().manual_seed(0)  # the same draws, one image at a time
-    top, left = torch.randint(0, 5, (6,), generator=g), torch.randint(0, 5, (6,), generator=g)
-    flip = torch.rand(6, generator=g) < 0.5
-    assert flip.any() and (~flip).any()
-    for i in range(6):
-        padded = torch.zeros(3, 9, 11, dtype=torch.uint8)
-        padded[:, 2:7, 2:9] = x[i]
-        crop = padded[:, top[i]:top[i] + 5, left[i]:left[i] + 7]
-        assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop), i
-
-
-def test_the_reduced_study_runs_and_its_table_holds_together(quick, tmp_path):
-    import run_study
-
-    runs = run_study.main(run_study.parse_args(["--quick", "--mnist-run", str(quick), "--out-dir",
-                                                 str(tmp_path)]))
-    assert [r["setting"] for r in runs] == run_study.QUICK_SETTINGS
-    base = [r["results"]["base"]["correct"]["worst_case"] for r in runs]
-    assert all(b == base[0] for b in base)  # the same base model, images and seeds in every run
-    md = (tmp_path / "study.md").read_text()
-    for r in runs:
-        for name in ("base", "hpm/batch", "hpm/image"):
-            row = run_study.row(r["results"], name)
-            if row is None:  # the controls have no batch context
-                assert r["name"] in ("ncm", "dpnp") and name == "hpm/batch"
-                continue
-            assert row["worst_case"] <= min(row["clean"], *row["attacks"].values()), (r["name"], name)
-            assert f"| {100 * row['worst_case']:.1f} |" in md
-        ckpt = read_head(str(tmp_path / f"head_{run_study.tag_of(r['name'])}.pt"))
-        assert all(ckpt["args"][k] == v for k, v in r["setting"].items())  # the checkpoint records them
-    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "official defaults" in md and "first landing" in md and "Adv-DPNP" in md
-
-
 def test_fixed_batch_square_queries_only_whole_batches_inside_the_ball():
     x, y = quad_data(16)
     model = fitted_hpm(quad_linear(), x, y)
@@ -2209,6 +1743,12 @@ def test_fixed_batch_square_breaks_batches_that_autoattacks_square_misses():
     assert library["clean"] == 1.0 and len(only_fixed) >= 3
 
 
+# ==============================================================================================
+# hpmkit/chunks.py
+# ==============================================================================================
+# Many fixed batches at once give what one batch at a time gives.
+
+
 # Many fixed batches at once (--chunk) ----------------------------------------------------------
 
 def chunk_setup(n=44):
@@ -2231,6 +1771,7 @@ def test_chunks_are_whole_fixed_batches_and_a_short_last_batch_stands_alone():
     assert chunks.make_chunks(batches, 0, None) == [(i, i + 1) for i in range(6)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["strong", "paper"])
 def test_grouped_evaluation_equals_sequential_on_per_image_rows(version):
     """Chunks of three fixed batches give every per-image row exactly the sequential per-image
@@ -2272,45 +1813,6 @@ def test_grouped_batch_context_rescores_to_its_numbers_and_stays_in_the_ball(tmp
         assert all(r <= f for r, f in zip(res["correct"][attack], rescored))
 
 
-class SmallMemory(nn.Module):
-    """A model that runs out of "GPU memory" on more than `most` images at once."""
-
-    def __init__(self, model, most):
-        super().__init__()
-        self.model, self.most, self.refused = model, most, 0
-
-    def forward(self, x):
-        if len(x) > self.most:
-            self.refused += 1
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated: {len(x)} images)")
-        return self.model(x)
-
-
-def test_a_chunk_that_runs_out_of_memory_runs_in_parts_to_the_same_results():
-    """Chunks of 3 batches on a model that holds 2 (16 images): each row halves its chunks once,
-    says so, and gives what one batch at a time gives, in both contexts, for every attack."""
-    base, _, x, y = chunk_setup()
-    small = SmallMemory(base, most=len(x))
-    model = fitted_hpm(small, x, y)  # (the clean class means from all images at once)
-    small = model.base_model
-    small.most = 16
-    lines = []
-    kw = dict(attacks=["apgd-ce/mix", "apgd-t/fc", "flip/mix", "square"], eps=0.3, steps=6, queries=60,
-              batch_size=8, seed=5, progress=False, log=lines.append, score_queries=True)
-    sequential = evaluate.evaluate(evaluate.build_rows(base, fitted_hpm(base, x, y)), x, y, **kw)
-    small.refused = 0
-    parted = evaluate.evaluate(evaluate.build_rows(small, model), x, y, chunk=24, **kw)
-    for name in ("base", "hpm/image", "hpm/batch"):
-        s, p = jobs.row_store(sequential, name), jobs.row_store(parted, name)
-        assert s["correct"] == p["correct"], name
-        assert s.get("final_batch_correct") == p.get("final_batch_correct"), name
-    notes = [line for line in lines if "ran out of GPU memory" in line]
-    assert len(notes) == 3 and all("on 24 images at once; chunks of at most 8" in n for n in notes)
-    assert small.refused == 3  # once per row: the size that fits is kept
-    with pytest.raises(torch.cuda.OutOfMemoryError):  # a single batch that does not fit is an error
-        evaluate.evaluate(evaluate.build_rows(SmallMemory(base, most=4), None), x, y, chunk=24, **kw)
-
-
 def test_fixed_batch_square_on_a_chunk_queries_whole_chunks_and_equals_each_batch_alone():
     x, y = quad_data(32)
     model = fitted_hpm(quad_linear(), x, y).double()
@@ -2327,70 +1829,226 @@ def test_fixed_batch_square_on_a_chunk_queries_whole_chunks_and_equals_each_batc
     assert not torch.equal(chunk, xf)
 
 
-def test_compiled_head_equals_the_eager_head_in_every_form_an_evaluation_calls():
-    """--compile: the head through torch.compile gives the eager head's logits and gradients for
-    every mode (one and the fused tuple), both contexts, grouped or not, a new batch size, and under
-    no_grad; in float64, to the double-precision tolerance."""
-    eager = make_head(K=4, D=5, seed=3)
-    eager.update_prototypes(torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 4)
-    compiled = gpu.compile_head(copy.deepcopy(eager))
-    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints stay loadable
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    torch.manual_seed(4)
-    z0 = torch.randn(12, 5, dtype=torch.float64)
-    w = torch.randn(12, 4, dtype=torch.float64)
-    forms = [("ste", "batch", None, 12), ("ste", "batch", None, 8), (("fc", "soft", "ste"), "batch", None, 12),
-             (("fc", "soft", "ste"), "batch", 4, 12), ("soft", "batch", 4, 12), ("ste", "image", None, 12),
-             (("fc", "soft", "ste"), "image", None, 8), ("fc", "batch", None, 12)]
-    for mode, context, group, n in forms:
-        outs = []
-        for head in (eager, compiled):
-            z = z0[:n].clone().requires_grad_(True)
-            out = head(z, mode=mode, context=context, group_size=group)
-            (grad,) = torch.autograd.grad((out * w[:n]).sum(), z)
-            with torch.no_grad():
-                plain = head(z0[:n], mode=mode, context=context, group_size=group)
-            outs.append((out.detach(), grad, plain))
-        for a, b in zip(*outs):
-            torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"{mode} {context} {group} {n}: {m}")
-    assert counters["stats"]["unique_graphs"] >= len(forms) and not counters["graph_break"]  # all compiled
+# ==============================================================================================
+# hpmkit/jobs.py and hpmkit/config.py
+# ==============================================================================================
+# Resume, the identity of a results file, bad input refused in one line with nothing written.
 
 
-def test_compile_flag_gives_the_eager_evaluation_per_image(tmp_path, capsys):
-    """evaluate.py --compile (the HPM head compiled) writes the same per-image results as without,
-    on an HPM model the attacks break, in both contexts and with the strong version's attacks."""
-    paths = write_setup(tmp_path, quad_linear(), n=24)
-    argv = ["--eps", "0.42", "--steps", "5", "--queries", "30", "--attacks",
-            "apgd-ce/mix,apgd-t/fc,flip/mix,square"]
-    eager = run_evaluate(paths, *argv, "--out", str(tmp_path / "eager.json"))
-    compiled = run_evaluate(paths, *argv, "--compile", "--out", str(tmp_path / "compiled.json"))
-    assert "torch.compile" in capsys.readouterr().out
-    assert compiled["config"]["compile"] is True
-    rows_e, rows_c = rows_of(strip_timings(eager)), rows_of(strip_timings(compiled))
-    assert rows_e == rows_c
-    hpm_rows = [r for name, r in rows_e.items() if name.startswith("hpm")]
-    assert len(hpm_rows) == 2 and all(r["worst_case"] <= r["clean"] - 4 / 24 for r in hpm_rows)  # broken images
+# Resume ----------------------------------------------------------------------------------------
+
+def test_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
+    paths = write_setup(tmp_path, quad_linear())
+    argv = ["--eps", "0.42", "--steps", "5", "--queries", "30", "--contexts", "batch", "--attacks",
+            "apgd-ce/mix,apgd-dlr/fc,square", "--checks", "--checks-n", "16"]
+    whole = run_evaluate(paths, *argv, "--out", str(tmp_path / "whole.json"))
+
+    real = evaluate.run_attack
+    calls = []
+
+    def dies_on_the_fourth_call(*a, **kw):  # chunks of 2 batches: apgd-ce takes calls 1-2, apgd-dlr 3-4
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    out = str(tmp_path / "resumed.json")  # whole: one chunk of 4 batches; this run: chunks of 2
+    monkeypatch.setattr(evaluate, "run_attack", dies_on_the_fourth_call)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluate(paths, *argv, "--out", out, "--chunk", "16")
+    with open(out) as f:
+        partial = json.load(f)
+    assert partial["complete"] is False and partial["base"]["batches_done"]["apgd-dlr"] == 2
+    assert "apgd-dlr" not in partial["base"]["attacks"]  # interrupted inside its batches
+    monkeypatch.setattr(evaluate, "run_attack", real)
+    resumed = run_evaluate(paths, *argv, "--out", out)
+    with open(out) as f:
+        on_disk = json.load(f)
+    assert strip_timings(resumed) == strip_timings(whole) == strip_timings(on_disk)
+
+    # An attack subset first, then the full list: the same results again.
+    out2 = str(tmp_path / "in_two.json")
+    first = ["--eps", "0.42", "--steps", "5", "--queries", "30", "--contexts", "batch",
+             "--attacks", "apgd-dlr/fc"]
+    run_evaluate(paths, *first, "--out", out2)
+    assert strip_timings(run_evaluate(paths, *argv, "--out", out2)) == strip_timings(whole)
 
 
-def test_a_machine_that_cannot_compile_gets_one_line_before_any_file(tmp_path, capsys, monkeypatch):
-    def no_compiler(graph, example_inputs):
-        raise RuntimeError("no C++ compiler found\n(a second line)")
-
-    compile_module = nn.Module.compile
-    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_module(self, backend=no_compiler))
+def test_another_configuration_in_out_is_refused(tmp_path):
     paths = write_setup(tmp_path, quad_linear(), n=8)
-    out = tmp_path / "r.json"
-    argv = ["--head", paths["head"], "--data", paths["data"], "--steps", "1", "--attacks", "apgd-ce/fc",
-            "--compile", "--out", str(out), "--device", "cpu", "--no-progress"]
-    try:
-        status = loading.run_cli(evaluate.main, evaluate.parse_args, argv)
-    finally:
-        torch._dynamo.reset()  # forget the failed compile: later tests compile the head again
+    argv = ["--steps", "2", "--contexts", "image", "--attacks", "apgd-ce/fc",
+            "--out", str(tmp_path / "r.json")]
+    run_evaluate(paths, "--eps", "0.1", *argv)
+    with pytest.raises(CLIError, match="another configuration.*eps"):
+        run_evaluate(paths, "--eps", "0.2", *argv)
+    assert run_evaluate(paths, "--eps", "0.2", "--overwrite", *argv)["config"]["eps"] == 0.2
+
+
+# Clean errors ------------------------------------------------------------------------------------
+
+def nan_model():
+    base = quad_linear()
+    with torch.no_grad():
+        base[1].bias[0] = float("nan")
+    return base
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing data", "does not exist"),
+    ("missing model", "model file .* does not exist"),
+    ("head does not fit", "does not fit this model"),
+    ("nan logits", "NaN or inf"),
+    ("labels out of range", r"labels must lie in \[0, 4\)"),
+    ("images of the wrong shape", r"cannot classify images of shape \(1, 6, 6\)"),
+])
+def test_bad_input_gives_a_clean_error(tmp_path, case, message):
+    y = torch.arange(8) % K
+    if case == "labels out of range":
+        y = y + 3
+    paths = write_setup(tmp_path, nan_model() if case == "nan logits" else quad_linear(), n=8, y=y)
+    extra = []
+    if case == "missing data":
+        paths["data"] = str(tmp_path / "nowhere.npz")
+    elif case == "missing model":
+        extra = ["--model", str(tmp_path / "nowhere.pt")]
+    elif case == "images of the wrong shape":
+        np.savez(paths["data"], x=np.zeros((8, 1, 6, 6), np.uint8), y=y.numpy())
+    elif case == "head does not fit":
+        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(D, K + 1)), paths["model"])
+    with pytest.raises(CLIError, match=message):
+        run_evaluate(paths, "--steps", "1", "--attacks", "apgd-ce/fc", "--out",
+                 str(tmp_path / "r.json"), *extra)
+
+
+def bad_input_setup(tmp, case):
+    """Files for one bad-input case in tmp; returns (script, argv)."""
+    paths = write_setup(tmp, quad_linear(), n=8)
+    ev = ["--head", paths["head"], "--data", paths["data"], "--steps", "1", "--attacks", "apgd-ce/fc",
+          "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
+    base_only = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
+                 "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
+    ft = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
+          "--out", str(tmp / "new_head.pt"), "--device", "cpu", "--no-progress"]
+    if case == "head with NaN":
+        ckpt = torch.load(paths["head"], weights_only=True)
+        ckpt["head"]["mixer.weight"][0, 0] = float("inf")
+        torch.save(ckpt, paths["head"])
+        return "evaluate", ev
+    if case in ("base model with NaN outputs", "finetune: base model with NaN outputs"):
+        torch.save(nan_model(), paths["model"])
+        return ("finetune", ft) if case.startswith("finetune") else ("evaluate", base_only)
+    if case == "empty npz":
+        np.savez(paths["data"], x=np.zeros((0, 1, SIZE, SIZE), np.uint8), y=np.zeros(0, np.int64))
+    elif case == "npz without arrays":
+        np.savez(paths["data"])
+    elif case == "text file named .npz":
+        Path(paths["data"]).write_text("x,y\n1,2\n")
+    elif case == "truncated npz":
+        Path(paths["data"]).write_bytes(Path(paths["data"]).read_bytes()[:300])
+    elif case == "truncated model":
+        Path(paths["model"]).write_bytes(Path(paths["model"]).read_bytes()[:500])
+    elif case == "truncated head":
+        Path(paths["head"]).write_bytes(Path(paths["head"]).read_bytes()[:500])
+    elif case == "data of the wrong shape":
+        np.savez(paths["data"], x=np.zeros((8, 1, 6, 6), np.uint8), y=np.arange(8) % K)
+    elif case == "eps in pixels":
+        return "evaluate", ev + ["--eps", "8"]
+    elif case == "finetune: eps in pixels":
+        return "finetune", ft + ["--eps", "8"]
+    elif case in ("batch size 0", "steps 0", "queries 0"):
+        flag = {"batch size 0": "--batch-size", "steps 0": "--steps", "queries 0": "--queries"}[case]
+        return "evaluate", ev + [flag, "0"]
+    elif case == "finetune: epochs 0":
+        return "finetune", ft + ["--epochs", "0"]
+    elif case == "model file as head":
+        ev[ev.index("--head") + 1] = paths["model"]
+    elif case == "unimportable model class":
+        code = ("import torch, torch.nn as nn\n"
+                "class Gone(nn.Sequential):\n    pass\n")
+        (tmp / "gone_mod.py").write_text(code)
+        subprocess.run([sys.executable, "-c", "import sys, torch, torch.nn as nn; sys.path.insert(0, '.');"
+                        " import gone_mod; torch.save(gone_mod.Gone(nn.Flatten(), nn.Linear(64, 4)), "
+                        "'gone.pt')"], cwd=tmp, check=True)
+        (tmp / "gone_mod.py").unlink()
+        return "evaluate", base_only[:1] + [str(tmp / "gone.pt")] + base_only[2:]
+    elif case == "three classes, default attacks":
+        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 3)), paths["model"])
+        x, _ = quad_data(8)
+        np.savez(paths["data"], x=x.numpy(), y=np.arange(8) % 3)
+        return "evaluate", base_only
+    elif case == "finetune: --out is --model":
+        ft[ft.index("--out") + 1] = paths["model"]
+        return "finetune", ft
+    return "evaluate", ev
+
+
+BAD_INPUTS = {
+    "head with NaN": "head holds NaN or inf values in mixer.weight",
+    "base model with NaN outputs": "returns NaN or inf logits",
+    "finetune: base model with NaN outputs": "returns NaN or inf logits",
+    "empty npz": "holds no images",
+    "npz without arrays": "must hold arrays 'x' and 'y', found none",
+    "text file named .npz": "is not a readable .npz file",
+    "truncated npz": "is not a readable .npz file",
+    "truncated model": "could not load model file",
+    "truncated head": "is not a readable head checkpoint",
+    "data of the wrong shape": r"cannot classify images of shape \(1, 6, 6\)",
+    "eps in pixels": r"--eps 8 is above 1.*--eps 8/255",
+    "finetune: eps in pixels": r"--eps 8 is above 1",
+    "batch size 0": "--batch-size must be at least 1, got 0",
+    "steps 0": "--steps must be at least 1, got 0",
+    "queries 0": "--queries must be at least 1, got 0",
+    "finetune: epochs 0": "--epochs must be at least 1, got 0",
+    "model file as head": "not a head checkpoint.*pass it as --model",
+    "unimportable model class": "refers to module 'gone_mod'.*PYTHONPATH",
+    "finetune: --out is --model": "is the model file itself",
+    "three classes, default attacks": (r"has 3 classes: apgd-t/fc, apgd-t/mix, flip/mix need at least 4 "
+                                       r".*; pass --attacks apgd-ce/fc,.*apgd-dlr/mix,square"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_no_file_touched(tmp_path, capsys, case):
+    script, argv = bad_input_setup(tmp_path, case)
+    before = snapshot(tmp_path)
+    module = {"evaluate": evaluate, "finetune": finetune}[script]
+    status = loading.run_cli(module.main, module.parse_args, argv)
     err = capsys.readouterr().err
-    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert "torch.compile fails on this machine (RuntimeError: no C++ compiler found)" in err
-    assert not out.exists()
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(BAD_INPUTS[case], err), err
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+@pytest.mark.slow
+def test_a_redirected_log_stays_short_with_the_table_intact(tmp_path):
+    """Output to a file: no progress-bar fragments, AutoAttack's per-batch warnings as one
+    counted line per attack (the masked model makes DLR see zero gradients in every batch)."""
+    x, y = quad_data(64)
+    base, hpm_model = masked_head_model(x, y)
+    paths = write_setup(tmp_path, base, n=64, head=hpm_model)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--head", paths["head"],
+                               "--data", paths["data"], "--device", "cpu", "--n-examples", "64",
+                               "--eps", "0.45", "--steps", "4", "--queries", "5", "--out",
+                               str(tmp_path / "r.json")], stdout=f, stderr=subprocess.STDOUT,
+                              timeout=600, cwd=tmp_path)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    lines = text.splitlines()
+    assert len(lines) < 100 and "\r" not in text
+    assert sum("points with zero gradient" in ln for ln in lines) <= len(config.HPM_ATTACKS) * 2
+    assert any(ln.startswith("worst case") for ln in lines) and lines[-1].startswith("results: ")
+    results = json.loads((tmp_path / "r.json").read_text())
+    warned = results["hpm"]["image"]["library_warnings"]
+    assert any("zero gradient" in w and "times" in w for w in warned.values())
+
+
+# ==============================================================================================
+# hpmkit/ranks.py
+# ==============================================================================================
+# torchrun: processes share the chunks and write what one process writes.
 
 
 def test_under_torchrun_every_process_gets_a_near_equal_share_of_whole_batches():
@@ -2428,6 +2086,7 @@ def torchrun(paths, out, *argv):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_write_what_one_writes_and_resume_after_a_rank_is_killed(tmp_path):
     paths = write_setup(tmp_path, quad_linear(), n=48)
     argv = ["--eps", "0.42", "--steps", "5", "--queries", "100", "--chunk", "16"]
@@ -2470,11 +2129,221 @@ def test_two_processes_under_torchrun_write_what_one_writes_and_resume_after_a_r
         assert strip_timings(json.load(f)) == one
 
 
-# ============================================================================================
-# dpnp.py: Adv-DPNP's unified prototypes, against the paper's formulas written out.
-# ============================================================================================
+# ==============================================================================================
+# hpmkit/gpu.py
+# ==============================================================================================
+# Chunks that do not fit in memory, and the compiled head.
 
-from hpmkit import dpnp  # noqa: E402
+
+class SmallMemory(nn.Module):
+    """A model that runs out of "GPU memory" on more than `most` images at once."""
+
+    def __init__(self, model, most):
+        super().__init__()
+        self.model, self.most, self.refused = model, most, 0
+
+    def forward(self, x):
+        if len(x) > self.most:
+            self.refused += 1
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated: {len(x)} images)")
+        return self.model(x)
+
+
+@pytest.mark.slow
+def test_a_chunk_that_runs_out_of_memory_runs_in_parts_to_the_same_results():
+    """Chunks of 3 batches on a model that holds 2 (16 images): each row halves its chunks once,
+    says so, and gives what one batch at a time gives, in both contexts, for every attack."""
+    base, _, x, y = chunk_setup()
+    small = SmallMemory(base, most=len(x))
+    model = fitted_hpm(small, x, y)  # (the clean class means from all images at once)
+    small = model.base_model
+    small.most = 16
+    lines = []
+    kw = dict(attacks=["apgd-ce/mix", "apgd-t/fc", "flip/mix", "square"], eps=0.3, steps=6, queries=60,
+              batch_size=8, seed=5, progress=False, log=lines.append, score_queries=True)
+    sequential = evaluate.evaluate(evaluate.build_rows(base, fitted_hpm(base, x, y)), x, y, **kw)
+    small.refused = 0
+    parted = evaluate.evaluate(evaluate.build_rows(small, model), x, y, chunk=24, **kw)
+    for name in ("base", "hpm/image", "hpm/batch"):
+        s, p = jobs.row_store(sequential, name), jobs.row_store(parted, name)
+        assert s["correct"] == p["correct"], name
+        assert s.get("final_batch_correct") == p.get("final_batch_correct"), name
+    notes = [line for line in lines if "ran out of GPU memory" in line]
+    assert len(notes) == 3 and all("on 24 images at once; chunks of at most 8" in n for n in notes)
+    assert small.refused == 3  # once per row: the size that fits is kept
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a single batch that does not fit is an error
+        evaluate.evaluate(evaluate.build_rows(SmallMemory(base, most=4), None), x, y, chunk=24, **kw)
+
+
+@pytest.mark.slow
+def test_compiled_head_equals_the_eager_head_in_every_form_an_evaluation_calls():
+    """--compile: the head through torch.compile gives the eager head's logits and gradients for
+    every mode (one and the fused tuple), both contexts, grouped or not, a new batch size, and under
+    no_grad; in float64, to the double-precision tolerance."""
+    eager = make_head(K=4, D=5, seed=3)
+    eager.update_prototypes(torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 4)
+    compiled = gpu.compile_head(copy.deepcopy(eager))
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints stay loadable
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    torch.manual_seed(4)
+    z0 = torch.randn(12, 5, dtype=torch.float64)
+    w = torch.randn(12, 4, dtype=torch.float64)
+    forms = [("ste", "batch", None, 12), ("ste", "batch", None, 8), (("fc", "soft", "ste"), "batch", None, 12),
+             (("fc", "soft", "ste"), "batch", 4, 12), ("soft", "batch", 4, 12), ("ste", "image", None, 12),
+             (("fc", "soft", "ste"), "image", None, 8), ("fc", "batch", None, 12)]
+    for mode, context, group, n in forms:
+        outs = []
+        for head in (eager, compiled):
+            z = z0[:n].clone().requires_grad_(True)
+            out = head(z, mode=mode, context=context, group_size=group)
+            (grad,) = torch.autograd.grad((out * w[:n]).sum(), z)
+            with torch.no_grad():
+                plain = head(z0[:n], mode=mode, context=context, group_size=group)
+            outs.append((out.detach(), grad, plain))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"{mode} {context} {group} {n}: {m}")
+    assert counters["stats"]["unique_graphs"] >= len(forms) and not counters["graph_break"]  # all compiled
+
+
+@pytest.mark.slow
+def test_compile_flag_gives_the_eager_evaluation_per_image(tmp_path, capsys):
+    """evaluate.py --compile (the HPM head compiled) writes the same per-image results as without,
+    on an HPM model the attacks break, in both contexts and with the strong version's attacks."""
+    paths = write_setup(tmp_path, quad_linear(), n=24)
+    argv = ["--eps", "0.42", "--steps", "5", "--queries", "30", "--attacks",
+            "apgd-ce/mix,apgd-t/fc,flip/mix,square"]
+    eager = run_evaluate(paths, *argv, "--out", str(tmp_path / "eager.json"))
+    compiled = run_evaluate(paths, *argv, "--compile", "--out", str(tmp_path / "compiled.json"))
+    assert "torch.compile" in capsys.readouterr().out
+    assert compiled["config"]["compile"] is True
+    rows_e, rows_c = rows_of(strip_timings(eager)), rows_of(strip_timings(compiled))
+    assert rows_e == rows_c
+    hpm_rows = [r for name, r in rows_e.items() if name.startswith("hpm")]
+    assert len(hpm_rows) == 2 and all(r["worst_case"] <= r["clean"] - 4 / 24 for r in hpm_rows)  # broken images
+
+
+def test_a_machine_that_cannot_compile_gets_one_line_before_any_file(tmp_path, capsys, monkeypatch):
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found\n(a second line)")
+
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_module(self, backend=no_compiler))
+    paths = write_setup(tmp_path, quad_linear(), n=8)
+    out = tmp_path / "r.json"
+    argv = ["--head", paths["head"], "--data", paths["data"], "--steps", "1", "--attacks", "apgd-ce/fc",
+            "--compile", "--out", str(out), "--device", "cpu", "--no-progress"]
+    try:
+        status = loading.run_cli(evaluate.main, evaluate.parse_args, argv)
+    finally:
+        torch._dynamo.reset()  # forget the failed compile: later tests compile the head again
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "torch.compile fails on this machine (RuntimeError: no C++ compiler found)" in err
+    assert not out.exists()
+
+
+# ==============================================================================================
+# hpmkit/checks.py
+# ==============================================================================================
+# The gradient-masking checks pass an honest model (the masked models above are flagged).
+
+
+def test_checks_pass_an_honest_model(saved_run):
+    for name, row in rows_of(saved_run["results"]).items():
+        for check in ("eps_sweep", "doubled_steps", "square_vs_gradient"):
+            assert row["checks"][check]["status"] == "pass", (name, check, row["checks"][check])
+        assert row["checks"]["eps_sweep"]["accuracy"][-1] == 0.0
+
+
+# ==============================================================================================
+# hpmkit/loading.py
+# ==============================================================================================
+# Models and names as a new user meets them.
+
+
+@pytest.mark.slow
+def test_unknown_robustbench_model_is_one_line_on_stderr(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--model",
+                           "Cui2023Decoupled_WRN-28-1", "--dataset", "cifar10", "--out",
+                           str(tmp_path / "r.json")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown RobustBench model") and "Traceback" not in proc.stderr
+    assert "Cui2023Decoupled_WRN-28-10" in proc.stderr  # the suggestion
+
+
+def rb_wideresnet():
+    """A tiny WideResNet from robustbench's own classes (the class a RobustBench download has)."""
+    loading.alias_autoattack()
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
+
+    torch.manual_seed(0)
+    return WideResNet(depth=10, widen_factor=1, num_classes=10).eval()
+
+
+@pytest.mark.slow
+def test_a_pickled_robustbench_model_loads_through_both_command_lines(tmp_path):
+    """A fresh Python (no `autoattack` alias yet) unpickles a model whose class is robustbench's."""
+    torch.save(rb_wideresnet(), tmp_path / "rb.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8),
+             y=np.arange(8) % 10)
+    common = ["--data", str(tmp_path / "c.npz"), "--device", "cpu", "--no-progress"]
+    ft = subprocess.run([sys.executable, str(HERE / "finetune.py"), "--model", str(tmp_path / "rb.pt"),
+                         "--dataset", "cifar10", "--steps", "1", "--batch-size", "4",
+                         "--out", str(tmp_path / "head.pt"), *common],
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ft.returncode == 0, ft.stderr
+    assert read_head(str(tmp_path / "head.pt"))["finished"] is True
+    ev = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--head", str(tmp_path / "head.pt"),
+                         "--steps", "1", "--queries", "2", "--attacks", "apgd-ce/fc,square",
+                         "--n-examples", "8", "--out", str(tmp_path / "r.json"), *common],
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["complete"] and results["config"]["model"] == str(tmp_path / "rb.pt")
+
+
+def test_the_readme_snippet_runs_as_written(monkeypatch):
+    """The README's Python block, executed as it stands (the RobustBench download replaced by
+    the same architecture built offline)."""
+    text = (HERE / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    calls = []
+
+    def offline_load_model(name, dataset, *a, **kw):
+        calls.append((name, dataset))
+        return rb_wideresnet()
+
+    monkeypatch.setattr(loading, "load_model", offline_load_model)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert calls == [("Cui2023Decoupled_WRN-28-10", "cifar10")]
+    model, x = scope["model"], scope["x"]
+    assert torch.equal(scope["oracle"], model.base_model(x))  # mode "fc" is the base model
+    assert scope["logits"].shape == scope["alone"].shape == (len(x), 10)
+    assert model.head.seen.any()  # the EMA update ran
+
+
+def test_offline_robustbench_name_is_one_line(monkeypatch, tmp_path):
+    loading.alias_autoattack()
+    import robustbench.utils
+
+    def no_network(**kw):
+        raise ConnectionError("Max retries exceeded with url: /uc?id=...\n  (many more lines)\n...")
+
+    monkeypatch.setattr(robustbench.utils, "load_model", no_network)
+    with pytest.raises(CLIError) as e:
+        loading.load_model("Cui2023Decoupled_WRN-28-10", "cifar10", model_dir=str(tmp_path))
+    assert "\n" not in str(e.value) and "--model PATH" in str(e.value)
+
+
+# ==============================================================================================
+# hpmkit/dpnp.py
+# ==============================================================================================
+# Adv-DPNP's unified prototypes, against the paper's formulas written out.
+
+
 
 
 def dpnp_setup(B=6, M=4, D=5, seed=0):
@@ -2591,6 +2460,195 @@ def test_control_heads_train_head_only_and_round_trip_through_evaluate(head, fil
     assert res["config"]["head_type"] == head
 
 
+# ==============================================================================================
+# The experiments
+# ==============================================================================================
+# The MNIST miniature end to end, reduced (--quick): every stage leaves its artefacts and the
+# numbers agree with each other and with independent recomputations; the study; Adv-DPNP's run.
+
+
+QUICK = run_mnist.SETTINGS["quick"]
+ROWS = {"base": ("base",), "hpm/batch": ("hpm", "batch"), "hpm/image": ("hpm", "image")}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One reduced run shared by the tests below: its output folder."""
+    out = tmp_path_factory.mktemp("mnist_quick")
+    run_mnist.main(run_mnist.parse_args(["--quick", "--out-dir", str(out), "--device", "cpu"]))
+    return out
+
+
+def rows(results):
+    out = {}
+    for name, keys in ROWS.items():
+        r = results
+        for k in keys:
+            r = r[k]
+        out[name] = r
+    return out
+
+
+def write_idx(path, array):
+    """An idx file written independently of run_mnist.read_idx (magic 2051 images, 2049 labels)."""
+    magic = 2051 if array.ndim == 3 else 2049
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.slow
+def test_every_stage_writes_its_artefacts(quick):
+    for name in ("train.npz", "heldout.npz", "cnn_fc.pt", "cnn_l2.pt", "cnn_fc_at.pt", "fig1.md",
+                 "fig1.json", "fig1.png", "head.pt", "finetune.log", "results.json", "evaluate.log",
+                 "results_paper.json", "evaluate_paper.log",
+                 "table1.md", "summary.md"):
+        assert (quick / name).is_file() and (quick / name).stat().st_size > 0, name
+    for name, n in (("train.npz", QUICK["n_train"]), ("heldout.npz", QUICK["n_heldout"])):
+        with np.load(quick / name) as f:
+            assert f["x"].dtype == np.uint8 and f["x"].shape == (n, 1, 28, 28)
+            assert f["y"].dtype == np.int64 and f["y"].shape == (n,)
+    for name in ("cnn_fc.pt", "cnn_l2.pt", "cnn_fc_at.pt"):
+        assert isinstance(torch.load(quick / name, weights_only=False), run_mnist.SmallCNN)
+    ckpt = read_head(str(quick / "head.pt"))  # what evaluate.py reads
+    assert ckpt["finished"] and ckpt["dataset"] == "mnist"
+    assert (quick / "fig1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((quick / "results.json").read_text())
+    assert results["complete"] and results["config"]["checks"]
+    summary = (quick / "summary.md").read_text()
+    for text in ("Fig. 1 in miniature", "Table 1 in miniature", "python finetune.py --model",
+                 "python evaluate.py --head", "eps_sweep", "the base model here", "--version paper"):
+        assert text in summary, text
+
+
+@pytest.mark.slow
+def test_the_strong_version_is_never_above_the_paper_version_on_mnist(quick):
+    strong = json.loads((quick / "results.json").read_text())
+    paper = json.loads((quick / "results_paper.json").read_text())
+    assert (strong["version"], paper["version"]) == ("strong", "paper")
+    assert strong["subset"]["indices"] == paper["subset"]["indices"]
+    table = (quick / "summary.md").read_text()
+    for name in rows(strong):
+        s, p = rows(strong)[name], rows(paper)[name]
+        assert s["clean"] == p["clean"]
+        # the strong suite contains the paper's attacks (with queries scored), so per image it can
+        # only be less robust; and the summary table shows both numbers
+        assert all(a <= b for a, b in zip(s["correct"]["worst_case"], p["correct"]["worst_case"])), name
+        assert f"{100 * s['worst_case']:.1f}" in table and f"{100 * p['worst_case']:.1f}" in table
+
+
+@pytest.mark.slow
+def test_splits_are_the_seeded_permutation_of_the_test_set(quick):
+    x = run_mnist.read_idx(run_mnist.DEFAULT_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+    y = run_mnist.read_idx(run_mnist.DEFAULT_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    perm = np.random.default_rng(0).permutation(10000)
+    n_tr, n_ho = QUICK["n_train"], QUICK["n_heldout"]
+    with np.load(quick / "train.npz") as tr, np.load(quick / "heldout.npz") as ho:
+        np.testing.assert_array_equal(tr["x"][:, 0], x[perm[:n_tr]])
+        np.testing.assert_array_equal(tr["y"], y[perm[:n_tr]])
+        # held out: the images right after the training part in the permutation, none trained on
+        np.testing.assert_array_equal(ho["x"][:, 0], x[perm[n_tr:n_tr + n_ho]])
+        np.testing.assert_array_equal(ho["y"], y[perm[n_tr:n_tr + n_ho]])
+
+
+@pytest.mark.slow
+def test_worst_case_is_below_clean_and_every_attack(quick):
+    results = json.loads((quick / "results.json").read_text())
+    for name, r in rows(results).items():
+        accs = {"clean": r["clean"], "worst_case": r["worst_case"], **r["attacks"]}
+        assert all(0 <= a <= 1 for a in accs.values()), (name, accs)
+        assert r["worst_case"] <= min(r["clean"], *r["attacks"].values()), (name, accs)
+        # recomputed from the per-image 0/1 lists: correct clean and under every attack
+        per_image = [all(c) for c in zip(*(r["correct"][k] for k in ["clean", *r["attacks"]]))]
+        assert r["worst_case"] == pytest.approx(sum(per_image) / len(per_image), abs=1e-12)
+        attacks = evaluate.VERSIONS[results["version"]]["attacks"]
+        base_kinds = {a.split("/")[0] for a in attacks if a != "flip/mix"}  # flip needs an HPM head
+        assert len(r["attacks"]) == len(base_kinds if name == "base" else attacks)
+        assert f"| {100 * r['worst_case']:.1f} |" in (quick / "table1.md").read_text()
+
+
+@pytest.mark.slow
+def test_attacks_never_beat_clean_on_per_image_models_attacked_end_to_end(quick):
+    # AutoAttack's perturb leaves the misclassified images untouched, so on a per-image model its
+    # accuracy can only fall below clean. Not so for the batch context (an attack changes the
+    # other images' batch prototypes) nor for transfer attacks (whole-batch runs start every image,
+    # misclassified ones too, from a random point that may be classified correctly).
+    results = json.loads((quick / "results.json").read_text())
+    r = rows(results)
+    for name, attack in [("base", a) for a in r["base"]["attacks"]] + [
+            ("hpm/image", "apgd-ce/ste"), ("hpm/image", "apgd-dlr/ste"), ("hpm/image", "square")]:
+        assert r[name]["attacks"][attack] <= r[name]["clean"], (name, attack)
+
+
+@pytest.mark.slow
+def test_fig1_falls_with_eps_from_the_clean_accuracy(quick):
+    fig = json.loads((quick / "fig1.json").read_text())
+    assert fig["eps"][0] == 0 and fig["eps"] == sorted(fig["eps"])
+    with np.load(quick / "heldout.npz") as f:
+        x = torch.from_numpy(f["x"][:fig["n"]]).double() / 255
+        y = torch.from_numpy(f["y"][:fig["n"]])
+    for name in ("fc", "l2"):
+        acc = fig["accuracy"][name]
+        assert len(acc) == len(fig["eps"]) and all(0 <= a <= 1 for a in acc)
+        assert all(b <= a + 0.02 for a, b in zip(acc, acc[1:])), (name, acc)  # monotone within 2%
+        model = torch.load(quick / fig["models"][name], weights_only=False).double().eval()
+        with torch.no_grad():
+            clean = (model(x).argmax(1) == y).double().mean().item()  # float64, one batch
+        assert acc[0] == pytest.approx(clean, abs=0.5 / fig["n"]), name  # the same images
+
+
+@pytest.mark.slow
+def test_standard_layout_trains_on_the_training_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    x_train, y_train = rng.integers(0, 256, (50, 28, 28)), rng.integers(0, 10, 50)
+    x_test, y_test = rng.integers(0, 256, (20, 28, 28)), rng.integers(0, 10, 20)
+    write_idx(raw / "train-images-idx3-ubyte", x_train)  # plain and gzip files may mix
+    write_idx(raw / "train-labels-idx1-ubyte.gz", y_train)
+    write_idx(raw / "t10k-images-idx3-ubyte.gz", x_test)
+    write_idx(raw / "t10k-labels-idx1-ubyte", y_test)
+    xtr, ytr, xho, yho, _ = run_mnist.make_splits(tmp_path, run_mnist.SETTINGS["full"], seed=0)
+    np.testing.assert_array_equal(xtr[:, 0], x_train)
+    np.testing.assert_array_equal(ytr, y_train)
+    np.testing.assert_array_equal(xho[:, 0], x_test)
+    np.testing.assert_array_equal(yho, y_test)
+    assert xtr.dtype == np.uint8 and ytr.dtype == np.int64
+
+
+@pytest.mark.slow
+def test_a_folder_without_mnist_fails_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=str(tmp_path)) as e:
+        run_mnist.main(run_mnist.parse_args(["--mnist-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")]))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_the_reduced_study_runs_and_its_table_holds_together(quick, tmp_path):
+    import run_study
+
+    runs = run_study.main(run_study.parse_args(["--quick", "--mnist-run", str(quick), "--out-dir",
+                                                 str(tmp_path)]))
+    assert [r["setting"] for r in runs] == run_study.QUICK_SETTINGS
+    base = [r["results"]["base"]["correct"]["worst_case"] for r in runs]
+    assert all(b == base[0] for b in base)  # the same base model, images and seeds in every run
+    md = (tmp_path / "study.md").read_text()
+    for r in runs:
+        for name in ("base", "hpm/batch", "hpm/image"):
+            row = run_study.row(r["results"], name)
+            if row is None:  # the controls have no batch context
+                assert r["name"] in ("ncm", "dpnp") and name == "hpm/batch"
+                continue
+            assert row["worst_case"] <= min(row["clean"], *row["attacks"].values()), (r["name"], name)
+            assert f"| {100 * row['worst_case']:.1f} |" in md
+        ckpt = read_head(str(tmp_path / f"head_{run_study.tag_of(r['name'])}.pt"))
+        assert all(ckpt["args"][k] == v for k, v in r["setting"].items())  # the checkpoint records them
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "official defaults" in md and "first landing" in md and "Adv-DPNP" in md
+
+
+@pytest.mark.slow
 def test_the_lenets_plus_plus_run_writes_its_figure_and_trains_both_models(tmp_path):
     """Adv-DPNP end to end (the paper's Figure 2 on MNIST), reduced."""
     import run_dpnp_mnist
@@ -2608,6 +2666,34 @@ def test_the_lenets_plus_plus_run_writes_its_figure_and_trains_both_models(tmp_p
     assert not torch.equal(state["features.0.weight"], fresh.state_dict()["features.0.weight"])  # trained end to end
 
 
+# ==============================================================================================
+# The layout
+# ==============================================================================================
+# What imports what, read from the code, and the golden file that proves a restructuring
+# changed no result.
+
+
+def test_scripts_do_not_import_each_other_and_share_only_loading_and_the_heads():
+    ev, ft = imported_modules(HERE / "evaluate.py", 2), imported_modules(HERE / "finetune.py", 2)
+    assert "finetune" not in ev and "evaluate" not in ft
+    assert "hpmkit.loading" in ev and {"hpm", "hpmkit.loading"} <= ft
+    shared = {"hpm", "hpmkit", "hpmkit.dpnp", "hpmkit.loading"}
+    assert (ev & ft) - shared <= {"argparse", "os", "sys", "time", "torch", "torch.nn", "torch.nn.functional"}
+    for name in ("load_model", "load_data", "read_head", "load_head", "save_head", "CLIError"):
+        assert not hasattr(finetune, name) or getattr(finetune, name) is getattr(loading, name), name
+        assert not hasattr(evaluate, name) or getattr(evaluate, name) is getattr(loading, name), name
+
+
+def test_no_supporting_module_imports_a_script():
+    modules = sorted((HERE / "hpmkit").glob("*.py"))
+    assert len(modules) >= 10
+    for path in modules:
+        imported = {m.split(".")[0] for m in imported_modules(path)}
+        assert not imported & set(SCRIPTS), (path.name, imported & set(SCRIPTS))
+        assert imported <= {"hpm", "hpmkit", "torch", "pyautoattack", "numpy", "scipy", "robustbench",
+                            "torchvision", "tqdm", "autoattack"} | set(sys.stdlib_module_names), path.name
+
+
 def load_make_golden():
     import importlib.util
 
@@ -2617,6 +2703,7 @@ def load_make_golden():
     return module
 
 
+@pytest.mark.slow
 def test_golden_file_every_per_image_result_and_head_tensor_unchanged(tmp_path):
     """testdata/golden/golden.pt was written by make_golden.py from the code before evaluate.py
     was split into the protocol and hpmkit/: the same command lines must give every per-image

@@ -22,6 +22,9 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from hpm import attach, find_classifier
+from hpmkit import dpnp
+
 DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "mnist": 10}
 # The usual attack budgets: RobustBench for CIFAR and ImageNet, Madry et al. for MNIST.
 DEFAULT_EPS = {
@@ -434,3 +437,21 @@ def dumps(obj, indent=0):
         items = [f"{pad}  {dumps(v, indent + 2)}" for v in obj]
         return "[\n" + ",\n".join(items) + "\n" + pad + "]"
     return json.dumps(obj)
+
+
+def load_models(cfg, ckpt, device):
+    """evaluate.py's models: (base model, HPM model or None, DPNP model or None, number of
+    classes), frozen, on device; cfg names the base model, ckpt (read_head) the head."""
+    base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"])
+    hpm_model = dpnp_model = None
+    try:
+        num_classes = find_classifier(base)[1].out_features
+        if ckpt is not None and ckpt["head_type"] == "dpnp":
+            dpnp_model = load_head(ckpt, dpnp.attach(base, alpha=ckpt["alpha"]))
+        elif ckpt is not None:  # "hpm", or "ncm" (an HPM head whose mixer passes C_global alone)
+            hpm_model = load_head(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
+    except ValueError as e:  # attach: no final nn.Linear
+        raise CLIError(str(e))
+    base, hpm_model, dpnp_model = (m if m is None else m.to(device).eval().requires_grad_(False)
+                                   for m in (base, hpm_model, dpnp_model))
+    return base, hpm_model, dpnp_model, num_classes

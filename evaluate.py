@@ -1,7 +1,7 @@
 """Evaluate a base model and its HPM head side by side: the Mixed Surrogate Attack and Square.
 
 The paper's protocol (section 3.7, supplementary 6.3), with HPM's batch dependence handled as
-the README defines it ("How HPM is evaluated"):
+the README defines it (section "Evaluation"):
 
     python evaluate.py --head head.pt
     python evaluate.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar10 --head head.pt
@@ -44,7 +44,7 @@ import torch.nn as nn
 from hpmkit.attacks import QueryScorer, check_adv, fixed_prototype_logits, run_attack
 from hpmkit.checks import run_checks
 from hpmkit.chunks import batch_loader, chunk_group, chunk_sizes, make_batches
-from hpmkit.config import (ADAPTIVE, ALL_ATTACKS, DEFAULT_CHUNK, HPM_ATTACKS, IDENTITY, ORDER,
+from hpmkit.config import (ADAPTIVE, ALL_ATTACKS, BATCH_ADVERSARY, DEFAULT_CHUNK, HPM_ATTACKS, IDENTITY, ORDER,
                            check_classes, load_subset, open_results, resolve_config)
 from hpmkit.gpu import MemoryFit, compile_head
 from hpmkit.jobs import AdvSaver, ChunkResult, adv_path, row_store, run_job
@@ -54,11 +54,12 @@ from hpmkit.ranks import start_ranks
 from hpmkit.report import NOTES, VERSION_NOTES, describe, print_report, square_note
 
 # The attacks each version runs on an HPM row ("kind/surrogate"; the base model runs each kind
-# once, on itself). Strong adds APGD-T (targeted DLR, RobustBench's standard set) and flip.
+# once, on itself). Strong adds APGD-T (targeted DLR, RobustBench's standard set), flip, and in
+# the batch context the batch as the adversary's: joint, then target on the images left standing.
 VERSIONS = {
     "paper": dict(attacks=HPM_ATTACKS, steps=40, score_queries=False),
-    "strong": dict(attacks=HPM_ATTACKS[:-1] + ("apgd-t/fc", "apgd-t/mix", "flip/mix", "square"),
-                   steps=100, score_queries=True),
+    "strong": dict(attacks=HPM_ATTACKS[:-1] + ("apgd-t/fc", "apgd-t/mix", "flip/mix", "square",
+                                               "joint/soft", "target/mix"), steps=100, score_queries=True),
 }
 
 
@@ -81,9 +82,13 @@ class Surrogate(nn.Module):
         self.group_size = group_size if context == "batch" else None
         self.scorer, self.z_clean = scorer, z_clean
 
+    def regroup(self, group_size, scorer):
+        """The same surrogate on rows that are fixed batches of group_size, with its own scorer."""
+        return Surrogate(self.model, self.surrogate, self.context, group_size, scorer, self.z_clean)
+
     def alone(self, scorer):
         """The same surrogate on one fixed batch of the chunk, with its own scorer."""
-        return Surrogate(self.model, self.surrogate, self.context, None, scorer, self.z_clean)
+        return self.regroup(None, scorer)
 
     def forward(self, x):
         z = self.model.features(x)  # (B, D): one backbone pass
@@ -134,11 +139,12 @@ class ModelUnderTest:
 
     def attack_names(self, attacks):
         """This row's attacks from the HPM list: a per-image model with its own head runs each
-        kind once on itself (no suffix, none against HPM's structure)."""
+        kind once on itself (no suffix, none against HPM's structure); the batch adversary needs
+        a batch that decides (the batch context)."""
         if self.context is None:
-            return list(dict.fromkeys(a.split("/")[0] for a in attacks
-                                      if a.split("/")[-1] not in ADAPTIVE and a != "flip/mix"))
-        return list(attacks)
+            return list(dict.fromkeys(a.split("/")[0] for a in attacks if a.split("/")[-1] not in ADAPTIVE
+                                      and a != "flip/mix" and a not in BATCH_ADVERSARY))
+        return [a for a in attacks if not self.per_image or a not in BATCH_ADVERSARY]
 
     def surrogate(self, name, group_size=None, scorer=None, x=None):
         """The module attacked for surrogate `name` (None: the model itself), on a chunk of fixed
@@ -185,14 +191,15 @@ def score(model, x, y):
 # 3. What an attack does to a chunk of fixed batches ----------------------------------------
 
 def attack_chunk(row, attack, xb, yb, sizes, *, norm, eps, steps, queries, seed, warnings=None,
-                 score_queries=False, restarts=1):
+                 score_queries=False, restarts=1, standing=None):
     """The attack on fixed batches of these sizes, xb (n, C, H, W) in [0, 1] with labels yb:
     it follows its surrogate's gradients (or, Square, the real model's outputs); with
     score_queries, every query that is a whole fixed batch inside the ball is scored on the real
     model; every final adversarial batch is re-scored whole. An image is fooled if any scored
-    batch fooled it."""
+    batch fooled it. standing: the images no attack has fooled yet (n,) bool (for "target")."""
     group = sizes[0] if len(sizes) > 1 else None  # a chunk: the rows are fixed batches of this size
-    scorer = QueryScorer(xb, yb, norm, eps, group_size=group) if score_queries else None
+    scored = score_queries or attack in BATCH_ADVERSARY  # the batch adversary reads its scores
+    scorer = QueryScorer(xb, yb, norm, eps, group_size=group) if scored else None
     surrogate, whole_batch = row.plan(attack)
     target = row.surrogate(surrogate, group, scorer, xb)
     helpers = {}
@@ -200,7 +207,7 @@ def attack_chunk(row, attack, xb, yb, sizes, *, norm, eps, steps, queries, seed,
         helpers = dict(fc=row.surrogate("fc", group, scorer), real=row.real(group))
     runs = run_attack(attack, target, xb, yb, norm=norm, eps=eps, steps=steps, queries=queries,
                       seed=seed, whole_batch=whole_batch, warnings=warnings, restarts=restarts,
-                      fixed_batch_square=score_queries, sizes=sizes, **helpers)
+                      fixed_batch_square=score_queries, sizes=sizes, standing=standing, **helpers)
     correct = torch.ones_like(yb, dtype=torch.bool)
     for x_adv in runs:  # the last run's batch is the one kept
         x_adv = check_adv(x_adv, xb, norm, eps)
@@ -278,9 +285,12 @@ def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, que
                 if not saver.has_parts(store["batches_done"].get(name, 0)):  # resumed without parts
                     store["batches_done"][name], store["correct"][name] = 0, []
                     store["timings_s"][name] = 0.0
+            standing = torch.tensor(store["correct"]["worst_case"], dtype=torch.bool, device=device)
             correct = run_job(store, name, batches, fit(
                 lambda first, end: attack_chunk(row, name, *batch(first, end), chunk_sizes(batches, first, end),
-                                                warnings=counter, **setting), row.name, batches),
+                                                warnings=counter, **setting,
+                                                standing=standing[batches[first][0]:batches[end - 1][1]]),
+                row.name, batches),
                 desc=f"{row.name} {name}", save=saver, backbone=row.backbone, key=f"{row.name}|{name}", **job)
             images = store.get("backbone_images", {}).get(name)
             if images is not None:  # counted over every batch (a file from before the count has none)

@@ -1743,6 +1743,96 @@ def test_fixed_batch_square_breaks_batches_that_autoattacks_square_misses():
     assert library["clean"] == 1.0 and len(only_fixed) >= 3
 
 
+def batch_adversary_setup():
+    """The quadrant toy (batches of 8) at eps 0.36, where the strong suite without the batch
+    adversary leaves about half of the images robust in the batch context, and all per image."""
+    x, y = quad_data(32)
+    base = quad_linear()
+    model = fitted_hpm(base, x, y)
+    kw = dict(eps=0.36, steps=30, queries=100, batch_size=8, progress=False, log=lambda *a: None,
+              score_queries=True)
+    return x, y, base, model, kw
+
+
+@pytest.mark.slow
+def test_the_batch_adversary_breaks_images_every_other_strong_attack_leaves_robust():
+    """joint breaks images that every attack before it leaves robust; target breaks, among the
+    images every other strong attack (joint included) leaves robust, most of them. The base
+    model and the image context are untouched: the attacks exist for the batch context only."""
+    x, y, base, model, kw = batch_adversary_setup()
+    rows = evaluate.build_rows(base, model)
+    strong = list(evaluate.VERSIONS["strong"]["attacks"])
+    assert strong[-2:] == ["joint/soft", "target/mix"]
+    rest = evaluate.evaluate(rows, x, y, attacks=strong[:-2], **kw)
+    robust = rest["hpm"]["batch"]["correct"]["worst_case"]
+    assert 8 <= sum(robust) <= 24
+    joint = evaluate.evaluate(rows, x, y, attacks=strong[:-1], **kw)["hpm"]["batch"]
+    only_joint = [i for i in range(32) if robust[i] and not joint["correct"]["joint/soft"][i]]
+    assert len(only_joint) >= 1
+    full = evaluate.evaluate(rows, x, y, attacks=strong, **kw)
+    batch = full["hpm"]["batch"]
+    before_target = [robust[i] and joint["correct"]["joint/soft"][i] for i in range(32)]
+    only_target = [i for i in range(32) if before_target[i] and not batch["correct"]["target/mix"][i]]
+    assert len(only_target) >= sum(before_target) // 2 >= 4
+    assert batch["worst_case"] < rest["hpm"]["batch"]["worst_case"] - 0.2
+    assert "joint/soft" not in full["hpm"]["image"]["attacks"] and "target/mix" not in full["base"]["attacks"]
+    assert full["base"]["worst_case"] == rest["base"]["worst_case"] == 1.0
+
+
+class RecordingScorer(attacks.QueryScorer):
+    """A QueryScorer that keeps every query it is shown, for an independent re-scoring."""
+    seen = []
+
+    def __call__(self, x, logits):
+        RecordingScorer.seen.append((x.detach().clone(), self.x0.clone(), self.y.clone(), self.group_size))
+        super().__call__(x, logits)
+
+
+def test_a_targets_attack_changes_another_images_record_only_when_a_scored_batch_fooled_it(monkeypatch):
+    """target_attack's record, re-derived by hand: every batch it queried that is a whole copy of
+    a fixed batch inside the ball, classified whole by the model itself; an image is recorded
+    fooled exactly when one of those batches fooled it, whoever the copy's target was."""
+    x, y, base, model, kw = batch_adversary_setup()
+    xf = x.double() / 255
+    model = model.double()
+    standing = torch.ones(32, dtype=torch.bool)
+    standing[[1, 2, 9, 30]] = False  # not targets: their batches are attacked for the others only
+    monkeypatch.setattr(attacks, "QueryScorer", RecordingScorer)
+    RecordingScorer.seen = []
+    scorer = attacks.QueryScorer(xf, y, "Linf", 0.36, group_size=8)
+    target = evaluate.Surrogate(model, "mix", "batch", group_size=8, scorer=scorer)
+    attacks.target_attack(target, xf, y, standing, norm="Linf", eps=0.36, steps=10, batch_size=8)
+    fooled = torch.zeros(32, dtype=torch.bool)
+    copies = RecordingScorer.seen  # (the outer scorer is only merged into, never called)
+    assert len(copies) >= 10
+    for q, x0, y0, group in copies:
+        assert group == 8 and q.shape == x0.shape
+        inside = (q - x0).abs().flatten(1).amax(1) <= 0.36 * (1 + 1e-5) + 1e-7
+        for c in range(len(q) // 8):
+            rows = slice(8 * c, 8 * c + 8)
+            if not inside[rows].all():
+                continue
+            with torch.no_grad():
+                wrong = model(q[rows], context="batch").argmax(1) != y0[rows]
+            first = int(torch.nonzero((xf == x0[8 * c]).flatten(1).all(1))[0])  # which fixed batch
+            assert torch.equal(xf[first:first + 8], x0[rows])
+            fooled[first:first + 8] |= wrong
+    assert fooled.any() and not fooled.all()
+    assert torch.equal(scorer.robust, ~fooled)
+
+
+def test_the_batch_adversary_chunked_equals_batch_by_batch():
+    x, y, base, model, kw = batch_adversary_setup()
+    rows = evaluate.build_rows(base, model, contexts=("batch",))[1:]
+    kw["attacks"] = ["apgd-ce/mix", "joint/soft", "target/mix"]
+    kw["steps"] = 10
+    one = evaluate.evaluate(rows, x, y, chunk=None, **kw)["hpm"]["batch"]
+    chunked = evaluate.evaluate(rows, x, y, chunk=24, **kw)["hpm"]["batch"]
+    assert one["correct"] == chunked["correct"]
+    assert one["final_batch_correct"] == chunked["final_batch_correct"]
+    assert 0 < sum(one["correct"]["target/mix"]) < sum(one["correct"]["apgd-ce/mix"])
+
+
 # ==============================================================================================
 # hpmkit/chunks.py
 # ==============================================================================================
@@ -2708,7 +2798,8 @@ def test_golden_file_every_per_image_result_and_head_tensor_unchanged(tmp_path):
     """testdata/golden/golden.pt was written by make_golden.py from the code before evaluate.py
     was split into the protocol and hpmkit/: the same command lines must give every per-image
     result (each row, attack and version, and the kept final batches' own scores) and every
-    tensor of the one-epoch fine-tuned head, exactly."""
+    tensor of the one-epoch fine-tuned head, exactly. The strong version has gained the batch
+    adversary since: every attack it had gives the same results, the worst case can only fall."""
     golden = torch.load(HERE / "testdata" / "golden" / "golden.pt", weights_only=True)
     if golden["torch"] != str(torch.__version__):
         pytest.skip(f"golden file from torch {golden['torch']}, this is {torch.__version__}: "
@@ -2717,7 +2808,16 @@ def test_golden_file_every_per_image_result_and_head_tensor_unchanged(tmp_path):
     assert golden["head"].keys() == now["head"].keys()
     for name, tensor in golden["head"].items():
         assert torch.equal(tensor, now["head"][name]), name
-    assert golden["eval"] == now["eval"]
+    assert golden["eval"]["paper"] == now["eval"]["paper"]
+    for name, row in golden["eval"]["strong"].items():  # attacks added since: compared where they were
+        new = now["eval"]["strong"][name]
+        assert row["clean"] == new["clean"]
+        for attack in row["attacks"]:
+            assert row["correct"][attack] == new["correct"][attack], (name, attack)
+            assert row["attacks"][attack] == new["attacks"][attack], (name, attack)
+            assert row["final_batch_correct"].get(attack) == new["final_batch_correct"].get(attack)
+        assert set(new["attacks"]) - set(row["attacks"]) <= set(config.BATCH_ADVERSARY), name
+        assert new["worst_case"] <= row["worst_case"]
     rows = golden["eval"]["strong"]
     assert {"base", "hpm/batch", "hpm/image"} <= set(rows) and len(rows["hpm/batch"]["attacks"]) == 12
     assert len(rows["hpm/batch"]["correct"]["clean"]) == 64

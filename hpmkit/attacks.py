@@ -16,8 +16,13 @@ kept because a test in test_hpm.py (section "hpmkit/attacks.py") shows images on
 - fixed_prototype_logits: the surrogate with the clean batch's hybrid prototypes held fixed
   (optional, "*/fixed"; test_fixed_prototype_surrogate_is_the_real_model_at_the_clean_batch).
 
-A target (the module attacked) is x -> logits, with `scorer` (a QueryScorer or None) and
-`alone(scorer)`: the same target for one fixed batch of a chunk (chunks.per_batch uses it).
+- joint_attack and target_attack: the batch as the adversary's, images fooled or sacrificed
+  moving the batch prototypes against the images still standing
+  (test_the_batch_adversary_breaks_images_every_other_strong_attack_leaves_robust).
+
+A target (the module attacked) is x -> logits, with `scorer` (a QueryScorer or None),
+`alone(scorer)`: the same target for one fixed batch of a chunk (chunks.per_batch uses it), and
+`regroup(group_size, scorer)`: the same target on rows that are fixed batches of group_size.
 """
 import math
 
@@ -126,7 +131,7 @@ class APGDLoss(APGDAttack):
 
 def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000, seed=0,
                whole_batch=True, warnings=None, restarts=1, fixed_batch_square=False, sizes=None,
-               fc=None, real=None):
+               fc=None, real=None, standing=None):
     """One attack on x (B, C, H, W) in [0, 1], a fixed batch or a chunk of them; returns its final
     adversarial batches (a list: one per run; APGD-T makes one run per target class). Nothing is
     scored here, but `target.scorer` (if any) sees every query.
@@ -143,7 +148,9 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
     sizes: x is a chunk of fixed batches of these sizes, attacked at once with the random numbers
     each batch gets alone (chunks.py); AutoAttack's Square on shrinking queries (whole_batch) or
     in L2 goes batch by batch (per_batch). fc, real: for "flip", the FC oracle (scored like
-    target) and the real model (not scored) on the same batches.
+    target) and the real model (not scored) on the same batches. "joint" and "target" (the
+    batch as the adversary's, below) need target.scorer; standing: for "target", the images
+    still standing (n,) bool.
     """
     kind = attack.split("/")[0]
     B = sizes[0] if sizes is not None and len(sizes) > 1 else None  # a chunk of fixed batches of B
@@ -165,6 +172,11 @@ def run_attack(attack, target, x, y, *, norm="Linf", eps, steps=40, queries=5000
         sq.init_hyperparam(x)
         seed_all(seed)
         return [sq.attack_single_run(x, y)[1]]
+    if kind == "joint":
+        return joint_attack(target, x, y, norm=norm, eps=eps, steps=steps)
+    if kind == "target":
+        return target_attack(target, x, y, standing, norm=norm, eps=eps, steps=steps,
+                             batch_size=sizes[0] if sizes else len(x))
     if kind == "flip":
         return flip_attack(target, fc, real, x, y, norm=norm, eps=eps, steps=steps, seed=seed,
                            warnings=warnings, batch_size=B or len(x))
@@ -262,3 +274,93 @@ def fixed_prototype_logits(head, z, z_clean, context, group_size=None):
         P = ste_assignment(head.fc(z_clean))  # (B, K), the clean hard assignment
         C_hybrid = head.hybrid_prototypes(z_clean, P, group_size if context == "batch" else 1)  # (G, K, D)
     return l2_logits(z.view(len(C_hybrid), -1, z.shape[1]), C_hybrid).view(len(z), -1)
+
+
+# The batch as the adversary's -----------------------------------------------------------------
+#
+# In HPM's batch context the batch prototypes C_batch are means of the batch's features by
+# predicted class, so the other images of a fixed batch decide part of an image's label. Every
+# attack above lets each image serve its own loss. The two below spend the batch on the images
+# still standing: "joint" on all of them at once, "target" on one image at a time, every other
+# image of its batch a helper. Gradients flow through the surrogate's C_batch (soft or STE
+# assignments); every iterate is a whole fixed batch inside the ball and is scored.
+
+def pgd_step(x_adv, grad, x0, eps, norm, size, moving):
+    """One ascent step of length `size` (sign for L-inf, normalised for L2) on the rows `moving`
+    (n,) bool, projected back into the eps-ball around x0 and [0, 1]."""
+    grad = torch.nan_to_num(grad)
+    if norm == "Linf":
+        step = size * grad.sign()
+    else:
+        step = size * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+    x_new = x_adv + step * moving.view(-1, *[1] * (grad.dim() - 1))
+    delta = x_new - x0
+    if norm == "Linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(eps)).view(-1, *[1] * (grad.dim() - 1))
+    return (x0 + delta).clamp(0, 1)
+
+
+def step_size(t, steps, eps):
+    """A cosine schedule from eps / 2 down to eps / 50 (as PGD's usual eps / 4, decaying)."""
+    return eps * (0.02 + 0.48 * (1 + math.cos(math.pi * t / max(steps - 1, 1))) / 2)
+
+
+def joint_attack(target, x, y, *, norm, eps, steps):
+    """Adaptive attack "joint": the whole fixed batch (or a chunk of them) ascends one loss, the
+    sum of the CW margin losses of the images no scored batch has fooled yet, so that an image
+    once fooled keeps moving for the others (as a helper, through C_batch) instead of for
+    itself. Needs target.scorer (it reads which images still stand). Deterministic: it starts
+    from the clean batch. Returns the last batch (every iterate was scored)."""
+    scorer, x_adv = target.scorer, x.clone()
+    for t in range(steps):
+        x_adv.requires_grad_(True)
+        loss_i = cw_loss(target(x_adv), y)  # the scorer has now seen this iterate
+        standing = scorer.robust & torch.isfinite(loss_i)
+        if not standing.any():
+            break
+        grad, = torch.autograd.grad(torch.where(standing, loss_i, 0).sum(), x_adv)
+        x_adv = pgd_step(x_adv.detach(), grad, x, eps, norm, step_size(t, steps, eps),
+                         torch.ones_like(standing))
+    with torch.no_grad():
+        target(x_adv)  # the last iterate, scored
+    return [x_adv.detach()]
+
+
+def target_attack(target, x, y, standing, *, norm, eps, steps, batch_size):
+    """Adaptive attack "target": for each image still standing (standing (n,) bool: correct
+    clean and under every attack so far), an attack on a copy of its whole fixed batch whose
+    loss is that one image's CW margin: every other image of the batch is a helper. A copy stops
+    as soon as a scored batch fools its target. Copies run grouped (each its own C_batch), as
+    many at once as the chunk has batches. Any scored copy that fools any image counts for that
+    image, and only then (target.scorer gets each copy's verdicts). Returns the clean batch: a
+    fixed batch has one adversarial batch per target, none of them the final one."""
+    B, scorer = batch_size, target.scorer
+    targets = standing.nonzero().flatten().tolist()
+    per_call = max(1, len(x) // B)  # copies per forward: the chunk's own size
+    for k in range(0, len(targets), per_call):
+        rows = torch.tensor(targets[k:k + per_call], device=x.device)  # (c,) the targets' rows
+        first = rows // B * B  # (c,) the first row of each target's batch
+        copy_rows = (first[:, None] + torch.arange(B, device=x.device)).flatten()  # (c * B,)
+        x0, y0 = x[copy_rows], y[copy_rows]
+        aim = torch.arange(len(rows), device=x.device) * B + rows - first  # the targets in the copies
+        copies = QueryScorer(x0, y0, scorer.norm, scorer.eps, group_size=B)
+        surrogate = target.regroup(B, copies)
+        x_adv = x0.clone()
+        for t in range(steps):
+            x_adv.requires_grad_(True)
+            loss = cw_loss(surrogate(x_adv)[aim], y0[aim])  # (c,), each copy scored
+            live = copies.robust[aim] & torch.isfinite(loss)
+            if not live.any():
+                break
+            grad, = torch.autograd.grad(torch.where(live, loss, 0).sum(), x_adv)
+            x_adv = pgd_step(x_adv.detach(), grad, x0, eps, norm, step_size(t, steps, eps),
+                             live.repeat_interleave(B))
+        with torch.no_grad():
+            surrogate(x_adv)
+        fooled = torch.zeros(len(x), dtype=torch.long, device=x.device).index_add_(
+            0, copy_rows, (~copies.robust).long())  # (n,) in how many copies each image was fooled
+        scorer.robust &= fooled == 0
+        scorer.queries, scorer.scored = scorer.queries + copies.queries, scorer.scored + copies.scored
+    return [x.clone()]

@@ -16,7 +16,12 @@ CONTEXTS = ("batch", "image")
 HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)
 KINDS = ("apgd-ce", "apgd-dlr", "apgd-t", "apgd-cw")  # APGD-T: AutoAttack's targeted DLR attack
 # "flip/mix": adaptive, against the batch prototypes (attacks.flip_attack); HPM rows only.
-ALL_ATTACKS = tuple(f"{k}/{s}" for k in KINDS for s in SURROGATES + ADAPTIVE) + ("flip/mix", "square")
+# "joint/*" and "target/*": the batch as the adversary's (attacks.joint_attack, target_attack),
+# through a surrogate with batch prototypes; the batch context only, last (target reads the
+# images every other attack left standing).
+BATCH_ADVERSARY = tuple(f"{k}/{s}" for k in ("joint", "target") for s in ("soft", "ste", "mix"))
+ALL_ATTACKS = (tuple(f"{k}/{s}" for k in KINDS for s in SURROGATES + ADAPTIVE) + ("flip/mix", "square")
+               + BATCH_ADVERSARY)
 ORDER = ("clean",) + KINDS + ALL_ATTACKS + ("worst_case",)  # of the attacks in a row's results
 
 

@@ -6,7 +6,7 @@ import time
 import torch
 
 from hpmkit.chunks import make_batches
-from hpmkit.config import ORDER
+from hpmkit.config import BATCH_ADVERSARY, ORDER
 from hpmkit.jobs import row_store
 
 VERSION_NOTES = {
@@ -14,7 +14,8 @@ VERSION_NOTES = {
              "then Square); only final adversarial batches are scored",
     "strong": "the paper's attacks plus APGD-T (fc and mix surrogates) and the adaptive flip "
               "attack, 100 APGD steps, every query of a whole fixed batch scored on the real model, "
-              "and in the batch context a Square that queries whole fixed batches only",
+              "and in the batch context a Square that queries whole fixed batches only and the batch "
+              "as the adversary's (joint, then target on every image left standing)",
 }
 
 NOTES = {
@@ -53,6 +54,14 @@ NOTES = {
         "flip/mix (adaptive, HPM rows): targeted APGD on the FC oracle pushes every image toward "
         "its real runner-up class, flipping FC assignments to move the batch prototypes; then "
         "APGD-CE on the mixture starts from that batch. Both final batches are re-scored whole."),
+    "batch_adversary": (
+        "joint/* and target/* (batch context): the batch as the adversary's. joint: the whole batch "
+        "ascends the summed CW margin losses of the images no scored batch has fooled yet, so that "
+        "fooled images move on as helpers. target: for each image correct clean and under every "
+        "earlier attack, a copy of its whole fixed batch ascends that one image's CW margin (all "
+        "others helpers) until a scored batch fools it; cost (images standing) x steps x batch size. "
+        "Every iterate is scored whole; an image counts as fooled by the attack only if a scored "
+        "batch fooled it (for target, the kept batch is the clean one: each target had its own)."),
     "apgd_t": (
         "apgd-t: AutoAttack's targeted DLR attack, min(9, K - 1) target classes (the highest "
         "clean logits after the top one) with one run each; an image counts as fooled if any "
@@ -123,7 +132,8 @@ def describe(results, cfg, rows, idx, n_total):
                            if "hpm/batch" in [r.name for r in rows] else [])
                         + ([NOTES["score_queries"]] if cfg["score_queries"] else [])
                         + ([NOTES["apgd_t"]] if any(a.startswith("apgd-t") for a in cfg["attacks"]) else [])
-                        + ([NOTES["flip"]] if "flip/mix" in cfg["attacks"] else []))
+                        + ([NOTES["flip"]] if "flip/mix" in cfg["attacks"] else [])
+                        + ([NOTES["batch_adversary"]] if set(cfg["attacks"]) & set(BATCH_ADVERSARY) else []))
     results["complete"] = False
     results.setdefault("timing", {}).setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
 

@@ -33,6 +33,7 @@ batches; the same command again resumes. The machinery (chunks of batches and th
 streams, jobs and resume, torchrun, GPU memory, --compile) is in hpmkit/, one line here each.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -48,10 +49,10 @@ from hpmkit.config import (ADAPTIVE, ALL_ATTACKS, BATCH_ADVERSARY, DEFAULT_CHUNK
                            check_classes, load_subset, open_results, resolve_config)
 from hpmkit.gpu import MemoryFit, compile_head
 from hpmkit.jobs import AdvSaver, ChunkResult, adv_path, row_store, run_job
-from hpmkit.loading import (DATASETS, CLIError, WarningCounter, check_images, eps_value, load_models,
-                            run_cli, write_json)
+from hpmkit.loading import (DATASETS, CLIError, OutLock, WarningCounter, check_images, eps_value,
+                            load_models, run_cli, write_json)
 from hpmkit.ranks import start_ranks
-from hpmkit.report import NOTES, VERSION_NOTES, describe, print_report, square_note
+from hpmkit.report import NOTES, describe, print_report, square_note, version_line
 
 # The attacks each version runs on an HPM row ("kind/surrogate"; the base model runs each kind
 # once, on itself). Strong adds APGD-T (targeted DLR, RobustBench's standard set), flip, and in
@@ -333,6 +334,9 @@ def main(args):
         device = ranks.device
         if ranks.rank != 0:
             sys.stdout = open(os.devnull, "w")
+    held = contextlib.ExitStack()
+    if ranks is None or ranks.rank == 0:  # one run writes --out at a time
+        held.enter_context(OutLock(cfg["out"]))
     try:
         if ckpt is not None and ckpt.get("finished") is False:
             print(f"warning: {cfg['head']} is an unfinished head (fine-tuning was interrupted after "
@@ -347,8 +351,9 @@ def main(args):
         rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model)
         for row in rows:  # a model that cannot take these images fails here, before any file is written
             check_images(row.real(), x, device, name=f"{row.name} ({cfg['model']})")
-        results = open_results(cfg)
-        describe(results, cfg, rows, idx, n_total)
+        attacks, banner = cfg["attacks"], version_line(cfg, VERSIONS[cfg["version"]])
+        results = open_results(cfg, len(y))  # (a resumed file's config names its earlier attacks too)
+        describe(results, cfg, rows, idx, n_total, banner)
 
         def on_update():
             results["timing"]["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -357,7 +362,7 @@ def main(args):
 
         if ranks is not None:
             results["timing"]["processes"] = ranks.world
-        print(f"version {cfg['version']}: {VERSION_NOTES[cfg['version']]}")
+        print(banner)
         print(f"{cfg['model']} on {cfg['dataset']}: {len(idx)} of {n_total} test images "
               f"(subset seed {cfg['subset_seed']}), batches of {cfg['batch_size']}, {cfg['threat_model']} "
               f"eps {cfg['eps']:.5g}, {cfg['steps']} APGD steps, {cfg['queries']} Square queries, "
@@ -371,7 +376,7 @@ def main(args):
                       restarts=cfg["restarts"], chunk=cfg["chunk"], ranks=ranks,
                       fit=MemoryFit(lambda line: print(line, flush=True)))
         try:
-            evaluate(rows, x, y, attacks=cfg["attacks"], results=results, save_adv=cfg["save_adv"],
+            evaluate(rows, x, y, attacks=attacks, results=results, save_adv=cfg["save_adv"],
                      indices=idx.tolist(), **common)
             if cfg["checks"]:
                 run_checks(rows, x, y, results, attack_chunk, checks_n=cfg["checks_n"],
@@ -385,6 +390,7 @@ def main(args):
         print_report(results, rows, cfg)
         return results
     finally:
+        held.close()
         if ranks is not None:
             if ranks.rank != 0:
                 sys.stdout.close()

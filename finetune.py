@@ -68,6 +68,7 @@ CIFAR-10; alpha 5, beta 12, T 4 on CIFAR-100. Not from the paper (ours):
   trained head-only on its Eq. 7 with PGD on the head's cross-entropy (our choice of attack).
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -78,9 +79,9 @@ import torch.nn.functional as F
 
 from hpm import attach
 from hpmkit import dpnp
-from hpmkit.loading import (DATASETS, DEFAULT_EPS, CLIError, check_eps, check_images, check_labels,
-                     check_positive, eps_value, is_finished_head, load_data, load_model, progress_bar,
-                     run_cli, save_head, to_float)
+from hpmkit.loading import (DATASETS, DEFAULT_EPS, CLIError, check_device, check_eps, check_images,
+                            check_labels, check_out, check_positive, eps_value, fingerprint, is_finished_head,
+                            is_head_file, load_data, load_model, progress_bar, run_cli, save_head, to_float)
 
 # Fine-tuning ------------------------------------------------------------------------------
 
@@ -340,13 +341,26 @@ def check_frozen(model, base_state):
         assert torch.equal(v.cpu(), base_state[k]), f"base-model tensor {k} changed during fine-tuning"
 
 
+def check_finite(model, epoch, args):
+    """A diverged run (its loss or its head not finite) stops before it saves that head; a
+    finished head at --out is never replaced by it."""
+    bad = [n for n, p in model.head.named_parameters() if not torch.isfinite(p).all()]
+    if not math.isfinite(epoch["loss"]) or bad:
+        if args.unfinished_out is not None and os.path.exists(args.unfinished_out):
+            os.remove(args.unfinished_out)  # this run's earlier epochs: a finished head stays at --out
+        raise CLIError(f"fine-tuning diverged in epoch {epoch['epoch']}: "
+                       f"loss {epoch['loss']:g}" + (f", NaN/inf in {', '.join(bad)}" if bad else "")
+                       + f"; its head was not saved (try a smaller --lr than {args.lr:g})")
+
+
 def save_checkpoint(model, args, history, finished):
     """The head, atomically. An unfinished head never replaces a finished one at --out (unless
     --overwrite): it goes beside it, to args.unfinished_out."""
     path = args.out if finished or args.unfinished_out is None else args.unfinished_out
     save_head(path, model, head_type=args.head, model_name=args.model, dataset=args.dataset,
               threat_model=args.threat_model, batch_size=args.batch_size, attack_eps=args.eps,
-              finished=finished, args=dict(vars(args)), history=history)
+              finished=finished, args=dict(vars(args)), history=history,
+              base_fingerprint=getattr(args, "base_fingerprint", None))
     if finished and args.unfinished_out is not None and os.path.exists(args.unfinished_out):
         os.remove(args.unfinished_out)
     return path
@@ -374,16 +388,14 @@ def fill_defaults(args):
     check_positive(epochs=args.epochs, batch_size=args.batch_size, steps=args.steps,
                    per_class=args.per_class)
     check_eps(args.eps, args.threat_model)
-    if not (0 <= args.momentum < 1) or args.lr <= 0 or args.T <= 0:
-        raise CLIError("need 0 <= --momentum < 1, --lr > 0 and --T > 0")
-    if os.path.exists(args.model) and os.path.exists(args.out) and os.path.samefile(args.model, args.out):
-        raise CLIError(f"--out {args.out} is the model file itself; choose another --out")
+    if not (0 <= args.momentum < 1 and args.lr > 0 and args.T > 0 and args.step_size > 0):  # (NaN fails too)
+        raise CLIError("need 0 <= --momentum < 1, --lr > 0, --T > 0 and --step-size > 0")
+    check_out(args.out, [args.model, args.data, args.data_dir], is_head_file, "head checkpoint")
     args.unfinished_out = None  # where unfinished heads go when --out holds a finished one
     if os.path.exists(args.out) and not args.overwrite and is_finished_head(args.out):
         stem, ext = os.path.splitext(args.out)
         args.unfinished_out = f"{stem}.unfinished{ext or '.pt'}"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    args.device = str(check_device(args.device))
     return args
 
 
@@ -399,10 +411,12 @@ def main(args):
     num_classes = model.base_model.get_submodule(model.fc_name).out_features
     check_labels(y, num_classes, args.data or f"the {args.dataset} training set")
     check_images(model.base_model, x, args.device, name=f"the model {args.model}")
+    check_images(model, x, args.device, name=f"the model {args.model} with its head")
     base_state = {k: v.detach().cpu().clone() for k, v in model.base_model.state_dict().items()}
     if args.unfinished_out is not None:
         print(f"note: {args.out} holds a finished head; it is replaced only when this run finishes "
               f"(until then checkpoints go to {args.unfinished_out}; --overwrite to write there)")
+    args.base_fingerprint = fingerprint(base_state)
     optimizer, S = start(model, x, y, args)
     train(model, optimizer, x, y, S, args, base_state)
     return model
@@ -448,6 +462,7 @@ def train(model, optimizer, x, y, S, args, base_state):
         for epoch in range(1, epochs + 1):
             history.append(train_epoch(model, optimizer, x, y, S, args, epoch, generator))
             check_frozen(model, base_state)
+            check_finite(model, history[-1], args)
             path = save_checkpoint(model, args, history, finished=epoch == epochs)
             h = history[-1]
             print(f"epoch {epoch}/{epochs}: clean acc {h['clean_acc']:.2%}  adv acc {h['adv_acc']:.2%} "

@@ -185,6 +185,9 @@ class HPMClassifier(nn.Module):
             logits = self.base_model(x)
         finally:
             handle.remove()
+        if not torch.is_tensor(logits):
+            raise ValueError(f"attach: the model returns a {type(logits).__name__}, not a logits tensor; "
+                             "wrap it in a module whose forward returns the logits alone")
         if "z" not in captured or captured["z"].dim() != 2:
             raise ValueError(
                 f"attach: layer {self.fc_name!r} was not called once on (B, D) features; "

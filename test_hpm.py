@@ -168,7 +168,8 @@ def write_setup(tmp, base, n=32, seed=0, head=None, y=None, batch_size=8):
     torch.save({"head": hpm_model.head.state_dict(), "model": paths["model"], "dataset": "mnist",
                 "threat_model": "Linf", "momentum": 0.98, "eps": 1e-6, "num_classes": K,
                 "feature_dim": D, "fc_name": "1", "args": {"batch_size": batch_size},
-                "history": []}, paths["head"])
+                "history": [], "finished": True, "base_fingerprint": loading.fingerprint(base.state_dict())},
+               paths["head"])
     return paths
 
 
@@ -622,6 +623,19 @@ def test_attach_rejects_model_whose_last_linear_is_not_the_output():
     model = hpm.attach(Scaled())
     with pytest.raises(ValueError, match="not the model's output"):
         model(torch.randn(2, 4))
+
+
+def test_attach_says_to_wrap_a_model_that_returns_a_tuple():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    with pytest.raises(ValueError, match="returns a tuple, not a logits tensor; wrap it"):
+        attach(Pair())(torch.randn(2, 4))
 
 
 def test_attach_rejects_model_without_linear():
@@ -2069,7 +2083,80 @@ def bad_input_setup(tmp, case):
     elif case == "finetune: --out is --model":
         ft[ft.index("--out") + 1] = paths["model"]
         return "finetune", ft
+    # the second sweep
+    elif case == "finetune: a diverging run over a finished head":
+        return "finetune", ft[:ft.index("--out")] + ["--out", paths["head"], "--lr", "1e30", "--epochs", "3",
+                                                    "--no-progress"]
+    elif case == "finetune: --out is the training data":
+        ft[ft.index("--out") + 1] = paths["data"]
+        return "finetune", ft
+    elif case == "finetune: --out is another file":
+        (tmp / "notes.txt").write_text("my notes\n")
+        ft[ft.index("--out") + 1] = str(tmp / "notes.txt")
+        return "finetune", ft
+    elif case == "--overwrite with --out the head":
+        ev[ev.index("--out") + 1] = paths["head"]
+        return "evaluate", ev + ["--overwrite"]
+    elif case == "--overwrite with --out another file":
+        (tmp / "notes.txt").write_text("my notes\n")
+        ev[ev.index("--out") + 1] = str(tmp / "notes.txt")
+        return "evaluate", ev + ["--overwrite"]
+    elif case == "head of another model of the same shape":
+        torch.save(quad_linear(scale=2.0), paths["model"])
+    elif case in ("channels-last data", "finetune: channels-last data"):
+        x, y = quad_data(8)
+        np.savez(paths["data"], x=x.numpy().transpose(0, 2, 3, 1), y=y.numpy())
+        return ("finetune", ft) if case.startswith("finetune") else ("evaluate", ev)
+    elif case in ("--out is a folder", "finetune: --out is a folder"):
+        (tmp / "folder").mkdir()
+        argv = ft if case.startswith("finetune") else ev
+        argv[argv.index("--out") + 1] = str(tmp / "folder")
+        return ("finetune" if case.startswith("finetune") else "evaluate"), argv
+    elif case in ("--out under a file", "finetune: --out under a file"):
+        argv = ft if case.startswith("finetune") else ev
+        argv[argv.index("--out") + 1] = str(tmp / "test.npz" / "r.json")
+        return ("finetune" if case.startswith("finetune") else "evaluate"), argv
+    elif case in ("a model returning a tuple", "finetune: a model returning a tuple"):
+        torch.save(TupleOut(quad_linear()), paths["model"])
+        return ("finetune", ft) if case.startswith("finetune") else ("evaluate", base_only)
+    elif case == "finetune: last Linear is not the output":
+        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, K), nn.Tanh()), paths["model"])
+        return "finetune", ft
+    elif case == "finetune: --lr nan":
+        return "finetune", ft + ["--lr", "nan"]
+    elif case == "finetune: --step-size -0.1":
+        return "finetune", ft + ["--step-size", "-0.1"]
+    elif case in ("finetune: --device tpu", "--device mps", "--device xpu", "--device meta"):
+        device = case.split()[-1]
+        argv = ft if case.startswith("finetune") else ev
+        argv[argv.index("--device") + 1] = device
+        return ("finetune" if case.startswith("finetune") else "evaluate"), argv
+    elif case == "--save-adv naming a file":
+        return "evaluate", ev + ["--save-adv", paths["data"]]
+    elif case == "--checks-tol -1":
+        return "evaluate", ev + ["--checks", "--checks-tol", "-1"]
+    elif case == "--contexts ,":
+        return "evaluate", ev + ["--contexts", ","]
+    elif case == "results edited by hand":
+        run_evaluate(paths, *ev[4:])  # a finished results file at r.json, then a row edited
+        results = json.loads((tmp / "r.json").read_text())
+        results["hpm"]["batch"]["correct"]["apgd-ce/fc"] = "all robust"
+        (tmp / "r.json").write_text(json.dumps(results))
+    elif case == "another run writes --out":
+        (tmp / "r.json.lock").write_text(str(os.getppid()))  # a live process that is not this one
+        return "evaluate", ev
     return "evaluate", ev
+
+
+class TupleOut(nn.Module):
+    """A model whose forward returns (logits, features), as some model zoos do."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x), x.flatten(1)
 
 
 BAD_INPUTS = {
@@ -2091,10 +2178,69 @@ BAD_INPUTS = {
     "finetune: epochs 0": "--epochs must be at least 1, got 0",
     "model file as head": "not a head checkpoint.*pass it as --model",
     "unimportable model class": "refers to module 'gone_mod'.*PYTHONPATH",
-    "finetune: --out is --model": "is the model file itself",
+    "finetune: --out is --model": "is an input of this run",
+    "finetune: a diverging run over a finished head": r"fine-tuning diverged in epoch \d: loss .*its head was not saved",
+    "finetune: --out is the training data": "is an input of this run",
+    "finetune: --out is another file": "exists and is not a head checkpoint; it is never replaced",
+    "--overwrite with --out the head": "is an input of this run",
+    "--overwrite with --out another file": "exists and is not a results file of evaluate.py; it is never replaced",
+    "head of another model of the same shape": "fine-tuned on another base model",
+    "channels-last data": r"channels last \(N, H, W, C\).*transpose\(0, 3, 1, 2\)",
+    "finetune: channels-last data": r"channels last \(N, H, W, C\)",
+    "--out is a folder": "is a folder; give a file name",
+    "finetune: --out is a folder": "is a folder; give a file name",
+    "--out under a file": "which is a file, not a folder",
+    "finetune: --out under a file": "which is a file, not a folder",
+    "a model returning a tuple": "returns a tuple, not a logits tensor: wrap it",
+    "finetune: a model returning a tuple": "returns a tuple, not a logits tensor: wrap it",
+    "finetune: last Linear is not the output": "is not the model's output",
+    "finetune: --lr nan": "--lr > 0",
+    "finetune: --step-size -0.1": "--step-size > 0",
+    "finetune: --device tpu": "--device tpu is not available here",
+    "--device mps": "--device mps is not available here",
+    "--device xpu": "--device xpu is not available here",
+    "--device meta": "--device meta holds no data",
+    "--save-adv naming a file": "names a folder for the images",
+    "--checks-tol -1": r"--checks-tol is an accuracy difference in \[0, 1\)",
+    "--contexts ,": "--contexts must be a list",
+    "results edited by hand": "its results were edited or damaged",
+    "another run writes --out": r"another run \(process \d+\) is writing",
     "three classes, default attacks": (r"has 3 classes: apgd-t/fc, apgd-t/mix, flip/mix need at least 4 "
                                        r".*; pass --attacks apgd-ce/fc,.*apgd-dlr/mix,square"),
 }
+
+
+def test_a_head_without_a_fingerprint_loads_with_a_one_line_note(tmp_path, capsys):
+    paths = write_setup(tmp_path, quad_linear(), n=8)
+    ckpt = torch.load(paths["head"], weights_only=True)
+    del ckpt["base_fingerprint"]  # a head written before fingerprints existed
+    torch.save(ckpt, paths["head"])
+    res = run_evaluate(paths, "--steps", "1", "--attacks", "apgd-ce/fc", "--out", str(tmp_path / "r.json"))
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if "fingerprint" in ln]
+    assert len(notes) == 1 and "cannot be checked" in notes[0]
+    assert res["hpm"]["batch"]["clean"] == 1.0
+
+
+def test_resuming_with_other_attacks_records_every_attack_the_file_holds(tmp_path):
+    paths = write_setup(tmp_path, quad_linear(), n=8)
+    argv = ["--steps", "2", "--contexts", "batch", "--eps", "0.3", "--out", str(tmp_path / "r.json")]
+    run_evaluate(paths, *argv, "--attacks", "apgd-dlr/fc")
+    res = run_evaluate(paths, *argv, "--attacks", "apgd-ce/mix")
+    assert res["config"]["attacks"] == ["apgd-ce/mix", "apgd-dlr/fc"]  # the union, canonical order
+    assert list(res["hpm"]["batch"]["attacks"]) == ["apgd-ce/mix", "apgd-dlr/fc"]
+    assert list(res["base"]["attacks"]) == ["apgd-ce", "apgd-dlr"]
+
+
+def test_the_version_line_says_what_the_flags_made_of_the_version(tmp_path, capsys):
+    paths = write_setup(tmp_path, quad_linear(), n=8)
+    res = run_evaluate(paths, "--steps", "3", "--attacks", "apgd-ce/fc", "--contexts", "image",
+                       "--out", str(tmp_path / "r.json"))
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("version strong")][0]
+    assert "changed by --attacks/--steps: apgd-ce/fc; 3 APGD steps" in line and "100" not in line
+    assert res["notes"][0] == line
+    res = run_evaluate(paths, "--version", "paper", "--contexts", "image", "--queries", "5",
+                       "--out", str(tmp_path / "p.json"))
+    assert res["notes"][0].startswith("version paper: the paper's protocol")  # its defaults: its notes
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from hpmkit.loading import (DATASETS, DEFAULT_EPS, CLIError, check_eps, check_labels, check_positive,
-                            load_data, read_head)
+from hpmkit.loading import (DATASETS, DEFAULT_EPS, CLIError, check_device, check_eps, check_labels,
+                            check_out, check_positive, load_data, read_head)
 from hpmkit.ranks import world_size
 LOSSES = ("ce", "dlr")
 SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the real model (BPDA), their mixture
@@ -94,19 +94,21 @@ def resolve_config(args, versions):
     ncm = cfg["head_type"] == "ncm"  # no batch prototypes: one context says it all
     cfg["contexts"] = [c.strip() for c in (args.contexts or ("image" if ncm else "batch,image")).split(",")
                        if c.strip()]
-    if not set(cfg["contexts"]) <= set(CONTEXTS):
+    if not cfg["contexts"] or not set(cfg["contexts"]) <= set(CONTEXTS):
         raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {args.contexts!r}")
+    if not 0 <= cfg["checks_tol"] < 1:
+        raise CLIError(f"--checks-tol is an accuracy difference in [0, 1), got {cfg['checks_tol']:g}")
+    if cfg["save_adv"] and os.path.exists(cfg["save_adv"]) and not os.path.isdir(cfg["save_adv"]):
+        raise CLIError(f"--save-adv {cfg['save_adv']} is a file; it names a folder for the images")
     cfg["head_sha256"] = sha256(args.head) if args.head else None
     cfg["model_sha256"] = sha256(cfg["model"]) if os.path.isfile(cfg["model"]) else None
     cfg["data_sha256"] = sha256(args.data) if args.data and os.path.isfile(args.data) else None
     cfg["out"] = args.out or (os.path.splitext(args.head)[0] + ".eval.json" if args.head
                               else "eval.json")
-    try:
-        cfg["device"] = torch.device(cfg["device"])
-    except RuntimeError:
-        raise CLIError(f"unknown device {cfg['device']!r}")
-    if cfg["device"].type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda, but no CUDA GPU is available; pass --device cpu")
+    # --overwrite replaces a results file only: never an input, nor any other file
+    check_out(cfg["out"], [args.head, cfg["model"], args.data, args.save_adv],
+              lambda path: read_results(path) is not None, "results file of evaluate.py")
+    cfg["device"] = check_device(cfg["device"])
     if cfg["chunk"] is None:
         cfg["chunk"] = DEFAULT_CHUNK.get(cfg["device"].type, DEFAULT_CHUNK["cpu"])
     check_positive(chunk=cfg["chunk"])
@@ -148,22 +150,49 @@ def load_subset(cfg, num_classes):
     return x_all[idx], y_all[idx], idx, len(y_all), n_examples
 
 
-def open_results(cfg):
-    """The results dict to fill: {} to start, or what --out holds to resume. Refuses a file of
-    another configuration (unless --overwrite). Writes nothing."""
+def read_results(path):
+    """The results dict a results file of evaluate.py holds, else None."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return results if isinstance(results, dict) and isinstance(results.get("config"), dict) else None
+
+
+def check_stores(results, n):
+    """What a resumed run reads of each row's results, checked (a file edited by hand or damaged
+    says so in one line): lists of 0/1 of at most n images, counts, accuracies."""
+    stores = [results[k] for k in ("base", "dpnp") if k in results]
+    stores += list(results.get("hpm", {}).values()) if isinstance(results.get("hpm"), dict) else [None]
+    for store in stores:
+        ok = (isinstance(store, dict) and all(isinstance(store.get(k), dict) for k in
+                                              ("correct", "attacks", "batches_done", "timings_s"))
+              and all(isinstance(v, list) and len(v) <= n and set(v) <= {0, 1} for v in store["correct"].values())
+              and all(isinstance(v, int) and v >= 0 for v in store["batches_done"].values())
+              and all(isinstance(v, (int, float)) for v in store["attacks"].values()))
+        if not ok:
+            return False
+    return True
+
+
+def open_results(cfg, n):
+    """The results dict to fill: {} to start, or what --out holds to resume (n images). Refuses a
+    file of another configuration (unless --overwrite), or one whose rows do not hold together.
+    Writes nothing. A resumed file keeps the attacks it finished: its config names them with
+    this run's (the union, in the canonical order)."""
     out = cfg["out"]
     if not os.path.exists(out) or cfg["overwrite"]:
         return {}
-    try:
-        with open(out) as f:
-            results = json.load(f)
-        old = results["config"]
-    except (ValueError, KeyError, TypeError):
-        raise CLIError(f"{out} exists and is not a results file of evaluate.py; "
-                       "choose another --out or pass --overwrite")
+    results = read_results(out)  # (resolve_config refused any other file at --out)
+    old = results["config"]
+    if not check_stores(results, n):
+        raise CLIError(f"{out}: its results were edited or damaged (a row does not hold together); "
+                       "choose another --out or pass --overwrite to start over")
     diff = [f"{k}: {old.get(k)!r} there, {cfg[k]!r} now" for k in IDENTITY if old.get(k) != cfg[k]]
     if diff:
         raise CLIError(f"{out} holds results of another configuration ({'; '.join(diff[:3])}); "
                        "choose another --out or pass --overwrite")
+    cfg["attacks"] = [a for a in ALL_ATTACKS if a in set(cfg["attacks"]) | set(old.get("attacks") or [])]
     print(f"resuming from {out}")
     return results

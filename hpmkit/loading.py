@@ -10,11 +10,13 @@
 Neither script imports the other; both import this module.
 """
 import difflib
+import hashlib
 import json
 import math
 import os
 import re
 import sys
+import tempfile
 import time
 import warnings
 from fractions import Fraction
@@ -84,12 +86,86 @@ def check_positive(**values):
 # Files -------------------------------------------------------------------------------------
 
 def atomic_write(path, write):
-    """write(file object) into PATH.tmp, then rename over PATH: never half a file at PATH."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    """write(file object) into a temporary file of its own beside PATH (two runs on one PATH never
+    share one), then rename it over PATH: never half a file at PATH."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_device(name):
+    """torch.device(name), refused in one line where it is unknown or not available here."""
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}, but no CUDA GPU is available; pass --device cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, AttributeError, NotImplementedError) as e:
+        raise CLIError(f"--device {name} is not available here ({first_line(e)}); use --device cpu"
+                       + (" or cuda" if torch.cuda.is_available() else ""))
+    if device.type == "meta":
+        raise CLIError("--device meta holds no data; use --device cpu" + (" or cuda" if torch.cuda.is_available() else ""))
+    return device
+
+
+class OutLock:
+    """Context manager: PATH.lock names the process that writes PATH; a second run on the same
+    PATH stops at once, in one line (a lock left by a process that died is taken over)."""
+
+    def __init__(self, path):
+        self.path, self.lock = path, path + ".lock"
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.lock)), exist_ok=True)
+        try:
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(self.lock) as f:
+                    pid = int(f.read().strip() or 0)
+                os.kill(pid, 0)  # alive?
+            except (OSError, ValueError):
+                os.remove(self.lock)  # stale: its process is gone
+                return self.__enter__()
+            raise CLIError(f"another run (process {pid}) is writing {self.path}; wait for it to end or "
+                           f"choose another --out (if no such run exists, remove {self.lock})")
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        if os.path.exists(self.lock):
+            os.remove(self.lock)
+
+
+def check_out(path, inputs=(), replaceable=None, what="file"):
+    """--out can be written, checked before any work: not a folder, not under a regular file, in
+    a folder this user may write in, never one of the run's inputs (files or folders), and, if
+    it exists, a file the script may replace (replaceable(path) True: a `what` of its own)."""
+    if os.path.isdir(path):
+        raise CLIError(f"--out {path} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise CLIError(f"--out {path} lies under {folder}, which is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {path}: no permission to write in {folder}")
+    if not os.path.exists(path):
+        return
+    for given in inputs:
+        if given and os.path.exists(given) and os.path.samefile(given, path):
+            raise CLIError(f"--out {path} is an input of this run ({given}); choose another --out")
+    if replaceable is not None and not replaceable(path):
+        raise CLIError(f"--out {path} exists and is not a {what}; it is never replaced: choose another --out")
 
 
 def atomic_save(obj, path):
@@ -209,6 +285,9 @@ def load_npz(path):
                        "numpy.savez(path, x=uint8 N x C x H x W, y=int N)")
     if x.dtype != np.uint8 or x.ndim != 4:
         raise CLIError(f"{path}: x must be uint8 of shape (N, C, H, W), got {x.dtype} {x.shape}")
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        raise CLIError(f"{path}: x has shape {x.shape}, channels last (N, H, W, C); the models take "
+                       "(N, C, H, W): save x.transpose(0, 3, 1, 2)")
     if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
         raise CLIError(f"{path}: y must be integers of shape ({x.shape[0]},), got {y.dtype} {y.shape}")
     if len(y) == 0:
@@ -295,6 +374,9 @@ def check_images(model, x, device, name="the model"):
             raise CLIError(str(e))
         raise CLIError(f"{name} cannot classify images of shape {tuple(x.shape[1:])} (C, H, W): "
                        f"{str(e).splitlines()[0]}")
+    if not torch.is_tensor(logits):
+        raise CLIError(f"{name} returns a {type(logits).__name__}, not a logits tensor: wrap it in a "
+                       "module whose forward returns the logits alone, save that, and pass it")
     if not torch.isfinite(logits).all():
         raise CLIError(f"{name} returns NaN or inf logits on clean images; check the model file "
                        "and that inputs are meant to lie in [0, 1]")
@@ -306,11 +388,22 @@ HEAD_FIELDS = {"head", "model", "dataset", "threat_model", "batch_size", "attack
 HEAD_ARGS = {"hpm": ("momentum", "eps"), "ncm": ("momentum", "eps"), "dpnp": ("alpha",)}  # to rebuild
 
 
+def fingerprint(state):
+    """A short hash of a model's tensors (a state_dict): which base model a head was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def save_head(path, model, *, head_type="hpm", model_name, dataset, threat_model, batch_size,
-              attack_eps, finished, args, history):
+              attack_eps, finished, args, history, base_fingerprint=None):
     """The head's state_dict and what evaluate.py needs to rebuild and evaluate it, as named
     fields (readable with torch.load(..., weights_only=True)); written atomically. head_type:
-    "hpm", or a control of the study, "ncm" (an HPM head on C_global alone) or "dpnp"."""
+    "hpm", or a control of the study, "ncm" (an HPM head on C_global alone) or "dpnp".
+    base_fingerprint: fingerprint() of the frozen base model, checked when the head is loaded."""
     base_fc = model.base_model.get_submodule(model.fc_name)
     atomic_save({
         "head": {k: v.cpu() for k, v in model.head.state_dict().items()}, "head_type": head_type,
@@ -318,7 +411,7 @@ def save_head(path, model, *, head_type="hpm", model_name, dataset, threat_model
         "model": model_name, "dataset": dataset, "threat_model": threat_model,
         "batch_size": batch_size, "attack_eps": attack_eps, "finished": finished,
         "num_classes": base_fc.out_features, "feature_dim": base_fc.in_features,
-        "fc_name": model.fc_name, "args": args, "history": history,
+        "fc_name": model.fc_name, "args": args, "history": history, "base_fingerprint": base_fingerprint,
     }, path)
 
 
@@ -369,6 +462,27 @@ def load_head(ckpt, hpm_model):
     for k in HEAD_ARGS[ckpt.get("head_type", "hpm")]:
         setattr(head, k, ckpt[k])
     return hpm_model
+
+
+def check_base(ckpt, base, model_name):
+    """The head was fine-tuned on this very base model (its fingerprint), else one line; a head
+    saved before fingerprints existed loads with a one-line note."""
+    if ckpt.get("base_fingerprint") is None:
+        print("note: the head checkpoint records no fingerprint of its base model (written before "
+              "they existed): that it was trained on this model cannot be checked")
+    elif fingerprint(base.state_dict()) != ckpt["base_fingerprint"]:
+        raise CLIError(f"the head was fine-tuned on another base model than {model_name} (its weights "
+                       f"differ; the checkpoint names {ckpt['model']!r}): a head only fits the model it "
+                       "was trained on")
+
+
+def is_head_file(path):
+    """True if PATH holds a head checkpoint (finished or not): what finetune.py may replace."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(ckpt, dict) and "head" in ckpt and "model" in ckpt
 
 
 def is_finished_head(path):
@@ -452,6 +566,8 @@ def load_models(cfg, ckpt, device):
             hpm_model = load_head(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
     except ValueError as e:  # attach: no final nn.Linear
         raise CLIError(str(e))
+    if ckpt is not None:
+        check_base(ckpt, base, cfg["model"])
     base, hpm_model, dpnp_model = (m if m is None else m.to(device).eval().requires_grad_(False)
                                    for m in (base, hpm_model, dpnp_model))
     return base, hpm_model, dpnp_model, num_classes

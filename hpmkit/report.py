@@ -115,7 +115,17 @@ def versions():
     return v
 
 
-def describe(results, cfg, rows, idx, n_total):
+def version_line(cfg, default):
+    """What this run's version does: its notes when it runs the version's defaults (default:
+    evaluate.VERSIONS[version]), else what the flags made of it."""
+    if list(cfg["attacks"]) == list(default["attacks"]) and cfg["steps"] == default["steps"]:
+        return f"version {cfg['version']}: {VERSION_NOTES[cfg['version']]}"
+    return (f"version {cfg['version']}, changed by --attacks/--steps: {', '.join(cfg['attacks'])}; "
+            f"{cfg['steps']} APGD steps; " + ("every query of a whole fixed batch scored on the real model"
+                                             if cfg["score_queries"] else "final adversarial batches scored"))
+
+
+def describe(results, cfg, rows, idx, n_total, banner):
     """The parts of the results file that say what was run, on what, with which software."""
     results["description"] = ("evaluate.py: clean and robust accuracy (fractions) of the base model "
                               "and HPM on one fixed subset, same batches, same attacks")
@@ -126,7 +136,7 @@ def describe(results, cfg, rows, idx, n_total):
                          "n_batches": len(make_batches(len(idx), cfg["batch_size"])),
                          "indices": idx.tolist()}
     results["version"] = cfg["version"]
-    results["notes"] = ([f"version {cfg['version']}: {VERSION_NOTES[cfg['version']]}"]
+    results["notes"] = ([banner]
                         + [NOTES["worst_case"], NOTES["per_image"], NOTES["nonfinite"]]
                         + ([NOTES["batch_apgd"], square_note(cfg["score_queries"], cfg["threat_model"])]
                            if "hpm/batch" in [r.name for r in rows] else [])

@@ -1,7 +1,7 @@
 """Evaluate a base model and its HPM head side by side: the Mixed Surrogate Attack and Square.
 
 The paper's protocol (section 3.7, supplementary 6.3), with HPM's batch dependence handled as
-the README defines it (section "Evaluation"):
+docs/evaluation.md defines it:
 
     python evaluate.py --head head.pt
     python evaluate.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar10 --head head.pt
@@ -17,20 +17,18 @@ Read top to bottom:
    the soft-hybrid model), "ste" (the real model with STE/BPDA gradients) and "mix" (the mean
    of their log-softmaxes, from one backbone pass).
 2. The attacks each version runs (VERSIONS): `--version paper` is the paper's protocol exactly;
-   `--version strong` (the default) adds APGD-T, the adaptive flip attack, 100 steps, every
-   query scored, and in the batch context a Square whose every query is the whole fixed batch.
+   `--version strong` (the default) adds APGD-T, flip, 100 steps, every query scored, and in the
+   batch context a Square that queries whole batches and the batch as the adversary's.
 3. What an attack does to a chunk of fixed batches (attack_chunk): the attack follows its
    surrogate's gradients; every query of a whole fixed batch is scored on the real model
    (strong); every final adversarial batch is re-scored whole.
 4. The loop over rows and attacks (evaluate), the worst case per image (update_worst_case),
    the gradient-masking checks (--checks), the report, main.
 
-The subset (`--n-examples`, default 25% of the test set as in the paper; ImageNet: the 5-per-
-class validation subset) is sorted and cut into fixed consecutive batches of `--batch-size`
-(default: the head's fine-tuning batch, 64). An image counts as robust only if it is correct
-clean and under every attack. The results JSON (`--out`) is rewritten after every chunk of
-batches; the same command again resumes. The machinery (chunks of batches and their random
-streams, jobs and resume, torchrun, GPU memory, --compile) is in hpmkit/, one line here each.
+The subset (25% of the test set, as in the paper) is cut into fixed consecutive batches of the
+head's fine-tuning batch size; an image is robust only if correct clean and under every attack.
+The results JSON is rewritten after every chunk; the same command resumes. The machinery
+(chunks, resume, torchrun, GPU memory, --compile) is in hpmkit/, one line here each.
 """
 import argparse
 import contextlib
@@ -52,7 +50,7 @@ from hpmkit.jobs import AdvSaver, ChunkResult, adv_path, row_store, run_job
 from hpmkit.loading import (DATASETS, CLIError, OutLock, WarningCounter, check_images, eps_value,
                             load_models, run_cli, write_json)
 from hpmkit.ranks import start_ranks
-from hpmkit.report import NOTES, describe, print_report, square_note, version_line
+from hpmkit.report import describe, print_header, print_report, square_note, version_line
 
 # The attacks each version runs on an HPM row ("kind/surrogate"; the base model runs each kind
 # once, on itself). Strong adds APGD-T (targeted DLR, RobustBench's standard set), flip, and in
@@ -362,13 +360,7 @@ def main(args):
 
         if ranks is not None:
             results["timing"]["processes"] = ranks.world
-        print(banner)
-        print(f"{cfg['model']} on {cfg['dataset']}: {len(idx)} of {n_total} test images "
-              f"(subset seed {cfg['subset_seed']}), batches of {cfg['batch_size']}, {cfg['threat_model']} "
-              f"eps {cfg['eps']:.5g}, {cfg['steps']} APGD steps, {cfg['queries']} Square queries, "
-              f"device {device}")
-        if "hpm/batch" in [r.name for r in rows]:
-            print("note: " + NOTES["batch_apgd"])
+        print_header(banner, cfg, rows, len(idx), n_total, device)
         on_update()
         common = dict(norm=cfg["threat_model"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
                       batch_size=cfg["batch_size"], seed=cfg["seed"], on_update=on_update, device=device,

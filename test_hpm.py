@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import evaluate
 import finetune
 import hpm
-import run_mnist
+from experiments import common, run_dpnp_mnist, run_mnist, run_study, run_theory
 from finetune import (clean_pass, head_parameters, ikl_loss, perturb, soft_cross_entropy, train_step,
                       weighted_mse)
 from hpm import attach
@@ -57,27 +57,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-MNIST = HERE.parent / "shared" / "data" / "mnist"
-
-
 # End to end on real MNIST images ---------------------------------------------------------
 
 def mnist_slice(n):
-    """The first n images of the real MNIST test set (uint8 (n, 1, 28, 28)), or, where the shared
-    data is missing, n synthetic digits-like images: a bright 7x7 block at a class-given place."""
-    if (MNIST / "t10k-images-idx3-ubyte.gz").exists():
-        with gzip.open(MNIST / "t10k-images-idx3-ubyte.gz") as f:
-            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
-        with gzip.open(MNIST / "t10k-labels-idx1-ubyte.gz") as f:
-            y = np.frombuffer(f.read(), np.uint8, offset=8)[:n].astype(np.int64)
-        return x.copy(), y
-    rng = np.random.default_rng(0)
-    y = np.arange(n) % 10
-    x = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
-    for i, c in enumerate(y):
-        r, col = 7 * (c // 4), 7 * (c % 4)
-        x[i, 0, r:r + 7, col:col + 7] = 255
-    return x, y
+    """The first n images of the real MNIST test set (uint8 (n, 1, 28, 28)), from the embedded
+    copy (experiments/data/mnist), checked against its SHA-256: a missing or damaged file fails
+    the tests loudly, never switching to other data."""
+    _, _, x, y, _ = common.load_mnist()
+    return x[:n, None].copy(), y[:n]
 
 
 def tiny_cnn(x, y):
@@ -216,7 +203,8 @@ def imported_modules(path, depth=1):
     return names
 
 
-SCRIPTS = ("evaluate", "finetune", "run_mnist", "run_study", "run_dpnp_mnist", "bench")
+SCRIPTS = ("evaluate", "finetune", "run_mnist", "run_study", "run_dpnp_mnist", "run_theory", "bench")
+EXPERIMENTS = ("run_mnist", "run_study", "run_dpnp_mnist", "run_theory", "bench")
 
 
 # ==============================================================================================
@@ -2697,6 +2685,137 @@ def test_control_heads_train_head_only_and_round_trip_through_evaluate(head, fil
 
 
 # ==============================================================================================
+# hpmkit/theory.py
+# ==============================================================================================
+# The paper's sensitivity analysis (Eq. 3-13), each function against an independent computation.
+
+def test_eq3_equals_its_definition_and_its_angle_form():
+    from hpmkit import theory
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        z, w, eps = rng.standard_normal((3, 12))
+        by_definition = abs((z + eps) @ w - z @ w) / abs(z @ w)
+        cos_c = z @ w / (np.linalg.norm(z) * np.linalg.norm(w))
+        cos_g = eps @ w / (np.linalg.norm(eps) * np.linalg.norm(w))
+        assert theory.sensitivity_fc(z, w, eps) == pytest.approx(by_definition, rel=1e-12)
+        assert theory.sensitivity_fc_from_angles(np.linalg.norm(z), np.linalg.norm(eps), cos_c, cos_g) == \
+            pytest.approx(by_definition, rel=1e-9)
+
+
+def test_eq5_bounds_the_l2_sensitivity_and_is_reached_along_z_minus_w():
+    from hpmkit import theory
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        z, w = rng.standard_normal((2, 10))
+        size = rng.uniform(0.01, 2.0)
+        cos_d = z @ w / (np.linalg.norm(z) * np.linalg.norm(w))
+        sup = theory.sup_sensitivity_l2(np.linalg.norm(z), np.linalg.norm(w), cos_d, size)
+        directions = rng.standard_normal((500, 10))
+        eps = size * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+        assert max(theory.sensitivity_l2(z, w, e) for e in eps) <= sup * (1 + 1e-12)
+        along = size * (z - w) / np.linalg.norm(z - w)
+        assert theory.sensitivity_l2(z, w, along) == pytest.approx(sup, rel=1e-10)
+
+
+def test_eq7_implies_eq6_under_equal_norms_and_not_without():
+    """With ||z|| and ||eps|| the same under both classifiers (the paper's assumption), every
+    random tuple meeting Eq. 7 meets Eq. 6. Without it (the FC feature 10 times longer than the
+    l2 one), Eq. 7 holds and Eq. 6 fails in some tuples: the implication needs the assumption."""
+    from hpmkit import theory
+
+    rng = np.random.default_rng(2)
+    held, broken, counted = 0, 0, 0
+    for _ in range(4000):
+        z, w_c, w_d, eps_c, eps_d = rng.standard_normal((5, 6))
+        unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+        z_d = unit(rng.standard_normal(6)) * np.linalg.norm(z)  # the same norm, another direction
+        eps_d = unit(eps_d) * np.linalg.norm(eps_c)
+        cos_c, cos_g = unit(z) @ unit(w_c), unit(eps_c) @ unit(w_c)
+        sin_d = math.sqrt(max(0.0, 1 - (unit(z_d) @ unit(w_d)) ** 2))
+        if theory.sufficient_condition(cos_c, cos_g, sin_d):
+            counted += 1
+            held += theory.fc_at_least_as_sensitive(z, w_c, eps_c, z_d, w_d, eps_d)
+            broken += not theory.fc_at_least_as_sensitive(10 * z, w_c, eps_c, z_d, w_d, eps_d)
+    assert counted >= 100 and held == counted
+    assert broken >= 1
+
+
+@pytest.mark.parametrize("d", [3, 10, 64, 512])
+def test_eq10_densities_integrate_to_one_and_match_uniform_directions(d):
+    from scipy import integrate
+
+    from hpmkit import theory
+
+    assert integrate.quad(lambda e: theory.density_cos(e, d), -1, 1, limit=200)[0] == pytest.approx(1, abs=1e-7)
+    assert integrate.quad(lambda t: float(theory.density_sin(math.sin(t), d)) * math.cos(t), 0, math.pi / 2,
+                          limit=200)[0] == pytest.approx(1, abs=1e-7)  # tau = sin t
+    rng = np.random.default_rng(d)
+    n = 20000
+    u = rng.standard_normal((n, d))
+    cos = u[:, 0] / np.linalg.norm(u, axis=1)  # the angle between a uniform direction and e_1
+    sin = np.sqrt(1 - cos ** 2)
+
+    def ks(angles, density_of_angle):
+        """KS distance of sampled angles t from the CDF integrated (trapezoids) from a density in t."""
+        ts = np.sort(angles)
+        grid = np.linspace(0, math.pi / 2 if ts.max() <= math.pi / 2 else math.pi, 20001)
+        pdf = np.array([density_of_angle(g) for g in grid])
+        cdf = np.concatenate([[0], np.cumsum((pdf[1:] + pdf[:-1]) / 2 * np.diff(grid))])
+        model = np.interp(ts, grid, cdf)
+        return np.max(np.maximum(np.arange(1, n + 1) / n - model, model - np.arange(n) / n))
+    critical = 1.63 / math.sqrt(n)  # Kolmogorov-Smirnov, 1%
+    # cos theta = cos(t), t in [0, pi]; sin theta = sin(t), t in [0, pi/2]: the densities in t
+    assert ks(np.arccos(cos), lambda t: float(theory.density_cos(math.cos(t), d)) * math.sin(t)) < critical
+    assert ks(np.arcsin(sin), lambda t: float(theory.density_sin(math.sin(t), d)) * math.cos(t)
+              if t < math.pi / 2 else 0.0) < critical
+
+
+@pytest.mark.parametrize("d", [2, 8, 64, 512])
+def test_cdf_isotropic_matches_monte_carlo_over_uniform_directions(d):
+    from hpmkit import theory
+
+    rng = np.random.default_rng(100 + d)
+    n = 40000
+    u, v = rng.standard_normal((2, n, d))
+    cos_c = u[:, 0] / np.linalg.norm(u, axis=1)
+    sin_d = np.sqrt(1 - (v[:, 0] / np.linalg.norm(v, axis=1)) ** 2)
+    x = np.abs(cos_c) / sin_d
+    for c in (0.02, 0.1, 0.3, 0.7, 1.0, 1.5):
+        p = (x <= c).mean()
+        se = max(math.sqrt(p * (1 - p) / n), 1 / n)
+        assert abs(theory.cdf_isotropic(c, d) - p) <= 4 * se, (d, c)
+
+
+def test_eq11_as_printed_is_half_the_cdf():
+    """The relation found: Eq. 11's constant is 2 Gamma^2(d/2) / (pi Gamma^2((d-1)/2)) where the
+    supplementary's Eq. 28 has 4: as printed it is F_X(c) / 2 exactly (c <= 1)."""
+    from hpmkit import theory
+
+    for d in (2, 5, 16, 128):
+        for c in (0.05, 0.3, 0.9, 1.0):
+            assert theory.cdf_isotropic_as_printed(c, d) == pytest.approx(theory.cdf_isotropic(c, d) / 2,
+                                                                           rel=1e-7, abs=1e-12)
+
+
+@pytest.mark.parametrize("which", ["paper", "wide"])
+def test_cdf_empirical_matches_monte_carlo_from_the_eq12_mixture(which):
+    from hpmkit import theory
+
+    stats_ = theory.PAPER_RESNET50 if which == "paper" else theory.angle_stats(
+        60, 15, 95, 10, 70, 20, 100, 12, 0.3, 0.2)  # broader angles: the CDF spans (0, 1)
+    rng = np.random.default_rng(7)
+    n = 100000
+    x = np.abs(np.cos(theory.sample_angles(n, *stats_["c"], rng))) / np.abs(
+        np.sin(theory.sample_angles(n, *stats_["d"], rng)))
+    for c in (0.05, 0.1, 0.2, 0.4, 0.7, 1.0):
+        p = (x <= c).mean()
+        se = max(math.sqrt(p * (1 - p) / n), 1 / n)
+        assert abs(theory.cdf_empirical(c, stats_) - p) <= 4 * se, (which, c)
+
+
+# ==============================================================================================
 # The experiments
 # ==============================================================================================
 # The MNIST miniature end to end, reduced (--quick): every stage leaves its artefacts and the
@@ -2746,7 +2865,7 @@ def test_every_stage_writes_its_artefacts(quick):
             assert f["x"].dtype == np.uint8 and f["x"].shape == (n, 1, 28, 28)
             assert f["y"].dtype == np.int64 and f["y"].shape == (n,)
     for name in ("cnn_fc.pt", "cnn_l2.pt", "cnn_fc_at.pt"):
-        assert isinstance(torch.load(quick / name, weights_only=False), run_mnist.SmallCNN)
+        assert isinstance(torch.load(quick / name, weights_only=False), common.SmallCNN)
     ckpt = read_head(str(quick / "head.pt"))  # what evaluate.py reads
     assert ckpt["finished"] and ckpt["dataset"] == "mnist"
     assert (quick / "fig1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -2776,8 +2895,8 @@ def test_the_strong_version_is_never_above_the_paper_version_on_mnist(quick):
 
 @pytest.mark.slow
 def test_splits_are_the_seeded_permutation_of_the_test_set(quick):
-    x = run_mnist.read_idx(run_mnist.DEFAULT_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
-    y = run_mnist.read_idx(run_mnist.DEFAULT_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    x = common.read_idx(common.MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+    y = common.read_idx(common.MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
     perm = np.random.default_rng(0).permutation(10000)
     n_tr, n_ho = QUICK["n_train"], QUICK["n_heldout"]
     with np.load(quick / "train.npz") as tr, np.load(quick / "heldout.npz") as ho:
@@ -2845,7 +2964,7 @@ def test_standard_layout_trains_on_the_training_files(tmp_path):
     write_idx(raw / "train-labels-idx1-ubyte.gz", y_train)
     write_idx(raw / "t10k-images-idx3-ubyte.gz", x_test)
     write_idx(raw / "t10k-labels-idx1-ubyte", y_test)
-    xtr, ytr, xho, yho, _ = run_mnist.make_splits(tmp_path, run_mnist.SETTINGS["full"], seed=0)
+    xtr, ytr, xho, yho, _ = common.make_splits(tmp_path, run_mnist.SETTINGS["full"], seed=0)
     np.testing.assert_array_equal(xtr[:, 0], x_train)
     np.testing.assert_array_equal(ytr, y_train)
     np.testing.assert_array_equal(xho[:, 0], x_test)
@@ -2860,9 +2979,72 @@ def test_a_folder_without_mnist_fails_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_the_embedded_mnist_files_are_the_test_set_and_are_checked(tmp_path, monkeypatch):
+    """The two idx files in experiments/data/mnist: their SHA-256 (computed here) is the one the
+    loader checks, they hold the 10,000 test images with labels 0-9, and a missing or damaged
+    copy stops the loader in one line instead of feeding other data."""
+    for name, digest in common.MNIST_SHA256.items():
+        import hashlib
+
+        assert hashlib.sha256((ROOT / "experiments" / "data" / "mnist" / name).read_bytes()).hexdigest() == digest
+    x_train, _, x, y, source = common.load_mnist()
+    assert x_train is None and x.shape == (10000, 28, 28) and x.dtype == np.uint8
+    assert sorted(set(y.tolist())) == list(range(10)) and "experiments/data/mnist" in source
+    for damage in ("corrupted", "missing"):
+        copy_dir = tmp_path / damage
+        copy_dir.mkdir()
+        for name in common.MNIST_SHA256:
+            (copy_dir / name).write_bytes((common.MNIST_DIR / name).read_bytes())
+        victim = copy_dir / "t10k-labels-idx1-ubyte.gz"
+        if damage == "missing":
+            victim.unlink()
+        else:
+            data = victim.read_bytes()
+            victim.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+        monkeypatch.setattr(common, "MNIST_DIR", copy_dir)
+        with pytest.raises(SystemExit, match=f"embedded MNIST file .* is {damage}") as e:
+            common.load_mnist()
+        assert "\n" not in str(e.value)
+
+
+def test_no_experiment_imports_another_and_no_file_imports_itself():
+    for name in EXPERIMENTS:
+        imported = imported_modules(HERE / "experiments" / f"{name}.py", 2)
+        assert not {f"experiments.{other}" for other in EXPERIMENTS} & imported, name
+        assert "experiments.common" in imported or name == "bench", name
+    for path in [*HERE.glob("*.py"), *(HERE / "hpmkit").glob("*.py"), *(HERE / "experiments").glob("*.py")]:
+        own = {path.stem, f"{path.parent.name}.{path.stem}"}
+        assert not own & imported_modules(path, 2), path
+
+
+@pytest.mark.slow
+def test_a_pickled_experiment_model_loads_in_a_fresh_process(quick):
+    code = ("import torch, sys; m = torch.load(sys.argv[1], weights_only=False); "
+            "print(type(m).__module__ + '.' + type(m).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(quick / "cnn_fc_at.pt")], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "experiments.common.SmallCNN"
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_runs_the_readmes_main_job_on_the_embedded_mnist(tmp_path):
+    """The README's first block, on a clone into an empty folder with nothing beside it."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^(python -m experiments\.run_mnist --quick)\s", readme, re.M).group(1)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    assert not (tmp_path / "shared").exists()
+    proc = subprocess.run([sys.executable, *command.split()[1:], "--device", "cpu"], cwd=clone,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| HPM, batch context |" in proc.stdout and "experiments/data/mnist" in proc.stdout
+    assert (clone / "runs" / "mnist" / "fig1.png").exists()
+
+
 @pytest.mark.slow
 def test_the_reduced_study_runs_and_its_table_holds_together(quick, tmp_path):
-    import run_study
 
     runs = run_study.main(run_study.parse_args(["--quick", "--mnist-run", str(quick), "--out-dir",
                                                  str(tmp_path)]))
@@ -2887,7 +3069,6 @@ def test_the_reduced_study_runs_and_its_table_holds_together(quick, tmp_path):
 @pytest.mark.slow
 def test_the_lenets_plus_plus_run_writes_its_figure_and_trains_both_models(tmp_path):
     """Adv-DPNP end to end (the paper's Figure 2 on MNIST), reduced."""
-    import run_dpnp_mnist
 
     results = run_dpnp_mnist.main(run_dpnp_mnist.parse_args(["--quick", "--out-dir", str(tmp_path)]))
     assert (tmp_path / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -2900,6 +3081,28 @@ def test_the_lenets_plus_plus_run_writes_its_figure_and_trains_both_models(tmp_p
     fresh = run_dpnp_mnist.LeNetsPP("dpnp")
     assert state["classifier.prototypes"].shape == (10, 2)  # prototypes in the 2-D feature space
     assert not torch.equal(state["features.0.weight"], fresh.state_dict()["features.0.weight"])  # trained end to end
+
+
+@pytest.mark.slow
+def test_the_theory_run_writes_its_figures_and_its_numbers_hold_together(quick, tmp_path):
+    from hpmkit import theory
+
+    summary = run_theory.main(run_theory.parse_args(["--quick", "--mnist-run", str(quick), "--out-dir",
+                                                     str(tmp_path)]))
+    for name in ("fig2.png", "fig3_paper.png", "fig3_mnist.png", "attack.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    table = summary["table"]
+    for d in ("2", "8", "32", "128", "512", "2048"):  # a CDF in c, growing with d (the paper's Fig. 2)
+        values = [table[d][c] for c in ("0.05", "0.1", "0.2", "0.5", "1.0")]
+        assert values == sorted(values) and 0 <= values[0] and values[-1] <= 1 + 1e-9
+    assert table["2"]["0.1"] < table["32"]["0.1"] < table["2048"]["0.1"]
+    assert all(v == pytest.approx(0.5, rel=1e-7) for v in summary["eq11_printed_over_cdf_at_c1"].values())
+    assert summary["mnist_feature_dim"] == 128 and summary["mnist_n"] == 64
+    for c, row in summary["mnist_cdf"].items():
+        assert 0 <= row["model"] <= 1 + 1e-9 and 0 <= row["empirical"] <= 1
+    for key, a in summary["attack"].items():
+        assert 0 <= a["abs_cos_gamma"]["q25"] <= a["abs_cos_gamma"]["median"] <= a["abs_cos_gamma"]["q75"] <= 1
+    assert summary["paper_fig3_cdf"]["0.1"] == pytest.approx(theory.cdf_empirical(0.1, theory.PAPER_RESNET50))
 
 
 # ==============================================================================================

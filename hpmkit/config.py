@@ -164,7 +164,8 @@ def check_stores(results, n):
     """What a resumed run reads of each row's results, checked (a file edited by hand or damaged
     says so in one line): lists of 0/1 of at most n images, counts, accuracies."""
     stores = [results[k] for k in ("base", "dpnp") if k in results]
-    stores += list(results.get("hpm", {}).values()) if isinstance(results.get("hpm"), dict) else [None]
+    if "hpm" in results:
+        stores += list(results["hpm"].values()) if isinstance(results["hpm"], dict) else [None]
     for store in stores:
         ok = (isinstance(store, dict) and all(isinstance(store.get(k), dict) for k in
                                               ("correct", "attacks", "batches_done", "timings_s"))

@@ -148,6 +148,16 @@ def describe(results, cfg, rows, idx, n_total, banner):
     results.setdefault("timing", {}).setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+def print_header(banner, cfg, rows, n, n_total, device):
+    """What the run is about to do, before the first attack."""
+    print(banner)
+    print(f"{cfg['model']} on {cfg['dataset']}: {n} of {n_total} test images (subset seed "
+          f"{cfg['subset_seed']}), batches of {cfg['batch_size']}, {cfg['threat_model']} eps {cfg['eps']:.5g}, "
+          f"{cfg['steps']} APGD steps, {cfg['queries']} Square queries, device {device}")
+    if "hpm/batch" in [r.name for r in rows]:
+        print("note: " + NOTES["batch_apgd"])
+
+
 def print_report(results, rows, cfg):
     """The final tables, the checks and where the results are."""
     print()

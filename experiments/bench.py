@@ -1,7 +1,7 @@
 """Benchmark: the cost of HPM and of its evaluation, as ratios measured in one run.
 
-    python bench.py                      # CPU: a small RobustBench WideResNet (WRN-16-4)
-    python bench.py --depth 28 --width 10 --device cuda   # WRN-28-10, also images/s of evaluate.py
+    python -m experiments.bench          # CPU: a small RobustBench WideResNet (WRN-16-4)
+    python -m experiments.bench --depth 28 --width 10 --device cuda   # WRN-28-10, also images/s
 
 Every figure is a ratio of two paired measurements taken alternately in the same process
 (median over --repeats pairs, after warm-up), so a shared, noisy machine affects both sides
@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 import finetune
-from hpmkit import chunks, config, gpu, loading
 import hpm
+from hpmkit import chunks, config, gpu, loading
 
 loading.alias_autoattack()
 import evaluate  # noqa: E402  (after the alias: evaluate imports pyautoattack pieces)
@@ -188,10 +189,11 @@ def peak_memory_ratio(args):
     """Peak memory of evaluate's MSA attack on a batch / the base model's APGD alone (subprocesses)."""
     peaks = {}
     for which in ("msa", "base"):
-        cmd = [sys.executable, __file__, "--_memory-probe", which, "--depth", str(args.depth),
+        cmd = [sys.executable, "-m", "experiments.bench", "--_memory-probe", which, "--depth", str(args.depth),
                "--width", str(args.width), "--batch", str(args.batch), "--device", args.device,
                "--apgd-steps", str(args.apgd_steps)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `experiments` imports
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=root).stdout
         peaks[which] = float(out.strip().splitlines()[-1])
     return peaks["msa"] / peaks["base"], peaks
 
@@ -490,7 +492,7 @@ def parse_args(argv=None):
     p.add_argument("--protocol-queries", type=int, default=50, help="Square queries in the whole-protocol figure")
     p.add_argument("--square-queries", type=int, default=300, help="queries of the Square figure")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="bench.json", help="where the figures are written")
+    p.add_argument("--out", default="experiments/bench.json", help="where the figures are written")
     p.add_argument("--_memory-probe", dest="_memory_probe", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -2,11 +2,11 @@
 fine-tuning? A reference implementation must tell "the method does not help" from "our port
 differs", so every setting that could change the answer is fine-tuned and evaluated the same way.
 
-    python run_study.py                                   # about 40 minutes on 2 idle CPU cores
-    python run_study.py --quick --mnist-run /tmp/mnist --out-dir /tmp/study   # the test suite's run
+    python -m experiments.run_study          # after run_mnist (it reuses runs/mnist); 2 CPU cores
+    python -m experiments.run_study --quick --mnist-run /tmp/mnist --out-dir /tmp/study   # the tests' run
 
-It reuses run_mnist.py's artefacts in --mnist-run (train.npz, heldout.npz and the adversarially
-trained CNN cnn_fc_at.pt), running run_mnist.py there first if they are missing. Then, for each
+It reuses experiments.run_mnist's artefacts in --mnist-run (train.npz, heldout.npz and the
+adversarially trained CNN cnn_fc_at.pt), running it there first if they are missing. Then, for each
 setting: finetune.py with the setting's flags, and evaluate.py (its default version, strong; both
 contexts) on the same held-out images, batches and seeds, through their command lines. Settings:
 the mixer's start (average, global, default) x the training attack's mode (ste, soft, fc) x the
@@ -26,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import run_mnist
-from run_mnist import cli_path, run_cli
+from experiments.common import cli_path, machine, run_script
 
 GRID = [dict(mixer_init=m, attack_mode=a, class_weights=w, attack_loss="official")
         for m, a, w in itertools.product(("average", "global", "default"), ("ste", "soft", "fc"),
@@ -127,8 +126,8 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     needed = ("train.npz", "heldout.npz", "cnn_fc_at.pt")
     if not all((mnist / f).is_file() for f in needed):
-        print(f"[prepare] {mnist} lacks {', '.join(needed)}: running run_mnist.py there first")
-        run_cli(["run_mnist.py", "--out-dir", cli_path(mnist), "--device", args.device]
+        print(f"[prepare] {mnist} lacks {', '.join(needed)}: running experiments.run_mnist there first")
+        run_script(["-m", "experiments.run_mnist", "--out-dir", cli_path(mnist), "--device", args.device]
                 + (["--quick"] if args.quick else []), out / "run_mnist.log")
     settings = QUICK_SETTINGS if args.quick else GRID + [FIRST_LANDING] + CONTROLS
     eval_args = EVAL["quick" if args.quick else "full"]
@@ -139,11 +138,11 @@ def main(args):
         t1, seconds = time.time(), out / f"seconds_{tag}.txt"
         print(f"[{i}/{len(settings)}] {name_of(s)}")
         if not res.is_file():  # a rerun skips the settings already done (and keeps their time)
-            run_cli(["finetune.py", "--model", cli_path(mnist / "cnn_fc_at.pt"), "--dataset", "mnist",
+            run_script(["finetune.py", "--model", cli_path(mnist / "cnn_fc_at.pt"), "--dataset", "mnist",
                      "--data", cli_path(mnist / "train.npz"), "--out", cli_path(head), "--overwrite",
                      "--seed", str(args.seed), "--device", args.device, "--no-progress"]
                     + (["--steps", "2"] if args.quick else []) + flags_of(s), out / f"finetune_{tag}.log")
-            run_cli(["evaluate.py", "--head", cli_path(head), "--data", cli_path(mnist / "heldout.npz"),
+            run_script(["evaluate.py", "--head", cli_path(head), "--data", cli_path(mnist / "heldout.npz"),
                      "--out", cli_path(res), "--overwrite", "--seed", str(args.seed), "--device",
                      args.device, "--no-progress"] + eval_args, out / f"evaluate_{tag}.log")
             seconds.write_text(f"{time.time() - t1:.1f}\n")
@@ -171,7 +170,7 @@ def main(args):
                f"Best setting {best['name']}: {100 * best_wc:.1f}% vs base {100 * base:.1f}% "
                f"({100 * (best_wc - base):+.1f} points).")
     text = (f"# Fine-tuning study, MNIST miniature\n\nCommand: `{args.command}` ({compute}; "
-            f"machine: {run_mnist.machine()}).\n\nEvaluation: {note}; worst case (%) over every "
+            f"machine: {machine()}).\n\nEvaluation: {note}; worst case (%) over every "
             f"attack, same images, batches and seeds for every row.\n\n{md}\n\n{verdict}\n")
     (out / "study.md").write_text(text)
     (out / "study.json").write_text(json.dumps(
@@ -190,12 +189,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="the reduced study of the test suite: two "
                    "settings, a few images, very few steps")
     p.add_argument("--mnist-run", default="runs/mnist",
-                   help="run_mnist.py's output folder to reuse (default runs/mnist)")
+                   help="experiments.run_mnist's output folder to reuse (default runs/mnist)")
     p.add_argument("--out-dir", default="runs/study", help="where the study is written (default runs/study)")
     p.add_argument("--seed", type=int, default=0, help="seed of every fine-tuning and evaluation (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     args = p.parse_args(argv)
-    args.command = shlex.join(["python", "run_study.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    args.command = shlex.join(["python", "-m", "experiments.run_study"] + (sys.argv[1:] if argv is None else list(argv)))
     return args
 
 

@@ -1,12 +1,12 @@
 """The MNIST miniature of the paper's Fig. 1 and Table 1: the whole method on real data, on a laptop.
 
-    python run_mnist.py                                  # about 8 minutes on 2 idle CPU cores
-    python run_mnist.py --quick --out-dir /tmp/mnist     # the reduced run of the test suite (~20 s)
-    python run_mnist.py --mnist-dir ~/data               # with the 60k training set: the full-size run
+    python -m experiments.run_mnist --quick                 # the reduced run (~1 min on 2 CPU cores)
+    python -m experiments.run_mnist                         # about 15 minutes on 2 idle CPU cores
+    python -m experiments.run_mnist --mnist-dir ~/data      # with the 60k training set: the full-size run
 
 Stages (everything lands in --out-dir, default runs/mnist):
 1. data      the MNIST idx files -> train.npz (x uint8 (N, 1, 28, 28), y int64) and heldout.npz.
-             With only the 10k test set (../shared/data/mnist), a seeded permutation splits it
+             With only the 10k test set (embedded, experiments/data/mnist), a seeded permutation splits it
              into a training part and a held-out part; with the training files too
              (train-images-idx3-ubyte, the standard layout), the 60k set trains and the 10k
              test set is held out.
@@ -29,30 +29,23 @@ updates clean and eps ramped linearly to 0.3 over the next 10% (without the warm
 often stall at chance under eps 0.3). The full-size run (60k training images) keeps the same
 settings, so its training takes about 12 times longer (roughly half an hour in all).
 
-The CNN classes live in this module so that the pickled models (torch.save(model, path)) refer
-to `run_mnist.SmallCNN`; finetune.py and evaluate.py, run from this folder, can unpickle them.
+The data, the CNNs and the runner are experiments/common.py's (the pickled models refer to
+experiments.common.SmallCNN, which finetune.py and evaluate.py unpickle from the repository root).
 """
 import argparse
 import datetime
-import gzip
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import hpm
-from hpmkit.loading import progress_bar
 
-REPO = Path(__file__).resolve().parent
-DEFAULT_MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+from experiments.common import (EPS, SmallCNN, accuracy, cli_path, machine, make_splits,
+                                run_script, train)
 
 # Every knob of the run, full and quick. Not from the paper: sized for 2 CPU cores.
 SETTINGS = {
@@ -77,156 +70,28 @@ SETTINGS = {
         eval_args=["--n-examples", "96", "--steps", "3", "--queries", "10", "--checks-n", "32"],
     ),
 }
-EPS = 0.3  # the standard MNIST L-inf budget
 
 
 # 1. Data ------------------------------------------------------------------------------------
 
-def read_idx(path):
-    """An idx file (gzip or plain) as a numpy array: images (N, 28, 28) uint8 or labels (N,)."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    magic, n = int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big")
-    if magic == 2051:  # images
-        rows, cols = int.from_bytes(data[8:12], "big"), int.from_bytes(data[12:16], "big")
-        return np.frombuffer(data, np.uint8, offset=16).reshape(n, rows, cols)
-    if magic == 2049:  # labels
-        return np.frombuffer(data, np.uint8, offset=8).astype(np.int64)
-    raise ValueError(f"{path} is not an MNIST idx file (magic number {magic})")
 
 
-def find_idx(folder, name):
-    """FOLDER/NAME or FOLDER/NAME.gz, in FOLDER itself or the torchvision layout MNIST/raw/."""
-    for sub in (Path(folder), Path(folder) / "MNIST" / "raw", Path(folder) / "raw"):
-        for candidate in (sub / name, sub / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
 
 
-def load_mnist(folder):
-    """(x_train, y_train, x_heldout, y_heldout, description), or None for the training part
-    when FOLDER holds the test set only."""
-    test = find_idx(folder, "t10k-images-idx3-ubyte"), find_idx(folder, "t10k-labels-idx1-ubyte")
-    if None in test:
-        raise SystemExit(f"run_mnist.py: no MNIST test set (t10k-images-idx3-ubyte[.gz], "
-                         f"t10k-labels-idx1-ubyte[.gz]) in {folder}, {folder}/MNIST/raw or "
-                         f"{folder}/raw; point --mnist-dir at the folder that holds them")
-    train = find_idx(folder, "train-images-idx3-ubyte"), find_idx(folder, "train-labels-idx1-ubyte")
-    x_test, y_test = read_idx(test[0]), read_idx(test[1])
-    if None in train:
-        return None, None, x_test, y_test, f"{test[0].parent} (test set only)"
-    return read_idx(train[0]), read_idx(train[1]), x_test, y_test, f"{train[0].parent} (training and test sets)"
 
 
-def make_splits(folder, cfg, seed):
-    """Train and held-out parts as uint8 (N, 1, 28, 28) and int64 (N,) arrays, plus a description."""
-    x_train, y_train, x_test, y_test, source = load_mnist(folder)
-    if x_train is None:  # split the test set: a seeded permutation, first n_train for training
-        perm = np.random.default_rng(seed).permutation(len(y_test))
-        n_train = cfg["n_train"]
-        train_idx, heldout_idx = perm[:n_train], perm[n_train:]
-        x_train, y_train = x_test[train_idx], y_test[train_idx]
-        x_test, y_test = x_test[heldout_idx], y_test[heldout_idx]
-        how = f"seeded split (seed {seed}) of the 10k test set: {len(y_train)} train / {len(y_test)} held out"
-    else:
-        how = f"the standard split: {len(y_train)} train / {len(y_test)} held out (test set)"
-    if "n_heldout" in cfg:  # quick run: a few hundred images in all
-        x_train, y_train = x_train[:cfg["n_train"]], y_train[:cfg["n_train"]]
-        x_test, y_test = x_test[:cfg["n_heldout"]], y_test[:cfg["n_heldout"]]
-        how += f", cut to {len(y_train)} / {len(y_test)} (--quick)"
-    return x_train[:, None], y_train, x_test[:, None], y_test, f"{source}; {how}"
 
 
 # 2. Models ----------------------------------------------------------------------------------
 
-class L2Classifier(nn.Module):
-    """Learnable class prototypes C (K, D); logits[i, j] = -||z_i - C_j||_2 (the paper's Fig. 1)."""
-
-    def __init__(self, D, K):
-        super().__init__()
-        self.prototypes = nn.Parameter(torch.randn(K, D) * 0.1)
-
-    def forward(self, z):
-        return hpm.l2_logits(z, self.prototypes)  # (B, K), the same distance as HPM's Eq. 18
 
 
-class SmallCNN(nn.Module):
-    """Two 5x5 conv layers (16, 32 channels), a hidden linear layer (D = 128), a classifier.
-
-    classifier "fc": nn.Linear(D, 10), the last nn.Linear, so hpm.attach finds it;
-    classifier "l2": L2Classifier. Inputs are images in [0, 1], (B, 1, 28, 28).
-    """
-
-    def __init__(self, classifier="fc", D=128, K=10):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),   # (B, 16, 14, 14)
-            nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 7, 7)
-            nn.Flatten(), nn.Linear(32 * 7 * 7, D), nn.ReLU(),            # (B, D)
-        )
-        self.classifier = nn.Linear(D, K) if classifier == "fc" else L2Classifier(D, K)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
 
 
-def pgd_linf(model, x, y, eps, steps):
-    """L-inf PGD from a uniform random start, signed steps of 2.5 * eps / steps (Madry et al.)."""
-    alpha = 2.5 * eps / steps
-    delta = (torch.rand_like(x) * 2 - 1) * eps
-    delta = (x + delta).clamp(0, 1) - x
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), y)
-        grad, = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
-        delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
 
 
-def train(model, x, y, epochs, batch_size, device, desc, at_steps=0):
-    """Adam, lr 1e-3. With at_steps > 0: PGD adversarial training at EPS (Madry et al.) on a short
-    schedule: the first 10% of the updates clean, eps ramped linearly to EPS over the next 10%."""
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    n_batches = (len(y) + batch_size - 1) // batch_size
-    for epoch in range(epochs):
-        perm = torch.randperm(len(y))
-        bar = progress_bar(n_batches, f"{desc} epoch {epoch + 1}/{epochs}")
-        correct = 0
-        for b in range(n_batches):
-            idx = perm[b * batch_size:(b + 1) * batch_size]
-            xb, yb = x[idx].to(device).float().div(255), y[idx].to(device)
-            eps = 0.0
-            if at_steps:
-                progress = (epoch * n_batches + b + 1) / (epochs * n_batches)
-                eps = EPS * min(1.0, max(0.0, (progress - 0.1) / 0.1))
-                if eps > 0:
-                    xb = pgd_linf(model, xb, yb, eps, at_steps)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            correct += (logits.argmax(1) == yb).sum().item()
-            bar.set_postfix_str(f"loss {loss.item():.3f} eps {eps:.2f}")
-            bar.update(1)
-        bar.close()
-        print(f"  {desc} epoch {epoch + 1}/{epochs}: train accuracy {correct / len(y):.3f}"
-              + (f" (on PGD examples at eps {eps:.2f} by the end)" if at_steps else ""))
-    return model.eval()
 
 
-@torch.no_grad()
-def accuracy(model, x, y, device):
-    """Clean accuracy of a per-image model on uint8 images, in batches."""
-    correct = 0
-    for i in range(0, len(y), 500):
-        xb = x[i:i + 500].to(device).float().div(255)
-        correct += (model(xb).argmax(1).cpu() == y[i:i + 500]).sum().item()
-    return correct / len(y)
 
 
 # 3. Fig. 1: FC versus l2 classifier under APGD-CE ------------------------------------------
@@ -290,29 +155,8 @@ def fig1_table(eps_list, curves):
 
 # 4-5. finetune.py and evaluate.py, through their command lines -----------------------------
 
-def cli_path(path):
-    """A path as the command line shows it: relative to the repository (where the scripts run)
-    when it lies inside, so the printed commands can be pasted as they are."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def run_cli(argv, log_path):
-    """Run `python SCRIPT ...` from the repository (so pickled run_mnist.SmallCNN unpickles);
-    stdout goes to the console and to log_path, progress bars (stderr) to the console."""
-    cmd = [sys.executable] + argv
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    print("  $ " + shlex.join(["python"] + argv))
-    with open(log_path, "w") as log:
-        log.write("$ " + shlex.join(["python"] + argv) + "\n")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
-        for line in proc.stdout:
-            print("  | " + line, end="")
-            log.write(line)
-        rc = proc.wait()
-    if rc != 0:
-        raise SystemExit(f"run_mnist.py: {argv[0]} failed (exit code {rc}); see {log_path} and the "
-                         "messages above")
 
 
 # 6. Table 1 in miniature ---------------------------------------------------------------------
@@ -405,10 +249,6 @@ def verdict(results):
     return out
 
 
-def machine():
-    """Where the numbers came from, in one line."""
-    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 # The script -----------------------------------------------------------------------------------
@@ -468,7 +308,7 @@ def main(args):
     ft_argv = ["finetune.py", "--model", cli_path(out / "cnn_fc_at.pt"), "--dataset", "mnist",
                "--data", cli_path(out / "train.npz"), "--out", cli_path(out / "head.pt"),
                "--seed", str(args.seed), "--device", args.device] + cfg["ft_args"]
-    run_cli(ft_argv, out / "finetune.log")
+    run_script(ft_argv, out / "finetune.log")
     done("finetune", "head.pt")
 
     stage("evaluate")  # the default (strong) version, with the checks; then the paper's protocol
@@ -476,11 +316,11 @@ def main(args):
                "--dataset", "mnist", "--data", cli_path(out / "heldout.npz"), "--out", cli_path(out / "results.json"),
                "--checks", "--overwrite", "--seed", str(args.seed), "--subset-seed", str(args.seed),
                "--device", args.device] + cfg["eval_args"]
-    run_cli(ev_argv, out / "evaluate.log")
+    run_script(ev_argv, out / "evaluate.log")
     paper_argv = [a for a in ev_argv if a != "--checks"]
     paper_argv[paper_argv.index("--out") + 1] = cli_path(out / "results_paper.json")
     paper_argv += ["--version", "paper"]
-    run_cli(paper_argv, out / "evaluate_paper.log")
+    run_script(paper_argv, out / "evaluate_paper.log")
     done("evaluate", "results.json (version strong), results_paper.json (version paper)")
 
     stage("table1")
@@ -568,17 +408,16 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="the reduced run of the test suite: a few hundred images, one epoch, very few steps")
     p.add_argument("--out-dir", default="runs/mnist", help="where every artefact is written")
-    p.add_argument("--mnist-dir", default=str(DEFAULT_MNIST_DIR),
-                   help="MNIST idx files (.gz or not), directly or in MNIST/raw/; with the "
-                        "train-* files the 60k set trains and the test set is held out")
+    p.add_argument("--mnist-dir", default=None,
+                   help="MNIST idx files (.gz or not), directly or in MNIST/raw/; with the train-* files "
+                        "the 60k set trains and the test set is held out (default: the embedded test set)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the training and the attacks")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
-    args.command = shlex.join(["python", "run_mnist.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    args.command = shlex.join(["python", "-m", "experiments.run_mnist"]
+                              + (sys.argv[1:] if argv is None else list(argv)))
     return args
 
 
 if __name__ == "__main__":
-    import run_mnist  # the models must pickle as run_mnist.SmallCNN (importable by finetune.py), not __main__.SmallCNN
-
-    run_mnist.main(run_mnist.parse_args())
+    main(parse_args())

@@ -2,11 +2,11 @@
 features, trained with plain adversarial training and with Adv-DPNP, and a plot of the clean and
 adversarial features with the learned prototypes.
 
-    python run_dpnp_mnist.py                                  # about 20 minutes on 2 CPU cores
-    python run_dpnp_mnist.py --quick --out-dir /tmp/dpnp      # the reduced run of the test suite
+    python -m experiments.run_dpnp_mnist                             # about 20 minutes on 2 CPU cores
+    python -m experiments.run_dpnp_mnist --quick --out-dir /tmp/dpnp # the reduced run of the tests
 
-It reuses the training and held-out split of run_mnist.py (--mnist-dir, the same seeded split of
-the 10k test set). Both models share the LeNets++ backbone of Wen et al. (2016): three stages of
+It uses the training and held-out split of experiments.run_mnist (experiments.common: the same
+seeded split of the embedded 10k test set, or --mnist-dir). Both models share the LeNets++ backbone of Wen et al. (2016): three stages of
 two 5x5 convolutions (32, 64, 128 channels) with PReLU and 2x2 max pooling, then a linear layer
 to 2-D features (PReLU). "at": a linear classifier on the features, trained on PGD examples with
 cross-entropy (Madry et al.). "dpnp": unified prototypes on the circle of radius alpha (dpnp.py),
@@ -15,7 +15,7 @@ epoch's start, their Adam learning rate alpha times the others' (ours: Adam's st
 scale with a weight's size, and at 1e-3 prototypes of norm 40 stayed where they started,
 some of them on top of each other). Both: L-inf eps 0.3, PGD with SETTINGS' steps, Adam
 1e-3, the first 10% of the updates clean, then eps ramped linearly to 0.3 by half of
-training (SETTINGS' ramp: with 2-D features and run_mnist.py's faster ramp, plain AT stayed
+training (SETTINGS' ramp: with 2-D features and run_mnist's faster ramp, plain AT stayed
 near chance). Not the paper's
 settings (it trains ResNets on CIFAR for 110 epochs): ours, sized for a CPU.
 Writes fig2.png (features and prototypes), fig2.json (clean and PGD accuracy on held-out images).
@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from experiments.common import EPS, make_splits, pgd_linf
 from hpmkit import dpnp
-import run_mnist
 from hpmkit.loading import progress_bar
 
 SETTINGS = {
@@ -38,7 +38,6 @@ SETTINGS = {
     "quick": dict(n_train=300, n_heldout=100, epochs=1, steps=1, batch_size=64, n_plot=100, eval_steps=2,
                   ramp=(0.1, 0.2)),
 }
-EPS = run_mnist.EPS  # 0.3, the standard MNIST L-inf budget
 LAMBDAS = dpnp.DEFAULTS["cifar10"]  # the paper's CIFAR-10 weights (MNIST: our choice)
 
 
@@ -62,7 +61,7 @@ class LeNetsPP(nn.Module):
 
 
 def pgd(model, x, y, eps, steps):
-    return run_mnist.pgd_linf(model, x, y, eps, steps) if eps > 0 and steps > 0 else x
+    return pgd_linf(model, x, y, eps, steps) if eps > 0 and steps > 0 else x
 
 
 def train(model, x, y, cfg, kind, device):
@@ -151,7 +150,7 @@ def main(args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    x_tr, y_tr, x_ho, y_ho, source = run_mnist.make_splits(args.mnist_dir, cfg, args.seed)
+    x_tr, y_tr, x_ho, y_ho, source = make_splits(args.mnist_dir, cfg, args.seed)
     x_tr, y_tr, x_ho, y_ho = map(torch.from_numpy, (x_tr, y_tr, x_ho, y_ho))
     print(f"  {source}")
     models, results = {}, {}
@@ -177,7 +176,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the reduced run of the test suite")
     p.add_argument("--out-dir", default="runs/dpnp_mnist", help="where the models and plot go (default runs/dpnp_mnist)")
-    p.add_argument("--mnist-dir", default=str(run_mnist.DEFAULT_MNIST_DIR), help="MNIST idx files (as run_mnist.py)")
+    p.add_argument("--mnist-dir", default=None, help="MNIST idx files (default: the embedded test set)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the attacks (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     return p.parse_args(argv)

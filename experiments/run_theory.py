@@ -1,0 +1,211 @@
+"""The paper's sensitivity analysis (Eq. 3-13, Figures 2 and 3), computed and measured on our models.
+
+    python -m experiments.run_theory            # after experiments.run_mnist (reads runs/mnist); ~1 min
+    python -m experiments.run_theory --quick --mnist-run /tmp/mnist --out-dir /tmp/theory   # the tests' run
+
+Writes into --out-dir (default runs/theory):
+- fig2.png: F_X(c) = P(|cos theta_c| / |sin theta_d| <= c) for directions uniform on the sphere in
+  R^d, several d (Eq. 9, hpmkit.theory.cdf_isotropic), and the table of F_X at a few (d, c).
+- fig3_paper.png: Eq. 12-13 with the paper's ResNet-50 statistics (Section 3.4), alpha = 1/1000.
+- fig3_mnist.png: the same measured on the MNIST miniature's two normally trained CNNs (cnn_fc.pt,
+  cnn_l2.pt; 128-d features) on held-out images: the angles between a feature and its own class's
+  reference vector (FC weight row / l2 prototype) and the others', their fitted Eq. 12 mixtures,
+  and the modelled (Eq. 13) versus empirical CDF of |cos theta_c| / |sin theta_d| (the two angles
+  of the same image and class).
+- attack.png: APGD-CE (AutoAttack) adversarial examples on the FC model and on the l2 model: the
+  feature perturbation's |cos gamma| to the true class's reference vector, and the measured S_c
+  (Eq. 3) and S_d (Eq. 4), against a random perturbation of the same size.
+- theory.json and theory.md: every number above.
+Not the paper's setting (ImageNet ResNet-50): ours, on what this project can run.
+"""
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from experiments.common import EPS, machine
+from hpmkit import theory
+
+DIMS = (2, 8, 32, 128, 512, 2048)
+CS = (0.05, 0.1, 0.2, 0.5, 1.0)
+SETTINGS = {"full": dict(n=1000, steps=20, grid=201), "quick": dict(n=64, steps=2, grid=21)}
+
+
+def angles_to_references(z, refs, y):
+    """(positive angles (n,), negative angles (n, K-1), all angles (n, K)) between features z (n, D)
+    and reference vectors refs (K, D)."""
+    cos = (z @ refs.T) / (np.linalg.norm(z, axis=1, keepdims=True) * np.linalg.norm(refs, axis=1))
+    theta = np.arccos(np.clip(cos, -1, 1))
+    own = np.zeros_like(theta, dtype=bool)
+    own[np.arange(len(y)), y] = True
+    return theta[own], theta[~own], theta
+
+
+def fit_stats(pos, neg, k):
+    """Eq. 12's parameters fitted to measured angles: (alpha, mu+, sigma+, mu-, sigma-), radians."""
+    return (1 / k, *theory.fit_truncated_normal(pos), *theory.fit_truncated_normal(neg))
+
+
+def attack_side(fc, l2, x, y, steps, seed):
+    """For APGD-CE examples on each model: |cos gamma| of the feature perturbation to the true
+    class's reference vector, S_c (FC) or S_d (l2), and the same for random signed perturbations."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    out = {}
+    for name, model in (("fc", fc), ("l2", l2)):
+        x_adv = APGDAttack(model, n_iter=steps, norm="Linf", eps=EPS, seed=seed, loss="ce",
+                           device=x.device).perturb(x, y).detach()
+        x_rand = (x + EPS * torch.randint_like(x, 0, 2).mul(2).sub(1)).clamp(0, 1)  # a corner of the ball
+        with torch.no_grad():
+            z, zs = model.features(x).double().numpy(), {k: model.features(v).double().numpy()
+                                                          for k, v in (("apgd", x_adv), ("random", x_rand))}
+        refs = (model.classifier.weight if name == "fc" else model.classifier.prototypes).detach().double().numpy()
+        w = refs[y.numpy()]  # (n, D) the true class's reference vector
+        for kind, z_adv in zs.items():
+            dz = z_adv - z
+            cos_g = np.abs((dz * w).sum(1)) / (np.linalg.norm(dz, axis=1) * np.linalg.norm(w, axis=1) + 1e-12)
+            if name == "fc":
+                s = np.array([theory.sensitivity_fc(a, b, c) for a, b, c in zip(z, w, dz)])
+            else:
+                s = np.array([theory.sensitivity_l2(a, b, c) for a, b, c in zip(z, w, dz)])
+            out[f"{name}/{kind}"] = {"abs_cos_gamma": cos_g.tolist(), "S": s.tolist()}
+    return out
+
+
+def quantiles(v):
+    v = np.asarray(v)
+    return {q: float(np.quantile(v, p)) for q, p in (("q25", 0.25), ("median", 0.5), ("q75", 0.75))}
+
+
+def plot(out_dir, fig2, paper, mnist, attack, grid):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = np.linspace(0, 1, grid)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for d, curve in fig2.items():
+        ax.plot(cs, curve, label=f"d = {d}")
+    ax.set(xlabel="|cos gamma|", ylabel="F_X(|cos gamma|)", title="Fig. 2: isotropic directions (Eq. 9)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "fig2.png", dpi=120)
+    plt.close(fig)
+
+    for name, data in (("fig3_paper.png", paper), ("fig3_mnist.png", mnist)):
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        t = np.linspace(0, math.pi, 721)
+        for ax, which, label in ((axes[0], "c", "FC (theta_c)"), (axes[1], "d", "l2 (theta_d)")):
+            if "angles" in data:
+                pos, neg = data["angles"][which]
+                ax.hist(np.degrees(neg), bins=60, density=True, alpha=0.4, label="others (measured)")
+                ax.hist(np.degrees(pos), bins=60, density=True, alpha=0.4, label="own class (measured)")
+            a, mp, sp, mn, sn = data["stats"][which]
+            ax.plot(np.degrees(t), theory.truncated_normal_pdf(t, mp, sp) * math.pi / 180, label="Eq. 12 +")
+            ax.plot(np.degrees(t), theory.truncated_normal_pdf(t, mn, sn) * math.pi / 180, label="Eq. 12 -")
+            ax.set(xlabel="angle (degrees)", title=label)
+            ax.legend(fontsize=6)
+        axes[2].plot(data["c"], data["model"], label="modelled (Eq. 13)")
+        if "empirical" in data:
+            axes[2].plot(data["c"], data["empirical"], "--", label="empirical")
+        axes[2].set(xlabel="c", ylabel="P(|cos theta_c| / |sin theta_d| <= c)", title="CDF")
+        axes[2].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for key, a in attack.items():
+        axes[0].hist(a["abs_cos_gamma"], bins=40, range=(0, 1), histtype="step", label=key)
+        axes[1].hist(np.log10(np.maximum(a["S"], 1e-6)), bins=40, histtype="step", label=key)
+    axes[0].set(xlabel="|cos gamma| (feature perturbation vs true class's reference)", title="attack side")
+    axes[1].set(xlabel="log10 S (Eq. 3 for fc, Eq. 4 for l2)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "attack.png", dpi=110)
+    plt.close(fig)
+
+
+def main(args):
+    cfg = SETTINGS["quick" if args.quick else "full"]
+    out, mnist_run = Path(args.out_dir), Path(args.mnist_run)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    cs = np.linspace(0, 1, cfg["grid"])
+    fig2 = {d: [theory.cdf_isotropic(c, d) for c in cs] for d in DIMS}
+    table = {d: {c: theory.cdf_isotropic(c, d) for c in CS} for d in DIMS}
+    printed = {d: theory.cdf_isotropic_as_printed(1.0, d) / theory.cdf_isotropic(1.0, d) for d in DIMS}
+    paper = {"stats": theory.PAPER_RESNET50, "c": cs.tolist(),
+             "model": [theory.cdf_empirical(c, theory.PAPER_RESNET50) for c in cs]}
+
+    needed = [mnist_run / f for f in ("cnn_fc.pt", "cnn_l2.pt", "heldout.npz")]
+    if not all(p.exists() for p in needed):
+        raise SystemExit(f"{mnist_run} lacks {', '.join(p.name for p in needed if not p.exists())}: "
+                         f"run `python -m experiments.run_mnist --out-dir {mnist_run}` first")
+    fc, l2 = (torch.load(mnist_run / f"cnn_{k}.pt", weights_only=False).eval() for k in ("fc", "l2"))
+    with np.load(mnist_run / "heldout.npz") as f:
+        x = torch.from_numpy(f["x"][:cfg["n"]]).float() / 255
+        y = torch.from_numpy(f["y"][:cfg["n"]])
+    with torch.no_grad():
+        z_c, z_d = fc.features(x).double().numpy(), l2.features(x).double().numpy()
+    k = fc.classifier.out_features
+    pos_c, neg_c, th_c = angles_to_references(z_c, fc.classifier.weight.detach().double().numpy(), y.numpy())
+    pos_d, neg_d, th_d = angles_to_references(z_d, l2.classifier.prototypes.detach().double().numpy(), y.numpy())
+    stats_ = {"c": fit_stats(pos_c, neg_c, k), "d": fit_stats(pos_d, neg_d, k)}
+    ratio = (np.abs(np.cos(th_c)) / np.abs(np.sin(th_d))).ravel()  # the same image and class
+    mnist = {"stats": stats_, "c": cs.tolist(), "model": [theory.cdf_empirical(c, stats_) for c in cs],
+             "empirical": [float((ratio <= c).mean()) for c in cs],
+             "angles": {"c": (pos_c, neg_c), "d": (pos_d, neg_d)}}
+    attack = attack_side(fc, l2, x, y, cfg["steps"], args.seed)
+    plot(out, fig2, paper, mnist, attack, cfg["grid"])
+
+    deg = {w: [round(math.degrees(v), 2) if i else round(v, 4) for i, v in enumerate(s)] for w, s in stats_.items()}
+    summary = {
+        "command": args.command, "machine": machine(), "seconds": round(time.time() - t0, 1),
+        "table": {str(d): {str(c): v for c, v in row.items()} for d, row in table.items()},
+        "eq11_printed_over_cdf_at_c1": {str(d): v for d, v in printed.items()},
+        "paper_fig3_cdf": {str(c): theory.cdf_empirical(c, theory.PAPER_RESNET50) for c in CS},
+        "mnist_fitted_stats_degrees": deg, "mnist_n": int(len(y)), "mnist_feature_dim": int(z_c.shape[1]),
+        "mnist_cdf": {str(c): {"model": theory.cdf_empirical(c, stats_), "empirical": float((ratio <= c).mean())}
+                      for c in CS},
+        "attack": {key: {"abs_cos_gamma": quantiles(a["abs_cos_gamma"]), "S": quantiles(a["S"])}
+                   for key, a in attack.items()},
+    }
+    (out / "theory.json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = ["| d | " + " | ".join(f"c = {c}" for c in CS) + " |", "|---|" + "---:|" * len(CS)]
+    lines += [f"| {d} | " + " | ".join(f"{table[d][c]:.4f}" for c in CS) + " |" for d in DIMS]
+    lines += ["", "| measured on | quantity | q25 | median | q75 |", "|---|---|---:|---:|---:|"]
+    for key, a in summary["attack"].items():
+        for q in ("abs_cos_gamma", "S"):
+            lines.append(f"| {key} | {q} | " + " | ".join(f"{a[q][p]:.3g}" for p in ("q25", "median", "q75")) + " |")
+    lines += ["", "| c | paper stats, Eq. 13 | MNIST, Eq. 13 fitted | MNIST, measured |", "|---:|---:|---:|---:|"]
+    lines += [f"| {c} | {summary['paper_fig3_cdf'][str(c)]:.4f} | {summary['mnist_cdf'][str(c)]['model']:.4f} | "
+              f"{summary['mnist_cdf'][str(c)]['empirical']:.4f} |" for c in CS]
+    lines += ["", f"MNIST fitted Eq. 12 (alpha, mu+, sigma+, mu-, sigma-; degrees): fc {deg['c']}, l2 {deg['d']}"]
+    (out / "theory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\n{out}: fig2.png fig3_paper.png fig3_mnist.png attack.png theory.json theory.md "
+          f"({summary['seconds']:.0f} s)")
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="few images and steps (the tests' run)")
+    p.add_argument("--mnist-run", default="runs/mnist", help="experiments.run_mnist's output folder")
+    p.add_argument("--out-dir", default="runs/theory", help="where the figures and tables go")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks and random perturbations")
+    args = p.parse_args(argv)
+    args.command = shlex.join(["python", "-m", "experiments.run_theory"] + (sys.argv[1:] if argv is None else list(argv)))
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -11,6 +11,7 @@ a single torch-only file at the top, to be copied):
     checks    the gradient-masking checks
     config    attack names, flags checked, the fixed subset, resume identity
     report    notes, tables, the description of a run
+    theory    the paper's sensitivity analysis, Eq. 3-13 (numpy, scipy)
 
 No module here imports a script (evaluate.py, finetune.py, the experiments).
 """

@@ -1,13 +1,19 @@
 """The golden file: what today's code computes, to prove a restructuring changes nothing.
 
 Through the command lines only (they stay stable when the modules behind them move):
-a one-epoch fine-tuning of a small CNN's head on 256 real MNIST images, then a small
-evaluation of that head with both --version paper and --version strong, every per-image
-result kept. test_hpm.py runs the same commands and compares exactly.
+one-epoch fine-tunings of a small CNN's head on 256 real MNIST images (HPM as the paper has it;
+HPM with L2, augmentation, two epochs and the non-default choices; the two controls, NCM and
+Adv-DPNP), then small evaluations of the committed heads: both --versions, every attack of the
+catalogue with restarts and the gradient-masking checks, L2, and the controls. Every per-image
+result and every head tensor is kept; test_hpm.py runs the same commands and compares exactly.
 
-    python testdata/golden/make_golden.py            # writes testdata/golden/golden.pt
+    python testdata/golden/make_golden.py            # writes testdata/golden/golden.pt and heads
+
+The JSON is read here by this file's own few lines (per_image), not by hpmkit: the golden file
+is the independent witness of a restructuring, and must read the files the old code wrote.
 """
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +30,27 @@ FINETUNE = ["--dataset", "mnist", "--epochs", "1", "--lr", "2e-3", "--steps", "3
             "--batch-size", "32", "--device", "cpu", "--no-progress"]
 EVALUATE = ["--n-examples", "64", "--eps", "0.08", "--batch-size", "16", "--steps", "4", "--queries", "30",
             "--device", "cpu", "--no-progress", "--chunk", "32"]
+# Each fine-tuning: its extra flags. Its head is kept as heads/<name>.pt, which the evaluations use.
+FINETUNES = {
+    "hpm": [],
+    "hpm_l2": ["--threat-model", "L2", "--eps", "1.5", "--epochs", "2", "--augment", "--class-weights",
+               "fixed", "--attack-loss", "train", "--attack-mode", "soft", "--mixer-init", "default"],
+    "ncm": ["--head", "ncm"],
+    "dpnp": ["--head", "dpnp"],
+}
+ALL_ATTACKS = ("apgd-ce/fc,apgd-ce/soft,apgd-ce/ste,apgd-ce/mix,apgd-ce/fixed,apgd-dlr/fc,apgd-dlr/soft,"
+               "apgd-dlr/ste,apgd-dlr/mix,apgd-dlr/fixed,apgd-t/fc,apgd-t/soft,apgd-t/ste,apgd-t/mix,"
+               "apgd-t/fixed,apgd-cw/fc,apgd-cw/soft,apgd-cw/ste,apgd-cw/mix,apgd-cw/fixed,flip/mix,square,"
+               "joint/soft,joint/ste,joint/mix,target/soft,target/ste,target/mix")
+# Each evaluation: (the head it evaluates, its extra flags).
+EVALUATIONS = {
+    "paper": ("hpm", ["--version", "paper"]),
+    "strong": ("hpm", ["--version", "strong"]),
+    "all": ("hpm", ["--attacks", ALL_ATTACKS, "--restarts", "2", "--checks", "--checks-n", "32"]),
+    "l2": ("hpm_l2", ["--threat-model", "L2", "--eps", "1.0"]),
+    "ncm": ("ncm", []),
+    "dpnp": ("dpnp", ["--version", "paper"]),
+}
 
 
 def inputs(folder):
@@ -60,39 +87,54 @@ def run(script, *argv, cwd=ROOT):
 
 
 def per_image(results):
-    """Every per-image record of every row (and the accuracies), nothing that measures time."""
-    rows = {"base": results["base"], **{f"hpm/{c}": r for c, r in results.get("hpm", {}).items()}}
-    return {name: {"correct": r["correct"], "final_batch_correct": r.get("final_batch_correct", {}),
-                   "attacks": r["attacks"], "clean": r["clean"], "worst_case": r["worst_case"]}
-            for name, r in rows.items()}
-
-
-def compute(tmp, golden_head=None):
-    """{"head": the fine-tuned head's tensors, "eval": {version: per-image results}}.
-    golden_head: evaluate this head file (the golden one) rather than the one just trained."""
-    import json
-
-    model, data = inputs(tmp)
-    head = os.path.join(tmp, "head.pt")
-    run("finetune.py", "--model", model, "--data", data, "--out", head, *FINETUNE)
-    ckpt = torch.load(head, weights_only=True)
-    out = {"head": ckpt["head"], "eval": {}}
-    head_file = golden_head or head
-    for version in ("paper", "strong"):
-        res = os.path.join(tmp, f"{version}.json")
-        run("evaluate.py", "--head", head_file, "--model", model, "--data", data, "--version", version,
-            "--out", res, *EVALUATE)
-        with open(res) as f:
-            out["eval"][version] = per_image(json.load(f))
+    """Every per-image record of every row (and the accuracies, the checks' runs), nothing that
+    measures time."""
+    rows = {k: results[k] for k in ("base", "dpnp") if k in results}
+    rows.update({f"hpm/{c}": r for c, r in results.get("hpm", {}).items()})
+    out = {}
+    for name, r in rows.items():
+        out[name] = {"correct": r["correct"], "final_batch_correct": r.get("final_batch_correct", {}),
+                     "attacks": r["attacks"], "clean": r["clean"], "worst_case": r["worst_case"]}
+        if "checks" in r:
+            runs = r["checks"]["runs"]
+            out[name]["checks"] = {"runs": {"accuracy": runs["accuracy"], "correct": runs["correct"]},
+                                   **{k: v["status"] for k, v in r["checks"].items() if k != "runs"}}
     return out
+
+
+def compute(tmp, heads=None):
+    """{"head": {fine-tuning: the head's tensors}, "eval": {evaluation: per-image results}}.
+    heads: evaluate these head files ({fine-tuning: path}, the golden ones) rather than the
+    ones just trained."""
+    model, data = inputs(tmp)
+    out = {"head": {}, "eval": {}}
+    trained = {}
+    for name, flags in FINETUNES.items():
+        trained[name] = os.path.join(tmp, f"head_{name}.pt")
+        run("finetune.py", "--model", model, "--data", data, "--out", trained[name], *FINETUNE, *flags)
+        out["head"][name] = torch.load(trained[name], weights_only=True)["head"]
+    heads = heads or trained
+    for name, (head, flags) in EVALUATIONS.items():
+        res = os.path.join(tmp, f"{name}.json")
+        run("evaluate.py", "--head", heads[head], "--model", model, "--data", data, "--out", res,
+            *EVALUATE, *flags)
+        with open(res) as f:
+            out["eval"][name] = per_image(json.load(f))
+    return out
+
+
+def head_files():
+    """The committed heads the golden evaluations used."""
+    return {name: os.path.join(HERE, "heads", f"{name}.pt") for name in FINETUNES}
 
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         out = compute(tmp)
-        head = os.path.join(tmp, "head.pt")
-        ckpt = torch.load(head, weights_only=True)
+        os.makedirs(os.path.join(HERE, "heads"), exist_ok=True)
+        for name, path in head_files().items():  # the heads the golden evaluations used
+            ckpt = torch.load(os.path.join(tmp, f"head_{name}.pt"), weights_only=True)
+            torch.save(ckpt, path)
         out["torch"] = str(torch.__version__)
         torch.save(out, os.path.join(HERE, "golden.pt"))
-        torch.save(ckpt, os.path.join(HERE, "head.pt"))  # the head the golden evaluation used
     print("wrote", os.path.join(HERE, "golden.pt"))

@@ -34,31 +34,36 @@ import argparse
 import contextlib
 import os
 import sys
-import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from hpmkit.attacks import QueryScorer, check_adv, fixed_prototype_logits, run_attack
-from hpmkit.checks import run_checks
-from hpmkit.chunks import batch_loader, chunk_group, chunk_sizes, make_batches
-from hpmkit.config import (ADAPTIVE, ALL_ATTACKS, BATCH_ADVERSARY, DEFAULT_CHUNK, HPM_ATTACKS, IDENTITY, ORDER,
-                           check_classes, load_subset, open_results, resolve_config)
+from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, check_classes
+from hpmkit.checkpoint import load_models
+from hpmkit.checks import Checks, run_checks
+from hpmkit.chunks import ChunkResult, FixedBatches
+from hpmkit.cli import CLIError, WarningCounter, eps_value, run_cli
+from hpmkit.config import DEFAULT_CHUNK, IDENTITY, load_subset, open_results, resolve_config, setting_of
+from hpmkit.data import DATASETS
+from hpmkit.files import OutLock
 from hpmkit.gpu import MemoryFit, compile_head
-from hpmkit.jobs import AdvSaver, ChunkResult, adv_path, row_store, run_job
-from hpmkit.loading import (DATASETS, CLIError, OutLock, WarningCounter, check_images, eps_value,
-                            load_models, run_cli, write_json)
+from hpmkit.jobs import AdvStore, Engine, Job, run_job
+from hpmkit.models import check_images
 from hpmkit.ranks import start_ranks
 from hpmkit.report import describe, print_header, print_report, square_note, version_line
+from hpmkit.results import Results
 
 # The attacks each version runs on an HPM row ("kind/surrogate"; the base model runs each kind
-# once, on itself). Strong adds APGD-T (targeted DLR, RobustBench's standard set), flip, and in
-# the batch context the batch as the adversary's: joint, then target on the images left standing.
+# once, on itself), and how it scores. Strong adds APGD-T (targeted DLR, RobustBench's standard
+# set), flip, and in the batch context the batch as the adversary's: joint, then target on the
+# images left standing; every query of a whole fixed batch is scored, and Square queries whole
+# fixed batches.
 VERSIONS = {
-    "paper": dict(attacks=HPM_ATTACKS, steps=40, score_queries=False),
+    "paper": dict(attacks=HPM_ATTACKS, steps=40, score_queries=False, fixed_batch_square=False),
     "strong": dict(attacks=HPM_ATTACKS[:-1] + ("apgd-t/fc", "apgd-t/mix", "flip/mix", "square",
-                                               "joint/soft", "target/mix"), steps=100, score_queries=True),
+                                               "joint/soft", "target/mix"), steps=100, score_queries=True,
+                   fixed_batch_square=True),
 }
 
 
@@ -70,20 +75,20 @@ class Surrogate(nn.Module):
     "fc": Surrogate 1, the FC oracle; "soft": Surrogate 2, the soft-hybrid model; "ste": the
     real model, with STE (BPDA) gradients; "mix": the mean of the three log-softmaxes, all from
     ONE backbone pass; "fixed" (optional): the clean batch's hybrid prototypes held fixed
-    (z_clean: the clean features). group_size: in the batch context, the rows are fixed batches
+    (z_clean: the clean features). batch_size: in the batch context, the rows are fixed batches
     of this size (a chunk), each with its own C_batch. scorer: a QueryScorer, which sees the real
     model's logits of every query (computed on the same features: no second backbone pass).
     """
 
-    def __init__(self, model, surrogate="mix", context="batch", group_size=None, scorer=None, z_clean=None):
+    def __init__(self, model, surrogate="mix", context="batch", batch_size=None, scorer=None, z_clean=None):
         super().__init__()
         self.model, self.surrogate, self.context = model, surrogate, context
-        self.group_size = group_size if context == "batch" else None
+        self.batch_size = batch_size if context == "batch" else None
         self.scorer, self.z_clean = scorer, z_clean
 
-    def regroup(self, group_size, scorer):
-        """The same surrogate on rows that are fixed batches of group_size, with its own scorer."""
-        return Surrogate(self.model, self.surrogate, self.context, group_size, scorer, self.z_clean)
+    def regroup(self, batch_size, scorer):
+        """The same surrogate on rows that are fixed batches of batch_size, with its own scorer."""
+        return Surrogate(self.model, self.surrogate, self.context, batch_size, scorer, self.z_clean)
 
     def alone(self, scorer):
         """The same surrogate on one fixed batch of the chunk, with its own scorer."""
@@ -91,12 +96,12 @@ class Surrogate(nn.Module):
 
     def forward(self, x):
         z = self.model.features(x)  # (B, D): one backbone pass
-        head, kw = self.model.head, dict(context=self.context, group_size=self.group_size)
+        head, kw = self.model.head, dict(context=self.context, batch_size=self.batch_size)
         if self.surrogate == "mix":  # the three heads in one pass of the head's kernels
             logits = head(z, mode=("fc", "soft", "ste"), **kw)  # (3, B, K)
             real, out = logits[2], logits.log_softmax(dim=2).mean(dim=0)  # (B, K)
         elif self.surrogate == "fixed":
-            real, out = None, fixed_prototype_logits(head, z, self.z_clean, self.context, self.group_size)
+            real, out = None, fixed_prototype_logits(head, z, self.z_clean, self.context, self.batch_size)
         else:
             out = head(z, mode=self.surrogate, **kw)
             real = out if self.surrogate == "ste" else None
@@ -123,50 +128,49 @@ class Scored(nn.Module):
         return logits
 
 
-@dataclass
 class ModelUnderTest:
-    """A row of the table: the real model, which scores, and the surrogates the attacks follow."""
-    name: str  # "base", "dpnp", "hpm/batch" or "hpm/image"
-    model: nn.Module  # x -> logits, or the HPMClassifier of an HPM row
-    context: str = None  # HPM rows: "batch" or "image"; None: a per-image model, its own surrogate
-    backbone: nn.Module = None  # the module whose forward passes measure an attack's cost
+    """A row of the table: the real model, which scores, and the surrogates the attacks follow.
+
+    name: "base", "dpnp", "hpm/batch" or "hpm/image"; model: x -> logits, or the HPMClassifier of
+    an HPM row; context: HPM rows' "batch" or "image" (None: a per-image model, its own
+    surrogate); backbone: the module whose forward passes measure an attack's cost."""
+
+    def __init__(self, name, model, context=None, backbone=None):
+        self.name, self.model, self.context, self.backbone = name, model, context, backbone
 
     @property
     def per_image(self):
         """False when a prediction depends on the other images of the batch."""
         return self.context != "batch"
 
-    def attack_names(self, attacks):
-        """This row's attacks from the HPM list: a per-image model with its own head runs each
-        kind once on itself (no suffix, none against HPM's structure); the batch adversary needs
-        a batch that decides (the batch context)."""
+    def attacks(self, names):
+        """This row's attacks (catalogue records) from the HPM list `names`: a per-image model with
+        its own head runs each kind once on itself (none against HPM's structure); the batch
+        adversary needs a batch that decides (the batch context)."""
+        attacks = [CATALOGUE[a] for a in names]
         if self.context is None:
-            return list(dict.fromkeys(a.split("/")[0] for a in attacks if a.split("/")[-1] not in ADAPTIVE
-                                      and a != "flip/mix" and a not in BATCH_ADVERSARY))
-        return [a for a in attacks if not self.per_image or a not in BATCH_ADVERSARY]
+            return list(dict.fromkeys(CATALOGUE[a.kind] for a in attacks if a.rows == "all"))
+        return [a for a in attacks if a.rows != "batch" or not self.per_image]
 
-    def surrogate(self, name, group_size=None, scorer=None, x=None):
-        """The module attacked for surrogate `name` (None: the model itself), on a chunk of fixed
-        batches of group_size; x: the clean images (the "fixed" surrogate needs them)."""
+    def surrogate(self, name, batch_size=None, scorer=None, x=None):
+        """The module attacked for surrogate `name` (None: the real model), on a chunk of fixed
+        batches of batch_size; x: the clean images (the "fixed" surrogate needs them)."""
         if self.context is None:
             return Scored(self.model, scorer)
         z_clean = None
         if name == "fixed":
             with torch.no_grad():
                 z_clean = self.model.features(x)
-        return Surrogate(self.model, name or "ste", self.context, group_size, scorer, z_clean)
+        return Surrogate(self.model, name or "ste", self.context, batch_size, scorer, z_clean)
 
-    def real(self, group_size=None):
+    def real(self, batch_size=None):
         """The real model, which scores every adversarial batch (not attacked: no scorer)."""
-        return self.surrogate("ste" if self.context else None, group_size)
+        return self.surrogate(None, batch_size)
 
-    def plan(self, attack):
-        """(surrogate name, whole_batch): AutoAttack's standard path (perturb) only where it is
-        exact, an end-to-end attack on a per-image model; all else on the whole batch."""
-        surrogate = attack.split("/")[1] if "/" in attack else None
-        if attack == "square":  # black-box, on the real model
-            surrogate = "ste" if self.context else None
-        return surrogate, not self.per_image or surrogate not in (None, "ste")
+    def whole_batch(self, attack):
+        """AutoAttack's standard path (perturb) only where it is exact, an end-to-end attack on a
+        per-image model; all else on the whole batch."""
+        return not self.per_image or attack.surrogate not in (None, "ste")
 
 
 def build_rows(base_model, hpm_model=None, contexts=("batch", "image"), dpnp_model=None):
@@ -189,32 +193,46 @@ def score(model, x, y):
 
 # 3. What an attack does to a chunk of fixed batches ----------------------------------------
 
-def attack_chunk(row, attack, xb, yb, sizes, *, norm, eps, steps, queries, seed, warnings=None,
-                 score_queries=False, restarts=1, standing=None):
-    """The attack on fixed batches of these sizes, xb (n, C, H, W) in [0, 1] with labels yb:
-    it follows its surrogate's gradients (or, Square, the real model's outputs); with
-    score_queries, every query that is a whole fixed batch inside the ball is scored on the real
-    model; every final adversarial batch is re-scored whole. An image is fooled if any scored
-    batch fooled it. standing: the images no attack has fooled yet (n,) bool (for "target")."""
-    group = sizes[0] if len(sizes) > 1 else None  # a chunk: the rows are fixed batches of this size
-    scored = score_queries or attack in BATCH_ADVERSARY  # the batch adversary reads its scores
-    scorer = QueryScorer(xb, yb, norm, eps, group_size=group) if scored else None
-    surrogate, whole_batch = row.plan(attack)
-    target = row.surrogate(surrogate, group, scorer, xb)
-    helpers = {}
-    if attack.startswith("flip/"):  # the FC oracle it flips, and the real model's runner-up
-        helpers = dict(fc=row.surrogate("fc", group, scorer), real=row.real(group))
-    runs = run_attack(attack, target, xb, yb, norm=norm, eps=eps, steps=steps, queries=queries,
-                      seed=seed, whole_batch=whole_batch, warnings=warnings, restarts=restarts,
-                      fixed_batch_square=score_queries, sizes=sizes, standing=standing, **helpers)
-    correct = torch.ones_like(yb, dtype=torch.bool)
+def attack_chunk(row, attack, chunk, setting, warnings=None, standing=None):
+    """The attack (a catalogue record) on a chunk of fixed batches (chunks.Chunk): it follows its
+    surrogate's gradients (or, Square, the real model's outputs); with setting.score_queries,
+    every query that is a whole fixed batch inside the ball is scored on the real model; every
+    final adversarial batch is re-scored whole. An image is fooled if any scored batch fooled
+    it. standing: the images no attack has fooled yet (n,) bool (for "target")."""
+    B = chunk.grouped_by
+    scored = setting.score_queries or attack.reads_scores  # the batch adversary reads its scores
+    scorer = QueryScorer(chunk.x, chunk.y, setting.norm, setting.eps, B) if scored else None
+    target = row.surrogate(attack.surrogate, B, scorer, chunk.x)
+    helpers = None
+    if attack.kind == "flip":  # the FC oracle it flips, and the real model's runner-up
+        helpers = dict(fc=row.surrogate("fc", B, scorer), real=row.real(B))
+    runs = run_attack(attack, target, chunk, setting, whole_batch=row.whole_batch(attack), warnings=warnings,
+                      standing=standing, helpers=helpers)
+    correct = torch.ones_like(chunk.y, dtype=torch.bool)
     for x_adv in runs:  # the last run's batch is the one kept
-        x_adv = check_adv(x_adv, xb, norm, eps)
-        c_final = score(row.real(group), x_adv, yb)[0]
+        x_adv = check_adv(x_adv, chunk.x, setting.norm, setting.eps)
+        c_final = score(row.real(B), x_adv, chunk.y)[0]
         correct &= c_final
     if scorer is None:
         return ChunkResult(correct, x_adv)
     return ChunkResult(correct & scorer.robust, x_adv, c_final)
+
+
+def clean_chunk(row, data, first, end):
+    """The clean pass on batches first..end-1 of data, each fixed batch classified whole."""
+    chunk = data.chunk(first, end)
+    try:
+        c, logits = score(row.real(chunk.grouped_by), chunk.x, chunk.y)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as e:  # typically images of the wrong shape for this model
+        raise EvaluationError(f"{row.name}: the model cannot classify the images "
+                              f"{tuple(chunk.x.shape[1:])} ({str(e).splitlines()[0]})")
+    if not torch.isfinite(logits).all():
+        raise EvaluationError(f"{row.name}: the model returned NaN or inf logits on clean "
+                              f"images (batches {first}-{end - 1}); check the model file, "
+                              "the head and the input range")
+    return ChunkResult(c)
 
 
 # 4. The loop over rows and attacks ---------------------------------------------------------
@@ -223,108 +241,57 @@ class EvaluationError(Exception):
     """The models cannot be evaluated on these images (main says it in one line)."""
 
 
-def evaluate(rows, x, y, *, attacks=HPM_ATTACKS, norm="Linf", eps, steps=40, queries=5000,
-             batch_size=64, seed=0, results=None, on_update=None, save_adv=None, indices=None,
-             device="cpu", progress=True, log=print, score_queries=False, restarts=1, chunk=None,
-             ranks=None, fit=None):
-    """Clean and robust accuracy of every row on images x (N, C, H, W; uint8 or float in [0, 1])
-    with labels y (N,), cut into consecutive batches of `batch_size`, attacked `chunk` images
-    (whole batches) at a time (None: one batch at a time); ranks: a Ranks (torchrun) or None;
-    fit: a gpu.MemoryFit (shared with the checks).
-
-    results: the dict to fill (and to resume from: finished batches are skipped); on_update()
-    is called after every chunk. Returns results with results["base"], results["hpm"][ctx],
-    each {"clean", "attacks": {name: accuracy}, "worst_case", "correct": {name: [0/1, ...]}, ...}.
-    """
-    results = {} if results is None else results
-    fit = fit or MemoryFit(log)
-    batches = make_batches(len(y), batch_size)
-    indices = list(range(len(y))) if indices is None else indices
-    batch = batch_loader(x, y, batches, device)
-    setting = dict(norm=norm, eps=eps, steps=steps, queries=queries, seed=seed,
-                   score_queries=score_queries, restarts=restarts)
-    job = dict(chunk=chunk, show_progress=progress, on_update=on_update, ranks=ranks)
-
+def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None):
+    """Clean and robust accuracy of every row under `attacks` (names from the HPM list) on the
+    fixed batches `data` (chunks.FixedBatches), attacked as `setting` (catalogue.Setting) says,
+    run by `engine` (jobs.Engine: chunks, torchrun, GPU memory, progress). results: the
+    results.Results to fill and resume from (finished batches are skipped); adv: a
+    jobs.AdvStore that keeps every attack's adversarial images (--save-adv). Returns results."""
+    engine = engine or Engine()
+    results = Results() if results is None else results
     for row in rows:
-        store = row_store(results, row.name)
+        rr = results.row(row.name)
+        if rr.batches_done("clean") < len(data.batches):
+            run_job(rr, Job(row.name, "clean", lambda first, end: clean_chunk(row, data, first, end)),
+                    data.batches, engine)
+        rr.finish("clean")
 
-        def clean_chunk(first, end):
-            xb, yb = batch(first, end)
-            try:
-                c, logits = score(row.real(chunk_group(batches, first, end)), xb, yb)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except RuntimeError as e:  # typically images of the wrong shape for this model
-                raise EvaluationError(f"{row.name}: the model cannot classify the images "
-                                      f"{tuple(xb.shape[1:])} ({str(e).splitlines()[0]})")
-            if not torch.isfinite(logits).all():
-                raise EvaluationError(f"{row.name}: the model returned NaN or inf logits on clean "
-                                      f"images (batches {first}-{end - 1}); check the model file, "
-                                      "the head and the input range")
-            return ChunkResult(c)
-
-        if store["batches_done"].get("clean", 0) < len(batches):
-            run_job(store, "clean", batches, fit(clean_chunk, row.name, batches), desc=f"{row.name} clean",
-                    key=f"{row.name}|clean", **job)
-        store["clean"] = sum(store["correct"]["clean"]) / len(y)
-        update_worst_case(store)
-
-        for name in row.attack_names(attacks):
-            if name in store["attacks"]:
-                if save_adv and not os.path.exists(adv_path(save_adv, row.name, name)):
-                    log(f"  note: {row.name} {name} finished in an earlier run without --save-adv; "
-                        "its adversarial images were not kept")
+        for attack in row.attacks(attacks):
+            name = attack.name
+            if rr.finished(name):
+                if adv is not None and not adv.has(row.name, name):
+                    engine.log(f"  note: {row.name} {name} finished in an earlier run without --save-adv; "
+                               "its adversarial images were not kept")
                 continue
-            if row.name == "hpm/batch" and name == "square":
-                log("  note: " + square_note(score_queries, norm))
+            if row.name == "hpm/batch" and attack.kind == "square":
+                engine.log("  note: " + square_note(setting))
             counter = WarningCounter()
-            saver = None
-            if save_adv:
-                saver = AdvSaver(save_adv, row.name, name, y, indices, batches)
-                if not saver.has_parts(store["batches_done"].get(name, 0)):  # resumed without parts
-                    store["batches_done"][name], store["correct"][name] = 0, []
-                    store["timings_s"][name] = 0.0
-            standing = torch.tensor(store["correct"]["worst_case"], dtype=torch.bool, device=device)
-            correct = run_job(store, name, batches, fit(
-                lambda first, end: attack_chunk(row, name, *batch(first, end), chunk_sizes(batches, first, end),
-                                                warnings=counter, **setting,
-                                                standing=standing[batches[first][0]:batches[end - 1][1]]),
-                row.name, batches),
-                desc=f"{row.name} {name}", save=saver, backbone=row.backbone, key=f"{row.name}|{name}", **job)
-            images = store.get("backbone_images", {}).get(name)
-            if images is not None:  # counted over every batch (a file from before the count has none)
-                store.setdefault("backbone_passes_per_image", {})[name] = round(images / len(y), 2)
-            store["attacks"][name] = sum(correct) / len(correct)
-            update_worst_case(store)
+            saver = None if adv is None else adv.saver(row.name, name)
+            if saver is not None and not saver.has_parts(rr.batches_done(name)):  # resumed without parts
+                rr.reset(name)
+            standing = torch.tensor(rr.correct("worst_case"), dtype=torch.bool, device=engine.device)
+
+            def attack_batches(first, end):
+                chunk = data.chunk(first, end)
+                return attack_chunk(row, attack, chunk, setting, counter, standing[chunk.span])
+
+            run_job(rr, Job(row.name, name, attack_batches, row.backbone, saver), data.batches, engine)
+            rr.finish(name)
             if saver is not None:
                 saver.finish()
-            if on_update is not None:
-                on_update()
-            log(f"  {row.name:<10} {name:<14} {store['attacks'][name]:7.2%}   worst case "
-                f"{store['worst_case']:7.2%}   ({store['timings_s'][name]:.1f} s)")
+            engine.updated()
+            engine.log(f"  {row.name:<10} {name:<14} {rr.accuracy(name):7.2%}   worst case "
+                       f"{rr.worst_case:7.2%}   ({rr.seconds(name):.1f} s)")
             if counter.counts:  # one line per attack, not one warning per batch
-                store.setdefault("library_warnings", {})[name] = counter.summary()
-                log(f"  {'':<10} {name:<14} AutoAttack warned: {counter.summary()}")
+                rr.set_warnings(name, counter.summary())
+                engine.log(f"  {'':<10} {name:<14} AutoAttack warned: {counter.summary()}")
     return results
-
-
-def update_worst_case(store):
-    """Worst case over clean and every finished attack of a row's results, per image and overall.
-    Also puts the row's attacks in the canonical order, whatever order the runs took."""
-    for key in ("attacks", "correct", "batches_done", "timings_s"):
-        store[key] = dict(sorted(store[key].items(), key=lambda kv: ORDER.index(kv[0])))
-    if store["clean"] is None:
-        return
-    finished = ["clean"] + list(store["attacks"])
-    worst = [int(all(v)) for v in zip(*(store["correct"][k] for k in finished))]
-    store["correct"]["worst_case"] = worst
-    store["worst_case"] = sum(worst) / len(worst)
 
 
 # The script --------------------------------------------------------------------------------
 
 def main(args):
-    """Evaluate as the flags say; returns the results dict (also written to --out)."""
+    """Evaluate as the flags say; returns the results (a results.Results, also written to --out)."""
     cfg, ckpt = resolve_config(args, VERSIONS)
     device = cfg["device"]
     ranks = start_ranks(cfg["out"], device, cfg["overwrite"], {k: cfg[k] for k in IDENTITY + ("chunk",)})
@@ -349,37 +316,33 @@ def main(args):
         rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model)
         for row in rows:  # a model that cannot take these images fails here, before any file is written
             check_images(row.real(), x, device, name=f"{row.name} ({cfg['model']})")
-        attacks, banner = cfg["attacks"], version_line(cfg, VERSIONS[cfg["version"]])
+        setting, banner = setting_of(cfg), version_line(cfg, VERSIONS[cfg["version"]])
         results = open_results(cfg, len(y))  # (a resumed file's config names its earlier attacks too)
-        describe(results, cfg, rows, idx, n_total, banner)
+        describe(results, cfg, setting, rows, idx, n_total, banner)
 
         def on_update():
-            results["timing"]["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            results.updated(processes=None if ranks is None else ranks.world)
             if ranks is None or ranks.rank == 0:  # under torchrun, rank 0 writes the one file
-                write_json(results, cfg["out"])
+                results.write(cfg["out"])
 
-        if ranks is not None:
-            results["timing"]["processes"] = ranks.world
         print_header(banner, cfg, rows, len(idx), n_total, device)
         on_update()
-        common = dict(norm=cfg["threat_model"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
-                      batch_size=cfg["batch_size"], seed=cfg["seed"], on_update=on_update, device=device,
-                      progress=not cfg["no_progress"], score_queries=cfg["score_queries"],
-                      restarts=cfg["restarts"], chunk=cfg["chunk"], ranks=ranks,
-                      fit=MemoryFit(lambda line: print(line, flush=True)))
+        data = FixedBatches(x, y, cfg["batch_size"], device)
+        engine = Engine(device, cfg["chunk"], ranks, MemoryFit(lambda line: print(line, flush=True)),
+                        progress=not cfg["no_progress"], on_update=on_update)
+        adv = AdvStore(cfg["save_adv"], y, idx.tolist(), data.batches) if cfg["save_adv"] else None
         try:
-            evaluate(rows, x, y, attacks=attacks, results=results, save_adv=cfg["save_adv"],
-                     indices=idx.tolist(), **common)
+            evaluate(rows, cfg["attacks"], data, setting, engine, results, adv)
             if cfg["checks"]:
-                run_checks(rows, x, y, results, attack_chunk, checks_n=cfg["checks_n"],
-                           tol=cfg["checks_tol"], **common)
+                run_checks(rows, data, results, setting, engine, Checks(cfg["checks_n"], cfg["checks_tol"]),
+                           attack_chunk)
         except EvaluationError as e:
             raise CLIError(str(e))
-        results["complete"] = True
+        results.finished()
         on_update()
         if ranks is not None:
             ranks.finish()
-        print_report(results, rows, cfg)
+        print_report(results, rows, cfg, setting)
         return results
     finally:
         held.close()

@@ -7,10 +7,6 @@ maximise the IKL loss for 10 steps. Defaults reproduce the paper's setting per d
     python finetune.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar10
     python finetune.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar100
     python finetune.py --model Salman2020Do_R50 --dataset imagenet --data-dir /data/imagenet
-
-Offline, with a whole pickled nn.Module (inputs in [0, 1]) and a local dataset
-(x: uint8 N x C x H x W, y: int N):
-
     python finetune.py --model mnist_cnn.pt --dataset mnist --data mnist_train.npz --out head.pt
 
 The checkpoint (default hpm_<dataset>_<model>.pt) holds the head's state_dict and what
@@ -26,46 +22,25 @@ adversarial logits za, w = S[y] and d = zn - za:
 From the paper: Adam 5e-5, batch 64, EMA momentum 0.98 (CIFAR-10) / 0.995 (CIFAR-100,
 ImageNet), 1 epoch (CIFAR-10) / 2 (CIFAR-100, ImageNet; 10 images per class), 10 attack
 steps maximising IKL. From the IKL authors' released models: alpha 3, beta 10, T 4 on
-CIFAR-10; alpha 5, beta 12, T 4 on CIFAR-100. Not from the paper (ours):
+CIFAR-10; alpha 5, beta 12, T 4 on CIFAR-100. From the official IKL code, by default: class
+weights S from the clean softmax(zn / T) per class, uniform at first, then an EMA over
+batches with --momentum (our reading of the paper's second momentum; --class-weights); the
+training attack maximises softCE alone on CIFAR-10 (softCE + wMSE on CIFAR-100;
+--attack-loss), from x + 0.001 * N(0, 1), here 10 steps of eps / 4; random crop and flip on
+CIFAR (--augment). Ours, not the paper's (docs/finetune.md has the alternatives):
 - The backbone stays in eval mode with requires_grad False (BatchNorm statistics must not
   drift); the script asserts that only head.fc and head.mixer train and, after every epoch,
   that every base-model tensor, buffers included, is bitwise unchanged.
-- Before training, one clean pass sets C_global to the exact class means.
-- Class weights S (--class-weights). "ema" (default, the official code's rule as we read it
-  with the paper's second momentum): S starts uniform (the official first epoch) and after
-  every batch each present class c moves by S[c] <- lam2 * S[c] + (1 - lam2) * mean of
-  softmax(zn / T) over the batch's images of class c, with lam2 = --momentum (the paper's
-  "lambda1 = lambda2") and zn the clean logits of the model being trained (the real HPM
-  logits, mode "ste", context "batch"), which is what the official code accumulates. Our
-  reading: the paper's second momentum is an EMA of S over batches; with one epoch the
-  official per-epoch refresh would leave S uniform throughout. "fixed" (ours, the first
-  landing): S computed once in the clean pass, on the HPM logits right after C_global is set,
-  and held for the run; a class absent from the training set gets a uniform row.
-- Training logits, clean and adversarial, are the real model's: mode "ste", context
-  "batch". The EMA (Eq. 14) sees clean features only, after each update.
-- The attack (--attack-loss): "official" (default) maximises what the IKL code's attack
-  maximises, softCE alone (alpha 1, beta 0) on CIFAR-10 and MNIST, softCE + wMSE (alpha 1,
-  beta 1) on CIFAR-100 and ImageNet; "train" maximises the whole training loss. From
-  x + 0.001 * N(0, 1), 10 steps of eps / 4 (signed for Linf; normalised gradient and
-  projection on the ball for L2); the whole batch is perturbed jointly (context "batch").
-- Augmentation (--augment): random crop (zero padding 4) and horizontal flip, as the IKL
-  code's CIFAR scripts; on by default for CIFAR (official) and ImageNet (ours), off for MNIST
-  (ours: a flipped digit is another digit).
-- The mixer's start (--mixer-init; the paper is silent, and with Adam at 5e-5 for about a
-  thousand steps it barely moves): "average" (default) W_m = [I/2; I/2], b_m = 0, i.e.
-  (C_global + C_batch) / 2; "global" W_m = [I; 0], i.e. C_global alone; "default" PyTorch's
-  nn.Linear initialisation.
-- The attack differentiates through --attack-mode, default "ste": the real model, the one
-  being trained, with straight-through (BPDA) gradients that differ from the gradient of
-  its piecewise-constant forward pass. "soft" (surrogate 2) has exact gradients but attacks
-  a smooth model that is not the one trained; "fc" (surrogate 1) ignores the l2 head and
-  gives the FC layer's own adversarial examples. Adversarial training wants the examples
-  that fool the trained model, so the default attacks it; compare with the surrogates.
-- MNIST defaults (eps 0.3, the CIFAR-10 settings otherwise) and the ImageNet alpha/beta
-  (the CIFAR-100 ones) are our choices; so are the L2 radii when --threat-model L2.
-- The study's controls (--head): "ncm", HPM's l2 head on C_global alone (mixer [I; 0], the
-  clean pass's class means, nothing trained); "dpnp", Adv-DPNP's unified prototypes (dpnp.py)
-  trained head-only on its Eq. 7 with PGD on the head's cross-entropy (our choice of attack).
+- Before training, one clean pass sets C_global to the exact class means. Training logits,
+  clean and adversarial, are the real model's (mode "ste", context "batch"); the attack
+  differentiates through it too (--attack-mode) and perturbs the whole batch jointly. The
+  EMA (Eq. 14) sees clean features only, after each update.
+- The mixer starts as the average [I/2; I/2] (--mixer-init): the paper is silent, and at
+  Adam 5e-5 for about a thousand steps it barely moves, so its start largely decides the model.
+- MNIST defaults (eps 0.3, no augmentation, the CIFAR-10 settings otherwise), the ImageNet
+  alpha/beta (the CIFAR-100 ones) and the L2 radii.
+- The study's controls (--head, hpmkit/controls.py): "ncm", HPM's l2 head on C_global alone
+  (nothing trained); "dpnp", Adv-DPNP's unified prototypes trained head-only on its Eq. 7.
 """
 import argparse
 import math
@@ -78,12 +53,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpm import attach
-from hpmkit import dpnp
-from hpmkit.loading import (DATASETS, DEFAULT_EPS, CLIError, check_device, check_eps, check_images,
-                            check_labels, check_out, check_positive, eps_value, fingerprint, is_finished_head,
-                            is_head_file, load_data, load_model, progress_bar, run_cli, save_head, to_float)
+from hpmkit import controls
+from hpmkit.checkpoint import HeadRecord, HeadWriter, is_head_file
+from hpmkit.cli import CLIError, check_device, check_eps, check_positive, eps_value, progress_bar, run_cli
+from hpmkit.data import DATASETS, DEFAULT_EPS, check_labels, load_data, random_crop_flip, to_float
+from hpmkit.files import check_out
+from hpmkit.models import check_images, fingerprint, load_model
+from hpmkit.pgd import ascend
 
-# Fine-tuning ------------------------------------------------------------------------------
+# The paper's settings --------------------------------------------------------------------
 
 # Every flag left unset takes its dataset's value (sources in the module docstring).
 DEFAULTS = {
@@ -92,14 +70,42 @@ DEFAULTS = {
     "imagenet": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, per_class=10, augment=True),
     "mnist": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None, augment=False),
 }
-# --head dpnp: (lambda_DPP, lambda_DNP, lambda_DFA), the Adv-DPNP paper's for CIFAR (MNIST and
-# ImageNet take CIFAR-10's and CIFAR-100's: our choice).
-DPNP_LAMBDAS = {"cifar10": dpnp.DEFAULTS["cifar10"], "mnist": dpnp.DEFAULTS["cifar10"],
-                "cifar100": dpnp.DEFAULTS["cifar100"], "imagenet": dpnp.DEFAULTS["cifar100"]}
 # --attack-loss official: (alpha, beta) of the IKL code's training attack.
 OFFICIAL_ATTACK = {"cifar10": (1.0, 0.0), "mnist": (1.0, 0.0), "cifar100": (1.0, 1.0),
                    "imagenet": (1.0, 1.0)}
+TRAINED = ("fc", "mixer")  # the parts of the HPM head that train
 
+
+def settings(args):
+    """The run's settings, resolved once from the parsed flags before anything is loaded or
+    written: the dataset's defaults where a flag was left out, what follows from them (the
+    training attack's alpha and beta, the Adv-DPNP control's lambdas), then every check.
+    Nothing is added to them later."""
+    s = dict(vars(args))
+    if s["eps"] is None:
+        s["eps"] = DEFAULT_EPS[s["threat_model"]][s["dataset"]]
+    for k, v in DEFAULTS[s["dataset"]].items():
+        if s[k] is None:
+            s[k] = v
+    if s["step_size"] is None:
+        s["step_size"] = s["eps"] / 4  # 10 steps of eps / 4 can cross the ball and come back
+    s["attack_alpha"], s["attack_beta"] = (OFFICIAL_ATTACK[s["dataset"]] if s["attack_loss"] == "official"
+                                           else (s["alpha"], s["beta"]))
+    s["dpnp_lambdas"] = controls.dpnp_lambdas(s["dataset"], s["lambda_dfa"])
+    if os.path.exists(s["model"]):
+        s["model"] = os.path.abspath(s["model"])  # the checkpoint must find the file from anywhere
+    if s["out"] is None:
+        s["out"] = f"hpm_{s['dataset']}_{os.path.splitext(os.path.basename(s['model']))[0]}.pt"
+    check_positive(epochs=s["epochs"], batch_size=s["batch_size"], steps=s["steps"], per_class=s["per_class"])
+    check_eps(s["eps"], s["threat_model"])
+    if not (0 <= s["momentum"] < 1 and s["lr"] > 0 and s["T"] > 0 and s["step_size"] > 0):  # (NaN fails too)
+        raise CLIError("need 0 <= --momentum < 1, --lr > 0, --T > 0 and --step-size > 0")
+    check_out(s["out"], [s["model"], s["data"], s["data_dir"]], is_head_file, "head checkpoint")
+    s["device"] = str(check_device(s["device"]))
+    return argparse.Namespace(**s)
+
+
+# The IKL loss ----------------------------------------------------------------------------
 
 def weighted_mse(zn, za, w):
     """wMSE of IKL: 0.5 * (sum_j w_j d_j^2 - (sum_j w_j d_j)^2) with d = zn - za, per row.
@@ -127,6 +133,34 @@ def ikl_loss(zn, za, y, S, alpha, beta):
     w = S[y]  # (B, K)
     return F.cross_entropy(zn, y) + beta * weighted_mse(zn, za, w) + alpha * soft_cross_entropy(zn, za)
 
+
+@torch.no_grad()
+def update_class_weights(S, zn, y, T, momentum):
+    """--class-weights ema, in place: S[c] <- momentum * S[c] + (1 - momentum) * (mean of
+    softmax(zn / T) over the images of class c), for the classes present in the batch."""
+    K = S.shape[0]
+    onehot = F.one_hot(y, K).to(S.dtype)  # (B, K)
+    count = onehot.sum(dim=0)  # (K,)
+    mean = onehot.t() @ (zn / T).softmax(dim=1).to(S.dtype) / count.clamp_min(1)[:, None]  # (K, K)
+    present = (count > 0)[:, None]
+    S.copy_(torch.where(present, momentum * S + (1 - momentum) * mean, S))
+
+
+# The training attack ---------------------------------------------------------------------
+
+def perturb(model, x, zn, y, S, cfg):
+    """The training attack: cfg.steps ascent steps on IKL through the head in cfg.attack_mode,
+    from x + 0.001 * N(0, 1) (IKL's start), signed for Linf, a normalised gradient for L2.
+
+    zn are the clean logits in the same mode, held fixed. The batch is perturbed jointly and
+    classified together (context "batch"), so the batch prototypes see the adversarial batch.
+    """
+    return ascend(x, lambda x_adv: ikl_loss(zn, model(x_adv, mode=cfg.attack_mode), y, S,
+                                            cfg.attack_alpha, cfg.attack_beta),
+                  cfg.eps, cfg.threat_model, cfg.steps, cfg.step_size)
+
+
+# The clean pass ----------------------------------------------------------------------------
 
 @torch.no_grad()
 def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
@@ -165,84 +199,35 @@ def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
     return C_global.to(head.prototypes), S.to(head.prototypes)
 
 
-def project(x_adv, x, eps, threat_model):
-    """Back into the eps-ball around x (Linf or L2) and into the image box [0, 1]."""
-    delta = x_adv - x
-    if threat_model == "Linf":
-        delta = delta.clamp(-eps, eps)
+def start(model, x, y, cfg):
+    """Before the first epoch: the clean pass; returns the optimizer of the head's trained parts
+    (None for the NCM control, which trains nothing) and the IKL class weights S."""
+    optimizer = None if cfg.head == "ncm" else torch.optim.Adam(head_parameters(model), lr=cfg.lr)
+    if cfg.head == "ncm":
+        print(f"NCM head on {cfg.model}: C_global = class means of {len(x)} images; l2 logits to "
+              "C_global alone (nothing trained)")
     else:
-        norm = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))  # (B, 1, 1, 1)
-        delta = delta * (eps / norm.clamp_min(1e-12)).clamp(max=1)
-    return (x + delta).clamp(0, 1)
+        print(f"HPM head on {cfg.model}: {len(x)} {cfg.dataset} training images, {cfg.epochs} epoch(s) "
+              f"of batch {cfg.batch_size}, Adam lr {cfg.lr:g}, EMA momentum {cfg.momentum}")
+        print(f"IKL alpha {cfg.alpha:g} beta {cfg.beta:g} T {cfg.T:g}, class weights {cfg.class_weights}; "
+              f"attack {cfg.threat_model} eps {cfg.eps:.4g}, {cfg.steps} steps of {cfg.step_size:.4g} "
+              f"on IKL with alpha {cfg.attack_alpha:g} beta {cfg.attack_beta:g} ({cfg.attack_loss}) through "
+              f"mode {cfg.attack_mode!r}; augment {cfg.augment}; mixer start {cfg.mixer_init!r}")
+    _, S = clean_pass(model, x, y, cfg.T, cfg.batch_size, cfg.device, not cfg.no_progress)
+    if optimizer is None:
+        return None, None
+    if cfg.class_weights == "ema":  # the official first epoch: uniform, then the EMA per batch
+        S = torch.full_like(S, 1 / S.shape[0])
+    absent = (~model.head.seen).nonzero().flatten().tolist()
+    print(f"clean pass: C_global = class means of {len(x)} images" +
+          (f"; classes {absent[:10]}{'...' if len(absent) > 10 else ''} absent (zero prototype, "
+           "uniform IKL weights)" if absent else ""))
+    return optimizer, S
 
 
-def perturb(model, x, zn, y, S, args):
-    """The training attack: args.steps ascent steps on IKL through the head in args.attack_mode.
+# A step ------------------------------------------------------------------------------------
 
-    zn are the clean logits in the same mode, held fixed. The batch is perturbed jointly and
-    classified together (context "batch"), so the batch prototypes see the adversarial batch.
-    """
-    return ascend(x, lambda x_adv: ikl_loss(zn, model(x_adv, mode=args.attack_mode), y, S,
-                                            args.attack_alpha, args.attack_beta), args)
-
-
-def ascend(x, loss_fn, args):
-    """args.steps steps of args.step_size up loss_fn(x_adv), from x + 0.001 * N(0, 1) (IKL's
-    start), inside the eps-ball and [0, 1]: signed for Linf, normalised gradient for L2."""
-    x_adv = project(x + 0.001 * torch.randn_like(x), x, args.eps, args.threat_model)
-    for _ in range(args.steps):
-        x_adv.requires_grad_(True)
-        loss = loss_fn(x_adv)
-        grad, = torch.autograd.grad(loss, x_adv)  # the input's gradient only: no parameter .grad moves
-        if args.threat_model == "Linf":
-            step = grad.sign()
-        else:
-            step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-        x_adv = project(x_adv.detach() + args.step_size * step, x, args.eps, args.threat_model)
-    return x_adv.detach()
-
-
-@torch.no_grad()
-def update_class_weights(S, zn, y, T, momentum):
-    """--class-weights ema, in place: S[c] <- momentum * S[c] + (1 - momentum) * (mean of
-    softmax(zn / T) over the images of class c), for the classes present in the batch."""
-    K = S.shape[0]
-    onehot = F.one_hot(y, K).to(S.dtype)  # (B, K)
-    count = onehot.sum(dim=0)  # (K,)
-    mean = onehot.t() @ (zn / T).softmax(dim=1).to(S.dtype) / count.clamp_min(1)[:, None]  # (K, K)
-    present = (count > 0)[:, None]
-    S.copy_(torch.where(present, momentum * S + (1 - momentum) * mean, S))
-
-
-def random_crop_flip(x, generator, pad=4):
-    """The IKL code's CIFAR augmentation on a uint8 batch (B, C, H, W): a random crop of the
-    zero-padded image and a horizontal flip with probability 1/2, per image, vectorised."""
-    B, _, H, W = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2 pad, W + 2 pad)
-    top = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
-    left = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
-    flip = torch.rand(B, generator=generator) < 0.5
-    rows = (top[:, None] + torch.arange(H))[:, :, None]  # (B, H, 1)
-    cols = left[:, None] + torch.arange(W)  # (B, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (B, 1, W)
-    return padded[torch.arange(B)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
-
-
-def init_mixer(head, how):
-    """--mixer-init: "average" [I/2; I/2] (hpm.py's own start), "global" [I; 0] (C_global alone),
-    "default" PyTorch's nn.Linear initialisation. As x @ W_m + b_m with W_m = mixer.weight.T."""
-    D = head.fc.in_features
-    with torch.no_grad():
-        if how == "default":
-            head.mixer.reset_parameters()
-            return
-        eye = torch.eye(D, dtype=head.mixer.weight.dtype, device=head.mixer.weight.device)
-        halves = {"average": (eye / 2, eye / 2), "global": (eye, torch.zeros_like(eye))}[how]
-        head.mixer.weight.copy_(torch.cat(halves, dim=1))
-        head.mixer.bias.zero_()
-
-
-def train_step(model, optimizer, x, y, S, args):
+def train_step(model, optimizer, x, y, S, cfg):
     """One batch: attack through the head, one IKL update of head.fc and head.mixer, then Eq. 14.
 
     The backbone is frozen, so each batch needs one feature pass per input (no gradients):
@@ -252,78 +237,31 @@ def train_step(model, optimizer, x, y, S, args):
     head = model.head
     with torch.no_grad():
         z_clean = model.features(x)  # (B, D)
-        zn_attack = head(z_clean, mode=args.attack_mode)
-    x_adv = perturb(model, x, zn_attack, y, S, args)
+        zn_attack = head(z_clean, mode=cfg.attack_mode)
+    x_adv = perturb(model, x, zn_attack, y, S, cfg)
     with torch.no_grad():
         z_adv = model.features(x_adv)  # (B, D)
     zn, za = head(z_clean), head(z_adv)  # the real model: mode "ste", context "batch"
-    loss = ikl_loss(zn, za, y, S, args.alpha, args.beta)
+    loss = ikl_loss(zn, za, y, S, cfg.alpha, cfg.beta)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     head.update_prototypes(z_clean, y)  # clean features only: adversarial ones would drag the anchors
-    if args.class_weights == "ema":
-        update_class_weights(S, zn.detach(), y, args.T, args.momentum)
+    if cfg.class_weights == "ema":
+        update_class_weights(S, zn.detach(), y, cfg.T, cfg.momentum)
     return loss.item(), (zn.argmax(1) == y).sum().item(), (za.argmax(1) == y).sum().item()
 
 
-def train_step_dpnp(model, optimizer, x, y, S, args):
-    """--head dpnp, one batch: PGD on the DPNP head's cross-entropy (our choice of attack), then
-    one step on Eq. 7 with Algorithm 1's dual branch (dpnp.adv_dpnp_loss). S is unused. With the
-    backbone frozen only the prototypes learn, and the adversarial branch reaches them through
-    the DFA term alone."""
-    head = model.head
-    x_adv = ascend(x, lambda x_adv: F.cross_entropy(model(x_adv), y), args)
-    with torch.no_grad():
-        z, z_adv = model.features(x), model.features(x_adv)  # (B, D) each
-    loss = dpnp.adv_dpnp_loss(head, z, z_adv, y, *args.dpnp_lambdas)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        clean, adv = (head(z).argmax(1) == y).sum().item(), (head(z_adv).argmax(1) == y).sum().item()
-    return loss.item(), clean, adv
-
-
-def train_epoch(model, optimizer, x, y, S, args, epoch, generator):
-    """One shuffled pass over the uint8 training set; returns the epoch's summary as a dict."""
-    model.train()  # the head only: HPMClassifier.train keeps the backbone in eval mode
-    assert not any(m.training for m in model.base_model.modules()), "the backbone left eval mode"
-    if args.head == "dpnp":
-        model.head.renormalize()  # Algorithm 1, line 4: back on the sphere at every epoch's start
-    step = train_step_dpnp if args.head == "dpnp" else train_step
-    order = torch.randperm(len(x), generator=generator)
-    n = loss_sum = clean_correct = adv_correct = 0
-    t0 = time.time()
-    starts = range(0, len(x), args.batch_size)
-    bar = progress_bar(len(starts), f"epoch {epoch}/{args.epochs}", not args.no_progress)
-    for i in starts:
-        idx = order[i:i + args.batch_size]
-        xb = random_crop_flip(x[idx], generator) if args.augment else x[idx]
-        xb, yb = to_float(xb, args.device), y[idx].to(args.device)
-        loss, clean, adv = step(model, optimizer, xb, yb, S, args)
-        n, loss_sum = n + len(idx), loss_sum + loss * len(idx)
-        clean_correct, adv_correct = clean_correct + clean, adv_correct + adv
-        bar.set_postfix_str(f"loss {loss_sum / n:.4f} clean {clean_correct / n:.1%} adv {adv_correct / n:.1%}")
-        bar.update(1)
-    bar.close()
-    return {"epoch": epoch, "loss": loss_sum / n, "clean_acc": clean_correct / n,
-            "adv_acc": adv_correct / n, "images": n, "seconds": time.time() - t0}
-
-
-TRAINED = {"hpm": ("fc", "mixer"), "dpnp": ("prototypes",), "ncm": ()}  # what each head trains
-
-
-def head_parameters(model, head="hpm"):
-    """Freeze all but the head's trained parts (HPM: head.fc and head.mixer; DPNP: its
-    prototypes), as MoCo's linear probe does; return those parameters.
+def head_parameters(model, trained=TRAINED):
+    """Freeze all but the head's trained parts (HPM: head.fc and head.mixer), as MoCo's linear
+    probe does; return those parameters.
 
     Set here rather than trusted from attach: the head's FC is a copy of a frozen layer. The
     assertion also catches an FC shared with the base model (it would train the backbone).
     """
     model.requires_grad_(False)
     expected = set()
-    for part in TRAINED[head]:
+    for part in trained:
         getattr(model.head, part).requires_grad_(True)
         module = getattr(model.head, part)
         expected |= ({f"head.{part}.{name}" for name, _ in module.named_parameters()}
@@ -341,151 +279,112 @@ def check_frozen(model, base_state):
         assert torch.equal(v.cpu(), base_state[k]), f"base-model tensor {k} changed during fine-tuning"
 
 
-def check_finite(model, epoch, args):
-    """A diverged run (its loss or its head not finite) stops before it saves that head; a
-    finished head at --out is never replaced by it."""
-    bad = [n for n, p in model.head.named_parameters() if not torch.isfinite(p).all()]
-    if not math.isfinite(epoch["loss"]) or bad:
-        if args.unfinished_out is not None and os.path.exists(args.unfinished_out):
-            os.remove(args.unfinished_out)  # this run's earlier epochs: a finished head stays at --out
-        raise CLIError(f"fine-tuning diverged in epoch {epoch['epoch']}: "
-                       f"loss {epoch['loss']:g}" + (f", NaN/inf in {', '.join(bad)}" if bad else "")
-                       + f"; its head was not saved (try a smaller --lr than {args.lr:g})")
+# The loop ----------------------------------------------------------------------------------
+
+def train_epoch(model, step, x, y, cfg, epoch, generator):
+    """One shuffled pass over the uint8 training set, step(xb, yb) -> (loss, clean and adversarial
+    images correct) on each batch; returns the epoch's summary as a dict."""
+    model.train()  # the head only: the classifier keeps the backbone in eval mode
+    assert not any(m.training for m in model.base_model.modules()), "the backbone left eval mode"
+    order = torch.randperm(len(x), generator=generator)
+    n = loss_sum = clean_correct = adv_correct = 0
+    t0 = time.time()
+    starts = range(0, len(x), cfg.batch_size)
+    bar = progress_bar(len(starts), f"epoch {epoch}/{cfg.epochs}", not cfg.no_progress)
+    for i in starts:
+        idx = order[i:i + cfg.batch_size]
+        xb = random_crop_flip(x[idx], generator) if cfg.augment else x[idx]
+        xb, yb = to_float(xb, cfg.device), y[idx].to(cfg.device)
+        loss, clean, adv = step(xb, yb)
+        n, loss_sum = n + len(idx), loss_sum + loss * len(idx)
+        clean_correct, adv_correct = clean_correct + clean, adv_correct + adv
+        bar.set_postfix_str(f"loss {loss_sum / n:.4f} clean {clean_correct / n:.1%} adv {adv_correct / n:.1%}")
+        bar.update(1)
+    bar.close()
+    return {"epoch": epoch, "loss": loss_sum / n, "clean_acc": clean_correct / n,
+            "adv_acc": adv_correct / n, "images": n, "seconds": time.time() - t0}
 
 
-def save_checkpoint(model, args, history, finished):
-    """The head, atomically. An unfinished head never replaces a finished one at --out (unless
-    --overwrite): it goes beside it, to args.unfinished_out."""
-    path = args.out if finished or args.unfinished_out is None else args.unfinished_out
-    save_head(path, model, head_type=args.head, model_name=args.model, dataset=args.dataset,
-              threat_model=args.threat_model, batch_size=args.batch_size, attack_eps=args.eps,
-              finished=finished, args=dict(vars(args)), history=history,
-              base_fingerprint=getattr(args, "base_fingerprint", None))
-    if finished and args.unfinished_out is not None and os.path.exists(args.unfinished_out):
-        os.remove(args.unfinished_out)
-    return path
-
-
-def fill_defaults(args):
-    """Flags left unset take the dataset's values; then the settings are checked."""
-    if args.eps is None:
-        args.eps = DEFAULT_EPS[args.threat_model][args.dataset]
-    for k, v in DEFAULTS[args.dataset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.step_size is None:
-        args.step_size = args.eps / 4  # 10 steps of eps / 4 can cross the ball and come back
-    args.attack_alpha, args.attack_beta = (OFFICIAL_ATTACK[args.dataset] if args.attack_loss == "official"
-                                           else (args.alpha, args.beta))
-    args.dpnp_lambdas = DPNP_LAMBDAS[args.dataset]
-    if args.lambda_dfa is not None:
-        args.dpnp_lambdas = args.dpnp_lambdas[:2] + (args.lambda_dfa,)
-    if os.path.exists(args.model):
-        args.model = os.path.abspath(args.model)  # the checkpoint must find the file from anywhere
-    if args.out is None:
-        name = os.path.splitext(os.path.basename(args.model))[0]
-        args.out = f"hpm_{args.dataset}_{name}.pt"
-    check_positive(epochs=args.epochs, batch_size=args.batch_size, steps=args.steps,
-                   per_class=args.per_class)
-    check_eps(args.eps, args.threat_model)
-    if not (0 <= args.momentum < 1 and args.lr > 0 and args.T > 0 and args.step_size > 0):  # (NaN fails too)
-        raise CLIError("need 0 <= --momentum < 1, --lr > 0, --T > 0 and --step-size > 0")
-    check_out(args.out, [args.model, args.data, args.data_dir], is_head_file, "head checkpoint")
-    args.unfinished_out = None  # where unfinished heads go when --out holds a finished one
-    if os.path.exists(args.out) and not args.overwrite and is_finished_head(args.out):
-        stem, ext = os.path.splitext(args.out)
-        args.unfinished_out = f"{stem}.unfinished{ext or '.pt'}"
-    args.device = str(check_device(args.device))
-    return args
-
-
-def main(args):
-    fill_defaults(args)
-    torch.manual_seed(args.seed)
-    base_model = load_model(args.model, args.dataset, args.threat_model, args.model_dir).to(args.device)
-    try:
-        model = build_model(base_model, args)
-    except ValueError as e:
-        raise CLIError(str(e))
-    x, y = load_data(args.dataset, "train", args.data, args.data_dir, args.per_class)
-    num_classes = model.base_model.get_submodule(model.fc_name).out_features
-    check_labels(y, num_classes, args.data or f"the {args.dataset} training set")
-    check_images(model.base_model, x, args.device, name=f"the model {args.model}")
-    check_images(model, x, args.device, name=f"the model {args.model} with its head")
+def train(model, optimizer, x, y, S, cfg, save):
+    """The epochs (none without an optimizer), the head saved after each (save: a
+    checkpoint.HeadWriter; finished after the last) and the backbone checked bitwise unchanged;
+    an interrupt saves the unfinished head."""
     base_state = {k: v.detach().cpu().clone() for k, v in model.base_model.state_dict().items()}
-    if args.unfinished_out is not None:
-        print(f"note: {args.out} holds a finished head; it is replaced only when this run finishes "
-              f"(until then checkpoints go to {args.unfinished_out}; --overwrite to write there)")
-    args.base_fingerprint = fingerprint(base_state)
-    optimizer, S = start(model, x, y, args)
-    train(model, optimizer, x, y, S, args, base_state)
-    return model
+    epochs = 0 if optimizer is None else cfg.epochs
+    train_one = train_step if cfg.head == "hpm" else controls.step(cfg.head)
 
+    def step(xb, yb):
+        return train_one(model, optimizer, xb, yb, S, cfg)
 
-def start(model, x, y, args):
-    """What comes before the first epoch, per head: (the optimizer, or None for NCM, which trains
-    nothing; the IKL class weights S, or None for DPNP)."""
-    if args.head == "ncm":
-        clean_pass(model, x, y, args.T, args.batch_size, args.device, not args.no_progress)
-        print(f"NCM head on {args.model}: C_global = class means of {len(x)} images; l2 logits to "
-              "C_global alone (nothing trained)")
-        return None, None
-    if args.head == "dpnp":
-        lambdas = ", ".join(f"{n} {v:g}" for n, v in zip(("DPP", "DNP", "DFA"), args.dpnp_lambdas))
-        print(f"DPNP head on {args.model}: {len(x)} {args.dataset} training images, {args.epochs} "
-              f"epoch(s) of batch {args.batch_size}, Adam lr {args.lr:g}, alpha {args.dpnp_alpha:g}, "
-              f"lambda {lambdas}; PGD on CE, {args.steps} steps of {args.step_size:.4g}")
-        return torch.optim.Adam(head_parameters(model, "dpnp"), lr=args.lr), None
-    optimizer = torch.optim.Adam(head_parameters(model), lr=args.lr)
-    print(f"HPM head on {args.model}: {len(x)} {args.dataset} training images, {args.epochs} epoch(s) "
-          f"of batch {args.batch_size}, Adam lr {args.lr:g}, EMA momentum {args.momentum}")
-    print(f"IKL alpha {args.alpha:g} beta {args.beta:g} T {args.T:g}, class weights {args.class_weights}; "
-          f"attack {args.threat_model} eps {args.eps:.4g}, {args.steps} steps of {args.step_size:.4g} "
-          f"on IKL with alpha {args.attack_alpha:g} beta {args.attack_beta:g} ({args.attack_loss}) through "
-          f"mode {args.attack_mode!r}; augment {args.augment}; mixer start {args.mixer_init!r}")
-    _, S = clean_pass(model, x, y, args.T, args.batch_size, args.device, not args.no_progress)
-    if args.class_weights == "ema":  # the official first epoch: uniform, then the EMA per batch
-        S = torch.full_like(S, 1 / S.shape[0])
-    absent = (~model.head.seen).nonzero().flatten().tolist()
-    print(f"clean pass: C_global = class means of {len(x)} images" +
-          (f"; classes {absent[:10]}{'...' if len(absent) > 10 else ''} absent (zero prototype, "
-           "uniform IKL weights)" if absent else ""))
-    return optimizer, S
-
-
-def train(model, optimizer, x, y, S, args, base_state):
-    """The epochs (none without an optimizer), the head saved after each (finished after the
-    last) and the backbone checked bitwise unchanged; an interrupt saves the unfinished head."""
-    epochs = 0 if optimizer is None else args.epochs
-    history, generator = [], torch.Generator().manual_seed(args.seed)
+    history, generator = [], torch.Generator().manual_seed(cfg.seed)
     try:
         for epoch in range(1, epochs + 1):
-            history.append(train_epoch(model, optimizer, x, y, S, args, epoch, generator))
+            controls.before_epoch(cfg.head, model)
+            history.append(train_epoch(model, step, x, y, cfg, epoch, generator))
             check_frozen(model, base_state)
-            check_finite(model, history[-1], args)
-            path = save_checkpoint(model, args, history, finished=epoch == epochs)
+            check_finite(model, history[-1], cfg, save)
+            path = save.save(history, finished=epoch == epochs)
             h = history[-1]
             print(f"epoch {epoch}/{epochs}: clean acc {h['clean_acc']:.2%}  adv acc {h['adv_acc']:.2%} "
                   f"(against the training attack, not an evaluation)  loss {h['loss']:.4f}  "
                   f"({h['seconds']:.0f}s)  -> {path}")
     except KeyboardInterrupt:
-        path = save_checkpoint(model, args, history, finished=False)
+        path = save.save(history, finished=False)
         print(f"\ninterrupted: saved the unfinished head ({len(history)} complete epoch(s)) to {path}",
               file=sys.stderr)
         raise
     if epochs == 0:
         check_frozen(model, base_state)
-        print(f"-> {save_checkpoint(model, args, history, finished=True)}")
+        print(f"-> {save.save(history, finished=True)}")
     return history
 
 
-def build_model(base_model, args):
-    """The frozen base model with the head of --head: HPM (with its mixer's start), DPNP, or NCM
-    (HPM's l2 head on C_global alone: the mixer [I; 0], nothing trained)."""
-    if args.head == "dpnp":
-        return dpnp.attach(base_model, alpha=args.dpnp_alpha)
-    model = attach(base_model, momentum=args.momentum)
-    init_mixer(model.head, "global" if args.head == "ncm" else args.mixer_init)
+def check_finite(model, epoch, cfg, save):
+    """A diverged run (its loss or its head not finite) stops before it saves that head; a
+    finished head at --out is never replaced by it (this run's unfinished one goes)."""
+    bad = [n for n, p in model.head.named_parameters() if not torch.isfinite(p).all()]
+    if not math.isfinite(epoch["loss"]) or bad:
+        save.discard()
+        raise CLIError(f"fine-tuning diverged in epoch {epoch['epoch']}: "
+                       f"loss {epoch['loss']:g}" + (f", NaN/inf in {', '.join(bad)}" if bad else "")
+                       + f"; its head was not saved (try a smaller --lr than {cfg.lr:g})")
+
+
+# The script --------------------------------------------------------------------------------
+
+def build_model(base_model, cfg):
+    """The frozen base model with the head of --head: HPM (with its mixer's start), or a control."""
+    if cfg.head != "hpm":
+        return controls.build(cfg.head, base_model, cfg)
+    model = attach(base_model, momentum=cfg.momentum)
+    model.head.start_mixer(cfg.mixer_init)
+    return model
+
+
+def main(args):
+    cfg = settings(args)
+    torch.manual_seed(cfg.seed)
+    base_model = load_model(cfg.model, cfg.dataset, cfg.threat_model, cfg.model_dir).to(cfg.device)
+    try:
+        model = build_model(base_model, cfg)
+    except ValueError as e:
+        raise CLIError(str(e))
+    x, y = load_data(cfg.dataset, "train", cfg.data, cfg.data_dir, cfg.per_class)
+    num_classes = model.base_model.get_submodule(model.fc_name).out_features
+    check_labels(y, num_classes, cfg.data or f"the {cfg.dataset} training set")
+    check_images(model.base_model, x, cfg.device, name=f"the model {cfg.model}")
+    check_images(model, x, cfg.device, name=f"the model {cfg.model} with its head")
+    record = HeadRecord(cfg.head, cfg.model, cfg.dataset, cfg.threat_model, cfg.batch_size, cfg.eps,
+                        dict(vars(cfg)), fingerprint(model.base_model.state_dict()))
+    save = HeadWriter(cfg.out, model, record, cfg.overwrite)
+    if save.unfinished is not None:
+        print(f"note: {cfg.out} holds a finished head; it is replaced only when this run finishes "
+              f"(until then checkpoints go to {save.unfinished}; --overwrite to write there)")
+    if cfg.head == "dpnp":
+        optimizer, S = controls.start(cfg.head, model, x, cfg, head_parameters), None
+    else:
+        optimizer, S = start(model, x, y, cfg)
+    train(model, optimizer, x, y, S, cfg, save)
     return model
 
 

@@ -22,7 +22,7 @@ Choices that are ours, not the paper's:
 - The mixer starts as the plain average: W_m = [I/2; I/2], b_m = 0.
 - Context "image" classifies every row as if it were alone in its batch (a per-image
   model, free of batch composition), computed for the whole batch at once.
-- Context "batch" with `group_size=b` treats the rows as consecutive fixed batches of b
+- Context "batch" with `batch_size=b` treats the rows as consecutive fixed batches of b
   rows, each with its own C_batch, in one call (to fill a GPU with many fixed batches).
 - The l2 distance has gradient 0 (a subgradient) where it is exactly zero.
 
@@ -71,19 +71,30 @@ class HPMHead(nn.Module):
         # A trainable copy: fine-tuning it never touches the (possibly frozen) base model's layer.
         self.fc = copy.deepcopy(fc).requires_grad_(True)
         self.mixer = nn.Linear(2 * D, D)  # Eq. 17 as x @ W_m + b_m, W_m = mixer.weight.T
-        with torch.no_grad():  # start as the plain average (C_global + C_batch) / 2
-            eye = torch.eye(D, dtype=self.mixer.weight.dtype, device=self.mixer.weight.device)
-            self.mixer.weight.copy_(torch.cat([eye, eye], dim=1) / 2)
-            self.mixer.bias.zero_()
+        self.start_mixer("average")
         self.mixer.to(fc.weight.device, fc.weight.dtype)
         self.momentum, self.eps = momentum, eps
         self.register_buffer("prototypes", torch.zeros(K, D, device=fc.weight.device, dtype=fc.weight.dtype))
         self.register_buffer("seen", torch.zeros(K, dtype=torch.bool, device=fc.weight.device))
 
-    def forward(self, z, mode="ste", context="batch", group_size=None):
+    @torch.no_grad()
+    def start_mixer(self, how="average"):
+        """The mixer's start (ours: the paper is silent): "average" W_m = [I/2; I/2], b_m = 0, so
+        C_hybrid = (C_global + C_batch) / 2; "global" [I; 0], C_global alone; "default" PyTorch's
+        nn.Linear initialisation."""
+        if how == "default":
+            self.mixer.reset_parameters()
+            return
+        w = self.mixer.weight
+        eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+        halves = {"average": (eye / 2, eye / 2), "global": (eye, torch.zeros_like(eye))}[how]
+        w.copy_(torch.cat(halves, dim=1))
+        self.mixer.bias.zero_()
+
+    def forward(self, z, mode="ste", context="batch", batch_size=None):
         """Logits (B, K) of features z (B, D). mode: "ste", "soft" or "fc", or a tuple of them for
         their logits stacked (M, B, K), from one pass that shares the kernels of the modes.
-        group_size: in context "batch", the rows are consecutive fixed batches of this size,
+        batch_size: in context "batch", the rows are consecutive fixed batches of this size,
         each with its own C_batch (default: one batch)."""
         modes = (mode,) if isinstance(mode, str) else tuple(mode)
         if not set(modes) <= {"ste", "soft", "fc"}:
@@ -97,37 +108,37 @@ class HPMHead(nn.Module):
             P_soft = L.softmax(dim=-1)
             P = torch.stack([P_soft if m == "soft" else ste_assignment(L, P_soft)
                              for m in hybrid])  # (M, B, K)
-            H = self._batch_logits(z, P, group_size) if context == "batch" else self._image_logits(z, P)
+            H = self._batch_logits(z, P, batch_size) if context == "batch" else self._image_logits(z, P)
             logits.update(zip(hybrid, H))
         return logits[mode] if isinstance(mode, str) else torch.stack([logits[m] for m in modes])
 
-    def hybrid_prototypes(self, z, P, group_size=None):
+    def hybrid_prototypes(self, z, P, batch_size=None):
         """Eq. 16-17: C_hybrid (..., G, K, D) of features z (B, D) under assignments P (..., B, K),
-        the rows taken as G consecutive fixed batches of group_size rows (default: one batch)."""
+        the rows taken as G consecutive fixed batches of batch_size rows (default: one batch)."""
         B, K = P.shape[-2:]
-        b = group_size or B
+        b = batch_size or B
         if b < 1 or B % b:
-            raise ValueError(f"group_size {group_size} does not divide the {B} rows")
+            raise ValueError(f"batch_size {batch_size} does not divide the {B} rows")
         z, P = z.view(-1, b, z.shape[1]), P.view(*P.shape[:-2], -1, b, K)  # (G, b, D), (..., G, b, K)
         C_batch = batch_prototypes(P, z, self.eps)  # Eq. 16
         C_global = self.prototypes.expand_as(C_batch)
         return self.mixer(torch.cat([C_global, C_batch], dim=-1))  # Eq. 17
 
-    def _batch_logits(self, z, P, group_size):
+    def _batch_logits(self, z, P, batch_size):
         # P (M, B, K): each of the G fixed batches, z (G, b, D), against its C_hybrid (M, G, K, D)
-        C_hybrid = self.hybrid_prototypes(z, P, group_size)
+        C_hybrid = self.hybrid_prototypes(z, P, batch_size)
         return l2_logits(z.view(C_hybrid.shape[-3], -1, z.shape[1]), C_hybrid).view(P.shape)
 
-    def _image_logits(self, z, P, u=None):
+    def _image_logits(self, z, P):
         # P (M, B, K): one assignment per mode. Alone in its batch, row i has C_batch[j] = a_ij z_i
         # with a_ij = P_ij / (P_ij + eps) (Eq. 16 with B = 1), so its hybrid prototypes are
         # C_hybrid_i[j] = G_j + a_ij * u_i with G = C_global W_g + b_m and u_i = z_i W_b (the
-        # mixer split into its two halves; u given: those of other features, held fixed).
+        # mixer split into its two halves).
         # ||z_i - G_j - a_ij u_i||^2 expands into (B, K) matmuls: no (B, K, D) tensor, no loop.
         D = z.shape[1]
         W_g, W_b = self.mixer.weight[:, :D], self.mixer.weight[:, D:]
         G = F.linear(self.prototypes, W_g, self.mixer.bias)  # (K, D)
-        u = F.linear(z, W_b) if u is None else u  # (B, D)
+        u = F.linear(z, W_b)  # (B, D)
         a = P / (P + self.eps)  # (M, B, K)
         d2_zG = z.pow(2).sum(1, keepdim=True) - 2 * z @ G.t() + G.pow(2).sum(1)  # ||z_i - G_j||^2
         zu = (z * u).sum(1, keepdim=True)  # (B, 1)
@@ -157,19 +168,18 @@ def find_classifier(model):
     return linears[-1]
 
 
-class HPMClassifier(nn.Module):
-    """A frozen base model with the HPM head on the features that enter its final nn.Linear."""
+class FrozenBackbone(nn.Module):
+    """A frozen base model and the features that enter its final nn.Linear (a head goes on top)."""
 
-    def __init__(self, base_model, momentum=0.98, eps=1e-6):
+    def __init__(self, base_model):
         super().__init__()
         self.base_model = base_model.eval().requires_grad_(False)  # head-only: the backbone is frozen
-        self.fc_name, base_fc = find_classifier(base_model)
-        self.head = HPMHead(base_fc, momentum=momentum, eps=eps)
+        self.fc_name = find_classifier(base_model)[0]
         self._checked = False
 
     def train(self, mode=True):
         # The backbone stays in eval mode: BatchNorm statistics and dropout must not change.
-        nn.Module.train(self, mode)  # (not super(): dpnp.py's classifier reuses this method)
+        super().train(mode)
         self.base_model.eval()
         return self
 
@@ -199,6 +209,14 @@ class HPMClassifier(nn.Module):
                     "the model's output; HPM needs a model whose logits come from that layer")
             self._checked = True
         return captured["z"]
+
+
+class HPMClassifier(FrozenBackbone):
+    """A frozen base model with the HPM head on the features that enter its final nn.Linear."""
+
+    def __init__(self, base_model, momentum=0.98, eps=1e-6):
+        super().__init__(base_model)
+        self.head = HPMHead(self.base_model.get_submodule(self.fc_name), momentum=momentum, eps=eps)
 
     def forward(self, x, mode="ste", context="batch"):
         return self.head(self.features(x), mode=mode, context=context)

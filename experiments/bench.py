@@ -34,9 +34,14 @@ import torch.nn.functional as F
 
 import finetune
 import hpm
-from hpmkit import chunks, config, gpu, loading
+from hpmkit import chunks, config, gpu, models
+from hpmkit.attacks import run_attack
+from hpmkit.catalogue import CATALOGUE, Setting
+from hpmkit.chunks import Chunk, FixedBatches
+from hpmkit.jobs import Engine
+from hpmkit.pgd import project
 
-loading.alias_autoattack()
+models.alias_autoattack()
 import evaluate  # noqa: E402  (after the alias: evaluate imports pyautoattack pieces)
 
 
@@ -103,12 +108,16 @@ def head_compiled_vs_eager(model, x, y, device, repeats, calls=50):
     return paired_ratio(lambda: steps(compiled), lambda: steps(model.head), device, repeats)[0]
 
 
+def apgd(target, x, y, steps, sizes=None, whole_batch=True):
+    """evaluate.py's APGD-CE at L-inf 8/255 on x, one chunk of fixed batches of these sizes."""
+    return run_attack(CATALOGUE["apgd-ce"], target, Chunk(x, y, sizes or [len(y)]),
+                      Setting("Linf", 8 / 255, steps=steps), whole_batch=whole_batch)
+
+
 def apgd_step_msa_vs_base(base, model, x, y, device, repeats, steps):
     """One APGD-CE step against the MSA mixture (one backbone pass) / one against the base model."""
     mix = evaluate.Surrogate(model, "mix", "batch")
-    kw = dict(norm="Linf", eps=8 / 255, steps=steps, seed=0)
-    return paired_ratio(lambda: evaluate.run_attack("apgd-ce", mix, x, y, **kw),
-                        lambda: evaluate.run_attack("apgd-ce", base, x, y, **kw), device, repeats)[0]
+    return paired_ratio(lambda: apgd(mix, x, y, steps), lambda: apgd(base, x, y, steps), device, repeats)[0]
 
 
 def finetune_step_vs_unfrozen(base, x, y, device, repeats, steps):
@@ -139,7 +148,7 @@ def finetune_step_vs_unfrozen(base, x, y, device, repeats, steps):
             x_adv = x_adv.detach().requires_grad_(True)
             loss = finetune.ikl_loss(zn_attack, unfrozen(x_adv), y, S, args.alpha, args.beta)
             loss.backward()  # fills the backbone's .grad too, as a loop that does not freeze it
-            x_adv = finetune.project(x_adv + args.step_size * x_adv.grad.sign(), x, args.eps, "Linf")
+            x_adv = project(x_adv + args.step_size * x_adv.grad.sign(), x, args.eps, "Linf")
         za = unfrozen(x_adv.detach())
         opt_unfrozen.zero_grad(set_to_none=True)
         unfrozen.base_model.zero_grad(set_to_none=True)
@@ -175,8 +184,7 @@ def evaluate_vs_autoattack(base, x, y, device, repeats, steps):
     target = row.surrogate(None)
 
     def ours():
-        evaluate.run_attack("apgd-ce", target, x, y, norm="Linf", eps=8 / 255, steps=steps, seed=0,
-                            whole_batch=False)
+        apgd(target, x, y, steps, whole_batch=False)
 
     def direct():
         APGDAttack(base, n_iter=steps, norm="Linf", eps=8 / 255, seed=0, loss="ce",
@@ -209,7 +217,7 @@ def memory_probe(args):
     target = evaluate.Surrogate(model, "mix", "batch") if args._memory_probe == "msa" else base
 
     def attack():
-        evaluate.run_attack("apgd-ce", target, x, y, norm="Linf", eps=8 / 255, steps=args.apgd_steps, seed=0)
+        apgd(target, x, y, args.apgd_steps)
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -237,7 +245,7 @@ def evaluate_throughput(base, model, x, y, steps):
     mix = evaluate.Surrogate(model, "mix", "batch")
     sync(x.device)
     t0 = time.perf_counter()
-    evaluate.run_attack("apgd-ce", mix, x, y, norm="Linf", eps=8 / 255, steps=steps, seed=0)
+    apgd(mix, x, y, steps)
     sync(x.device)
     return len(x) / (time.perf_counter() - t0)
 
@@ -268,11 +276,9 @@ def backbone_best_throughput(base, x, y, device, repeats, sizes):
 
 def attack_phase_throughput(model, x, y, batch, steps, device):
     """Image-steps/s of APGD-CE on the MSA mixture over one chunk of fixed batches (grouped)."""
-    mix = evaluate.Surrogate(model, "mix", "batch")
-    mix.group_size = batch if len(x) > batch else None
+    mix = evaluate.Surrogate(model, "mix", "batch", batch_size=batch)
     sizes = [batch] * (len(x) // batch)
-    run = lambda: evaluate.run_attack("apgd-ce", mix, x, y, norm="Linf", eps=8 / 255, steps=steps,  # noqa: E731
-                                      seed=0, sizes=sizes)
+    run = lambda: apgd(mix, x, y, steps, sizes)  # noqa: E731
     run()  # warm-up
     return len(x) * steps / timed_once(run, device)
 
@@ -280,12 +286,13 @@ def attack_phase_throughput(model, x, y, batch, steps, device):
 def protocol_grouped_vs_sequential(base, model, x, y, batch, chunk, steps, queries, device):
     """The default protocol (version strong's attacks, every row) on one subset: images/s with
     chunks of `chunk` images / images/s one fixed batch at a time."""
-    kw = dict(attacks=evaluate.VERSIONS["strong"]["attacks"], eps=8 / 255, steps=steps, queries=queries,
-              batch_size=batch, seed=0, progress=False, log=lambda *a: None, score_queries=True,
-              device=device)
+    setting = Setting("Linf", 8 / 255, steps=steps, queries=queries, score_queries=True, fixed_batch_square=True)
+    data = FixedBatches(x, y, batch, device)
     times = {}
     for form, c in (("sequential", None), ("grouped", chunk), ("sequential", None), ("grouped", chunk)):
-        t = timed_once(lambda: evaluate.evaluate(evaluate.build_rows(base, model), x, y, chunk=c, **kw), device)
+        engine = Engine(device, c, progress=False, log=lambda *a: None)
+        t = timed_once(lambda: evaluate.evaluate(evaluate.build_rows(base, model), evaluate.VERSIONS["strong"]["attacks"],
+                                                 data, setting, engine), device)
         times[form] = min(times.get(form, math.inf), t)
     return times["sequential"] / times["grouped"], {k: len(x) / v for k, v in times.items()}
 

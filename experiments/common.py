@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hpm
-from hpmkit.loading import progress_bar
+from hpmkit.cli import progress_bar
+from hpmkit.pgd import ascent_step, project
 
 REPO = Path(__file__).resolve().parent.parent
 MNIST_DIR = REPO / "experiments" / "data" / "mnist"  # the embedded test set
@@ -144,16 +145,12 @@ class SmallCNN(nn.Module):
 
 def pgd_linf(model, x, y, eps, steps):
     """L-inf PGD from a uniform random start, signed steps of 2.5 * eps / steps (Madry et al.)."""
-    alpha = 2.5 * eps / steps
-    delta = (torch.rand_like(x) * 2 - 1) * eps
-    delta = (x + delta).clamp(0, 1) - x
+    x_adv = project(x + (torch.rand_like(x) * 2 - 1) * eps, x, eps, "Linf")
     for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), y)
-        grad, = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
-        delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = ascent_step(x_adv.detach(), grad, x, eps, "Linf", 2.5 * eps / steps)
+    return x_adv.detach()
 
 
 def train(model, x, y, epochs, batch_size, device, desc, at_steps=0):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from experiments.common import EPS, make_splits, pgd_linf
 from hpmkit import dpnp
-from hpmkit.loading import progress_bar
+from hpmkit.cli import progress_bar
 
 SETTINGS = {
     "full": dict(n_train=5000, epochs=12, steps=5, batch_size=64, n_plot=1000, eval_steps=20, ramp=(0.1, 0.5)),

@@ -46,6 +46,7 @@ import torch
 
 from experiments.common import (EPS, SmallCNN, accuracy, cli_path, machine, make_splits,
                                 run_script, train)
+from hpmkit.results import Results
 
 # Every knob of the run, full and quick. Not from the paper: sized for 2 CPU cores.
 SETTINGS = {
@@ -166,42 +167,41 @@ ROWS = (("base", "base (FC, adversarially trained)"), ("hpm/batch", "HPM, batch 
 
 
 def row_of(results, name):
-    """The results of one table row: results["base"] or results["hpm"][context]."""
-    return results["base"] if name == "base" else results["hpm"][name.split("/")[1]]
+    """The results of one table row (a results.RowResults)."""
+    return results.row(name)
 
 
 def combined(row, prefix):
     """Accuracy under the best of several attacks per image (e.g. MSA: APGD-CE over all surrogates)."""
-    names = [a for a in row["attacks"] if a.split("/")[0] == prefix]
+    names = [a for a in row.accuracies if a.split("/")[0] == prefix]
     if not names:
         return None
-    per_image = [all(c) for c in zip(*(row["correct"][a] for a in names))]
+    per_image = [all(c) for c in zip(*(row.correct(a) for a in names))]
     return sum(per_image) / len(per_image)
 
 
 def table1(results):
     """The paper's Table 1 shape plus every attack: (compact markdown, per-attack markdown)."""
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}"
-    base = results["base"]
+    base = results.row("base")
     lines = ["| model | clean | APGD-CE | APGD-DLR | APGD-T | Square | worst case | vs base |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, label in ROWS:
         r = row_of(results, name)
-        delta = "" if name == "base" else f"{100 * (r['worst_case'] - base['worst_case']):+.1f}"
-        lines.append(f"| {label} | {pct(r['clean'])} | {pct(combined(r, 'apgd-ce'))} | "
+        delta = "" if name == "base" else f"{100 * (r.worst_case - base.worst_case):+.1f}"
+        lines.append(f"| {label} | {pct(r.clean)} | {pct(combined(r, 'apgd-ce'))} | "
                      f"{pct(combined(r, 'apgd-dlr'))} | {pct(combined(r, 'apgd-t'))} | "
-                     f"{pct(r['attacks'].get('square'))} | {pct(r['worst_case'])} | {delta} |")
+                     f"{pct(r.accuracy('square'))} | {pct(r.worst_case)} | {delta} |")
     compact = "\n".join(lines)
 
-    attacks = list(dict.fromkeys(a for name, _ in ROWS for a in row_of(results, name)["attacks"]))
+    attacks = list(dict.fromkeys(a for name, _ in ROWS for a in row_of(results, name).accuracies))
     lines = ["| accuracy (%) | " + " | ".join(label for _, label in ROWS) + " |",
              "|---|" + "---:|" * len(ROWS)]
     for a in ["clean"] + attacks + ["worst_case"]:
         cells = []
         for name, _ in ROWS:
             r = row_of(results, name)
-            cells.append(pct(r["clean"] if a == "clean" else r["worst_case"] if a == "worst_case"
-                             else r["attacks"].get(a)))
+            cells.append(pct(r.accuracy(a)))
         lines.append(f"| {a.replace('_', ' ')} | " + " | ".join(cells) + " |")
     return compact, "\n".join(lines)
 
@@ -210,7 +210,7 @@ def checks_table(results):
     """Markdown: evaluate.py's gradient-masking checks, one line per row and check."""
     lines = ["| model | check | status | detail |", "|---|---|---|---|"]
     for name, label in ROWS:
-        for check, c in row_of(results, name).get("checks", {}).items():
+        for check, c in row_of(results, name).checks.items():
             if check != "runs":
                 lines.append(f"| {label} | {check} | {c['status']} | {c['detail']} |")
     return "\n".join(lines)
@@ -222,21 +222,21 @@ def versions_table(by_version):
     lines = ["| version | " + " | ".join(label for _, label in ROWS) + " | backbone passes / image | minutes |",
              "|---|" + "---:|" * (len(ROWS) + 2)]
     for version, results in by_version.items():
-        cells = [f"{100 * row_of(results, name)['worst_case']:.1f}" for name, _ in ROWS]
+        cells = [f"{100 * row_of(results, name).worst_case:.1f}" for name, _ in ROWS]
         rows_ = [row_of(results, name) for name, _ in ROWS]
-        passes = sum(sum(r.get("backbone_passes_per_image", {}).values()) for r in rows_)
-        minutes = sum(t for r in rows_ for k, t in r["timings_s"].items() if k != "clean") / 60
+        passes = sum(r.passes_per_image(a) or 0 for r in rows_ for a in r.accuracies)
+        minutes = sum(r.seconds(a) for r in rows_ for a in r.accuracies) / 60
         lines.append(f"| {version} | " + " | ".join(cells) + f" | {passes:,.0f} | {minutes:.1f} |")
     return "\n".join(lines)
 
 
 def verdict(results):
     """A plain sentence per context: did HPM's worst case beat the base model's, on the same images?"""
-    base = results["base"]["correct"]["worst_case"]
+    base = results.row("base").correct("worst_case")
     n = len(base)
     out = []
     for name, label in ROWS[1:]:
-        hpm_wc = row_of(results, name)["correct"]["worst_case"]
+        hpm_wc = row_of(results, name).correct("worst_case")
         gain = sum(h and not b for h, b in zip(hpm_wc, base))  # robust for HPM only
         loss = sum(b and not h for h, b in zip(hpm_wc, base))  # robust for the base only
         d = (sum(hpm_wc) - sum(base)) / n
@@ -324,8 +324,8 @@ def main(args):
     done("evaluate", "results.json (version strong), results_paper.json (version paper)")
 
     stage("table1")
-    results = json.loads((out / "results.json").read_text())
-    results_paper = json.loads((out / "results_paper.json").read_text())
+    results = Results.read(out / "results.json")
+    results_paper = Results.read(out / "results_paper.json")
     versions_md = versions_table({"strong": results, "paper": results_paper})
     compact, per_attack = table1(results)
     checks_md, verdicts = checks_table(results), verdict(results)
@@ -333,7 +333,7 @@ def main(args):
     done("table1", "table1.md")
 
     total = time.time() - t_start
-    ec = results["config"]
+    ec = results.config
     cmd = args.command
     summary = f"""# MNIST miniature of Fig. 1 and Table 1
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from experiments.common import cli_path, machine, run_script
+from hpmkit.results import Results
 
 GRID = [dict(mixer_init=m, attack_mode=a, class_weights=w, attack_loss="official")
         for m, a, w in itertools.product(("average", "global", "default"), ("ste", "soft", "fc"),
@@ -62,11 +63,8 @@ def flags_of(s):
 def row(results, name):
     """One row of a results file: "base", "hpm/batch", or the per-image row ("hpm/image", which
     is the NCM head's only one, or the DPNP head's "dpnp"); None where the run has no such row."""
-    if name == "base":
-        return results["base"]
-    if name == "hpm/image" and "dpnp" in results:
-        return results["dpnp"]
-    return results.get("hpm", {}).get(name.split("/")[1])
+    rows = results.rows()
+    return rows["dpnp"] if name == "hpm/image" and "dpnp" in rows else rows.get(name)
 
 
 def table(runs):
@@ -74,28 +72,27 @@ def table(runs):
     def cells(r, name):
         if r is None:  # a control has no batch context
             return "–", "–", "–"
-        return (f"{100 * r['clean']:.1f}", f"{100 * r['worst_case']:.1f}",
-                f"{100 * (r['worst_case'] - base):+.1f}")
+        return f"{100 * r.clean:.1f}", f"{100 * r.worst_case:.1f}", f"{100 * (r.worst_case - base):+.1f}"
 
     lines = ["| setting: HPM (mixer / attack mode / class weights / attack loss), or a control head "
              "| clean | batch context | vs base | clean | per image | vs base |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         res = r["results"]
-        base = row(res, "base")["worst_case"]
+        base = row(res, "base").worst_case
         mark = {name_of(OFFICIAL): " (official defaults)", name_of(FIRST_LANDING): " (first landing)",
                 "ncm": " (control: l2 to C_global alone)", "dpnp": " (control: Adv-DPNP head)",
                 "dpnp (lambda_DFA 0)": " (control: Adv-DPNP head without DFA)"}.get(r["name"], "")
         lines.append(f"| {r['name']}{mark} | " + " | ".join(cells(row(res, "hpm/batch"), "batch")) + " | "
                      + " | ".join(cells(row(res, "hpm/image"), "image")) + " |")
     base = row(runs[0]["results"], "base")
-    lines.append(f"| base model (its own FC head) | | | | {100 * base['clean']:.1f} | "
-                 f"{100 * base['worst_case']:.1f} | |")
+    lines.append(f"| base model (its own FC head) | | | | {100 * base.clean:.1f} | {100 * base.worst_case:.1f} | |")
     return "\n".join(lines)
 
 
 def plot(runs, path, note):
-    """Worst case of HPM in both contexts per setting, against the base model's."""
+    """Worst case of HPM in both contexts per setting, against the base model's; a setting without
+    a batch context (a control) is marked "n/a", apart from a bar at 0%."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,18 +100,25 @@ def plot(runs, path, note):
 
     names = [r["name"] for r in runs]
     ys = range(len(runs))
-    fig, ax = plt.subplots(figsize=(7, 0.32 * len(runs) + 1.6))
-    for offset, ctx, color, label in ((-0.2, "hpm/batch", "tab:red", "batch context"),
-                                      (0.2, "hpm/image", "tab:blue", "per image")):
-        ax.barh([y + offset for y in ys], [100 * (row(r["results"], ctx) or {"worst_case": 0})["worst_case"]
-                                           for r in runs], height=0.4, color=color, label=label)
-    base = 100 * row(runs[0]["results"], "base")["worst_case"]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(runs) + 2.2))
+    for offset, ctx, color, label in ((-0.2, "hpm/batch", "tab:red", "HPM, batch context"),
+                                      (0.2, "hpm/image", "tab:blue", "HPM, per image (a control: its head)")):
+        values = [row(r["results"], ctx) for r in runs]
+        ax.barh([y + offset for y, v in zip(ys, values) if v is not None],
+                [100 * v.worst_case for v in values if v is not None], height=0.4, color=color, label=label)
+        for y, v in zip(ys, values):
+            if v is None:  # not applicable: no such row, which is not a worst case of 0%
+                ax.text(1, y + offset, "n/a (no batch context)", va="center", fontsize=6, color="dimgray")
+    base = 100 * row(runs[0]["results"], "base").worst_case
     ax.axvline(base, color="black", linestyle="--", label=f"base model ({base:.1f}%)")
     ax.set_yticks(list(ys), names, fontsize=7)
     ax.invert_yaxis()
+    ax.set_xlim(0, 100)
     ax.set_xlabel("worst-case robust accuracy (%)")
+    ax.set_ylabel("fine-tuning setting")
     ax.set_title(f"MNIST miniature: HPM fine-tuning settings\n{note}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(runs)), ncol=3,
+              frameon=False)  # below the axes: never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -146,7 +150,7 @@ def main(args):
                      "--out", cli_path(res), "--overwrite", "--seed", str(args.seed), "--device",
                      args.device, "--no-progress"] + eval_args, out / f"evaluate_{tag}.log")
             seconds.write_text(f"{time.time() - t1:.1f}\n")
-        runs.append({"name": name_of(s), "setting": s, "results": json.loads(res.read_text()),
+        runs.append({"name": name_of(s), "setting": s, "results": Results.read(res),
                      "seconds": float(seconds.read_text()) if seconds.is_file() else None})
     md = table(runs)
     note = (f"evaluate.py version strong, {eval_args[1]} held-out images, {eval_args[3]} APGD steps, "
@@ -157,9 +161,10 @@ def main(args):
     compute = f"{sum(known) / 60:.1f} min of fine-tuning and evaluation over {len(known)} settings"
     if len(known) < len(runs):
         compute += f" ({len(runs) - len(known)} settings from an earlier run, time not recorded)"
-    base = row(runs[0]["results"], "base")["worst_case"]
+    base = row(runs[0]["results"], "base").worst_case
+
     def best_of(r):
-        return max(row(r["results"], c)["worst_case"] for c in ("hpm/batch", "hpm/image")
+        return max(row(r["results"], c).worst_case for c in ("hpm/batch", "hpm/image")
                    if row(r["results"], c) is not None)
 
     best = max(runs, key=best_of)
@@ -176,9 +181,9 @@ def main(args):
     (out / "study.json").write_text(json.dumps(
         {"eval_args": eval_args, "minutes_this_invocation": minutes, "compute": compute, "verdict": verdict,
          "runs": [{k: r[k] for k in ("name", "setting", "seconds")} | {
-             "worst_case": {n: (row(r["results"], n) or {}).get("worst_case")
+             "worst_case": {n: getattr(row(r["results"], n), "worst_case", None)
                             for n in ("base", "hpm/batch", "hpm/image")},
-             "clean": {n: (row(r["results"], n) or {}).get("clean") for n in ("base", "hpm/batch", "hpm/image")}}
+             "clean": {n: getattr(row(r["results"], n), "clean", None) for n in ("base", "hpm/batch", "hpm/image")}}
              for r in runs]}, indent=1))
     print("\n" + md + "\n\n" + verdict + f"\n\nstudy: {out / 'study.md'}, {out / 'study.png'} ({minutes:.1f} min)")
     return runs

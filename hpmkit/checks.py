@@ -4,10 +4,11 @@ accuracy must fall as eps grows and reach ~0 at a large eps; twice the steps mus
 much; Square (black-box) must not beat the gradient attacks; a transfer attack from a surrogate
 beating the end-to-end attack means obfuscated gradients (expected for HPM: why MSA exists)."""
 import math
+from dataclasses import dataclass, replace
 
-from hpmkit.chunks import batch_loader, chunk_sizes, make_batches
-from hpmkit.jobs import row_store, run_job
-from hpmkit.loading import WarningCounter
+from hpmkit.catalogue import CATALOGUE
+from hpmkit.cli import WarningCounter
+from hpmkit.jobs import Job, run_job
 
 
 def sweep_eps(norm, eps, dim):
@@ -43,14 +44,16 @@ def check_doubled_steps(attack, a1, a2, steps, n, tol_n):
     }
 
 
-def check_square_vs_gradient(store, tol):
-    """A black-box attack must not beat the best gradient attack (whole subset)."""
-    grads = {k: v for k, v in store["attacks"].items() if k != "square"}
-    if "square" not in store["attacks"] or not grads:
+def check_square_vs_gradient(rr, tol):
+    """A black-box attack must not beat the best gradient attack (whole subset); rr: the row's
+    results.RowResults."""
+    accuracies = rr.accuracies
+    grads = {k: v for k, v in accuracies.items() if k != "square"}
+    if "square" not in accuracies or not grads:
         return {"status": "n/a", "detail": "needs square and a gradient attack"}
-    best, sq = min(grads, key=grads.get), store["attacks"]["square"]
-    only_square = sum(1 for i, c in enumerate(store["correct"]["square"])
-                      if not c and all(store["correct"][k][i] for k in grads))
+    best, sq = min(grads, key=grads.get), accuracies["square"]
+    only_square = sum(1 for i, c in enumerate(rr.correct("square"))
+                      if not c and all(rr.correct(k)[i] for k in grads))
     ok = sq >= grads[best] - tol
     return {
         "square": sq, "best_gradient": grads[best], "best_gradient_attack": best,
@@ -61,9 +64,9 @@ def check_square_vs_gradient(store, tol):
     }
 
 
-def check_transfer_vs_end_to_end(store, tol):
+def check_transfer_vs_end_to_end(rr, tol):
     """A transfer attack from a surrogate beating the end-to-end (/ste) attack: obfuscated gradients."""
-    grads = {k: v for k, v in store["attacks"].items() if k != "square"}
+    grads = {k: v for k, v in rr.accuracies.items() if k != "square"}
     transfer = {k: v for k, v in grads.items() if not k.endswith("/ste")}
     end2end = {k: v for k, v in grads.items() if k.endswith("/ste")}
     if not (transfer and end2end):
@@ -80,24 +83,24 @@ def check_transfer_vs_end_to_end(store, tol):
     }
 
 
-def gradient_masking_checks(row_name, runs, store, *, eps, sweep, steps, n, tol):
+def gradient_masking_checks(row_name, runs, rr, setting, sweep, n, tol):
     """The four checks as {name: {"status": "pass" | "flag" | "n/a", "detail": str, numbers...}}.
 
-    runs: accuracies of the check attacks on the first n images, keyed by check_key();
-    store: the row's main results (whole subset); sweep: the eps values of the sweep.
+    runs: accuracies of the check attacks on the first n images, keyed by check_key(); rr: the
+    row's main results (whole subset); setting: the run's; sweep: the eps values of the sweep.
     tol: the accuracy difference tolerated; on the n check images, never less than one image.
     """
-    attack = check_attack(row_name)
+    attack, eps, steps = check_attack(row_name), setting.eps, setting.steps
     tol_n = max(tol, 1 / n)
     out = {
         "eps_sweep": check_eps_sweep(attack, [runs[check_key(attack, e, steps)] for e in sweep],
                                      sweep, n, tol_n),
         "doubled_steps": check_doubled_steps(attack, runs[check_key(attack, eps, steps)],
                                              runs[check_key(attack, eps, 2 * steps)], steps, n, tol_n),
-        "square_vs_gradient": check_square_vs_gradient(store, tol),
+        "square_vs_gradient": check_square_vs_gradient(rr, tol),
     }
     if row_name != "base":
-        out["transfer_vs_end_to_end"] = check_transfer_vs_end_to_end(store, tol)
+        out["transfer_vs_end_to_end"] = check_transfer_vs_end_to_end(rr, tol)
     return out
 
 
@@ -110,37 +113,36 @@ def check_key(attack, eps, steps):
     return f"{attack} eps={eps:.6g} steps={steps}"
 
 
-def run_checks(rows, x, y, results, attack_chunk, *, norm, eps, steps, queries, batch_size, seed,
-               checks_n, tol, fit, on_update=None, device="cpu", progress=True, score_queries=False,
-               restarts=1, chunk=None, ranks=None):
-    """--checks: the eps sweep and doubled steps on the first `checks_n` images of the subset
-    (cut into the same fixed batches), attacked by attack_chunk (evaluate.py's); the other two
-    checks from the main results. fit: the evaluation's gpu.MemoryFit."""
-    n = min(checks_n, len(y))
-    batches = make_batches(n, batch_size)
-    batch = batch_loader(x[:n], y[:n], batches, device)
-    sweep = sorted(set(sweep_eps(norm, eps, x[0].numel())) | {eps})
+@dataclass(frozen=True)
+class Checks:
+    """--checks: on the first n images of the subset, accuracy differences of tol tolerated."""
+    n: int = 512
+    tol: float = 0.02
+
+
+def run_checks(rows, data, results, setting, engine, checks, attack_chunk):
+    """--checks: the eps sweep and doubled steps on the first checks.n images of the fixed batches
+    `data` (the same fixed batches), each a run of the main setting with another eps or twice
+    the steps, attacked by attack_chunk (evaluate.py's) through engine (jobs.Engine); the other
+    two checks from the main results."""
+    n = min(checks.n, len(data))
+    part = data.first(n)
+    sweep = sorted(set(sweep_eps(setting.norm, setting.eps, data.x[0].numel())) | {setting.eps})
     for row in rows:
-        checks = row_store(results, row.name).setdefault("checks", {})
-        runs = checks.get("runs")
-        if runs is None or runs["n"] != n:  # first time, or another --checks-n: start again
-            runs = checks["runs"] = {"n": n, "accuracy": {}, "correct": {}, "batches_done": {},
-                                     "timings_s": {}}
-        attack = check_attack(row.name)
-        for e, s in [(e, steps) for e in sweep] + [(eps, 2 * steps)]:
-            key = check_key(attack, e, s)
-            if key in runs["accuracy"]:
+        rr = results.row(row.name)
+        runs = rr.check_runs(n)
+        attack = CATALOGUE[check_attack(row.name)]
+        for s in [replace(setting, eps=e) for e in sweep] + [replace(setting, steps=2 * setting.steps)]:
+            key = check_key(attack.name, s.eps, s.steps)
+            if runs.finished(key):
                 continue
-            job = fit(lambda first, end, e=e, s=s: attack_chunk(
-                row, attack, *batch(first, end), chunk_sizes(batches, first, end), norm=norm, eps=e,
-                steps=s, queries=queries, seed=seed, warnings=WarningCounter(),
-                score_queries=score_queries, restarts=restarts), row.name, batches)
-            correct = run_job(runs, key, batches, job, desc=f"{row.name} check {key}", chunk=chunk,
-                              show_progress=progress, on_update=on_update, ranks=ranks,
-                              key=f"{row.name}|check {key}")
-            runs["accuracy"][key] = sum(correct) / n
-        checks.update(gradient_masking_checks(row.name, runs["accuracy"], row_store(results, row.name),
-                                              eps=eps, sweep=sweep, steps=steps, n=n, tol=tol))
-        if on_update is not None:
-            on_update()
+
+            def run(first, end, s=s):
+                return attack_chunk(row, attack, part.chunk(first, end), s, WarningCounter())
+
+            run_job(runs, Job(row.name, key, run, label=f"check {key}"), part.batches, engine)
+            runs.finish(key)
+        rr.checks.update(gradient_masking_checks(row.name, rr.check_accuracies(), rr, setting, sweep, n,
+                                                 checks.tol))
+        engine.updated()
     return results

@@ -8,10 +8,11 @@ very numbers it gets when attacked alone, so a per-image model gets the same res
 sequential form (tested), and a batch-dependent one the same attack up to float rounding.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
-from hpmkit.loading import to_float
+from hpmkit.data import to_float
 
 
 def seed_all(seed):
@@ -90,6 +91,12 @@ def perturb_chunk(apgd, x, y, sizes, n_targets=0):
     return adv
 
 
+def square_side(p, c, h, w):
+    """The side of Square's square for the fraction p of the image's pixels, as AutoAttack's
+    SquareAttack (L-inf) computes it: at least 1, at most the image's smaller side."""
+    return min(max(int(round(math.sqrt(p * c * h * w / c))), 1), min(h, w))
+
+
 @torch.no_grad()
 def square_chunk(sq, x, y, sizes):
     """AutoAttack's SquareAttack.perturb (L-inf, one restart) as if called on each fixed batch of
@@ -104,8 +111,7 @@ def square_chunk(sq, x, y, sizes):
         return adv
     xs, ys = x[idx], y[idx]
     counts = torch.bincount(group[idx], minlength=len(sizes)).tolist()
-    sides = [min(max(int(round(math.sqrt(sq.p_selection(i) * c * h * w / c))), 1), min(h, w))
-             for i in range(sq.n_queries)]
+    sides = [square_side(sq.p_selection(i), c, h, w) for i in range(sq.n_queries)]
     streams = BatchStreams(sq.seed, len(sizes))
 
     def schedule(n):  # the library's draws on a batch of n images: the start, then one square per query
@@ -143,13 +149,13 @@ def square_chunk(sq, x, y, sizes):
     return adv
 
 
-def per_batch(attack_one, target, x, y, sizes):
-    """attack_one(target, x, y) -> runs on each fixed batch of the chunk in turn, the target alone
+def per_batch(attack_one, target, chunk):
+    """attack_one(target, batch) -> runs on each fixed batch of the chunk in turn, the target alone
     on that batch (target.alone: no groups, a scorer of its own, merged back); the runs joined."""
     runs, a, scorer = None, 0, target.scorer
-    for n in sizes:
+    for n in chunk.sizes:
         sub = None if scorer is None else scorer.part(a, a + n)
-        out = attack_one(target.alone(sub), x[a:a + n], y[a:a + n])
+        out = attack_one(target.alone(sub), chunk.part(a, a + n))
         if sub is not None:
             scorer.absorb(a, sub)
         runs = out if runs is None else [torch.cat(pair) for pair in zip(runs, out)]
@@ -196,20 +202,77 @@ def balanced_chunks(batches, chunk, world):
     return list(zip(ends[:-1], ends[1:])) + [(i, i + 1) for i in range(full, len(batches))]
 
 
-def batch_loader(x, y, batches, device):
-    """(first, end) -> (images float (n, C, H, W) in [0, 1], labels (n,)) of batches first..end-1."""
-    def batch(first, end):
-        a, b = batches[first][0], batches[end - 1][1]
-        xb = to_float(x[a:b], device) if x.dtype == torch.uint8 else x[a:b].to(device).float()
-        return xb, y[a:b].to(device)
-    return batch
+@dataclass
+class Chunk:
+    """Consecutive whole fixed batches attacked at once: images x (n, C, H, W) in [0, 1] on the
+    device, labels y (n,), the batches' sizes (a short last batch of the subset stands alone),
+    and where the chunk starts in the subset."""
+    x: torch.Tensor
+    y: torch.Tensor
+    sizes: list
+    start: int = 0
+
+    @property
+    def batch_size(self):
+        """The fixed batch size: the rows are consecutive fixed batches of this many images."""
+        return self.sizes[0]
+
+    @property
+    def grouped_by(self):
+        """What a batch-context model groups the rows by: the fixed batch size in a chunk of several
+        batches; None for one batch, whose queries are classified as they come (AutoAttack's Square
+        queries the images it has not fooled yet, part of the batch)."""
+        return self.batch_size if len(self.sizes) > 1 else None
+
+    @property
+    def span(self):
+        """Its images' positions in the subset."""
+        return slice(self.start, self.start + len(self.y))
+
+    def part(self, a, b):
+        """Rows a..b-1 (whole fixed batches of the chunk) as a chunk of their own."""
+        sizes, at = [], 0
+        for n in self.sizes:
+            if a <= at < b:
+                sizes.append(n)
+            at += n
+        return Chunk(self.x[a:b], self.y[a:b], sizes, self.start + a)
 
 
-def chunk_sizes(batches, first, end):
-    """The sizes of the fixed batches first..end-1."""
-    return [b - a for a, b in batches[first:end]]
+@dataclass
+class ChunkResult:
+    """What one attack did to a chunk of fixed batches (n images)."""
+    correct: torch.Tensor  # (n,) bool: correct under every scored batch of the attack
+    x_adv: torch.Tensor = None  # (n, C, H, W): the adversarial batches kept (None: clean pass)
+    final_correct: torch.Tensor = None  # (n,) bool: the kept batch alone, where queries were scored
+
+    @staticmethod
+    def join(parts):
+        """Consecutive parts of a chunk as one."""
+        def cat(name):
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+        return ChunkResult(cat("correct"), cat("x_adv"), cat("final_correct"))
 
 
-def chunk_group(batches, first, end):
-    """The group size of a chunk (its batches' size), None for one batch."""
-    return batches[first][1] - batches[first][0] if end - first > 1 else None
+class FixedBatches:
+    """The evaluation subset cut into fixed consecutive batches of batch_size: images x (N, C, H,
+    W; uint8 or float in [0, 1]) and labels y (N,), served as chunks on the device."""
+
+    def __init__(self, x, y, batch_size, device="cpu"):
+        self.x, self.y, self.batch_size, self.device = x, y, batch_size, device
+        self.batches = make_batches(len(y), batch_size)  # [(start, end), ...]
+
+    def __len__(self):
+        return len(self.y)
+
+    def chunk(self, first, end):
+        """Batches first..end-1 as a Chunk (float images on the device)."""
+        a, b = self.batches[first][0], self.batches[end - 1][1]
+        x = self.x[a:b]
+        x = to_float(x, self.device) if x.dtype == torch.uint8 else x.to(self.device).float()
+        return Chunk(x, self.y[a:b].to(self.device), [e - s for s, e in self.batches[first:end]], a)
+
+    def first(self, n):
+        """The first n images, cut into the same fixed batches (the checks')."""
+        return FixedBatches(self.x[:n], self.y[:n], self.batch_size, self.device)

@@ -1,29 +1,16 @@
-"""The evaluation's configuration: the names of the attacks, the settings a results file must
-match to be resumed, every flag checked before anything is loaded or written, the fixed subset."""
-import hashlib
-import json
+"""The evaluation's configuration: every flag checked before anything is loaded or written, the
+settings a results file must match to be resumed, the run's attack setting, the fixed subset."""
 import os
 
 import torch
 
-from hpmkit.loading import (DATASETS, DEFAULT_EPS, CLIError, check_device, check_eps, check_labels,
-                            check_out, check_positive, load_data, read_head)
+from hpmkit.catalogue import ALL_ATTACKS, CONTEXTS, Setting, parse_attacks
+from hpmkit.checkpoint import read_head
+from hpmkit.cli import CLIError, check_device, check_eps, check_positive
+from hpmkit.data import DATASETS, DEFAULT_EPS, check_labels, load_data
+from hpmkit.files import check_out, sha256
 from hpmkit.ranks import world_size
-LOSSES = ("ce", "dlr")
-SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the real model (BPDA), their mixture
-ADAPTIVE = ("fixed",)  # adaptive surrogates designed from hpm.py (Tramer et al. 2020)
-CONTEXTS = ("batch", "image")
-HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)
-KINDS = ("apgd-ce", "apgd-dlr", "apgd-t", "apgd-cw")  # APGD-T: AutoAttack's targeted DLR attack
-# "flip/mix": adaptive, against the batch prototypes (attacks.flip_attack); HPM rows only.
-# "joint/*" and "target/*": the batch as the adversary's (attacks.joint_attack, target_attack),
-# through a surrogate with batch prototypes; the batch context only, last (target reads the
-# images every other attack left standing).
-BATCH_ADVERSARY = tuple(f"{k}/{s}" for k in ("joint", "target") for s in ("soft", "ste", "mix"))
-ALL_ATTACKS = (tuple(f"{k}/{s}" for k in KINDS for s in SURROGATES + ADAPTIVE) + ("flip/mix", "square")
-               + BATCH_ADVERSARY)
-ORDER = ("clean",) + KINDS + ALL_ATTACKS + ("worst_case",)  # of the attacks in a row's results
-
+from hpmkit.results import Results
 
 # --chunk: images attacked at once. On the CPU one batch of the default size: bench.py measured
 # larger batches slower per image there (WRN-16-4 forward+backward: 148 images/s at 64, 88 at 256).
@@ -33,31 +20,7 @@ DEFAULT_CHUNK = {"cuda": 1024, "cpu": 64}
 # Settings that change the numbers: an existing --out file must match them to be resumed.
 IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
             "head_sha256", "eps", "n_examples", "subset_seed", "per_class", "batch_size", "steps",
-            "queries", "seed", "score_queries", "restarts")
-
-
-def parse_attacks(text):
-    """"apgd-ce/mix,square" -> canonical ordered names; a bare "apgd-ce" means every surrogate."""
-    chosen = set()
-    for tok in (t.strip() for t in text.split(",") if t.strip()):
-        if tok in KINDS:
-            chosen |= {f"{tok}/{s}" for s in SURROGATES}
-        elif tok in ALL_ATTACKS:
-            chosen.add(tok)
-        else:
-            raise CLIError(f"unknown attack {tok!r}; choose from {', '.join(ALL_ATTACKS)} "
-                           f"(or {' / '.join(KINDS)} for all four surrogates)")
-    if not chosen:
-        raise CLIError("--attacks is empty")
-    return [a for a in ALL_ATTACKS if a in chosen]
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            "queries", "seed", "score_queries", "fixed_batch_square", "restarts")
 
 
 def resolve_config(args, versions):
@@ -85,7 +48,7 @@ def resolve_config(args, versions):
         5 if cfg["dataset"] == "imagenet" and args.data is None else None)
     version = versions[cfg["version"]]
     cfg["steps"] = args.steps if args.steps is not None else version["steps"]
-    cfg["score_queries"] = version["score_queries"]
+    cfg["score_queries"], cfg["fixed_batch_square"] = version["score_queries"], version["fixed_batch_square"]
     check_positive(batch_size=cfg["batch_size"], steps=cfg["steps"], queries=cfg["queries"],
                    restarts=cfg["restarts"], checks_n=cfg["checks_n"], n_examples=cfg["n_examples"],
                    per_class=cfg["per_class"])
@@ -107,7 +70,7 @@ def resolve_config(args, versions):
                               else "eval.json")
     # --overwrite replaces a results file only: never an input, nor any other file
     check_out(cfg["out"], [args.head, cfg["model"], args.data, args.save_adv],
-              lambda path: read_results(path) is not None, "results file of evaluate.py")
+              lambda path: Results.read(path) is not None, "results file of evaluate.py")
     cfg["device"] = check_device(cfg["device"])
     if cfg["chunk"] is None:
         cfg["chunk"] = DEFAULT_CHUNK.get(cfg["device"].type, DEFAULT_CHUNK["cpu"])
@@ -117,17 +80,11 @@ def resolve_config(args, versions):
     return cfg, ckpt
 
 
-def check_classes(attacks, num_classes):
-    """AutoAttack's DLR loss reads the 3rd largest logit, its targeted DLR (APGD-T, and flip's
-    first run) the 4th: refuse attacks the model has too few classes for, naming the rest."""
-    need = {a: 4 if a.startswith(("apgd-t/", "flip/")) else 3 if a.startswith("apgd-dlr/") else 2
-            for a in attacks}
-    too_few = [a for a in attacks if need[a] > num_classes]
-    if too_few:
-        keep = [a for a in attacks if a not in too_few]
-        raise CLIError(f"the model has {num_classes} classes: {', '.join(too_few)} need at least "
-                       f"{max(need[a] for a in too_few)} (AutoAttack's DLR losses read the 3rd or 4th "
-                       "largest logit)" + (f"; pass --attacks {','.join(keep)}" if keep else ""))
+def setting_of(cfg):
+    """The attacks' setting of a resolved configuration (cfg: resolve_config's)."""
+    return Setting(norm=cfg["threat_model"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
+                   seed=cfg["seed"], restarts=cfg["restarts"], score_queries=cfg["score_queries"],
+                   fixed_batch_square=cfg["fixed_batch_square"])
 
 
 def select_subset(n_total, n_examples, seed):
@@ -150,44 +107,17 @@ def load_subset(cfg, num_classes):
     return x_all[idx], y_all[idx], idx, len(y_all), n_examples
 
 
-def read_results(path):
-    """The results dict a results file of evaluate.py holds, else None."""
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return results if isinstance(results, dict) and isinstance(results.get("config"), dict) else None
-
-
-def check_stores(results, n):
-    """What a resumed run reads of each row's results, checked (a file edited by hand or damaged
-    says so in one line): lists of 0/1 of at most n images, counts, accuracies."""
-    stores = [results[k] for k in ("base", "dpnp") if k in results]
-    if "hpm" in results:
-        stores += list(results["hpm"].values()) if isinstance(results["hpm"], dict) else [None]
-    for store in stores:
-        ok = (isinstance(store, dict) and all(isinstance(store.get(k), dict) for k in
-                                              ("correct", "attacks", "batches_done", "timings_s"))
-              and all(isinstance(v, list) and len(v) <= n and set(v) <= {0, 1} for v in store["correct"].values())
-              and all(isinstance(v, int) and v >= 0 for v in store["batches_done"].values())
-              and all(isinstance(v, (int, float)) for v in store["attacks"].values()))
-        if not ok:
-            return False
-    return True
-
-
 def open_results(cfg, n):
-    """The results dict to fill: {} to start, or what --out holds to resume (n images). Refuses a
+    """The results to fill: empty to start, or what --out holds to resume (n images). Refuses a
     file of another configuration (unless --overwrite), or one whose rows do not hold together.
     Writes nothing. A resumed file keeps the attacks it finished: its config names them with
     this run's (the union, in the canonical order)."""
     out = cfg["out"]
     if not os.path.exists(out) or cfg["overwrite"]:
-        return {}
-    results = read_results(out)  # (resolve_config refused any other file at --out)
-    old = results["config"]
-    if not check_stores(results, n):
+        return Results()
+    results = Results.read(out)  # (resolve_config refused any other file at --out)
+    old = results.config
+    if not results.holds_together(n):
         raise CLIError(f"{out}: its results were edited or damaged (a row does not hold together); "
                        "choose another --out or pass --overwrite to start over")
     diff = [f"{k}: {old.get(k)!r} there, {cfg[k]!r} now" for k in IDENTITY if old.get(k) != cfg[k]]

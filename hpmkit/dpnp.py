@@ -87,19 +87,13 @@ def adv_dpnp_loss(head, z, z_adv, y, lambda_dpp=0.1, lambda_dnp=0.1, lambda_dfa=
     return lambda_dnp * dnp_loss(C) + (clean_dpp + adv_dpp + lambda_dfa * dfa_loss(logits, logits_adv)) / 2
 
 
-class DPNPClassifier(nn.Module):
-    """A frozen base model with a DPNP head on the features that enter its final nn.Linear."""
+class DPNPClassifier(hpm.FrozenBackbone):
+    """A frozen base model with a DPNP head on the features that enter its final nn.Linear (the
+    frozen-backbone machinery is HPM's: eval mode kept, features from one forward hook)."""
 
     def __init__(self, base_model, alpha=40.0):
-        super().__init__()
-        self.base_model = base_model.eval().requires_grad_(False)
-        self.fc_name, base_fc = hpm.find_classifier(base_model)
-        self.head = DPNPHead(base_fc, alpha=alpha)
-        self._checked = False
-
-    # The same frozen-backbone machinery as HPM: eval mode kept, features from one forward hook.
-    train = hpm.HPMClassifier.train
-    features = hpm.HPMClassifier.features
+        super().__init__(base_model)
+        self.head = DPNPHead(self.base_model.get_submodule(self.fc_name), alpha=alpha)
 
     def forward(self, x):
         return self.head(self.features(x))

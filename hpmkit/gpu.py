@@ -1,8 +1,8 @@
 """The GPU's two options: chunks that fit in its memory, and the head through torch.compile."""
 import torch
 
-from hpmkit.jobs import ChunkResult
-from hpmkit.loading import CLIError
+from hpmkit.chunks import ChunkResult
+from hpmkit.cli import CLIError
 
 
 class MemoryFit:

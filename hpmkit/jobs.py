@@ -1,35 +1,64 @@
 """Jobs and resume: an attack (or the clean pass) over all fixed batches of a row, a chunk of
-whole batches at a time, its results kept in the results dict after every chunk so that a rerun
-of the same command continues where the last one stopped. Also what a job measures (images
-through the backbone) and keeps (--save-adv)."""
+whole batches at a time, recorded in the results after every chunk so that a rerun of the
+same command continues where the last one stopped. One loop for one process and for many
+(torchrun: ranks.Ranks chooses each process's chunks). Also what a job measures (images through
+the backbone) and keeps (--save-adv)."""
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from hpmkit.chunks import make_chunks
-from hpmkit.loading import atomic_save, progress_bar
+from hpmkit.cli import progress_bar
+from hpmkit.files import atomic_save
+from hpmkit.gpu import MemoryFit
 
 
 @dataclass
-class ChunkResult:
-    """What one attack did to a chunk of fixed batches (n images)."""
-    correct: torch.Tensor  # (n,) bool: correct under every scored batch of the attack
-    x_adv: torch.Tensor = None  # (n, C, H, W): the adversarial batches kept (None: clean pass)
-    final_correct: torch.Tensor = None  # (n,) bool: the kept batch alone, where queries were scored
+class Engine:
+    """How jobs run, below the protocol: the device, chunks of whole fixed batches (`chunk`
+    images at most; None: one batch at a time), the processes of torchrun (a ranks.Ranks or
+    None), chunks that fit in GPU memory (a gpu.MemoryFit, shared by every job of a run), the
+    progress bars, and what is called after every chunk (the results written)."""
+    device: torch.device = torch.device("cpu")
+    chunk: int = None
+    ranks: object = None
+    fit: MemoryFit = None
+    progress: bool = True
+    on_update: Callable = None
+    log: Callable = print
 
-    @staticmethod
-    def join(parts):
-        """Consecutive parts of a chunk as one."""
-        def cat(name):
-            values = [getattr(p, name) for p in parts]
-            return None if any(v is None for v in values) else torch.cat(values)
-        return ChunkResult(cat("correct"), cat("x_adv"), cat("final_correct"))
+    def __post_init__(self):
+        self.fit = self.fit or MemoryFit(self.log)
+
+    def updated(self):
+        if self.on_update is not None:
+            self.on_update()
+
+
+@dataclass
+class Job:
+    """An attack (or the clean pass, or a check's attack) over every fixed batch of a row."""
+    row: str  # the row's name ("hpm/batch")
+    name: str  # the job's name in the row's results
+    run: Callable  # (first, end) -> chunks.ChunkResult on fixed batches first..end-1
+    backbone: torch.nn.Module = None  # whose forward passes measure the job's cost
+    save: Callable = None  # save(i, x_adv): keeps batch i's adversarial images (--save-adv)
+    label: str = None  # how progress and torchrun's ledgers name it (default: name)
+
+    @property
+    def key(self):
+        return f"{self.row}|{self.label or self.name}"
+
+    @property
+    def desc(self):
+        return f"{self.row} {self.label or self.name}"
 
 
 class BackboneCounter:
-    """Context manager: images (rows) that go through `module`'s forward, and how many calls."""
+    """Context manager: images that go through `module`'s forward, and how many calls."""
 
     def __init__(self, module):
         self.module, self.images, self.batches = module, 0, 0
@@ -47,76 +76,72 @@ class BackboneCounter:
             self.handle.remove()
 
 
-def new_store():
-    """The results of one row of the table."""
-    return {"clean": None, "attacks": {}, "worst_case": None, "correct": {}, "batches_done": {},
-            "timings_s": {}}
+class Alone:
+    """One process's share of a job: every chunk from where the results left off, each recorded
+    at once."""
 
+    def __init__(self, runs, job, batches, engine):
+        self.runs, self.name, self.engine = runs, job.name, engine
+        self.p = runs.progress(job.name, batches)
+        runs.record(job.name, self.p)
+        self.todo, self.done = make_chunks(batches, self.p.done, engine.chunk), self.p.done
+        self.desc, self.shows_progress = job.desc, True
 
-def row_store(results, name):
-    """results["base"], results["dpnp"] or results["hpm"][context] for a row name like "hpm/batch"."""
-    if "/" not in name:
-        return results.setdefault(name, new_store())
-    model, ctx = name.split("/")
-    return results.setdefault(model, {}).setdefault(ctx, new_store())
-
-
-def record(store, name, correct, final, done, seconds, images):
-    """A job's results so far into a row's store: per-image correct (0/1 lists), the kept final
-    batches' own scores (or None), batches done, seconds and backbone images (None: unknown)."""
-    store["correct"][name] = correct
-    if final is not None:
-        store.setdefault("final_batch_correct", {})[name] = final
-    store["batches_done"][name] = done
-    store["timings_s"][name] = seconds
-    store.setdefault("backbone_images", {})[name] = images
-
-
-def run_job(store, name, batches, attack_chunk, *, desc, chunk=None, show_progress=True,
-            on_update=None, save=None, backbone=None, ranks=None, key=None):
-    """Run attack_chunk(first, end) -> ChunkResult over the batches, a chunk of whole fixed
-    batches at a time, resuming where store left off; returns the per-image 0/1 list.
-    save(i, x_adv): keeps batch i's adversarial images. backbone: the module whose images are
-    counted into store["backbone_images"]. ranks: a ranks.Ranks when several processes share
-    the work (torchrun); key names the job in their ledgers."""
-    if ranks is not None:
-        return ranks.run_job(store, name, batches, attack_chunk, desc=desc, chunk=chunk,
-                             show_progress=show_progress, backbone=backbone, key=key or name)
-    done = store["batches_done"].get(name, 0)
-    n_done = batches[done - 1][1] if done else 0
-    correct = list(store["correct"].get(name, []))[:n_done]
-    final = store.get("final_batch_correct", {}).get(name)
-    final = None if final is None else list(final)[:n_done]
-    seconds = store["timings_s"].get(name, 0.0)
-    # resumed from a file written before the count existed: unknown
-    images = 0 if done == 0 else store.get("backbone_images", {}).get(name)
-    record(store, name, correct, final, done, seconds, images)
-    bar = progress_bar(len(batches), desc, show_progress)
-    bar.update(done)
-    for first, end in make_chunks(batches, done, chunk):
-        t0 = time.perf_counter()
-        with BackboneCounter(backbone) as seen:
-            result = attack_chunk(first, end)
-        if save is not None and result.x_adv is not None:
-            for i in range(first, end):
-                save(i, result.x_adv[batches[i][0] - batches[first][0]:batches[i][1] - batches[first][0]])
-        correct += result.correct.int().tolist()
+    def add(self, first, end, result, seconds, images):
+        p = self.p
+        p.correct += result.correct.int().tolist()
         if result.final_correct is not None:
-            final = (final or []) + result.final_correct.int().tolist()
-        seconds += time.perf_counter() - t0
-        images = None if images is None else images + seen.images
-        record(store, name, correct, final, end, seconds, images)
-        bar.set_postfix_str(f"acc {sum(correct) / len(correct):.1%}")
+            p.final = (p.final or []) + result.final_correct.int().tolist()
+        p.done, p.seconds = end, p.seconds + seconds
+        p.images = None if p.images is None else p.images + images
+        self.runs.record(self.name, p)
+        self.engine.updated()
+        return f"acc {sum(p.correct) / len(p.correct):.1%}"
+
+    def finish(self):
+        return self.p.correct
+
+
+def run_job(runs, job, batches, engine):
+    """Run job.run over the fixed batches (chunks of whole batches, at most engine.chunk images),
+    resuming where `runs` (a results.Runs) left off; returns the per-image 0/1 list."""
+    share = engine.ranks.share(runs, job, batches, engine) if engine.ranks is not None else Alone(
+        runs, job, batches, engine)
+    run = engine.fit(job.run, job.row, batches)
+    bar = progress_bar(len(batches), share.desc, engine.progress and share.shows_progress)
+    bar.update(share.done)
+    for first, end in share.todo:
+        t0 = time.perf_counter()
+        with BackboneCounter(job.backbone) as seen:
+            result = run(first, end)
+        if job.save is not None and result.x_adv is not None:
+            for i in range(first, end):
+                job.save(i, result.x_adv[batches[i][0] - batches[first][0]:batches[i][1] - batches[first][0]])
+        postfix = share.add(first, end, result, time.perf_counter() - t0, seen.images)
+        if postfix:
+            bar.set_postfix_str(postfix)
         bar.update(end - first)
-        if on_update is not None:
-            on_update()
     bar.close()
-    return correct
+    return share.finish()
 
 
 def adv_path(save_dir, row_name, attack):
     """Where --save-adv keeps one attack's adversarial images of one row."""
     return os.path.join(save_dir, f"{row_name.replace('/', '-')}__{attack.replace('/', '_')}.pt")
+
+
+class AdvStore:
+    """--save-adv: a folder that keeps every attack's adversarial images, one file per row and
+    attack (with the labels, the subset's indices and the fixed batches)."""
+
+    def __init__(self, save_dir, y, indices, batches):
+        self.dir, self.y, self.indices, self.batches = save_dir, y, indices, batches
+
+    def has(self, row_name, attack):
+        return os.path.exists(adv_path(self.dir, row_name, attack))
+
+    def saver(self, row_name, attack):
+        return AdvSaver(self.dir, row_name, attack, self.y, self.indices, self.batches)
 
 
 class AdvSaver:

@@ -4,13 +4,12 @@ import datetime
 import json
 import os
 import shutil
-import time
 
 import torch
 
 from hpmkit.chunks import balanced_chunks
-from hpmkit.jobs import BackboneCounter, record
-from hpmkit.loading import progress_bar, write_json
+from hpmkit.files import write_json
+from hpmkit.results import Progress
 
 
 def world_size():
@@ -91,34 +90,44 @@ class Ranks:
     def barrier(self):
         self.dist.barrier()
 
-    def run_job(self, store, name, batches, attack_chunk, *, desc, chunk, show_progress, backbone, key):
-        """jobs.run_job's work, shared out: this rank's chunks, then every rank's results."""
-        chunks = balanced_chunks(batches, chunk, self.world)
-        done = self.before.get(key, {})
-        todo = [c for c in chunks if str(c[0]) not in done][self.rank::self.world]
-        bar = progress_bar(len(todo), f"{desc} (rank {self.rank}: {len(todo)} chunks)",
-                           show_progress and self.rank == 0)
-        for first, end in todo:
-            t0 = time.perf_counter()
-            with BackboneCounter(backbone) as seen:
-                result = attack_chunk(first, end)
-            final = result.final_correct
-            self.write_ledger(key, first, {"end": end, "correct": result.correct.int().tolist(),
-                                           "final": None if final is None else final.int().tolist(),
-                                           "seconds": time.perf_counter() - t0, "images": seen.images})
-            bar.update(1)
-        bar.close()
-        self.barrier()  # every rank's chunks of this job are in the ledgers
-        done = self.jobs().get(key, {})
-        entries = [done[str(first)] for first, _ in chunks]
-        correct = [c for e in entries for c in e["correct"]]
-        final = None if entries[0]["final"] is None else [c for e in entries for c in e["final"]]
-        record(store, name, correct, final, len(batches), sum(e["seconds"] for e in entries),
-               sum(e["images"] for e in entries))
-        return correct
+    def share(self, runs, job, batches, engine):
+        """This process's share of a job (jobs.run_job runs it): the chunks no earlier run finished,
+        dealt out in turn; each recorded in this rank's ledger, all merged at the end."""
+        return RankShare(self, runs, job, batches, engine)
 
     def finish(self):
         """After the last job: the results file holds everything; the ledgers go."""
         self.barrier()
         if self.rank == 0:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RankShare:
+    """One rank's share of a job: its chunks (balanced_chunks, every world-th of those no rank
+    finished before), each written to its ledger; at the end every rank's, into the results."""
+
+    def __init__(self, ranks, runs, job, batches, engine):
+        self.ranks, self.runs, self.name, self.key, self.batches = ranks, runs, job.name, job.key, batches
+        self.chunks = balanced_chunks(batches, engine.chunk, ranks.world)
+        before = ranks.before.get(job.key, {})
+        self.todo = [c for c in self.chunks if str(c[0]) not in before][ranks.rank::ranks.world]
+        self.done = len(batches) - sum(end - first for first, end in self.todo)
+        self.desc = f"{job.desc} (rank {ranks.rank}: {len(self.todo)} chunks)"
+        self.shows_progress = ranks.rank == 0
+
+    def add(self, first, end, result, seconds, images):
+        final = result.final_correct
+        self.ranks.write_ledger(self.key, first, {
+            "end": end, "per_image": result.correct.int().tolist(),
+            "final": None if final is None else final.int().tolist(), "seconds": seconds, "images": images})
+        return ""
+
+    def finish(self):
+        self.ranks.barrier()  # every rank's chunks of this job are in the ledgers
+        done = self.ranks.jobs().get(self.key, {})
+        entries = [done[str(first)] for first, _ in self.chunks]
+        correct = [c for e in entries for c in e["per_image"]]
+        final = None if entries[0]["final"] is None else [c for e in entries for c in e["final"]]
+        self.runs.record(self.name, Progress(len(self.batches), correct, final, sum(e["seconds"] for e in entries),
+                                             sum(e["images"] for e in entries)))
+        return correct

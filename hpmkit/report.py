@@ -1,13 +1,11 @@
 """What a results file and the final report say: the notes on each version and attack, the
 tables in the shape of the paper's Tables 1-2, the description of the run."""
 import platform
-import time
 
 import torch
 
+from hpmkit.catalogue import BATCH_ADVERSARY, ORDER
 from hpmkit.chunks import make_batches
-from hpmkit.config import BATCH_ADVERSARY, ORDER
-from hpmkit.jobs import row_store
 
 VERSION_NOTES = {
     "paper": "the paper's protocol (APGD-CE and APGD-DLR on the four MSA surrogates, 40 steps, "
@@ -70,16 +68,17 @@ NOTES = {
 }
 
 
-def square_note(score_queries, norm):
+def square_note(setting):
     """The note on Square in the batch context: the fixed-batch Square (strong, L-inf) or the library's."""
-    return NOTES["batch_square_fixed" if score_queries and norm == "Linf" else "batch_square"]
+    return NOTES["batch_square_fixed" if setting.square_on_whole_batches else "batch_square"]
+
 
 TITLES = {"base": "base", "hpm/batch": "HPM (batch)", "hpm/image": "HPM (image)", "dpnp": "DPNP"}
 
 
 def format_tables(results, rows):
     """The paper's Tables 1-2 shape (clean, worst case, difference to base), then every attack."""
-    stores = {r.name: row_store(results, r.name) for r in rows}
+    stores = {r.name: results.row(r.name) for r in rows}
     base = stores.get("base")
 
     def pct(v):
@@ -90,15 +89,14 @@ def format_tables(results, rows):
 
     lines = [f"{'model':<13}{'clean':>8}{'':>8}{'robust':>8}{'':>8}  (worst case over all attacks)"]
     for name, s in stores.items():
-        ref_c = base["clean"] if name != "base" else None
-        ref_r = base["worst_case"] if name != "base" else None
-        lines.append(f"{TITLES[name]:<13}{pct(s['clean']):>8}{diff(s['clean'], ref_c):>8}"
-                     f"{pct(s['worst_case']):>8}{diff(s['worst_case'], ref_r):>8}")
-    names = sorted({a for s in stores.values() for a in s["attacks"]}, key=ORDER.index)
+        ref_c = base.clean if name != "base" else None
+        ref_r = base.worst_case if name != "base" else None
+        lines.append(f"{TITLES[name]:<13}{pct(s.clean):>8}{diff(s.clean, ref_c):>8}"
+                     f"{pct(s.worst_case):>8}{diff(s.worst_case, ref_r):>8}")
+    names = sorted({a for s in stores.values() for a in s.accuracies}, key=ORDER.index)
     lines += ["", f"{'accuracy (%)':<16}" + "".join(f"{TITLES[n]:>13}" for n in stores)]
     for a in ["clean"] + names + ["worst_case"]:
-        cells = [s["clean"] if a == "clean" else s["worst_case"] if a == "worst_case"
-                 else s["attacks"].get(a) for s in stores.values()]
+        cells = [s.accuracy(a) for s in stores.values()]
         lines.append(f"{a.replace('_', ' '):<16}" + "".join(f"{pct(c):>13}" for c in cells))
     return "\n".join(lines)
 
@@ -125,27 +123,22 @@ def version_line(cfg, default):
                                              if cfg["score_queries"] else "final adversarial batches scored"))
 
 
-def describe(results, cfg, rows, idx, n_total, banner):
+def describe(results, cfg, setting, rows, idx, n_total, banner):
     """The parts of the results file that say what was run, on what, with which software."""
-    results["description"] = ("evaluate.py: clean and robust accuracy (fractions) of the base model "
-                              "and HPM on one fixed subset, same batches, same attacks")
-    results["config"] = {k: str(v) if k == "device" else v for k, v in sorted(cfg.items())}
-    results["versions"] = versions()
-    results["subset"] = {"n": len(idx), "of": n_total, "subset_seed": cfg["subset_seed"],
-                         "batch_size": cfg["batch_size"],
-                         "n_batches": len(make_batches(len(idx), cfg["batch_size"])),
-                         "indices": idx.tolist()}
-    results["version"] = cfg["version"]
-    results["notes"] = ([banner]
-                        + [NOTES["worst_case"], NOTES["per_image"], NOTES["nonfinite"]]
-                        + ([NOTES["batch_apgd"], square_note(cfg["score_queries"], cfg["threat_model"])]
-                           if "hpm/batch" in [r.name for r in rows] else [])
-                        + ([NOTES["score_queries"]] if cfg["score_queries"] else [])
-                        + ([NOTES["apgd_t"]] if any(a.startswith("apgd-t") for a in cfg["attacks"]) else [])
-                        + ([NOTES["flip"]] if "flip/mix" in cfg["attacks"] else [])
-                        + ([NOTES["batch_adversary"]] if set(cfg["attacks"]) & set(BATCH_ADVERSARY) else []))
-    results["complete"] = False
-    results.setdefault("timing", {}).setdefault("started", time.strftime("%Y-%m-%d %H:%M:%S"))
+    subset = {"n": len(idx), "of": n_total, "subset_seed": cfg["subset_seed"], "batch_size": cfg["batch_size"],
+              "n_batches": len(make_batches(len(idx), cfg["batch_size"])), "indices": idx.tolist()}
+    notes = ([banner]
+             + [NOTES["worst_case"], NOTES["per_image"], NOTES["nonfinite"]]
+             + ([NOTES["batch_apgd"], square_note(setting)] if "hpm/batch" in [r.name for r in rows] else [])
+             + ([NOTES["score_queries"]] if cfg["score_queries"] else [])
+             + ([NOTES["apgd_t"]] if any(a.startswith("apgd-t") for a in cfg["attacks"]) else [])
+             + ([NOTES["flip"]] if "flip/mix" in cfg["attacks"] else [])
+             + ([NOTES["batch_adversary"]] if set(cfg["attacks"]) & set(BATCH_ADVERSARY) else []))
+    results.describe(
+        "evaluate.py: clean and robust accuracy (fractions) of the base model and HPM on one fixed "
+        "subset, same batches, same attacks",
+        {k: str(v) if k == "device" else v for k, v in sorted(cfg.items())}, versions(), subset,
+        cfg["version"], notes)
 
 
 def print_header(banner, cfg, rows, n, n_total, device):
@@ -158,18 +151,18 @@ def print_header(banner, cfg, rows, n, n_total, device):
         print("note: " + NOTES["batch_apgd"])
 
 
-def print_report(results, rows, cfg):
+def print_report(results, rows, cfg, setting):
     """The final tables, the checks and where the results are."""
     print()
     print(format_tables(results, rows))
     if cfg["checks"]:
-        n = min(cfg["checks_n"], results["subset"]["n"])
+        n = min(cfg["checks_n"], results.subset["n"])
         print(f"\ngradient-masking checks (first {n} images of the subset; tolerance "
               f"{cfg['checks_tol']:.1%}):")
         for r in rows:
-            for name, c in row_store(results, r.name)["checks"].items():
+            for name, c in results.row(r.name).checks.items():
                 if name != "runs":
                     print(f"  {r.name:<10} {name:<23} {c['status']:<5} {c['detail']}")
     if "hpm/batch" in [r.name for r in rows]:
-        print("\nnote: " + square_note(cfg["score_queries"], cfg["threat_model"]))
+        print("\nnote: " + square_note(setting))
     print(f"\nresults: {cfg['out']}")

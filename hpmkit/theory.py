@@ -131,19 +131,19 @@ def angle_cdf(x, alpha, mu_pos, sd_pos, mu_neg, sd_neg):
     return alpha * truncated_normal_cdf(x, mu_pos, sd_pos) + (1 - alpha) * truncated_normal_cdf(x, mu_neg, sd_neg)
 
 
-def angle_stats(mu_c_pos, sd_c_pos, mu_c_neg, sd_c_neg, mu_d_pos, sd_d_pos, mu_d_neg, sd_d_neg,
-                alpha_c, alpha_d, degrees=True):
-    """The eight angle statistics (FC: c, l2: d; own class +, others -) and the two mixture weights
-    of Eq. 12, as the dict cdf_empirical takes (radians inside)."""
+def angle_stats(c, d, degrees=True):
+    """The angle statistics of Eq. 12 as the dict cdf_empirical takes (radians inside): for the FC
+    classifier c and the l2 one d, each (mean, sd of the angle to its own class's reference,
+    mean, sd to the others', mixture weight alpha)."""
     k = math.pi / 180 if degrees else 1.0
-    return {"c": (alpha_c, mu_c_pos * k, sd_c_pos * k, mu_c_neg * k, sd_c_neg * k),
-            "d": (alpha_d, mu_d_pos * k, sd_d_pos * k, mu_d_neg * k, sd_d_neg * k)}
+    return {name: (alpha, mu_pos * k, sd_pos * k, mu_neg * k, sd_neg * k)
+            for name, (mu_pos, sd_pos, mu_neg, sd_neg, alpha) in (("c", c), ("d", d))}
 
 
 # The paper's ResNet-50 on ImageNet (Section 3.4): one positive reference vector of 1,000 per
 # feature, so alpha = 1/1000 for both classifiers (our reading of "the ratio of number of
 # samples with corresponding category").
-PAPER_RESNET50 = angle_stats(66.81, 5.56, 90.01, 3.02, 74.3, 7.9, 101.3, 4.3, 1 / 1000, 1 / 1000)
+PAPER_RESNET50 = angle_stats((66.81, 5.56, 90.01, 3.02, 1 / 1000), (74.3, 7.9, 101.3, 4.3, 1 / 1000))
 
 
 def cdf_empirical(c, stats_):

@@ -1,0 +1,101 @@
+"""What an evaluation runs: the settings every attack shares, and the catalogue of attacks.
+
+A `Setting` is the budget and the schedule of a run (norm, eps, steps, queries, seed,
+restarts) and its two choices (score every query; the Square that queries whole fixed
+batches). The checks derive theirs with `dataclasses.replace(setting, eps=...)`.
+
+The catalogue holds one record per attack: the name it has in the results, the kind that runs
+(the AutoAttack class or one of hpmkit/attacks.py), the surrogate of an HPM model it follows,
+the classes it needs, and the rows that run it.
+"""
+from dataclasses import dataclass
+
+from hpmkit.cli import CLIError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The attacks' budget, schedule and scoring, shared by every attack of a run."""
+    norm: str  # "Linf" or "L2"
+    eps: float
+    steps: int = 40  # APGD iterations (and those of the attacks of hpmkit/attacks.py)
+    queries: int = 5000  # Square
+    seed: int = 0  # the same for every batch
+    restarts: int = 1  # APGD-CE, -DLR, -CW
+    score_queries: bool = False  # every query of a whole fixed batch inside the ball is scored
+    fixed_batch_square: bool = False  # Square queries whole fixed batches (batch context, L-inf)
+
+    @property
+    def square_on_whole_batches(self):
+        """Square in the batch context queries whole fixed batches (only L-inf has that Square)."""
+        return self.fixed_batch_square and self.norm == "Linf"
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack of the catalogue."""
+    name: str  # as in the results: "apgd-ce/mix" on an HPM row, "apgd-ce" on a per-image model
+    kind: str  # what runs: apgd-ce, apgd-dlr, apgd-t, apgd-cw, flip, square, joint, target
+    surrogate: str = None  # the HPM model it follows (fc, soft, ste, mix, fixed); None: the real model
+    classes: int = 2  # AutoAttack's DLR loss reads the 3rd largest logit, its targeted DLR the 4th
+    rows: str = "all"  # "all": every row (a per-image model runs `kind` on itself); "hpm": HPM rows;
+    #                    "batch": HPM's batch context (the batch adversary: it needs a batch that decides)
+
+    @property
+    def reads_scores(self):
+        """The batch adversary steers by what the real model scored (it needs a scorer)."""
+        return self.kind in ("joint", "target")
+
+
+LOSSES = ("ce", "dlr")
+SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the real model (BPDA), their mixture
+ADAPTIVE = ("fixed",)  # adaptive surrogates designed from hpm.py (Tramer et al. 2020)
+CONTEXTS = ("batch", "image")
+KINDS = ("apgd-ce", "apgd-dlr", "apgd-t", "apgd-cw")  # APGD-T: AutoAttack's targeted DLR attack
+CLASSES = {"apgd-ce": 2, "apgd-dlr": 3, "apgd-t": 4, "apgd-cw": 2, "flip": 4, "square": 2, "joint": 2,
+           "target": 2}
+
+
+def _catalogue():
+    hpm = [Attack(f"{k}/{s}", k, s, CLASSES[k], "hpm" if s in ADAPTIVE else "all")
+           for k in KINDS for s in SURROGATES + ADAPTIVE]
+    hpm += [Attack("flip/mix", "flip", "mix", CLASSES["flip"], "hpm"), Attack("square", "square")]
+    # The batch as the adversary's (attacks.joint_attack, target_attack), through a surrogate with
+    # batch prototypes; last in the order (target reads the images every other attack left standing).
+    hpm += [Attack(f"{k}/{s}", k, s, rows="batch") for k in ("joint", "target") for s in ("soft", "ste", "mix")]
+    own = [Attack(k, k, None, CLASSES[k]) for k in KINDS]  # a per-image model's, on itself
+    return {a.name: a for a in own + hpm}
+
+
+CATALOGUE = _catalogue()
+ALL_ATTACKS = tuple(name for name in CATALOGUE if name not in KINDS)  # the names --attacks takes
+ORDER = ("clean",) + tuple(CATALOGUE) + ("worst_case",)  # of the attacks in a row's results
+HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)  # the paper's MSA
+BATCH_ADVERSARY = tuple(a.name for a in CATALOGUE.values() if a.reads_scores)
+
+
+def parse_attacks(text):
+    """"apgd-ce/mix,square" -> the records, in the catalogue's order; a bare "apgd-ce" means every
+    surrogate."""
+    chosen = set()
+    for tok in (t.strip() for t in text.split(",") if t.strip()):
+        if tok in KINDS:
+            chosen |= {f"{tok}/{s}" for s in SURROGATES}
+        elif tok in ALL_ATTACKS:
+            chosen.add(tok)
+        else:
+            raise CLIError(f"unknown attack {tok!r}; choose from {', '.join(ALL_ATTACKS)} "
+                           f"(or {' / '.join(KINDS)} for all four surrogates)")
+    if not chosen:
+        raise CLIError("--attacks is empty")
+    return [a for a in ALL_ATTACKS if a in chosen]
+
+
+def check_classes(attacks, num_classes):
+    """Refuse attacks the model has too few classes for, naming the --attacks list that runs."""
+    too_few = [a for a in attacks if CATALOGUE[a].classes > num_classes]
+    if too_few:
+        keep = [a for a in attacks if a not in too_few]
+        raise CLIError(f"the model has {num_classes} classes: {', '.join(too_few)} need at least "
+                       f"{max(CATALOGUE[a].classes for a in too_few)} (AutoAttack's DLR losses read the 3rd "
+                       "or 4th largest logit)" + (f"; pass --attacks {','.join(keep)}" if keep else ""))

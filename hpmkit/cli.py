@@ -1,0 +1,130 @@
+"""The command line and the console: bad input as one line, the flags' checks, progress.
+
+- Bad input: `CLIError`, printed by `run_cli` as one line (exit status 2, no traceback).
+- Flags: an eps as a number or a fraction, counts, devices, checked before any work.
+- The console: a tqdm bar on a terminal, a compact line a minute in a redirected log;
+  AutoAttack's warnings counted, not printed per batch.
+
+Neither script imports the other; both import this module.
+"""
+import math
+import re
+import sys
+import time
+from fractions import Fraction
+
+import torch
+
+
+class CLIError(Exception):
+    """Bad input from the user: printed as one line, without a traceback."""
+
+
+def run_cli(main, parse_args, argv=None, interrupted=None):
+    """The scripts' `__main__`: CLIError -> one line on stderr and exit status 2; Ctrl-C -> 130."""
+    try:
+        main(parse_args(argv))
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if interrupted:
+            print(f"\n{interrupted}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def first_line(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+# Flags -----------------------------------------------------------------------------------------
+
+def eps_value(text):
+    """argparse type of --eps: a number or a fraction such as 8/255 (non-negative)."""
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"not a number or a fraction like 8/255: {text!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+eps_value.__name__ = "eps"  # argparse names the type in its error message
+
+
+def check_eps(eps, threat_model):
+    """An L-inf budget above 1 cannot be meant: inputs lie in [0, 1] (pixels are 8/255, not 8)."""
+    if threat_model == "Linf" and eps > 1:
+        raise CLIError(f"--eps {eps:g} is above 1, but inputs lie in [0, 1]; for a budget in "
+                       f"pixel levels write it as a fraction, e.g. --eps {eps:g}/255")
+
+
+def check_positive(**values):
+    """Each named count (batch size, steps, queries, epochs, ...) must be at least 1."""
+    for name, v in values.items():
+        if v is not None and v < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+
+def check_device(name):
+    """torch.device(name), refused in one line where it is unknown or not available here."""
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}, but no CUDA GPU is available; pass --device cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, AttributeError, NotImplementedError) as e:
+        raise CLIError(f"--device {name} is not available here ({first_line(e)}); use --device cpu"
+                       + (" or cuda" if torch.cuda.is_available() else ""))
+    if device.type == "meta":
+        raise CLIError("--device meta holds no data; use --device cpu" + (" or cuda" if torch.cuda.is_available() else ""))
+    return device
+
+
+# The console -------------------------------------------------------------------------------
+
+def progress_bar(total, desc, enabled=True, every=60.0):
+    """A tqdm bar on a terminal; in a redirected log no bar (thousands of fragments), only a
+    line every `every` seconds; `enabled=False`: nothing."""
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+    return LogProgress(total, desc, every if enabled else math.inf)
+
+
+class LogProgress:
+    """The part of tqdm's interface the scripts use, as a compact line per `every` seconds."""
+
+    def __init__(self, total, desc, every):
+        self.total, self.desc, self.every, self.n, self.postfix = total, desc, every, 0, ""
+        self.last = time.time()
+
+    def update(self, n=1):
+        self.n += n
+        if time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(f"  {self.desc}: {self.n}/{self.total} {self.postfix}", file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, text):
+        self.postfix = text
+
+    def close(self):
+        pass
+
+
+class WarningCounter:
+    """A logger for AutoAttack's checks: counts each warning instead of printing it per batch."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def warning(self, msg):
+        key = re.sub(r"\d+", "N", str(msg).split("!")[0])  # "there are N points with zero gradient"
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def summary(self):
+        return "; ".join(f"{k} ({n} times)" for k, n in self.counts.items())

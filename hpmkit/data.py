@@ -1,0 +1,127 @@
+"""The images: a torchvision dataset, an ImageNet folder, or a local `.npz`, as uint8
+(N, C, H, W) with int64 labels; the usual attack budgets per dataset; the IKL code's CIFAR
+augmentation."""
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hpmkit.cli import CLIError, first_line
+
+DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "mnist": 10}
+# The usual attack budgets: RobustBench for CIFAR and ImageNet, Madry et al. for MNIST.
+DEFAULT_EPS = {
+    "Linf": {"cifar10": 8 / 255, "cifar100": 8 / 255, "imagenet": 4 / 255, "mnist": 0.3},
+    "L2": {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 3.0, "mnist": 2.0},
+}
+
+
+def load_npz(path):
+    """A local dataset: x uint8 (N, C, H, W), y integer (N,). Returns uint8 and int64 tensors."""
+    if not os.path.exists(path):
+        raise CLIError(f"data file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise CLIError(f"{path} is a single array, not an .npz archive with arrays 'x' and 'y'")
+            if "x" not in f or "y" not in f:
+                raise CLIError(f"{path} must hold arrays 'x' and 'y', found {sorted(f.files) or 'none'}")
+            x, y = f["x"], f["y"]
+    except CLIError:
+        raise
+    except Exception as e:  # a text file, a truncated archive, pickled objects
+        raise CLIError(f"{path} is not a readable .npz file ({first_line(e)}); write it with "
+                       "numpy.savez(path, x=uint8 N x C x H x W, y=int N)")
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise CLIError(f"{path}: x must be uint8 of shape (N, C, H, W), got {x.dtype} {x.shape}")
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        raise CLIError(f"{path}: x has shape {x.shape}, channels last (N, H, W, C); the models take "
+                       "(N, C, H, W): save x.transpose(0, 3, 1, 2)")
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
+        raise CLIError(f"{path}: y must be integers of shape ({x.shape[0]},), got {y.dtype} {y.shape}")
+    if len(y) == 0:
+        raise CLIError(f"{path} holds no images")
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
+
+
+def load_data(dataset, split, data=None, data_dir="./data", per_class=None):
+    """Images as uint8 (N, C, H, W) and labels int64 (N,): from --data FILE.npz, else the
+    dataset's own loader (torchvision; downloads CIFAR where the internet is reachable;
+    ImageNet from a local ImageFolder at DATA_DIR/{train,val}, resized 256, cropped 224).
+    """
+    if data is not None:
+        x, y = load_npz(data)
+    elif dataset in ("cifar10", "cifar100", "mnist"):
+        import torchvision.datasets as tvd
+
+        cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST}[dataset]
+        try:
+            ds = cls(data_dir, train=(split == "train"), download=True)
+        except Exception as e:
+            raise CLIError(f"{dataset} {split} set not found in {data_dir} and could not be "
+                           f"downloaded ({type(e).__name__}); put it there, set --data-dir, or "
+                           "pass --data FILE.npz (x: uint8 N x C x H x W, y: int N)")
+        x = torch.as_tensor(np.asarray(ds.data))
+        x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+        y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+    elif dataset == "imagenet":
+        x, y = load_imagenet(os.path.join(data_dir, split), per_class)
+        per_class = None  # already applied while reading
+    else:
+        raise CLIError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    if per_class is not None:
+        x, y = take_per_class(x, y, per_class)
+    if len(y) == 0:
+        raise CLIError(f"the {dataset} {split} set{' in ' + data if data else ''} is empty")
+    return x.contiguous(), y
+
+
+def take_per_class(x, y, per_class):
+    """The first `per_class` images of every class, in their original order."""
+    keep = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in y.unique()]).sort().values
+    return x[keep], y[keep]
+
+
+def load_imagenet(folder, per_class):
+    """ImageNet from an ImageFolder (one folder per synset, in sorted order), as uint8 224x224."""
+    import torchvision.datasets as tvd
+    import torchvision.transforms as T
+
+    if not os.path.isdir(folder):
+        raise CLIError(f"ImageNet folder {folder} not found; ImageNet cannot be downloaded "
+                       "automatically: put the ImageFolder (one folder per class) there, set "
+                       "--data-dir, or pass --data FILE.npz")
+    transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
+    ds = tvd.ImageFolder(folder, transform=transform)
+    targets = torch.tensor(ds.targets)
+    idx = torch.arange(len(targets))
+    if per_class is not None:
+        idx = torch.cat([idx[targets == c][:per_class] for c in targets.unique()])
+    xs = [ds[i][0] for i in idx.tolist()]
+    return torch.stack(xs), targets[idx]
+
+
+def check_labels(y, num_classes, where):
+    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+        raise CLIError(f"{where}: labels must lie in [0, {num_classes}) for this model, "
+                       f"found range [{int(y.min())}, {int(y.max())}]")
+
+
+def to_float(x_uint8, device):
+    """uint8 images -> float in [0, 1] on the device (per batch, to keep host memory small)."""
+    return x_uint8.to(device, non_blocking=True).float().div_(255)
+
+
+def random_crop_flip(x, generator, pad=4):
+    """The IKL code's CIFAR augmentation on a uint8 batch (B, C, H, W): a random crop of the
+    zero-padded image and a horizontal flip with probability 1/2, per image, vectorised."""
+    B, _, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2 pad, W + 2 pad)
+    top = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    flip = torch.rand(B, generator=generator) < 0.5
+    rows = (top[:, None] + torch.arange(H))[:, :, None]  # (B, H, 1)
+    cols = left[:, None] + torch.arange(W)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (B, 1, W)
+    return padded[torch.arange(B)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)

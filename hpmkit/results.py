@@ -1,0 +1,285 @@
+"""The results file of evaluate.py: its layout is read and written here alone (as AutoAttack's
+state.py owns its state file). Everyone else asks `Results` and `RowResults`.
+
+    {"description", "config", "versions", "subset", "version", "notes", "complete", "timing",
+     "base": ROW, "dpnp": ROW, "hpm": {"batch": ROW, "image": ROW}}
+    ROW = {"clean": accuracy, "attacks": {attack: accuracy}, "worst_case": accuracy,
+           "correct": {"clean" | attack | "worst_case": [0/1 per image]},
+           "batches_done": {job: n}, "timings_s": {job: seconds}, "backbone_images": {job: n},
+           "final_batch_correct": {attack: [0/1]}, "backbone_passes_per_image": {attack: x},
+           "library_warnings": {attack: text}, "checks": {"runs": RUNS, check: {...}}}
+    RUNS = {"n": images, "accuracy": {run: accuracy}, "correct", "batches_done", "timings_s", ...}
+
+Accuracies are fractions of the subset; a job is an attack (or the clean pass) over every fixed
+batch of a row, recorded after every chunk so that a rerun resumes it.
+"""
+import json
+import time
+from dataclasses import dataclass, field
+
+from hpmkit.catalogue import ORDER
+from hpmkit.files import write_json
+
+
+# The per-row bookkeeping keys: nothing but this module names them (a test reads every file).
+BOOKKEEPING = ("batches_done", "timings_s", "final_batch_correct", "backbone_images", "backbone_passes_per_image",
+               "library_warnings")
+# What measures time or cost (a resumed attack has no cost figure; warnings are counted per process).
+MEASURED = ("timing", "timings_s", "out", "backbone_passes_per_image", "backbone_images", "library_warnings")
+
+
+@dataclass
+class Progress:
+    """What a job has done so far: per-image 0/1 (the images of its first `done` batches), the
+    kept final batches' own scores (None: not scored apart), seconds, backbone images (None:
+    unknown, a file from before the count)."""
+    done: int = 0
+    correct: list = field(default_factory=list)
+    final: list = None
+    seconds: float = 0.0
+    images: int = 0
+
+
+class Runs:
+    """Jobs over fixed batches, each with per-image results and its accuracy under `acc`."""
+
+    def __init__(self, store, acc):
+        self.store, self.acc = store, acc
+
+    def accuracy(self, name):
+        return self.store[self.acc].get(name)
+
+    def finished(self, name):
+        return name in self.store[self.acc]
+
+    def correct(self, name):
+        return self.store["correct"][name]
+
+    def final_correct(self, name):
+        return self.store.get("final_batch_correct", {}).get(name)
+
+    def batches_done(self, name):
+        return self.store["batches_done"].get(name, 0)
+
+    def seconds(self, name):
+        return self.store["timings_s"][name]
+
+    def progress(self, name, batches):
+        """The job as a resumed run finds it (batches: the fixed batches [(start, end), ...])."""
+        done = self.batches_done(name)
+        n = batches[done - 1][1] if done else 0
+        final = self.final_correct(name)
+        return Progress(done, list(self.store["correct"].get(name, []))[:n],
+                        None if final is None else list(final)[:n], self.store["timings_s"].get(name, 0.0),
+                        0 if done == 0 else self.store.get("backbone_images", {}).get(name))
+
+    def record(self, name, p):
+        """A job's progress into the store (after every chunk)."""
+        self.store["correct"][name] = p.correct
+        if p.final is not None:
+            self.store.setdefault("final_batch_correct", {})[name] = p.final
+        self.store["batches_done"][name] = p.done
+        self.store["timings_s"][name] = p.seconds
+        self.store.setdefault("backbone_images", {})[name] = p.images
+
+    def reset(self, name):
+        """Start the job over (its per-image results are gone)."""
+        self.record(name, Progress())
+
+    def finish(self, name):
+        """The job is done: its accuracy from its per-image results."""
+        correct = self.correct(name)
+        self.store[self.acc][name] = sum(correct) / len(correct)
+
+
+class RowResults(Runs):
+    """The results of one row of the table (a model under test)."""
+
+    def __init__(self, store):
+        super().__init__(store, "attacks")
+
+    @property
+    def clean(self):
+        return self.store["clean"]
+
+    @property
+    def worst_case(self):
+        return self.store["worst_case"]
+
+    @property
+    def accuracies(self):
+        """{attack: accuracy} of the finished attacks, in the catalogue's order."""
+        return dict(self.store["attacks"])
+
+    def accuracy(self, name):
+        return self.clean if name == "clean" else self.worst_case if name == "worst_case" else super().accuracy(name)
+
+    def finished(self, name):
+        return self.clean is not None if name == "clean" else super().finished(name)
+
+    @property
+    def per_image(self):
+        """{"clean" | attack | "worst_case": [0/1 per image]}: every per-image record of the row."""
+        return dict(self.store["correct"])
+
+    @property
+    def finals(self):
+        """{attack: [0/1]}: what each attack's kept final batch alone scores (queries scored apart)."""
+        return dict(self.store.get("final_batch_correct", {}))
+
+    @property
+    def warnings(self):
+        """{attack: AutoAttack's warnings, counted}."""
+        return dict(self.store.get("library_warnings", {}))
+
+    def passes_per_image(self, name):
+        return self.store.get("backbone_passes_per_image", {}).get(name)
+
+    def finish(self, name):
+        """The job is done: its accuracy, its backbone passes per image, the row's worst case."""
+        correct = self.correct(name)
+        if name == "clean":
+            self.store["clean"] = sum(correct) / len(correct)
+        else:
+            super().finish(name)
+            images = self.store.get("backbone_images", {}).get(name)
+            if images is not None:  # counted over every batch (a file from before the count has none)
+                self.store.setdefault("backbone_passes_per_image", {})[name] = round(images / len(correct), 2)
+        self.update_worst_case()
+
+    def set_warnings(self, name, text):
+        self.store.setdefault("library_warnings", {})[name] = text
+
+    def update_worst_case(self):
+        """Worst case over clean and every finished attack, per image and overall; the row's
+        attacks in the canonical order, whatever order the runs took."""
+        for key in ("attacks", "correct", "batches_done", "timings_s"):
+            self.store[key] = dict(sorted(self.store[key].items(), key=lambda kv: ORDER.index(kv[0])))
+        if self.clean is None:
+            return
+        finished = ["clean"] + list(self.store["attacks"])
+        worst = [int(all(v)) for v in zip(*(self.store["correct"][k] for k in finished))]
+        self.store["correct"]["worst_case"] = worst
+        self.store["worst_case"] = sum(worst) / len(worst)
+
+    @property
+    def checks(self):
+        """{check: its result} (and "runs", the check attacks' own results)."""
+        return self.store.setdefault("checks", {})
+
+    def check_runs(self, n):
+        """The check attacks' jobs on the first n images (started over for another n)."""
+        runs = self.checks.get("runs")
+        if runs is None or runs["n"] != n:
+            runs = self.checks["runs"] = {"n": n, "accuracy": {}, "correct": {}, "batches_done": {},
+                                          "timings_s": {}}
+        return Runs(runs, "accuracy")
+
+    def check_accuracies(self):
+        return self.checks["runs"]["accuracy"]
+
+
+def new_row():
+    return {"clean": None, "attacks": {}, "worst_case": None, "correct": {}, "batches_done": {},
+            "timings_s": {}}
+
+
+class Results:
+    """A results file's contents (`data`, a JSON-able dict), read and written through here."""
+
+    def __init__(self, data=None):
+        self.data = {} if data is None else data
+
+    @classmethod
+    def read(cls, path):
+        """The results a file of evaluate.py holds, else None (another kind of file)."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return cls(data) if isinstance(data, dict) and isinstance(data.get("config"), dict) else None
+
+    def write(self, path):
+        write_json(self.data, path)
+
+    def row(self, name):
+        """The results of row `name` ("base", "dpnp", "hpm/batch", ...), created if absent."""
+        if "/" not in name:
+            return RowResults(self.data.setdefault(name, new_row()))
+        model, ctx = name.split("/")
+        return RowResults(self.data.setdefault(model, {}).setdefault(ctx, new_row()))
+
+    def rows(self):
+        """{name: RowResults} of the rows the file holds."""
+        out = {k: RowResults(self.data[k]) for k in ("base", "dpnp") if k in self.data}
+        out.update({f"hpm/{c}": RowResults(s) for c, s in self.data.get("hpm", {}).items()})
+        return out
+
+    def holds_together(self, n):
+        """What a resumed run reads of each row, checked (a file edited by hand or damaged): lists
+        of 0/1 of at most n images, counts, accuracies."""
+        stores = [self.data[k] for k in ("base", "dpnp") if k in self.data]
+        if "hpm" in self.data:
+            stores += list(self.data["hpm"].values()) if isinstance(self.data["hpm"], dict) else [None]
+        for store in stores:
+            ok = (isinstance(store, dict) and all(isinstance(store.get(k), dict) for k in
+                                                  ("correct", "attacks", "batches_done", "timings_s"))
+                  and all(isinstance(v, list) and len(v) <= n and set(v) <= {0, 1}
+                          for v in store["correct"].values())
+                  and all(isinstance(v, int) and v >= 0 for v in store["batches_done"].values())
+                  and all(isinstance(v, (int, float)) for v in store["attacks"].values()))
+            if not ok:
+                return False
+        return True
+
+    @property
+    def config(self):
+        return self.data["config"]
+
+    @property
+    def subset(self):
+        return self.data["subset"]
+
+    @property
+    def complete(self):
+        return self.data.get("complete") is True
+
+    @property
+    def processes(self):
+        """The number of processes that wrote the file (torchrun), None for one."""
+        return self.data.get("timing", {}).get("processes")
+
+    @property
+    def version(self):
+        return self.data.get("version")
+
+    def comparable(self):
+        """The contents without what measures time or cost, or names the output file (two runs of
+        one configuration, resumed, chunked or under torchrun, must agree on the rest)."""
+        def strip(obj):
+            if isinstance(obj, dict):
+                return {k: strip(v) for k, v in obj.items() if k not in MEASURED}
+            if isinstance(obj, list):
+                return [strip(v) for v in obj]
+            return obj
+        return strip(self.data)
+
+    def describe(self, description, config, versions, subset, version, notes):
+        """What was run, on what, with which software (the parts of the file that are not rows)."""
+        self.data.update(description=description, config=config, versions=versions, subset=subset,
+                         version=version, notes=notes, complete=False)
+        self.data.setdefault("timing", {}).setdefault("started", now())
+
+    def updated(self, processes=None):
+        """Stamp the time of this write (and the number of processes, under torchrun)."""
+        self.data["timing"]["updated"] = now()
+        if processes is not None:
+            self.data["timing"]["processes"] = processes
+
+    def finished(self):
+        self.data["complete"] = True
+
+
+def now():
+    return time.strftime("%Y-%m-%d %H:%M:%S")

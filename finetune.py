@@ -1,16 +1,12 @@
 """Head-only adversarial fine-tuning of HPM with the IKL loss (paper supplementary 6.2).
 
 Take an adversarially trained model, freeze it, attach the HPM head (hpm.py), and train only
-the head's FC layer and mixer: Adam, lr 5e-5, batch 64, on adversarial examples that
-maximise the IKL loss for 10 steps. Defaults reproduce the paper's setting per dataset:
+the head's FC layer and mixer on adversarial examples that maximise IKL. Defaults reproduce
+the paper's setting per dataset (DEFAULTS; the IKL code's where the paper is silent):
 
     python finetune.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar10
-    python finetune.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar100
     python finetune.py --model Salman2020Do_R50 --dataset imagenet --data-dir /data/imagenet
     python finetune.py --model mnist_cnn.pt --dataset mnist --data mnist_train.npz --out head.pt
-
-The checkpoint (default hpm_<dataset>_<model>.pt) holds the head's state_dict and what
-evaluate.py needs to rebuild it; it loads with torch.load(..., weights_only=True).
 
 IKL (Cui et al. 2024, "Decoupled Kullback-Leibler Divergence Loss"), with clean logits zn,
 adversarial logits za, w = S[y] and d = zn - za:
@@ -19,32 +15,19 @@ adversarial logits za, w = S[y] and d = zn - za:
     softCE = -sum_j softmax(zn).detach()_j * log_softmax(za)_j
     loss   = CE(zn, y) + beta * wMSE + alpha * softCE               (means over the batch)
 
-From the paper: Adam 5e-5, batch 64, EMA momentum 0.98 (CIFAR-10) / 0.995 (CIFAR-100,
-ImageNet), 1 epoch (CIFAR-10) / 2 (CIFAR-100, ImageNet; 10 images per class), 10 attack
-steps maximising IKL. From the IKL authors' released models: alpha 3, beta 10, T 4 on
-CIFAR-10; alpha 5, beta 12, T 4 on CIFAR-100. From the official IKL code, by default: class
-weights S from the clean softmax(zn / T) per class, uniform at first, then an EMA over
-batches with --momentum (our reading of the paper's second momentum; --class-weights); the
-training attack maximises softCE alone on CIFAR-10 (softCE + wMSE on CIFAR-100;
---attack-loss), from x + 0.001 * N(0, 1), here 10 steps of eps / 4; random crop and flip on
-CIFAR (--augment). Ours, not the paper's (docs/finetune.md has the alternatives):
-- The backbone stays in eval mode with requires_grad False (BatchNorm statistics must not
-  drift); the script asserts that only head.fc and head.mixer train and, after every epoch,
-  that every base-model tensor, buffers included, is bitwise unchanged.
-- Before training, one clean pass sets C_global to the exact class means. Training logits,
-  clean and adversarial, are the real model's (mode "ste", context "batch"); the attack
-  differentiates through it too (--attack-mode) and perturbs the whole batch jointly. The
-  EMA (Eq. 14) sees clean features only, after each update.
-- The mixer starts as the average [I/2; I/2] (--mixer-init): the paper is silent, and at
-  Adam 5e-5 for about a thousand steps it barely moves, so its start largely decides the model.
-- MNIST defaults (eps 0.3, no augmentation, the CIFAR-10 settings otherwise), the ImageNet
-  alpha/beta (the CIFAR-100 ones) and the L2 radii.
-- The study's controls (--head, hpmkit/controls.py): "ncm", HPM's l2 head on C_global alone
-  (nothing trained); "dpnp", Adv-DPNP's unified prototypes trained head-only on its Eq. 7.
+Read top to bottom: the paper's settings, the IKL loss and its class weights S, the training
+attack, the clean pass (C_global the exact class means), a step, the loop, the save (a head
+checkpoint: the head's state_dict and what evaluate.py needs to rebuild it, readable with
+torch.load(..., weights_only=True)). Ours, not the paper's (docs/finetune.md has each choice and
+its alternative flag): the backbone in eval mode and checked bitwise unchanged after every
+epoch; the clean pass; S from uniform by an EMA over batches (our reading of the paper's second
+momentum); training logits and the attack through the real model (mode "ste", context "batch",
+the whole batch perturbed jointly); the EMA of Eq. 14 on clean features only; the mixer's start
+(average); the MNIST defaults and the ImageNet alpha/beta. The study's controls (--head ncm,
+dpnp) are in hpmkit/controls.py.
 """
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -54,10 +37,10 @@ import torch.nn.functional as F
 
 from hpm import attach
 from hpmkit import controls
-from hpmkit.checkpoint import HeadRecord, HeadWriter, is_head_file
-from hpmkit.cli import CLIError, check_device, check_eps, check_positive, eps_value, progress_bar, run_cli
-from hpmkit.data import DATASETS, DEFAULT_EPS, check_labels, load_data, random_crop_flip, to_float
-from hpmkit.files import check_out
+from hpmkit.checkpoint import HeadRecord, HeadWriter
+from hpmkit.cli import CLIError, eps_value, progress_bar, run_cli
+from hpmkit.config import finetune_settings
+from hpmkit.data import DATASETS, check_labels, load_data, random_crop_flip, to_float
 from hpmkit.models import check_images, fingerprint, load_model
 from hpmkit.pgd import ascend
 
@@ -74,35 +57,6 @@ DEFAULTS = {
 OFFICIAL_ATTACK = {"cifar10": (1.0, 0.0), "mnist": (1.0, 0.0), "cifar100": (1.0, 1.0),
                    "imagenet": (1.0, 1.0)}
 TRAINED = ("fc", "mixer")  # the parts of the HPM head that train
-
-
-def settings(args):
-    """The run's settings, resolved once from the parsed flags before anything is loaded or
-    written: the dataset's defaults where a flag was left out, what follows from them (the
-    training attack's alpha and beta, the Adv-DPNP control's lambdas), then every check.
-    Nothing is added to them later."""
-    s = dict(vars(args))
-    if s["eps"] is None:
-        s["eps"] = DEFAULT_EPS[s["threat_model"]][s["dataset"]]
-    for k, v in DEFAULTS[s["dataset"]].items():
-        if s[k] is None:
-            s[k] = v
-    if s["step_size"] is None:
-        s["step_size"] = s["eps"] / 4  # 10 steps of eps / 4 can cross the ball and come back
-    s["attack_alpha"], s["attack_beta"] = (OFFICIAL_ATTACK[s["dataset"]] if s["attack_loss"] == "official"
-                                           else (s["alpha"], s["beta"]))
-    s["dpnp_lambdas"] = controls.dpnp_lambdas(s["dataset"], s["lambda_dfa"])
-    if os.path.exists(s["model"]):
-        s["model"] = os.path.abspath(s["model"])  # the checkpoint must find the file from anywhere
-    if s["out"] is None:
-        s["out"] = f"hpm_{s['dataset']}_{os.path.splitext(os.path.basename(s['model']))[0]}.pt"
-    check_positive(epochs=s["epochs"], batch_size=s["batch_size"], steps=s["steps"], per_class=s["per_class"])
-    check_eps(s["eps"], s["threat_model"])
-    if not (0 <= s["momentum"] < 1 and s["lr"] > 0 and s["T"] > 0 and s["step_size"] > 0):  # (NaN fails too)
-        raise CLIError("need 0 <= --momentum < 1, --lr > 0, --T > 0 and --step-size > 0")
-    check_out(s["out"], [s["model"], s["data"], s["data_dir"]], is_head_file, "head checkpoint")
-    s["device"] = str(check_device(s["device"]))
-    return argparse.Namespace(**s)
 
 
 # The IKL loss ----------------------------------------------------------------------------
@@ -362,7 +316,7 @@ def build_model(base_model, cfg):
 
 
 def main(args):
-    cfg = settings(args)
+    cfg = finetune_settings(args, DEFAULTS, OFFICIAL_ATTACK)
     torch.manual_seed(cfg.seed)
     base_model = load_model(cfg.model, cfg.dataset, cfg.threat_model, cfg.model_dir).to(cfg.device)
     try:
@@ -398,33 +352,28 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="cifar10", choices=list(DATASETS), help="training set (default cifar10)")
     p.add_argument("--threat-model", default="Linf", choices=["Linf", "L2"],
                    help="RobustBench threat model of --model and the attack's norm (default Linf)")
-    p.add_argument("--data", default=None, metavar="FILE.npz",
-                   help="local training set instead of the dataset's loader: x uint8 (N, C, H, W), y int (N,)")
+    p.add_argument("--data", metavar="FILE.npz", help="local training set: x uint8 (N, C, H, W), y int (N,)")
     p.add_argument("--data-dir", default="./data",
                    help="where torchvision finds/downloads CIFAR and MNIST; ImageNet: an ImageFolder "
                         "at DATA_DIR/train (default ./data)")
     p.add_argument("--model-dir", default="./models", help="RobustBench weights cache (default ./models)")
-    p.add_argument("--per-class", type=int, default=None,
-                   help="use only the first N training images of each class (per dataset: 10 on ImageNet, "
-                        "as in the paper; all elsewhere)")
-    p.add_argument("--out", default=None, help="head checkpoint to write (default hpm_<dataset>_<model>.pt)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="per dataset: 1 on CIFAR-10, 2 on CIFAR-100 and ImageNet (paper); 1 on MNIST")
+    p.add_argument("--per-class", type=int, help="the first N training images of each class only "
+                   "(per dataset: 10 on ImageNet, as in the paper; all elsewhere)")
+    p.add_argument("--out", help="head checkpoint to write (default hpm_<dataset>_<model>.pt)")
+    p.add_argument("--epochs", type=int, help="per dataset: 1 on CIFAR-10, 2 on CIFAR-100 and ImageNet "
+                   "(paper); 1 on MNIST")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch and per C_batch (paper: 64)")
     p.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate (paper: 5e-5)")
-    p.add_argument("--momentum", type=float, default=None,
-                   help="EMA momentum of C_global, Eq. 14; per dataset: 0.98 on CIFAR-10, 0.995 on "
-                        "CIFAR-100 and ImageNet (paper); 0.98 on MNIST")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="softCE weight of IKL; per dataset: 3 on CIFAR-10, 5 on CIFAR-100 (IKL's released "
-                        "models); 5 on ImageNet and 3 on MNIST (our choices)")
-    p.add_argument("--beta", type=float, default=None,
-                   help="wMSE weight of IKL; per dataset: 10 on CIFAR-10, 12 on CIFAR-100 (IKL's released "
-                        "models); 12 on ImageNet and 10 on MNIST (our choices)")
-    p.add_argument("--T", type=float, default=None, help="temperature of the IKL class weights S (per dataset: 4)")
-    p.add_argument("--eps", type=eps_value, default=None,
-                   help="attack radius, a number or a fraction like 8/255; per dataset: Linf 8/255 on CIFAR, 4/255 on ImageNet (paper), 0.3 "
-                        "on MNIST; L2 0.5 on CIFAR, 3 on ImageNet, 2 on MNIST (our choices)")
+    p.add_argument("--momentum", type=float, help="EMA momentum of C_global, Eq. 14; per dataset: 0.98 "
+                   "on CIFAR-10, 0.995 on CIFAR-100 and ImageNet (paper); 0.98 on MNIST")
+    p.add_argument("--alpha", type=float, help="softCE weight of IKL; per dataset: 3 on CIFAR-10, 5 on "
+                   "CIFAR-100 (IKL's released models); 5 on ImageNet and 3 on MNIST (our choices)")
+    p.add_argument("--beta", type=float, help="wMSE weight of IKL; per dataset: 10 on CIFAR-10, 12 on "
+                   "CIFAR-100 (IKL's released models); 12 on ImageNet and 10 on MNIST (our choices)")
+    p.add_argument("--T", type=float, help="temperature of the IKL class weights S (per dataset: 4)")
+    p.add_argument("--eps", type=eps_value, help="attack radius, a number or a fraction like 8/255; per "
+                   "dataset: Linf 8/255 on CIFAR, 4/255 on ImageNet (paper), 0.3 on MNIST; L2 0.5 on CIFAR, 3 "
+                   "on ImageNet, 2 on MNIST (our choices)")
     p.add_argument("--steps", type=int, default=10, help="attack steps maximising IKL (paper: 10)")
     p.add_argument("--step-size", type=float, default=None, help="attack step size (default eps / 4)")
     p.add_argument("--attack-mode", default="ste", choices=["ste", "soft", "fc"],

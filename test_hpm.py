@@ -1069,7 +1069,7 @@ def test_class_weights_fixed_are_the_clean_pass_and_ema_start_uniform(weights, f
 
 def test_official_attack_loss_is_soft_ce_alone_on_cifar10():
     def settings(*argv):
-        return finetune.settings(finetune.parse_args(["--model", "m", "--device", "cpu", *argv]))
+        return config.finetune_settings(finetune.parse_args(["--model", "m", "--device", "cpu", *argv]), finetune.DEFAULTS, finetune.OFFICIAL_ATTACK)
 
     a = settings("--dataset", "cifar10")
     assert (a.attack_loss, a.attack_alpha, a.attack_beta, a.alpha, a.beta) == ("official", 1.0, 0.0, 3.0, 10.0)

@@ -1,11 +1,14 @@
-"""The evaluation's configuration: every flag checked before anything is loaded or written, the
-settings a results file must match to be resumed, the run's attack setting, the fixed subset."""
+"""The scripts' configuration: every flag checked before anything is loaded or written
+(evaluate.py's resolve_config, finetune.py's finetune_settings), the settings a results file must
+match to be resumed, the evaluation's attack setting, the fixed subset."""
+import argparse
 import os
 
 import torch
 
 from hpmkit.catalogue import ALL_ATTACKS, CONTEXTS, Setting, parse_attacks
-from hpmkit.checkpoint import read_head
+from hpmkit import controls
+from hpmkit.checkpoint import is_head_file, read_head
 from hpmkit.cli import CLIError, check_device, check_eps, check_positive
 from hpmkit.data import DATASETS, DEFAULT_EPS, check_labels, load_data
 from hpmkit.files import check_out, sha256
@@ -78,6 +81,35 @@ def resolve_config(args, versions):
     if cfg["save_adv"] and world_size() > 1:
         raise CLIError("--save-adv works in one process only; run without torchrun to keep the images")
     return cfg, ckpt
+
+
+def finetune_settings(args, defaults, official_attack):
+    """finetune.py's settings, resolved once from the parsed flags before anything is loaded or
+    written: the dataset's defaults where a flag was left out (defaults: finetune.DEFAULTS, the
+    paper's; official_attack: the IKL code's attack alpha and beta), what follows from them (the
+    Adv-DPNP control's lambdas), then every check. Nothing is added to them later."""
+    s = dict(vars(args))
+    if s["eps"] is None:
+        s["eps"] = DEFAULT_EPS[s["threat_model"]][s["dataset"]]
+    for k, v in defaults[s["dataset"]].items():
+        if s[k] is None:
+            s[k] = v
+    if s["step_size"] is None:
+        s["step_size"] = s["eps"] / 4  # 10 steps of eps / 4 can cross the ball and come back
+    s["attack_alpha"], s["attack_beta"] = (official_attack[s["dataset"]] if s["attack_loss"] == "official"
+                                           else (s["alpha"], s["beta"]))
+    s["dpnp_lambdas"] = controls.dpnp_lambdas(s["dataset"], s["lambda_dfa"])
+    if os.path.exists(s["model"]):
+        s["model"] = os.path.abspath(s["model"])  # the checkpoint must find the file from anywhere
+    if s["out"] is None:
+        s["out"] = f"hpm_{s['dataset']}_{os.path.splitext(os.path.basename(s['model']))[0]}.pt"
+    check_positive(epochs=s["epochs"], batch_size=s["batch_size"], steps=s["steps"], per_class=s["per_class"])
+    check_eps(s["eps"], s["threat_model"])
+    if not (0 <= s["momentum"] < 1 and s["lr"] > 0 and s["T"] > 0 and s["step_size"] > 0):  # (NaN fails too)
+        raise CLIError("need 0 <= --momentum < 1, --lr > 0, --T > 0 and --step-size > 0")
+    check_out(s["out"], [s["model"], s["data"], s["data_dir"]], is_head_file, "head checkpoint")
+    s["device"] = str(check_device(s["device"]))
+    return argparse.Namespace(**s)
 
 
 def setting_of(cfg):

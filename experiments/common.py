@@ -35,6 +35,10 @@ MNIST_SHA256 = {
     "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
 }
 EPS = 0.3  # the standard MNIST L-inf budget
+# The main job's embedded model: SmallCNN adversarially trained at EPS by experiments.train_mnist_model
+# (its command, time and accuracy in mnist_cnn_at.json beside it), a state_dict checked on every read.
+MODEL_PATH = REPO / "experiments" / "data" / "mnist_cnn_at.pt"
+MODEL_SHA256 = "c49a85dba26ddccd8056a22f453086eb07ed8b1263981d95d30fa785b4da8f04"
 
 
 def check_embedded_mnist():
@@ -183,6 +187,20 @@ def train(model, x, y, epochs, batch_size, device, desc, at_steps=0):
         bar.close()
         print(f"  {desc} epoch {epoch + 1}/{epochs}: train accuracy {correct / len(y):.3f}"
               + (f" (on PGD examples at eps {eps:.2f} by the end)" if at_steps else ""))
+    return model.eval()
+
+
+def embedded_model():
+    """The embedded adversarially trained SmallCNN (eval mode), its file checked by SHA-256, else
+    SystemExit in one line."""
+    restore = f"restore it with `git checkout -- {MODEL_PATH.relative_to(REPO)}`"
+    if not MODEL_PATH.is_file():
+        raise SystemExit(f"the embedded model {MODEL_PATH} is missing; {restore}")
+    if hashlib.sha256(MODEL_PATH.read_bytes()).hexdigest() != MODEL_SHA256:
+        raise SystemExit(f"the embedded model {MODEL_PATH} is corrupted (its SHA-256 differs); {restore} "
+                         "or train it again: python -m experiments.train_mnist_model")
+    model = SmallCNN("fc")
+    model.load_state_dict(torch.load(MODEL_PATH, map_location="cpu", weights_only=True))
     return model.eval()
 
 

@@ -34,10 +34,12 @@ import argparse
 import contextlib
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
+from hpmkit.attackers import attacker_slots, put, run_slot_attack
 from hpmkit.attacks import QueryScorer, check_adv, fixed_prototype_logits, run_attack
 from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, check_classes
 from hpmkit.checkpoint import load_models
@@ -131,12 +133,15 @@ class Scored(nn.Module):
 class ModelUnderTest:
     """A row of the table: the real model, which scores, and the surrogates the attacks follow.
 
-    name: "base", "dpnp", "hpm/batch" or "hpm/image"; model: x -> logits, or the HPMClassifier of
-    an HPM row; context: HPM rows' "batch" or "image" (None: a per-image model, its own
-    surrogate); backbone: the module whose forward passes measure an attack's cost."""
+    name: "base", "dpnp", "hpm/batch", "hpm/image" or "hpm/attackers-K"; model: x -> logits, or the
+    HPMClassifier of an HPM row; context: HPM rows' "batch" or "image" (None: a per-image model,
+    its own surrogate); backbone: the module whose forward passes measure an attack's cost;
+    attackers: K of B, the attacker holds the last K slots of every fixed batch and moves them
+    within attacker_eps (attackers.py), the others stay clean (None: the attacker holds all)."""
 
-    def __init__(self, name, model, context=None, backbone=None):
+    def __init__(self, name, model, context=None, backbone=None, attackers=None, attacker_eps=None):
         self.name, self.model, self.context, self.backbone = name, model, context, backbone
+        self.attackers, self.attacker_eps = attackers, attacker_eps
 
     @property
     def per_image(self):
@@ -148,6 +153,9 @@ class ModelUnderTest:
         its own head runs each kind once on itself (none against HPM's structure); the batch
         adversary needs a batch that decides (the batch context)."""
         attacks = [CATALOGUE[a] for a in names]
+        if self.attackers:
+            return [a for a in attacks if a.rows == "attackers"]
+        attacks = [a for a in attacks if a.rows != "attackers"]
         if self.context is None:
             return list(dict.fromkeys(CATALOGUE[a.kind] for a in attacks if a.rows == "all"))
         return [a for a in attacks if a.rows != "batch" or not self.per_image]
@@ -173,14 +181,18 @@ class ModelUnderTest:
         return not self.per_image or attack.surrogate not in (None, "ste")
 
 
-def build_rows(base_model, hpm_model=None, contexts=("batch", "image"), dpnp_model=None):
+def build_rows(base_model, hpm_model=None, contexts=("batch", "image"), dpnp_model=None, attackers=(),
+               attacker_eps=None):
     """The rows: "base" always; "dpnp" for a DPNP model (per-image, attacked like the base
-    model); "hpm/<context>" for each context when an HPM model is given."""
+    model); "hpm/<context>" for each context when an HPM model is given, and "hpm/attackers-K"
+    for each K of `attackers` (the batch context, K slots of each batch the attacker's)."""
     rows = [ModelUnderTest("base", base_model, backbone=base_model)]
     if dpnp_model is not None:
         rows.append(ModelUnderTest("dpnp", dpnp_model, backbone=dpnp_model.base_model))
     for ctx in contexts if hpm_model is not None else ():
         rows.append(ModelUnderTest(f"hpm/{ctx}", hpm_model, ctx, backbone=hpm_model.base_model))
+    for K in attackers if hpm_model is not None else ():
+        rows.append(ModelUnderTest(f"hpm/attackers-{K}", hpm_model, "batch", hpm_model.base_model, K, attacker_eps))
     return rows
 
 
@@ -198,7 +210,9 @@ def attack_chunk(row, attack, chunk, setting, warnings=None, standing=None):
     surrogate's gradients (or, Square, the real model's outputs); with setting.score_queries,
     every query that is a whole fixed batch inside the ball is scored on the real model; every
     final adversarial batch is re-scored whole. An image is fooled if any scored batch fooled
-    it. standing: the images no attack has fooled yet (n,) bool (for "target")."""
+    it. standing: the images no attack has fooled yet (n,) bool (for "target" and "victim")."""
+    if row.attackers:
+        return slots_chunk(row, attack, chunk, setting, warnings, standing)
     B = chunk.grouped_by
     scored = setting.score_queries or attack.reads_scores  # the batch adversary reads its scores
     scorer = QueryScorer(chunk.x, chunk.y, setting.norm, setting.eps, B) if scored else None
@@ -215,6 +229,23 @@ def attack_chunk(row, attack, chunk, setting, warnings=None, standing=None):
         correct &= c_final
     if scorer is None:
         return ChunkResult(correct, x_adv)
+    return ChunkResult(correct & scorer.robust, x_adv, c_final)
+
+
+def slots_chunk(row, attack, chunk, setting, warnings=None, standing=None):
+    """K of B: the attack moves the attacker's slots alone (the last K of each fixed batch), within
+    the attacker's budget; every query is a whole fixed batch, scored on the real model only if
+    its benign images are exactly the clean ones; every final batch is re-scored whole. The result
+    is per image, benign and attacker's alike (attackers.py says what each attack aims at)."""
+    B, s = chunk.grouped_by, replace(setting, eps=row.attacker_eps)
+    slots = attacker_slots(chunk.sizes, row.attackers).to(chunk.x.device)
+    scorer = QueryScorer(chunk.x, chunk.y, s.norm, s.eps, B, frozen=~slots)
+    target = row.surrogate(attack.surrogate, B, scorer)
+    correct = torch.ones_like(chunk.y, dtype=torch.bool)
+    for x_att in run_slot_attack(attack, target, chunk, s, slots, standing, warnings):
+        x_adv = check_adv(put(chunk.x, slots, x_att.detach()), chunk.x, s.norm, s.eps, frozen=~slots)
+        c_final = score(row.real(B), x_adv, chunk.y)[0]
+        correct &= c_final
     return ChunkResult(correct & scorer.robust, x_adv, c_final)
 
 
@@ -251,6 +282,8 @@ def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None):
     results = Results() if results is None else results
     for row in rows:
         rr = results.row(row.name)
+        if row.attackers:  # who holds which image: the per-image records split into own and benign
+            rr.set_attacker_slots(attacker_slots([b - a for a, b in data.batches], row.attackers).int().tolist())
         if rr.batches_done("clean") < len(data.batches):
             run_job(rr, Job(row.name, "clean", lambda first, end: clean_chunk(row, data, first, end)),
                     data.batches, engine)
@@ -313,11 +346,11 @@ def main(args):
             print("the HPM head runs through torch.compile (--compile): the first call of each mode, "
                   "context and batch shape compiles")
         x, y, idx, n_total, cfg["n_examples"] = load_subset(cfg, num_classes)
-        rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model)
+        results = open_results(cfg, len(y))  # (a resumed file's config names its earlier attacks too)
+        rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model, cfg["attackers"], cfg["attacker_eps"])
         for row in rows:  # a model that cannot take these images fails here, before any file is written
             check_images(row.real(), x, device, name=f"{row.name} ({cfg['model']})")
         setting, banner = setting_of(cfg), version_line(cfg, VERSIONS[cfg["version"]])
-        results = open_results(cfg, len(y))  # (a resumed file's config names its earlier attacks too)
         describe(results, cfg, setting, rows, idx, n_total, banner)
 
         def on_update():
@@ -334,8 +367,8 @@ def main(args):
         try:
             evaluate(rows, cfg["attacks"], data, setting, engine, results, adv)
             if cfg["checks"]:
-                run_checks(rows, data, results, setting, engine, Checks(cfg["checks_n"], cfg["checks_tol"]),
-                           attack_chunk)
+                run_checks(rows, data, results, setting, engine,
+                           Checks(cfg["checks_n"], cfg["checks_tol"], cfg["context_orders"]), attack_chunk)
         except EvaluationError as e:
             raise CLIError(str(e))
         results.finished()
@@ -402,6 +435,14 @@ def parse_args(argv=None):
     p.add_argument("--checks", action="store_true", help="run the gradient-masking checks")
     p.add_argument("--checks-n", type=int, default=512,
                    help="images (first of the subset) for --checks (default 512)")
+    p.add_argument("--attackers", metavar="K[,K...]", help="for each K, a row hpm/attackers-K: the attacker "
+                   "holds the last K slots of every fixed batch (DIA's convention) among benign, clean images; "
+                   "it reports own (the attacker's images misclassified) and benign (the other images "
+                   "misclassified through the batch prototypes); 1 <= K < batch size")
+    p.add_argument("--attacker-eps", type=eps_value, help="--attackers: the attacker's budget around its natural "
+                   "images (default: --eps; 1 under L-inf: any image)")
+    p.add_argument("--context-orders", type=int, default=5, help="--checks: the subset's batches formed again "
+                   "in this many random orders; the fraction of clean predictions that change (default 5)")
     p.add_argument("--checks-tol", type=float, default=0.02,
                    help="accuracy difference tolerated by the checks, at least one image (default 0.02)")
     p.add_argument("--out", help="results JSON, rewritten after every chunk; rerun to resume "

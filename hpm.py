@@ -25,6 +25,10 @@ Choices that are ours, not the paper's:
 - Context "batch" with `batch_size=b` treats the rows as consecutive fixed batches of b
   rows, each with its own C_batch, in one call (to fill a GPU with many fixed batches).
 - The l2 distance has gradient 0 (a subgradient) where it is exactly zero.
+- A class no image of the batch is assigned to has C_batch[c] = 0 (Eq. 16's empty sum), and it
+  enters the mixer as it is: C_hybrid[c] = [C_global[c], 0] W_m + b_m, half of C_global[c] with
+  the average start. With more classes than a batch holds most classes are absent, and one image
+  assigned to such a class defines its batch prototype.
 
 This file imports torch only: copy it into any project.
 """

@@ -50,11 +50,14 @@ def final_batch(x, x_best, robust, loss_best, x_best_adv):
     return torch.where(robust.view(-1, *[1] * (x.dim() - 1)), x_best, x_best_adv)
 
 
-def check_adv(x_adv, x, norm, eps):
-    """The attack stayed in the threat model: finite rows in [0, 1] within eps (else a bug)."""
+def check_adv(x_adv, x, norm, eps, frozen=None):
+    """The attack stayed in the threat model: finite rows in [0, 1] within eps, and the images
+    `frozen` (n,) bool (benign ones, K of B) exactly the clean ones (else a bug)."""
     x_adv = x_adv.detach()
     bad = ~torch.isfinite(x_adv).flatten(1).all(dim=1)
     x_adv = torch.where(bad.view(-1, *[1] * (x.dim() - 1)), x, x_adv)  # a NaN image is no image
+    if frozen is not None and not torch.equal(x_adv[frozen], x[frozen]):
+        raise RuntimeError("attack moved a benign image: only the attacker's slots may move")
     if not inside(x_adv, x, eps, norm).all():
         delta = (x_adv - x).flatten(1)
         size = delta.abs().max(dim=1).values if norm == "Linf" else delta.norm(dim=1)
@@ -67,10 +70,12 @@ class QueryScorer:
     """Scores every query of an attack on one fixed batch x0 (B, ...) with labels y on the real
     model: an image is fooled if any query that is the whole batch inside the threat model
     (eps-ball around x0 and [0, 1]) fooled it. Tensor ops only: no host sync per query.
-    batch_size: x0 is a chunk of fixed batches of this size, each judged inside on its own."""
+    batch_size: x0 is a chunk of fixed batches of this size, each judged inside on its own.
+    frozen: (B,) bool, images a query must leave exactly as in x0 to count (the benign images of
+    K of B; None: none)."""
 
-    def __init__(self, x0, y, norm, eps, batch_size=None):
-        self.x0, self.y, self.norm, self.eps = x0, y, norm, eps
+    def __init__(self, x0, y, norm, eps, batch_size=None, frozen=None):
+        self.x0, self.y, self.norm, self.eps, self.frozen = x0, y, norm, eps, frozen
         self.batch_size = batch_size or len(y)
         self.robust = torch.ones_like(y, dtype=torch.bool)
         self.queries = self.scored = 0
@@ -81,13 +86,16 @@ class QueryScorer:
             return
         self.scored += 1
         within = inside(x.detach(), self.x0, self.eps, self.norm)
+        if self.frozen is not None:  # a benign image touched: not a batch of this threat model
+            within &= ~self.frozen | (x.detach() == self.x0).flatten(1).all(1)
         within = within.view(-1, self.batch_size).all(1).repeat_interleave(self.batch_size)  # per batch
         correct = (logits.argmax(dim=1) == self.y) & torch.isfinite(logits).all(dim=1)
         self.robust &= correct | ~within  # a query with any image outside the ball counts for nothing
 
     def part(self, a, b):
         """A scorer of rows a..b-1 alone (one fixed batch of the chunk)."""
-        return QueryScorer(self.x0[a:b], self.y[a:b], self.norm, self.eps)
+        return QueryScorer(self.x0[a:b], self.y[a:b], self.norm, self.eps,
+                           frozen=None if self.frozen is None else self.frozen[a:b])
 
     def absorb(self, a, part):
         """What part(a, ...) scored, merged back."""

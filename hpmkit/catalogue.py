@@ -39,12 +39,14 @@ class Attack:
     surrogate: str = None  # the HPM model it follows (fc, soft, ste, mix, fixed); None: the real model
     classes: int = 2  # AutoAttack's DLR loss reads the 3rd largest logit, its targeted DLR the 4th
     rows: str = "all"  # "all": every row (a per-image model runs `kind` on itself); "hpm": HPM rows;
-    #                    "batch": HPM's batch context (the batch adversary: it needs a batch that decides)
+    #                    "batch": HPM's batch context (the batch adversary: it needs a batch that decides);
+    #                    "attackers": the rows of K attacker slots in each batch (attackers.py)
 
     @property
     def reads_scores(self):
-        """The batch adversary steers by what the real model scored (it needs a scorer)."""
-        return self.kind in ("joint", "target")
+        """The batch adversary and the attacker slots' attacks steer by what the real model scored
+        (they need a scorer)."""
+        return self.kind in ("joint", "target") or self.rows == "attackers"
 
 
 LOSSES = ("ce", "dlr")
@@ -52,6 +54,7 @@ SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the 
 ADAPTIVE = ("fixed",)  # adaptive surrogates designed from hpm.py (Tramer et al. 2020)
 CONTEXTS = ("batch", "image")
 KINDS = ("apgd-ce", "apgd-dlr", "apgd-t", "apgd-cw")  # APGD-T: AutoAttack's targeted DLR attack
+LOSSES_K = ("apgd-ce", "apgd-dlr")
 CLASSES = {"apgd-ce": 2, "apgd-dlr": 3, "apgd-t": 4, "apgd-cw": 2, "flip": 4, "square": 2, "joint": 2,
            "target": 2}
 
@@ -64,14 +67,24 @@ def _catalogue():
     # batch prototypes; last in the order (target reads the images every other attack left standing).
     hpm += [Attack(f"{k}/{s}", k, s, rows="batch") for k in ("joint", "target") for s in ("soft", "ste", "mix")]
     own = [Attack(k, k, None, CLASSES[k]) for k in KINDS]  # a per-image model's, on itself
-    return {a.name: a for a in own + hpm}
+    # K of B (attackers.py): the attacker's own images misclassified, and collateral on the benign ones.
+    slots = [Attack(f"own:{k}/{s}", f"own-{k}", s, CLASSES[k], "attackers") for k in LOSSES_K for s in SURROGATES]
+    slots += [Attack(f"benign:spread/{s}", "spread", s, rows="attackers") for s in ("soft", "ste", "mix")]
+    slots += [Attack("benign:square", "square-victims", rows="attackers")]
+    # last: victim reads the benign images every other attack left standing
+    slots += [Attack(f"benign:victim/{s}", "victim", s, rows="attackers") for s in ("soft", "ste", "mix")]
+    return {a.name: a for a in own + hpm + slots}
 
 
 CATALOGUE = _catalogue()
 ALL_ATTACKS = tuple(name for name in CATALOGUE if name not in KINDS)  # the names --attacks takes
 ORDER = ("clean",) + tuple(CATALOGUE) + ("worst_case",)  # of the attacks in a row's results
 HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)  # the paper's MSA
-BATCH_ADVERSARY = tuple(a.name for a in CATALOGUE.values() if a.reads_scores)
+# The rows of K attacker slots, by default: MSA on the attacker's slots; collateral through C_batch
+# (soft and mix surrogates: spread, then victim on the benign images left standing) and without gradients.
+ATTACKER_ATTACKS = (tuple(f"own:{k}/{s}" for k in LOSSES_K for s in SURROGATES)
+                    + ("benign:spread/soft", "benign:spread/mix", "benign:square", "benign:victim/mix"))
+BATCH_ADVERSARY = tuple(a.name for a in CATALOGUE.values() if a.rows == "batch")
 
 
 def parse_attacks(text):

@@ -6,7 +6,10 @@ beating the end-to-end attack means obfuscated gradients (expected for HPM: why 
 import math
 from dataclasses import dataclass, replace
 
+import torch
+
 from hpmkit.catalogue import CATALOGUE
+from hpmkit.chunks import FixedBatches
 from hpmkit.cli import WarningCounter
 from hpmkit.jobs import Job, run_job
 
@@ -115,9 +118,41 @@ def check_key(attack, eps, steps):
 
 @dataclass(frozen=True)
 class Checks:
-    """--checks: on the first n images of the subset, accuracy differences of tol tolerated."""
+    """--checks: on the first n images of the subset, accuracy differences of tol tolerated; the
+    context sensitivity over `orders` random orders of the whole subset."""
     n: int = 512
     tol: float = 0.02
+    orders: int = 5
+
+
+@torch.no_grad()
+def predictions(row, data):
+    """The real model's clean predictions (N,) on the fixed batches of data, each batch whole."""
+    real = row.real()
+    return torch.cat([real(data.chunk(i, i + 1).x).argmax(1).cpu() for i in range(len(data.batches))])
+
+
+def context_sensitivity(row, data, orders, seed=0):
+    """The clean images (N,) bool whose prediction changes when the subset's fixed batches are
+    formed again in `orders` random orders (seeded): a per-image model changes none; HPM's batch
+    context changes those whose label depends on who else is in the batch."""
+    first = predictions(row, data)
+    changed = torch.zeros(len(data), dtype=torch.bool)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(orders):
+        perm = torch.randperm(len(data), generator=g)
+        again = predictions(row, FixedBatches(data.x[perm], data.y[perm], data.batch_size, data.device))
+        changed[perm] |= again != first[perm]
+    return changed
+
+
+def check_context_sensitivity(row, data, orders):
+    changed = context_sensitivity(row, data, orders)
+    n, k = len(changed), int(changed.sum())
+    return {"orders": orders, "n": n, "changed": k / n, "status": "pass" if k == 0 else "note",
+            "detail": (f"{k} of {n} clean predictions ({k / n:.1%}) change when the batches are formed again "
+                       f"in {orders} random orders" + ("" if k == 0 else ": a deployment's clean outputs "
+                                                       "depend on who else is in the batch"))}
 
 
 def run_checks(rows, data, results, setting, engine, checks, attack_chunk):
@@ -129,6 +164,8 @@ def run_checks(rows, data, results, setting, engine, checks, attack_chunk):
     part = data.first(n)
     sweep = sorted(set(sweep_eps(setting.norm, setting.eps, data.x[0].numel())) | {setting.eps})
     for row in rows:
+        if row.attackers:  # its checks are those of hpm/batch: the same model
+            continue
         rr = results.row(row.name)
         runs = rr.check_runs(n)
         attack = CATALOGUE[check_attack(row.name)]
@@ -144,5 +181,7 @@ def run_checks(rows, data, results, setting, engine, checks, attack_chunk):
             runs.finish(key)
         rr.checks.update(gradient_masking_checks(row.name, rr.check_accuracies(), rr, setting, sweep, n,
                                                  checks.tol))
+        if checks.orders:
+            rr.checks["context_sensitivity"] = check_context_sensitivity(row, data, checks.orders)
         engine.updated()
     return results

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from hpmkit.catalogue import ALL_ATTACKS, CONTEXTS, Setting, parse_attacks
+from hpmkit.catalogue import ALL_ATTACKS, ATTACKER_ATTACKS, CONTEXTS, Setting, parse_attacks
 from hpmkit import controls
 from hpmkit.checkpoint import is_head_file, read_head
 from hpmkit.cli import CLIError, check_device, check_eps, check_positive
@@ -23,7 +23,7 @@ DEFAULT_CHUNK = {"cuda": 1024, "cpu": 64}
 # Settings that change the numbers: an existing --out file must match them to be resumed.
 IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
             "head_sha256", "eps", "n_examples", "subset_seed", "per_class", "batch_size", "steps",
-            "queries", "seed", "score_queries", "fixed_batch_square", "restarts")
+            "queries", "seed", "score_queries", "fixed_batch_square", "restarts", "attacker_eps")
 
 
 def resolve_config(args, versions):
@@ -62,6 +62,7 @@ def resolve_config(args, versions):
                        if c.strip()]
     if not cfg["contexts"] or not set(cfg["contexts"]) <= set(CONTEXTS):
         raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {args.contexts!r}")
+    resolve_attackers(cfg, args, version)
     if not 0 <= cfg["checks_tol"] < 1:
         raise CLIError(f"--checks-tol is an accuracy difference in [0, 1), got {cfg['checks_tol']:g}")
     if cfg["save_adv"] and os.path.exists(cfg["save_adv"]) and not os.path.isdir(cfg["save_adv"]):
@@ -112,6 +113,36 @@ def finetune_settings(args, defaults, official_attack):
     return argparse.Namespace(**s)
 
 
+def resolve_attackers(cfg, args, version):
+    """--attackers K[,K...] and --attacker-eps E (K of B, attackers.py), checked: each K in [1, B),
+    an HPM head with batch prototypes, E in (0, 1] under L-inf (1: any image), E > 0 under L2.
+    The rows run the version's attacker attacks unless --attacks names its own."""
+    text = getattr(args, "attackers", None)
+    cfg["attackers"] = []
+    if text is not None:
+        try:
+            cfg["attackers"] = sorted({int(k) for k in text.split(",") if k.strip()})
+        except ValueError:
+            raise CLIError(f"--attackers takes numbers of slots like 1,8; got {text!r}")
+        if not cfg["attackers"]:
+            raise CLIError("--attackers is empty; give numbers of slots like 1,8")
+        B = cfg["batch_size"]
+        bad = [k for k in cfg["attackers"] if not 1 <= k < B]
+        if bad:
+            raise CLIError(f"--attackers {bad[0]}: the attacker holds K of the B = {B} slots of a fixed batch, "
+                           f"1 <= K < {B} (K = B is the whole batch: the row hpm/batch)")
+        if cfg["head_type"] != "hpm":
+            raise CLIError("--attackers needs an HPM head: " + ("a base model alone" if cfg["head_type"] is None
+                           else f"a {cfg['head_type']} head") + " has no batch context, so nobody's images "
+                           "change anyone else's label")
+    E = getattr(args, "attacker_eps", None)
+    cfg["attacker_eps"] = cfg["eps"] if E is None else E
+    if not (cfg["attacker_eps"] > 0 and (cfg["threat_model"] != "Linf" or cfg["attacker_eps"] <= 1)):
+        raise CLIError(f"--attacker-eps must lie in (0, 1] (L-inf: 1 is any image), got {cfg['attacker_eps']:g}")
+    if cfg["attackers"] and args.attacks is None:
+        cfg["attacks"] = parse_attacks(",".join(version["attacks"] + ATTACKER_ATTACKS))
+
+
 def setting_of(cfg):
     """The attacks' setting of a resolved configuration (cfg: resolve_config's)."""
     return Setting(norm=cfg["threat_model"], eps=cfg["eps"], steps=cfg["steps"], queries=cfg["queries"],
@@ -157,5 +188,6 @@ def open_results(cfg, n):
         raise CLIError(f"{out} holds results of another configuration ({'; '.join(diff[:3])}); "
                        "choose another --out or pass --overwrite")
     cfg["attacks"] = [a for a in ALL_ATTACKS if a in set(cfg["attacks"]) | set(old.get("attacks") or [])]
+    cfg["attackers"] = sorted(set(cfg["attackers"]) | set(old.get("attackers") or []))
     print(f"resuming from {out}")
     return results

@@ -60,6 +60,14 @@ NOTES = {
         "others helpers) until a scored batch fools it; cost (images standing) x steps x batch size. "
         "Every iterate is scored whole; an image counts as fooled by the attack only if a scored "
         "batch fooled it (for target, the kept batch is the clean one: each target had its own)."),
+    "attackers": (
+        "hpm/attackers-K (K of B): the attacker holds the last K slots of every fixed batch (DIA's "
+        "convention; a short last batch keeps its first image benign) and moves them within its own "
+        "eps around their natural images (1 under L-inf: any image); the other images are benign and "
+        "exactly clean in every scored batch. own: the attacker's images (MSA on its slots alone); "
+        "benign: the other images, which only the batch prototypes can change (spread: their summed "
+        "clamped margins; victim: each standing image alone, a copy of its batch per victim; square: "
+        "no gradients). Every query is a whole fixed batch scored on the real model."),
     "apgd_t": (
         "apgd-t: AutoAttack's targeted DLR attack, min(9, K - 1) target classes (the highest "
         "clean logits after the top one) with one run each; an image counts as fooled if any "
@@ -77,12 +85,10 @@ TITLES = {"base": "base", "hpm/batch": "HPM (batch)", "hpm/image": "HPM (image)"
 
 
 def format_tables(results, rows):
-    """The paper's Tables 1-2 shape (clean, worst case, difference to base), then every attack."""
-    stores = {r.name: results.row(r.name) for r in rows}
+    """The paper's Tables 1-2 shape (clean, worst case, difference to base), then every attack; then
+    the rows of K attacker slots (own and benign, per attack)."""
+    stores = {r.name: results.row(r.name) for r in rows if not r.attackers}
     base = stores.get("base")
-
-    def pct(v):
-        return "" if v is None else f"{100 * v:.1f}"
 
     def diff(v, ref):
         return "" if v is None or ref is None else f"({100 * (v - ref):+.1f})"
@@ -98,6 +104,28 @@ def format_tables(results, rows):
     for a in ["clean"] + names + ["worst_case"]:
         cells = [s.accuracy(a) for s in stores.values()]
         lines.append(f"{a.replace('_', ' '):<16}" + "".join(f"{pct(c):>13}" for c in cells))
+    slot_rows = [r for r in rows if r.attackers]
+    if slot_rows:
+        lines += ["", attackers_table(results, slot_rows)]
+    return "\n".join(lines)
+
+
+def pct(v):
+    return "" if v is None else f"{100 * v:.1f}"
+
+
+def attackers_table(results, rows):
+    """K of B: the attacker's own images and the benign ones, accuracy (%) clean, under each attack
+    and in the worst case."""
+    B = results.subset["batch_size"]
+    head = "".join(f"{f'{r.attackers} of {B}: own':>16}{'benign':>9}" for r in rows)
+    lines = [f"attacker slots (eps {rows[0].attacker_eps:.4g}; the last K of each fixed batch)",
+             f"{'accuracy (%)':<22}" + head]
+    stores = [results.row(r.name) for r in rows]
+    names = sorted({a for s in stores for a in s.accuracies}, key=ORDER.index)
+    for a in ["clean"] + names + ["worst_case"]:
+        lines.append(f"{a.replace('_', ' '):<22}" + "".join(f"{pct(s.by_role(a, 'own')):>16}{pct(s.by_role(a, 'benign')):>9}"
+                                                       for s in stores))
     return "\n".join(lines)
 
 
@@ -133,7 +161,8 @@ def describe(results, cfg, setting, rows, idx, n_total, banner):
              + ([NOTES["score_queries"]] if cfg["score_queries"] else [])
              + ([NOTES["apgd_t"]] if any(a.startswith("apgd-t") for a in cfg["attacks"]) else [])
              + ([NOTES["flip"]] if "flip/mix" in cfg["attacks"] else [])
-             + ([NOTES["batch_adversary"]] if set(cfg["attacks"]) & set(BATCH_ADVERSARY) else []))
+             + ([NOTES["batch_adversary"]] if set(cfg["attacks"]) & set(BATCH_ADVERSARY) else [])
+             + ([NOTES["attackers"]] if cfg.get("attackers") else []))
     results.describe(
         "evaluate.py: clean and robust accuracy (fractions) of the base model and HPM on one fixed "
         "subset, same batches, same attacks",

@@ -4,6 +4,8 @@ state.py owns its state file). Everyone else asks `Results` and `RowResults`.
     {"description", "config", "versions", "subset", "version", "notes", "complete", "timing",
      "base": ROW, "dpnp": ROW, "hpm": {"batch": ROW, "image": ROW}}
     ROW = {"clean": accuracy, "attacks": {attack: accuracy}, "worst_case": accuracy,
+           (K of B: "attacker_slots": [0/1], "own", "benign", "benign_clean": accuracies,
+            "attacks_own", "attacks_benign": {attack: accuracy}),
            "correct": {"clean" | attack | "worst_case": [0/1 per image]},
            "batches_done": {job: n}, "timings_s": {job: seconds}, "backbone_images": {job: n},
            "final_batch_correct": {attack: [0/1]}, "backbone_passes_per_image": {attack: x},
@@ -147,6 +149,39 @@ class RowResults(Runs):
                 self.store.setdefault("backbone_passes_per_image", {})[name] = round(images / len(correct), 2)
         self.update_worst_case()
 
+    def set_attacker_slots(self, slots):
+        """K of B: which images are the attacker's ([0/1 per image]); the row then reports its
+        per-image records split: own (the attacker's images) and benign (the others)."""
+        self.store["attacker_slots"] = list(slots)
+
+    @property
+    def attacker_slots(self):
+        return self.store.get("attacker_slots")
+
+    def by_role(self, name, role):
+        """Accuracy of `name` ("clean", an attack, "worst_case") over the attacker's images (role
+        "own") or the benign ones ("benign"); None where the row has no attacker slots."""
+        slots, correct = self.attacker_slots, self.store["correct"].get(name)
+        if slots is None or correct is None:
+            return None
+        picked = [c for c, s in zip(correct, slots) if s == (role == "own")]
+        return sum(picked) / len(picked) if picked else None
+
+    @property
+    def own(self):
+        """K of B: the attacker's images correct clean and under every attack (worst case)."""
+        return self.store.get("own")
+
+    @property
+    def benign(self):
+        """K of B: the benign images correct clean and under every attack on the slots (worst case)."""
+        return self.store.get("benign")
+
+    @property
+    def benign_clean(self):
+        """K of B: the benign images correct with the attacker's images left clean."""
+        return self.store.get("benign_clean")
+
     def set_warnings(self, name, text):
         self.store.setdefault("library_warnings", {})[name] = text
 
@@ -161,6 +196,11 @@ class RowResults(Runs):
         worst = [int(all(v)) for v in zip(*(self.store["correct"][k] for k in finished))]
         self.store["correct"]["worst_case"] = worst
         self.store["worst_case"] = sum(worst) / len(worst)
+        if self.attacker_slots is not None:  # K of B: the two risks, overall and per attack
+            self.store.update(own=self.by_role("worst_case", "own"), benign=self.by_role("worst_case", "benign"),
+                              benign_clean=self.by_role("clean", "benign"))
+            for role in ("own", "benign"):
+                self.store[f"attacks_{role}"] = {a: self.by_role(a, role) for a in self.store["attacks"]}
 
     @property
     def checks(self):

@@ -313,8 +313,13 @@ def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None):
             if saver is not None:
                 saver.finish()
             engine.updated()
-            engine.log(f"  {row.name:<10} {name:<14} {rr.accuracy(name):7.2%}   worst case "
-                       f"{rr.worst_case:7.2%}   ({rr.seconds(name):.1f} s)")
+            if row.attackers:  # K of B: the attacker's own images and the benign ones
+                engine.log(f"  {row.name:<10} {name:<18} own {rr.by_role(name, 'own'):7.2%}  benign "
+                           f"{rr.by_role(name, 'benign'):7.2%}   worst case own {rr.own:7.2%}  benign "
+                           f"{rr.benign:7.2%}   ({rr.seconds(name):.1f} s)")
+            else:
+                engine.log(f"  {row.name:<10} {name:<14} {rr.accuracy(name):7.2%}   worst case "
+                           f"{rr.worst_case:7.2%}   ({rr.seconds(name):.1f} s)")
             if counter.counts:  # one line per attack, not one warning per batch
                 rr.set_warnings(name, counter.summary())
                 engine.log(f"  {'':<10} {name:<14} AutoAttack warned: {counter.summary()}")

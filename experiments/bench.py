@@ -297,6 +297,20 @@ def protocol_grouped_vs_sequential(base, model, x, y, batch, chunk, steps, queri
     return times["sequential"] / times["grouped"], {k: len(x) / v for k, v in times.items()}
 
 
+def attacker_rows_cost(base, model, x, y, batch, steps, queries, device):
+    """K of B (evaluate.py --attackers): backbone passes (forward + backward) per image of each
+    attack of the attacker rows, K = 1 and K = B / 8, attacker budget 1 (any image), from one
+    evaluation of x in fixed batches of `batch`: {row: {attack: passes per image}}."""
+    from hpmkit.catalogue import ATTACKER_ATTACKS
+
+    Ks = sorted({1, max(1, batch // 8)})
+    rows = evaluate.build_rows(base, model, contexts=(), attackers=Ks, attacker_eps=1.0)[1:]
+    setting = Setting("Linf", 8 / 255, steps=steps, queries=queries, score_queries=True, fixed_batch_square=True)
+    res = evaluate.evaluate(rows, list(ATTACKER_ATTACKS), FixedBatches(x, y, batch, device), setting,
+                            Engine(device, None, progress=False, log=lambda *a: None))
+    return {r.name: {a: res.row(r.name).passes_per_image(a) for a in ATTACKER_ATTACKS} for r in rows}
+
+
 def square_chunk_vs_per_batch(base, x, y, batch, queries, device, repeats):
     """AutoAttack's Square on a per-image model: images/s of the chunked form (square_chunk, one
     loop over all batches) / AutoAttack's perturb on each fixed batch in turn (the form before).
@@ -467,6 +481,13 @@ def main(args):
     figures["square_limit_same_queries"] = {"value": round(limit, 4), "goal": "none (the bound on the figure above)",
                                             "ok": True}
 
+    costs = attacker_rows_cost(base, model, xp, yp, pb, args.apgd_steps, args.protocol_queries, device)
+    for name, per_attack in costs.items():
+        figures[f"passes_per_image {name}"] = {"value": per_attack, "goal": None, "ok": True,
+                                              "note": f"{n} images in batches of {pb}, {args.apgd_steps} steps, "
+                                                      f"{args.protocol_queries} queries, attacker budget 1"}
+        print(f"{name} backbone passes per image (fwd+bwd), {args.apgd_steps} steps: " +
+              ", ".join(f"{a} {v:g}" for a, v in per_attack.items()) + f"; total {sum(per_attack.values()):g}")
     ratio, peaks = peak_memory_ratio(args)
     report("peak_mem_msa_attack / peak_mem_base_apgd", ratio, 1.2,
            f"({peaks['msa'] / 2**20:.0f} MiB vs {peaks['base'] / 2**20:.0f} MiB)")

@@ -96,11 +96,14 @@ def load_mnist(folder=None):
 
 
 def make_splits(folder, cfg, seed):
-    """Train and held-out parts as uint8 (N, 1, 28, 28) and int64 (N,) arrays, plus a description."""
+    """Train and held-out parts as uint8 (N, 1, 28, 28) and int64 (N,) arrays, plus a description.
+    With the test set alone, a seeded permutation: the first cfg["split"] (default n_train) train,
+    the rest is held out; a reduced run (n_heldout) then takes the first n_train and n_heldout of
+    each part, so that its held-out images are never those a model of the full split trained on."""
     x_train, y_train, x_test, y_test, source = load_mnist(folder)
-    if x_train is None:  # split the test set: a seeded permutation, first n_train for training
+    if x_train is None:
         perm = np.random.default_rng(seed).permutation(len(y_test))
-        n_train = cfg["n_train"]
+        n_train = cfg.get("split", cfg["n_train"])
         train_idx, heldout_idx = perm[:n_train], perm[n_train:]
         x_train, y_train = x_test[train_idx], y_test[train_idx]
         x_test, y_test = x_test[heldout_idx], y_test[heldout_idx]

@@ -44,17 +44,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.common import (EPS, SmallCNN, accuracy, cli_path, machine, make_splits,
-                                run_script, train)
+from experiments.common import (EPS, MODEL_PATH, SmallCNN, accuracy, cli_path, embedded_model, machine,
+                                make_splits, run_script, train)
+from hpmkit.catalogue import ATTACKER_ATTACKS
 from hpmkit.results import Results
 
 # Every knob of the run, full and quick. Not from the paper: sized for 2 CPU cores.
 SETTINGS = {
     "full": dict(
         n_train=5000,          # training part of the 10k test set (the rest is held out)
+        split=5000,            # the embedded model's split: it trained on the first 5,000
         batch_size=64,         # CNN training
         epochs=3,              # normal training of cnn_fc and cnn_l2
-        at_epochs=10,          # adversarial training of cnn_fc_at (warm-up and ramp: the first 2)
+        at_epochs=10,          # adversarial training of cnn_fc_at with --mnist-dir (warm-up and ramp: the first 2)
         at_steps=7,            # PGD steps per training batch (Madry: 40)
         fig1_eps=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3],
         fig1_n=1000,           # held-out images attacked for Fig. 1
@@ -63,12 +65,14 @@ SETTINGS = {
         # evaluate.py: 500 held-out images (paper: 25% of the test set), 20 APGD steps (paper: 40),
         # 1000 Square queries (paper: 5000), the checks on the same 500 images
         eval_args=["--n-examples", "500", "--steps", "20", "--queries", "1000", "--checks-n", "500"],
+        attackers="1,8",       # K of B = 64: one attacker image per batch, and one in eight
     ),
     "quick": dict(
-        n_train=500, n_heldout=200, batch_size=16, epochs=1, at_epochs=1, at_steps=2,
+        n_train=1000, n_heldout=128, split=5000, batch_size=64, epochs=1, at_epochs=1, at_steps=2,
         fig1_eps=[0.0, 0.1, 0.3], fig1_n=100, fig1_steps=3,
-        ft_args=["--steps", "2"],
-        eval_args=["--n-examples", "96", "--steps", "3", "--queries", "10", "--checks-n", "32"],
+        ft_args=["--steps", "5"],
+        eval_args=["--n-examples", "128", "--steps", "10", "--queries", "100", "--checks-n", "64"],
+        attackers="8",
     ),
 }
 
@@ -230,6 +234,33 @@ def versions_table(by_version):
     return "\n".join(lines)
 
 
+def threat_table(results, threats):
+    """Markdown: who holds the batch. Worst-case accuracy (%) of the base model and of HPM when the
+    attacker holds every image of a fixed batch, K of its B slots (own: the attacker's images;
+    collateral: the benign ones, clean and under attack), or one image alone."""
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    base, batch, alone = (results.row(n) for n in ("base", "hpm/batch", "hpm/image"))
+    B = results.subset["batch_size"]
+    lines = ["| who holds the batch | attacker's budget | base model | HPM |", "|---|---|---:|---:|",
+             f"| the whole fixed batch (hpm/batch) | eps {EPS:g} | {pct(base.worst_case)} | {pct(batch.worst_case)} |"]
+    for E, res in threats.items():
+        budget = f"eps {E:g}" if E < 1 else "any image (eps 1)"
+        for name, r in res.rows().items():
+            if not name.startswith("hpm/attackers-"):
+                continue
+            K, slots = name.split("-")[-1], r.attacker_slots
+
+            def base_on(role, record):  # the base model on the same images: a per-image model
+                picked = [c for c, s in zip(base.correct(record), slots) if s == (role == "own")]
+                return sum(picked) / len(picked)
+            lines.append(f"| {K} of {B}: the attacker's own images | {budget} | {pct(base_on('own', 'worst_case'))} "
+                         f"| {pct(r.own)} |")
+            lines.append(f"| {K} of {B}: the benign images, clean {pct(r.benign_clean)} | {budget} | "
+                         f"{pct(base_on('benign', 'clean'))} (no collateral) | {pct(r.benign)} |")
+    lines.append(f"| each image alone (hpm/image) | eps {EPS:g} | {pct(base.worst_case)} | {pct(alone.worst_case)} |")
+    return "\n".join(lines)
+
+
 def verdict(results):
     """A plain sentence per context: did HPM's worst case beat the base model's, on the same images?"""
     base = results.row("base").correct("worst_case")
@@ -278,17 +309,23 @@ def main(args):
     done("data", f"train.npz {tuple(x_tr.shape)}, heldout.npz {tuple(x_ho.shape)}")
 
     stage("models")
-    print(f"  {cfg['epochs']} epoch(s) of normal training, {cfg['at_epochs']} of PGD adversarial "
-          f"training (eps {EPS}, {cfg['at_steps']} steps)")
+    embedded = args.mnist_dir is None  # the embedded split: the embedded model trained on its training part
+    print(f"  {cfg['epochs']} epoch(s) of normal training; cnn_fc_at: " + (
+        f"the embedded model ({cli_path(MODEL_PATH)}: PGD adversarial training at eps {EPS}, "
+        "experiments.train_mnist_model)" if embedded else
+        f"{cfg['at_epochs']} epoch(s) of PGD adversarial training (eps {EPS}, {cfg['at_steps']} steps)"))
     models = {}
     for key, classifier, epochs, at_steps in (("cnn_fc", "fc", cfg["epochs"], 0),
                                               ("cnn_l2", "l2", cfg["epochs"], 0),
                                               ("cnn_fc_at", "fc", cfg["at_epochs"], cfg["at_steps"])):
         torch.manual_seed(args.seed)
-        models[key] = train(SmallCNN(classifier), x_tr, y_tr, epochs, cfg["batch_size"], device, key, at_steps)
+        if key == "cnn_fc_at" and embedded:
+            models[key] = embedded_model().to(device)
+        else:
+            models[key] = train(SmallCNN(classifier), x_tr, y_tr, epochs, cfg["batch_size"], device, key, at_steps)
         torch.save(models[key], out / f"{key}.pt")
     clean = {k: accuracy(m, x_ho, y_ho, device) for k, m in models.items()}
-    done("models", "held-out clean accuracy " + ", ".join(f"{k} {v:.2%}" for k, v in clean.items()))
+    done("models", "held-out clean accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in clean.items()))
 
     stage("fig1")
     n1 = min(cfg["fig1_n"], len(y_ho))
@@ -321,7 +358,16 @@ def main(args):
     paper_argv[paper_argv.index("--out") + 1] = cli_path(out / "results_paper.json")
     paper_argv += ["--version", "paper"]
     run_script(paper_argv, out / "evaluate_paper.log")
-    done("evaluate", "results.json (version strong), results_paper.json (version paper)")
+    threats = {}  # K of B: the attacker's slots, at the threat model's eps and as any image
+    for E, tag in ((EPS, "eps"), (1.0, "any")):
+        argv = [a for a in ev_argv if a != "--checks"]
+        argv[argv.index("--out") + 1] = cli_path(out / f"results_attackers_{tag}.json")
+        argv += ["--contexts", "batch", "--attacks", ",".join(ATTACKER_ATTACKS), "--attackers", cfg["attackers"],
+                 "--attacker-eps", f"{E:g}"]
+        run_script(argv, out / f"evaluate_attackers_{tag}.log")
+        threats[E] = Results.read(out / f"results_attackers_{tag}.json")
+    done("evaluate", "results.json (version strong), results_paper.json (version paper), "
+                     "results_attackers_{eps,any}.json (K of B)")
 
     stage("table1")
     results = Results.read(out / "results.json")
@@ -329,7 +375,9 @@ def main(args):
     versions_md = versions_table({"strong": results, "paper": results_paper})
     compact, per_attack = table1(results)
     checks_md, verdicts = checks_table(results), verdict(results)
+    threat_md = threat_table(results, threats)
     (out / "table1.md").write_text(compact + "\n\n" + per_attack + "\n\n" + checks_md + "\n")
+    (out / "threat.md").write_text(threat_md + "\n")
     done("table1", "table1.md")
 
     total = time.time() - t_start
@@ -356,6 +404,15 @@ APGD-CE (AutoAttack, `perturb`, {cfg['fig1_steps']} iterations; AutoAttack's def
 first {n1} held-out images; accuracy (%) at each L-inf eps. Plot: fig1.png.
 
 {fig1_md}
+
+## Who holds the batch
+
+The attacker perturbs every image of a fixed batch (the paper's adversarial batch), K of its B
+slots among benign images (the last K, DIA's convention; own: the attacker's images
+misclassified; collateral: the benign images misclassified through the batch prototypes), or
+each image alone; the base model (per image) beside it, on the same images. Worst case (%):
+
+{threat_md}
 
 ## Table 1 in miniature: base (FC, adversarially trained) versus HPM
 
@@ -394,6 +451,8 @@ Gradient-masking checks:
     print(fig1_md)
     print()
     print(compact)
+    print()
+    print(threat_md)
     print()
     print(versions_md)
     print()

@@ -16,6 +16,7 @@ Accuracies are fractions of the subset; a job is an attack (or the clean pass) o
 batch of a row, recorded after every chunk so that a rerun resumes it.
 """
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -224,6 +225,102 @@ def new_row():
             "timings_s": {}}
 
 
+# What a results file holds, at the top and in a row (Results.problem refuses anything else).
+TOP = {"description", "config", "versions", "subset", "version", "notes", "complete", "timing", "base", "dpnp",
+       "hpm"}
+ROW = set(new_row()) | set(BOOKKEEPING) | {"checks"}
+
+
+def too_deep(obj, limit):
+    """obj nests lists and dicts more than `limit` deep (walked without recursion)."""
+    todo = [(obj, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            todo += [(w, depth + 1) for w in (v.values() if isinstance(v, dict) else v)]
+    return False
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def row_problem(store, batches):
+    """What in one row does not hold together, else None (batches: the run's fixed batches)."""
+    if not isinstance(store, dict) or not set(store) <= ROW:
+        return "is not a row of evaluate.py"
+    for key in ("attacks", "correct", "batches_done", "timings_s") + BOOKKEEPING + ("checks",):
+        if not isinstance(store.get(key, {}), dict):
+            return f"{key} is not a mapping"
+        unknown = [k for k in store.get(key, {}) if k not in ORDER] if key != "checks" else []
+        if unknown:
+            return f"{key} names {unknown[0]!r}, no job of evaluate.py"
+    if store.get("clean") is not None and not is_number(store["clean"]):
+        return f"clean accuracy {store['clean']!r} is not a number"
+    finished = dict(store.get("attacks", {}))
+    if store.get("clean") is not None:
+        finished["clean"] = store["clean"]
+    problem = jobs_problem(store, finished, batches)
+    if problem or store.get("clean") is None:
+        return problem
+    lists = [store["correct"][k] for k in ["clean"] + list(store["attacks"])]
+    worst = [int(all(v)) for v in zip(*lists)]
+    if store["correct"].get("worst_case") != worst:
+        return "worst_case: its per-image list is not the AND of clean and every finished attack"
+    if store.get("worst_case") != mean(worst):
+        return f"worst_case: accuracy {store.get('worst_case')!r} but its per-image list gives {mean(worst):g}"
+    runs = store.get("checks", {}).get("runs")
+    if runs is None:
+        return None
+    n = runs.get("n") if isinstance(runs, dict) else None
+    if not (type(n) is int and 1 <= n <= batches[-1][1]) or not all(
+            isinstance(runs.get(k), dict) for k in ("accuracy", "correct", "batches_done", "timings_s")):
+        return "checks: its runs are not those of evaluate.py"
+    problem = jobs_problem(runs, runs["accuracy"], [(a, min(b, n)) for a, b in batches if a < n])
+    return problem and "check " + problem
+
+
+def jobs_problem(store, finished, batches):
+    """What in a store of jobs does not hold together: store["correct"] lists of 0/1, every finished
+    job ({job: its accuracy}) with a list over all of `batches` whose mean is its accuracy, every
+    unfinished one with a list over the batches it has done (store["batches_done"])."""
+    correct, done = store["correct"], store["batches_done"]
+    for name, v in correct.items():
+        if not (isinstance(v, list) and all(type(c) is int and c in (0, 1) for c in v)):
+            return f"{name}: its per-image record is not a list of 0/1"
+    for key, ok in (("timings_s", is_number), ("backbone_passes_per_image", is_number),
+                    ("backbone_images", lambda v: v is None or type(v) is int), ("library_warnings",
+                                                                                 lambda v: isinstance(v, str))):
+        bad = [name for name, v in store.get(key, {}).items() if not ok(v)]
+        if bad:
+            return f"{bad[0]}: its {key} entry is not what evaluate.py writes"
+    for name, d in done.items():
+        if not (type(d) is int and 0 <= d <= len(batches)):
+            return f"{name}: batches_done {d!r}, but the run has {len(batches)} batches"
+        images = batches[d - 1][1] if d else 0
+        if name not in finished and len(correct.get(name, [])) != images:
+            return (f"{name}: {d} batches done ({images} images), but its per-image list has "
+                    f"{len(correct.get(name, []))}")
+    for name, acc in finished.items():
+        n = batches[-1][1]
+        if done.get(name) != len(batches) or len(correct.get(name, [])) != n:
+            return (f"{name}: finished, but {len(correct.get(name, []))} of {n} images and {done.get(name)} of "
+                    f"{len(batches)} batches recorded")
+        if not is_number(acc) or acc != mean(correct[name]):
+            return f"{name}: accuracy {acc!r} but its per-image list gives {mean(correct[name]):g}"
+    for name, v in store.get("final_batch_correct", {}).items():
+        if not (isinstance(v, list) and all(type(c) is int and c in (0, 1) for c in v)
+                and len(v) == len(correct.get(name, []))):
+            return f"{name}: its final batches' record is not a list of 0/1 as long as its per-image list"
+    return None
+
+
 class Results:
     """A results file's contents (`data`, a JSON-able dict), read and written through here."""
 
@@ -236,7 +333,7 @@ class Results:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):  # (JSON nested thousands deep)
             return None
         return cls(data) if isinstance(data, dict) and isinstance(data.get("config"), dict) else None
 
@@ -256,22 +353,29 @@ class Results:
         out.update({f"hpm/{c}": RowResults(s) for c, s in self.data.get("hpm", {}).items()})
         return out
 
-    def holds_together(self, n):
-        """What a resumed run reads of each row, checked (a file edited by hand or damaged): lists
-        of 0/1 of at most n images, counts, accuracies."""
-        stores = [self.data[k] for k in ("base", "dpnp") if k in self.data]
-        if "hpm" in self.data:
-            stores += list(self.data["hpm"].values()) if isinstance(self.data["hpm"], dict) else [None]
-        for store in stores:
-            ok = (isinstance(store, dict) and all(isinstance(store.get(k), dict) for k in
-                                                  ("correct", "attacks", "batches_done", "timings_s"))
-                  and all(isinstance(v, list) and len(v) <= n and set(v) <= {0, 1}
-                          for v in store["correct"].values())
-                  and all(isinstance(v, int) and v >= 0 for v in store["batches_done"].values())
-                  and all(isinstance(v, (int, float)) for v in store["attacks"].values()))
-            if not ok:
-                return False
-        return True
+    def problem(self, batches):
+        """What a resumed run would read that does not hold together (a file edited by hand or
+        damaged), as a few words, else None. batches: the run's fixed batches [(start, end), ...]."""
+        d = self.data
+        unknown = set(d) - TOP
+        if unknown:
+            return f"an unknown entry {sorted(unknown)[0]!r}"
+        if too_deep(d, 10):
+            return "values nested deeper than evaluate.py writes them"
+        if not isinstance(d.get("timing", {}), dict):
+            return "timing is not a mapping"
+        attacks = d["config"].get("attacks", [])
+        if not (isinstance(attacks, list) and all(isinstance(a, str) and a in ORDER for a in attacks)):
+            return "config.attacks is not a list of attacks"
+        if not isinstance(d.get("hpm", {}), dict) or not set(d.get("hpm", {})) <= {"batch", "image"}:
+            return "hpm is not a mapping of contexts to rows"
+        stores = {k: d[k] for k in ("base", "dpnp") if k in d}
+        stores.update({f"hpm/{c}": v for c, v in d.get("hpm", {}).items()})
+        for name, store in stores.items():
+            problem = row_problem(store, batches)
+            if problem:
+                return f"{name} {problem}"
+        return None
 
     @property
     def config(self):

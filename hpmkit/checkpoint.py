@@ -15,7 +15,7 @@ import torch
 
 from hpm import attach, find_classifier
 from hpmkit import dpnp
-from hpmkit.cli import CLIError, first_line
+from hpmkit.cli import CLIError, first_line, is_number
 from hpmkit.data import DATASETS, check_labels, to_float
 from hpmkit.files import atomic_save, check_out, kind_of, remove_stale_tmp
 from hpmkit.models import fingerprint, load_model
@@ -102,10 +102,6 @@ def read_head(path):
     return ckpt
 
 
-def number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 # What each field of a head checkpoint holds: (test, in words), checked by read_head alone.
 # (batch_size and attack_eps may be None in heads written before they were fields.)
 FIELD_RULES = {
@@ -116,11 +112,11 @@ FIELD_RULES = {
     "threat_model": (lambda v: v in ("Linf", "L2"), "Linf or L2"),
     "batch_size": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                    "a whole number >= 1"),
-    "attack_eps": (lambda v: v is None or number(v) and v >= 0, "a number >= 0"),
+    "attack_eps": (lambda v: v is None or is_number(v) and v >= 0, "a number >= 0"),
     "finished": (lambda v: isinstance(v, bool), "true or false"),
-    "momentum": (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "eps": (lambda v: number(v) and v > 0, "a number > 0"),
-    "alpha": (lambda v: number(v) and v > 0, "a number > 0"),
+    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "eps": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "alpha": (lambda v: is_number(v) and v > 0, "a number > 0"),
     "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of epochs"),
     "args": (lambda v: isinstance(v, dict), "a dict of settings"),
     "base_fingerprint": (lambda v: v is None or isinstance(v, str), "a fingerprint"),

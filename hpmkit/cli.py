@@ -79,6 +79,11 @@ def check_positive(**values):
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
 
 
+def is_number(v):
+    """A finite real number (not a bool), as a file's field must be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_number(name, value, ok, what):
     """A number flag (None: left out): finite and ok(value), else one line naming the flag."""
     if value is not None and not (math.isfinite(value) and ok(value)):

@@ -79,6 +79,19 @@ def dumps(obj, indent=0):
     return json.dumps(obj)
 
 
+def too_deep(obj, limit):
+    """obj nests lists and dicts more than `limit` deep (walked without recursion: a file may hold
+    JSON nested thousands deep)."""
+    todo = [(obj, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            todo += [(w, depth + 1) for w in (v.values() if isinstance(v, dict) else v)]
+    return False
+
+
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -173,8 +173,8 @@ def write_setup(tmp, base, n=32, seed=0, head=None, y=None, batch_size=8):
 
 
 def run_evaluate(paths, *argv):
-    args = evaluate.parse_args(["--head", paths["head"], "--model", paths["model"], "--data", paths["data"], "--device", "cpu",
-                                "--no-progress", "--n-examples", "1000000", *argv])
+    args = evaluate.parse_args(["--head", paths["head"], "--model", paths["model"], "--data", paths["data"],
+                                "--device", "cpu", "--no-progress", "--n-examples", "1000000", *argv])
     return evaluate.main(args)
 
 
@@ -2110,7 +2110,8 @@ def test_attacker_rows_chunked_equal_batch_by_batch_and_resume_to_the_same_file(
 def test_bad_attacker_flags_are_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):
     paths = write_setup(tmp_path, quad_linear(), n=8)
     argv = ["--data", paths["data"], "--steps", "1", "--out", str(tmp_path / "r.json"), "--device", "cpu"]
-    argv += (["--model", paths["model"], "--dataset", "mnist"] if flags[0] == "no head" else ["--head", paths["head"]])
+    argv += ["--model", paths["model"]]
+    argv += ["--dataset", "mnist"] if flags[0] == "no head" else ["--head", paths["head"]]
     before = snapshot(tmp_path)
     status = cli.run_cli(evaluate.main, evaluate.parse_args, argv + [f for f in flags if f != "no head"])
     err = capsys.readouterr().err
@@ -2296,8 +2297,8 @@ def test_bad_input_gives_a_clean_error(tmp_path, case, message):
 def bad_input_setup(tmp, case):
     """Files for one bad-input case in tmp; returns (script, argv)."""
     paths = write_setup(tmp, quad_linear(), n=8)
-    ev = ["--head", paths["head"], "--model", paths["model"], "--data", paths["data"], "--steps", "1", "--attacks", "apgd-ce/fc",
-          "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
+    ev = ["--head", paths["head"], "--model", paths["model"], "--data", paths["data"], "--steps", "1",
+          "--attacks", "apgd-ce/fc", "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
     base_only = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
                  "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
     ft = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
@@ -2535,7 +2536,8 @@ def test_a_redirected_log_stays_short_with_the_table_intact(tmp_path):
     log = tmp_path / "log.txt"
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--head", paths["head"],
-                               "--model", paths["model"], "--data", paths["data"], "--device", "cpu", "--n-examples", "64",
+                               "--model", paths["model"], "--data", paths["data"], "--device", "cpu",
+                               "--n-examples", "64",
                                "--eps", "0.45", "--steps", "4", "--queries", "5", "--out",
                                str(tmp_path / "r.json")], stdout=f, stderr=subprocess.STDOUT,
                               timeout=600, cwd=tmp_path)
@@ -2559,8 +2561,8 @@ def test_a_redirected_log_stays_short_with_the_table_intact(tmp_path):
 def sweep_argv(tmp):
     """evaluate.py's and finetune.py's argv on the files of sweep(tmp)."""
     ev = ["--head", str(tmp / "head.pt"), "--model", str(tmp / "model.pt"), "--data", str(tmp / "test.npz"),
-          "--n-examples", "16", "--eps", "0.42", "--steps", "1", "--attacks", "apgd-ce/fc", "--contexts", "batch", "--out",
-          str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
+          "--n-examples", "16", "--eps", "0.42", "--steps", "1", "--attacks", "apgd-ce/fc", "--contexts", "batch",
+          "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
     ft = ["--model", str(tmp / "model.pt"), "--dataset", "mnist", "--data", str(tmp / "test.npz"), "--steps", "1",
           "--batch-size", "8", "--out", str(tmp / "ft.pt"), "--device", "cpu", "--no-progress"]
     return ev, ft
@@ -2738,8 +2740,9 @@ EDITS = {  # (edit of the results of results_run, what the refusal names)
                        "base clean accuracy nan is not a number"),
     "a finished attack's list emptied": (lambda res: res.row("base").reset("apgd-ce"),
                                          "base apgd-ce: finished, but 0 of 16 images"),
-    "fewer batches done than the list holds": (lambda res: unfinish(res, "base", "apgd-ce", 1),
-                                               r"base apgd-ce: 1 batches done \(8 images\), but its per-image list has 16"),
+    "fewer batches done than the list holds": (
+        lambda res: unfinish(res, "base", "apgd-ce", 1),
+        r"base apgd-ce: 1 batches done \(8 images\), but its per-image list has 16"),
 }
 
 
@@ -2908,7 +2911,7 @@ TRACEBACKS = {  # case: (where (results, head or flag), the edit or the flags, w
     "batches_done 99 on an unfinished attack": ("results", lambda res: unfinish(res, "base", "apgd-ce", 99),
                                                 "base apgd-ce: batches_done 99, but the run has 2 batches"),
     "an attack of no catalogue": ("results", lambda res: res.row("base").store["attacks"].update(pgd=0.5),
-                                  "base attacks names 'pgd', no job of evaluate.py"),
+                                  r"base attacks is not a mapping of the row's jobs \(it names 'pgd'\)"),
     "head batch_size 'abc'": ("head", dict(batch_size="abc"), "its batch_size is 'abc', not a whole number >= 1"),
     "head eps 'x'": ("head", dict(eps="x"), "its eps is 'x', not a number > 0"),
     "head threat_model 'L3'": ("head", dict(threat_model="L3"), "its threat_model is 'L3', not Linf or L2"),
@@ -2939,8 +2942,9 @@ def test_no_input_gives_a_traceback(results_run, tmp_path, capsys, monkeypatch, 
         assert snapshot(tmp_path) == before
         return
     if case == "evaluate.py | head -1":
-        reader = subprocess.Popen([sys.executable, str(HERE / "evaluate.py"), *with_flag(ev, "--overwrite", "--attacks"),
-                                   "apgd-dlr/fc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+        argv = with_flag(ev, "--overwrite", "--attacks") + ["apgd-dlr/fc"]
+        reader = subprocess.Popen([sys.executable, str(HERE / "evaluate.py"), *argv], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, cwd=tmp_path)
         reader.stdout.readline()
         reader.stdout.close()
         assert reader.wait(timeout=300) == 141
@@ -2980,7 +2984,8 @@ def test_each_message_names_the_real_cause(tmp_path, capsys, case):
         torch.save(nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 2)), tmp_path / "model.pt")
         x, _ = quad_data(16)
         np.savez(tmp_path / "test.npz", x=x.numpy(), y=np.arange(16) % 2)
-        refused(tmp_path, capsys, "evaluate", with_flag(with_flag(ev, "--head"), "--attacks") + ["--dataset", "mnist"],
+        base_alone = with_flag(with_flag(ev, "--head"), "--attacks") + ["--dataset", "mnist"]
+        refused(tmp_path, capsys, "evaluate", base_alone,
                 "the model has 2 classes: apgd-dlr/fc, .*apgd-dlr/mix need at least 3; apgd-t/fc, apgd-t/mix, "
                 r"flip/mix need at least 4 \(AutoAttack's DLR loss reads the 3rd largest logit, its targeted DLR "
                 "the 4th\\); pass --attacks apgd-ce/fc,")

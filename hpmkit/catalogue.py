@@ -114,4 +114,5 @@ def check_classes(attacks, num_classes):
         groups = "; ".join(f"{', '.join(a for a in too_few if CATALOGUE[a].classes == k)} need at least {k}"
                            for k in needs)
         raise CLIError(f"the model has {num_classes} classes: {groups} (AutoAttack's DLR loss reads the 3rd "
-                       "largest logit, its targeted DLR the 4th)" + (f"; pass --attacks {','.join(keep)}" if keep else ""))
+                       "largest logit, its targeted DLR the 4th)"
+                       + (f"; pass --attacks {','.join(keep)}" if keep else ""))

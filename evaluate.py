@@ -3,7 +3,7 @@
 The paper's protocol (section 3.7, supplementary 6.3), with HPM's batch dependence handled as
 docs/evaluation.md defines it:
 
-    python evaluate.py --head head.pt
+    python evaluate.py --head head.pt            # a head on a RobustBench model
     python evaluate.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar10 --head head.pt
     python evaluate.py --head head.pt --model mnist_cnn.pt --data mnist_test.npz --checks
     python evaluate.py --model mnist_cnn.pt --dataset mnist --data mnist_test.npz   # base only
@@ -42,11 +42,11 @@ import torch.nn as nn
 from hpmkit.attackers import attacker_slots, put, run_slot_attack
 from hpmkit.attacks import QueryScorer, check_adv, fixed_prototype_logits, run_attack
 from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, check_classes
-from hpmkit.checkpoint import load_models
+from hpmkit.checkpoint import count_classes, load_models
 from hpmkit.checks import Checks, run_checks
 from hpmkit.chunks import ChunkResult, FixedBatches
 from hpmkit.cli import CLIError, WarningCounter, eps_value, run_cli
-from hpmkit.config import DEFAULT_CHUNK, IDENTITY, load_subset, open_results, resolve_config, setting_of
+from hpmkit.config import DEFAULT_CHUNK, identity, load_subset, open_results, resolve_config, setting_of
 from hpmkit.data import DATASETS
 from hpmkit.files import OutLock
 from hpmkit.gpu import MemoryFit, compile_head
@@ -332,7 +332,7 @@ def main(args):
     """Evaluate as the flags say; returns the results (a results.Results, also written to --out)."""
     cfg, ckpt = resolve_config(args, VERSIONS)
     device = cfg["device"]
-    ranks = start_ranks(cfg["out"], device, cfg["overwrite"], {k: cfg[k] for k in IDENTITY + ("chunk",)})
+    ranks = start_ranks(cfg["out"], device, cfg["overwrite"], {**identity(cfg), "chunk": cfg["chunk"]})
     if ranks is not None:  # torchrun: each process on its own GPU, one log (rank 0's)
         device = ranks.device
         if ranks.rank != 0:
@@ -345,7 +345,6 @@ def main(args):
             print(f"warning: {cfg['head']} is an unfinished head (fine-tuning was interrupted after "
                   f"{len(ckpt.get('history', []))} epoch(s)); its numbers are not those of a trained head")
         base, hpm_model, dpnp_model, num_classes = load_models(cfg, ckpt, device)  # frozen
-        check_classes(cfg["attacks"], num_classes)
         if cfg["compile"] and hpm_model is not None:
             compile_head(hpm_model.head)
             print("the HPM head runs through torch.compile (--compile): the first call of each mode, "
@@ -355,6 +354,9 @@ def main(args):
         rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model, cfg["attackers"], cfg["attacker_eps"])
         for row in rows:  # a model that cannot take these images fails here, before any file is written
             check_images(row.real(), x, device, name=f"{row.name} ({cfg['model']})")
+        if num_classes is None:  # the base model alone: no final nn.Linear needed, its logits say
+            num_classes = count_classes(base, x, y, device, cfg["data"] or cfg["dataset"])
+        check_classes(cfg["attacks"], num_classes)
         setting, banner = setting_of(cfg), version_line(cfg, VERSIONS[cfg["version"]])
         describe(results, cfg, setting, rows, idx, n_total, banner)
 
@@ -393,10 +395,11 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--head", help="head checkpoint written by finetune.py (model, dataset, threat "
-                   "model and batch size are read from it); without it only the base model is evaluated")
-    p.add_argument("--model", help="RobustBench model name or a pickled nn.Module file "
-                   "(default: the checkpoint's)")
+    p.add_argument("--head", help="head checkpoint written by finetune.py (dataset, threat model and "
+                   "batch size are read from it); data: read without running code, and a model file it "
+                   "names is not loaded unless given as --model; without it only the base model is evaluated")
+    p.add_argument("--model", help="RobustBench model name or a pickled nn.Module file; a file is unpickled, "
+                   "which runs code: only name files you trust (default: the checkpoint's RobustBench name)")
     p.add_argument("--dataset", choices=sorted(DATASETS), help="default: the checkpoint's")
     p.add_argument("--threat-model", choices=["Linf", "L2"], help="the attacks' norm, and the "
                    "RobustBench list a model name is looked up in (default: the checkpoint's, else Linf)")

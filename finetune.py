@@ -27,7 +27,6 @@ the whole batch perturbed jointly); the EMA of Eq. 14 on clean features only; th
 dpnp) are in hpmkit/controls.py.
 """
 import argparse
-import math
 import sys
 import time
 
@@ -41,6 +40,7 @@ from hpmkit.checkpoint import HeadRecord, HeadWriter
 from hpmkit.cli import CLIError, eps_value, progress_bar, run_cli
 from hpmkit.config import finetune_settings
 from hpmkit.data import DATASETS, check_labels, load_data, random_crop_flip, to_float
+from hpmkit.files import OutLock
 from hpmkit.models import check_images, fingerprint, load_model
 from hpmkit.pgd import ascend
 
@@ -276,8 +276,7 @@ def train(model, optimizer, x, y, S, cfg, save):
             controls.before_epoch(cfg.head, model)
             history.append(train_epoch(model, step, x, y, cfg, epoch, generator))
             check_frozen(model, base_state)
-            check_finite(model, history[-1], cfg, save)
-            path = save.save(history, finished=epoch == epochs)
+            path = save.save(history, finished=epoch == epochs)  # (a diverged head stops the run instead)
             h = history[-1]
             print(f"epoch {epoch}/{epochs}: clean acc {h['clean_acc']:.2%}  adv acc {h['adv_acc']:.2%} "
                   f"(against the training attack, not an evaluation)  loss {h['loss']:.4f}  "
@@ -293,17 +292,6 @@ def train(model, optimizer, x, y, S, cfg, save):
     return history
 
 
-def check_finite(model, epoch, cfg, save):
-    """A diverged run (its loss or its head not finite) stops before it saves that head; a
-    finished head at --out is never replaced by it (this run's unfinished one goes)."""
-    bad = [n for n, p in model.head.named_parameters() if not torch.isfinite(p).all()]
-    if not math.isfinite(epoch["loss"]) or bad:
-        save.discard()
-        raise CLIError(f"fine-tuning diverged in epoch {epoch['epoch']}: "
-                       f"loss {epoch['loss']:g}" + (f", NaN/inf in {', '.join(bad)}" if bad else "")
-                       + f"; its head was not saved (try a smaller --lr than {cfg.lr:g})")
-
-
 # The script --------------------------------------------------------------------------------
 
 def build_model(base_model, cfg):
@@ -317,28 +305,29 @@ def build_model(base_model, cfg):
 
 def main(args):
     cfg = finetune_settings(args, DEFAULTS, OFFICIAL_ATTACK)
-    torch.manual_seed(cfg.seed)
-    base_model = load_model(cfg.model, cfg.dataset, cfg.threat_model, cfg.model_dir).to(cfg.device)
-    try:
-        model = build_model(base_model, cfg)
-    except ValueError as e:
-        raise CLIError(str(e))
-    x, y = load_data(cfg.dataset, "train", cfg.data, cfg.data_dir, cfg.per_class)
-    num_classes = model.base_model.get_submodule(model.fc_name).out_features
-    check_labels(y, num_classes, cfg.data or f"the {cfg.dataset} training set")
-    check_images(model.base_model, x, cfg.device, name=f"the model {cfg.model}")
-    check_images(model, x, cfg.device, name=f"the model {cfg.model} with its head")
-    record = HeadRecord(cfg.head, cfg.model, cfg.dataset, cfg.threat_model, cfg.batch_size, cfg.eps,
-                        dict(vars(cfg)), fingerprint(model.base_model.state_dict()))
-    save = HeadWriter(cfg.out, model, record, cfg.overwrite)
-    if save.unfinished is not None:
-        print(f"note: {cfg.out} holds a finished head; it is replaced only when this run finishes "
-              f"(until then checkpoints go to {save.unfinished}; --overwrite to write there)")
-    if cfg.head == "dpnp":
-        optimizer, S = controls.start(cfg.head, model, x, cfg, head_parameters), None
-    else:
-        optimizer, S = start(model, x, y, cfg)
-    train(model, optimizer, x, y, S, cfg, save)
+    with OutLock(cfg.out):  # one run writes --out at a time, this one or an evaluate.py
+        torch.manual_seed(cfg.seed)
+        base_model = load_model(cfg.model, cfg.dataset, cfg.threat_model, cfg.model_dir).to(cfg.device)
+        try:
+            model = build_model(base_model, cfg)
+        except ValueError as e:
+            raise CLIError(str(e))
+        x, y = load_data(cfg.dataset, "train", cfg.data, cfg.data_dir, cfg.per_class)
+        num_classes = model.base_model.get_submodule(model.fc_name).out_features
+        check_labels(y, num_classes, cfg.data or f"the {cfg.dataset} training set")
+        check_images(model.base_model, x, cfg.device, name=f"the model {cfg.model}")
+        check_images(model, x, cfg.device, name=f"the model {cfg.model} with its head")
+        record = HeadRecord(cfg.head, cfg.model, cfg.dataset, cfg.threat_model, cfg.batch_size, cfg.eps,
+                            dict(vars(cfg)), fingerprint(model.base_model.state_dict()))
+        save = HeadWriter(cfg.out, model, record, to_float(x[:cfg.batch_size], cfg.device), cfg.overwrite)
+        if save.unfinished is not None:
+            print(f"note: {cfg.out} holds a finished head; it is replaced only when this run finishes "
+                  f"(until then checkpoints go to {save.unfinished}; --overwrite to write there)")
+        if cfg.head == "dpnp":
+            optimizer, S = controls.start(cfg.head, model, x, cfg, head_parameters), None
+        else:
+            optimizer, S = start(model, x, y, cfg)
+        train(model, optimizer, x, y, S, cfg, save)
     return model
 
 

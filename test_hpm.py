@@ -8,12 +8,18 @@ the CPU with fixed seeds. Run: `pytest -q test_hpm.py` (everything, as CI does),
 lines, subprocesses and trained models carry the `slow` marker).
 """
 import ast
+import contextlib
 import copy
+import errno
 import gzip
+import io
 import json
 import math
 import os
+import pickle
 import re
+import signal
+import stat
 import subprocess
 import sys
 import time
@@ -167,8 +173,8 @@ def write_setup(tmp, base, n=32, seed=0, head=None, y=None, batch_size=8):
 
 
 def run_evaluate(paths, *argv):
-    args = evaluate.parse_args(["--head", paths["head"], "--data", paths["data"], "--device", "cpu",
-                                "--no-progress", "--n-examples", "1000000", *argv])
+    args = evaluate.parse_args(["--head", paths["head"], "--model", paths["model"], "--data", paths["data"],
+                                "--device", "cpu", "--no-progress", "--n-examples", "1000000", *argv])
     return evaluate.main(args)
 
 
@@ -2104,7 +2110,8 @@ def test_attacker_rows_chunked_equal_batch_by_batch_and_resume_to_the_same_file(
 def test_bad_attacker_flags_are_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):
     paths = write_setup(tmp_path, quad_linear(), n=8)
     argv = ["--data", paths["data"], "--steps", "1", "--out", str(tmp_path / "r.json"), "--device", "cpu"]
-    argv += (["--model", paths["model"], "--dataset", "mnist"] if flags[0] == "no head" else ["--head", paths["head"]])
+    argv += ["--model", paths["model"]]
+    argv += ["--dataset", "mnist"] if flags[0] == "no head" else ["--head", paths["head"]]
     before = snapshot(tmp_path)
     status = cli.run_cli(evaluate.main, evaluate.parse_args, argv + [f for f in flags if f != "no head"])
     err = capsys.readouterr().err
@@ -2290,8 +2297,8 @@ def test_bad_input_gives_a_clean_error(tmp_path, case, message):
 def bad_input_setup(tmp, case):
     """Files for one bad-input case in tmp; returns (script, argv)."""
     paths = write_setup(tmp, quad_linear(), n=8)
-    ev = ["--head", paths["head"], "--data", paths["data"], "--steps", "1", "--attacks", "apgd-ce/fc",
-          "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
+    ev = ["--head", paths["head"], "--model", paths["model"], "--data", paths["data"], "--steps", "1",
+          "--attacks", "apgd-ce/fc", "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
     base_only = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
                  "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
     ft = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
@@ -2404,6 +2411,7 @@ def bad_input_setup(tmp, case):
         run_evaluate(paths, *ev[4:])  # a finished results file at r.json, then a row edited
         text = (tmp / "r.json").read_text()  # a per-image list replaced by a string
         (tmp / "r.json").write_text(re.sub(r"\[[01](, [01]){3,}\]", '"all robust"', text, count=1))
+        return "evaluate", ev + ["--n-examples", "1000000"]  # (run_evaluate's: the same configuration)
     elif case == "another run writes --out":
         (tmp / "r.json.lock").write_text(str(os.getppid()))  # a live process that is not this one
         return "evaluate", ev
@@ -2456,8 +2464,8 @@ BAD_INPUTS = {
     "a model returning a tuple": "returns a tuple, not a logits tensor: wrap it",
     "finetune: a model returning a tuple": "returns a tuple, not a logits tensor: wrap it",
     "finetune: last Linear is not the output": "is not the model's output",
-    "finetune: --lr nan": "--lr > 0",
-    "finetune: --step-size -0.1": "--step-size > 0",
+    "finetune: --lr nan": "--lr must be a number > 0, got nan",
+    "finetune: --step-size -0.1": "--step-size must be a number > 0, got -0.1",
     "finetune: --device tpu": "--device tpu is not available here",
     "--device mps": "--device mps is not available here",
     "--device xpu": "--device xpu is not available here",
@@ -2465,7 +2473,7 @@ BAD_INPUTS = {
     "--save-adv naming a file": "names a folder for the images",
     "--checks-tol -1": r"--checks-tol is an accuracy difference in \[0, 1\)",
     "--contexts ,": "--contexts must be a list",
-    "results edited by hand": "its results were edited or damaged",
+    "results edited by hand": "does not hold together .*clean: its per-image record is not a list of 0/1.*edited",
     "another run writes --out": r"another run \(process \d+\) is writing",
     "three classes, default attacks": (r"has 3 classes: apgd-t/fc, apgd-t/mix, flip/mix need at least 4 "
                                        r".*; pass --attacks apgd-ce/fc,.*apgd-dlr/mix,square"),
@@ -2528,7 +2536,8 @@ def test_a_redirected_log_stays_short_with_the_table_intact(tmp_path):
     log = tmp_path / "log.txt"
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--head", paths["head"],
-                               "--data", paths["data"], "--device", "cpu", "--n-examples", "64",
+                               "--model", paths["model"], "--data", paths["data"], "--device", "cpu",
+                               "--n-examples", "64",
                                "--eps", "0.45", "--steps", "4", "--queries", "5", "--out",
                                str(tmp_path / "r.json")], stdout=f, stderr=subprocess.STDOUT,
                               timeout=600, cwd=tmp_path)
@@ -2541,6 +2550,529 @@ def test_a_redirected_log_stays_short_with_the_table_intact(tmp_path):
     results = read_results(tmp_path / "r.json")
     warned = results.row("hpm/image").warnings
     assert any("zero gradient" in w and "times" in w for w in warned.values())
+
+
+# Bad input, third sweep (issue 30) ------------------------------------------------------------
+# Each class of the sweep through the command line, as a hostile user tried it: bad input is
+# one line and exit status 2 with every file byte-identical (refused); where the input is fine,
+# what must hold (a stale lock taken over, a link written through, a resume by content).
+
+
+def sweep_argv(tmp):
+    """evaluate.py's and finetune.py's argv on the files of sweep(tmp)."""
+    ev = ["--head", str(tmp / "head.pt"), "--model", str(tmp / "model.pt"), "--data", str(tmp / "test.npz"),
+          "--n-examples", "16", "--eps", "0.42", "--steps", "1", "--attacks", "apgd-ce/fc", "--contexts", "batch",
+          "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
+    ft = ["--model", str(tmp / "model.pt"), "--dataset", "mnist", "--data", str(tmp / "test.npz"), "--steps", "1",
+          "--batch-size", "8", "--out", str(tmp / "ft.pt"), "--device", "cpu", "--no-progress"]
+    return ev, ft
+
+
+def sweep(tmp):
+    """Model, 16 test images (two fixed batches of 8) and a finished head in tmp; sweep_argv's."""
+    write_setup(tmp, quad_linear(), n=16)
+    return sweep_argv(tmp)
+
+
+def with_flag(argv, flag, value=None):
+    """argv with flag set to value (where it is, else added); value None: the flag removed."""
+    argv = list(argv)
+    if flag in argv:
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    return argv if value is None else argv + [flag, value]
+
+
+def run_script(script, argv, capsys):
+    """(exit status, stderr) of a script's command line, run in this process."""
+    module = {"evaluate": evaluate, "finetune": finetune}[script]
+    status = cli.run_cli(module.main, module.parse_args, argv)
+    return status, capsys.readouterr().err
+
+
+def folders(tmp):
+    return sorted(str(p) for p in Path(tmp).rglob("*") if p.is_dir() and not p.is_symlink())
+
+
+def refused(tmp, capsys, script, argv, message):
+    """The run stops in one line matching message (exit status 2, no traceback) and every file
+    under tmp is byte-identical, none added, no folder made."""
+    before, dirs = snapshot(tmp), folders(tmp)
+    status, err = run_script(script, argv, capsys)
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert snapshot(tmp) == before and folders(tmp) == dirs
+    return err
+
+
+def edit_head(path, **fields):
+    ckpt = checkpoint.load_checkpoint(path)
+    ckpt.update(fields)
+    torch.save(ckpt, path)
+
+
+@pytest.fixture(scope="module")
+def results_run(tmp_path_factory):
+    """A finished evaluation of sweep()'s files: its folder (model.pt, test.npz, head.pt, r.json)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    ev, _ = sweep(tmp)
+    assert cli.run_cli(evaluate.main, evaluate.parse_args, ev) == 0
+    return tmp
+
+
+def copy_run(src, dst):
+    """results_run's files, byte for byte, in dst; evaluate.py's argv there."""
+    for name in ("model.pt", "test.npz", "head.pt", "r.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return sweep_argv(dst)[0]
+
+
+class TouchesAFile:
+    """Unpickling it creates the file `path` (open(path, "w")): proof that a file ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("case", ["the run's own model", "another file", "an earlier unfinished head"])
+def test_finetune_never_deletes_or_replaces_a_file_it_did_not_write(tmp_path, capsys, case):
+    """While --out holds a finished head, OUT.unfinished.pt is this run's to write only if it is
+    free or an unfinished head, and the run removes it only if it wrote it."""
+    _, ft = sweep(tmp_path)
+    ft, unfinished = with_flag(ft, "--out", str(tmp_path / "head.pt")), tmp_path / "head.unfinished.pt"
+    if case == "the run's own model":  # the issue's reproduction: the model file was removed
+        unfinished.write_bytes((tmp_path / "model.pt").read_bytes())
+        refused(tmp_path, capsys, "finetune", with_flag(ft, "--model", str(unfinished)),
+                "head.unfinished.pt exists and is not an unfinished head of finetune.py.*move that file away")
+    elif case == "another file":
+        unfinished.write_text("my notes\n")
+        refused(tmp_path, capsys, "finetune", with_flag(ft, "--epochs", "2"), "is not an unfinished head")
+    else:  # an interrupted run's unfinished head: a one-epoch run never writes there, and leaves it
+        edit_head(tmp_path / "head.pt", finished=False)
+        unfinished.write_bytes((tmp_path / "head.pt").read_bytes())
+        edit_head(tmp_path / "head.pt", finished=True)
+        kept = unfinished.read_bytes()
+        status, err = run_script("finetune", ft, capsys)
+        assert status == 0, err
+        assert unfinished.read_bytes() == kept and read_head(str(tmp_path / "head.pt"))["history"]
+
+
+@pytest.mark.parametrize("case", ["a head naming a model pickle", "a head holding a code object",
+                                  "a raw pickle as --head"])
+def test_a_head_file_makes_no_code_run(tmp_path, capsys, case):
+    """A head is data: what it names is not unpickled unless given as --model, and a head file
+    that holds code objects is refused unread; the file a pickle would create never appears."""
+    ev, _ = sweep(tmp_path)
+    ran, evil = tmp_path / "ran", tmp_path / "evil.pt"
+    if case == "a head naming a model pickle":
+        torch.save(TouchesAFile(str(ran)), evil)
+        edit_head(tmp_path / "head.pt", model=str(evil))
+        refused(tmp_path, capsys, "evaluate", with_flag(ev, "--model"),
+                rf"the head names model {re.escape(str(evil))}; pass --model {re.escape(str(evil))} to load it "
+                r"\(a model file is code: only files you trust\)")
+    elif case == "a head holding a code object":
+        ckpt = checkpoint.load_checkpoint(tmp_path / "head.pt")
+        torch.save({**ckpt, "note": TouchesAFile(str(ran))}, tmp_path / "head.pt")
+        refused(tmp_path, capsys, "evaluate", ev, r"not a head checkpoint: it holds pickled code objects \(\S*open\)")
+    else:
+        with open(tmp_path / "head.pt", "wb") as f:
+            pickle.dump(TouchesAFile(str(ran)), f)
+        err = refused(tmp_path, capsys, "evaluate", ev, "not a head checkpoint: a pickle that does not read as data")
+        assert "weights_only" not in err  # torch's advice to unpickle it anyway is not passed on
+    assert not ran.exists()
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as help_text:
+        evaluate.parse_args(["--help"])
+    assert "which runs code: only name files you trust" in " ".join(help_text.getvalue().split())
+
+
+@pytest.mark.parametrize("case", ["finetune on an --out another run writes", "evaluate through a symlink",
+                                  "finetune holds the lock all along"])
+def test_one_run_writes_an_out_at_a_time_whichever_script_and_spelling(tmp_path, capsys, monkeypatch, case):
+    """finetune.py takes evaluate.py's lock, on the resolved --out: a symlink and its target are
+    one --out."""
+    ev, ft = sweep(tmp_path)
+    live = str(os.getppid())  # a live process that is not this one
+    if case == "finetune on an --out another run writes":
+        (tmp_path / "ft.pt.lock").write_text(live)
+        refused(tmp_path, capsys, "finetune", ft, rf"another run \(process {live}\) is writing .*ft.pt")
+    elif case == "evaluate through a symlink":
+        os.symlink(tmp_path / "r.json", tmp_path / "link.json")
+        (tmp_path / "r.json.lock").write_text(live)
+        refused(tmp_path, capsys, "evaluate", with_flag(ev, "--out", str(tmp_path / "link.json")),
+                rf"another run \(process {live}\) is writing .*link.json")
+    else:
+        held = []
+
+        def step(*a):
+            held.append((tmp_path / "ft.pt.lock").read_text())
+            return train_step(*a)
+
+        monkeypatch.setattr(finetune, "train_step", step)
+        status, err = run_script("finetune", ft, capsys)
+        assert status == 0, err
+        assert held == [str(os.getpid())] * 2 and not (tmp_path / "ft.pt.lock").exists()
+
+
+def unfinish(res, row, attack, done):
+    """An attack of a row made unfinished, `done` batches recorded."""
+    rr = res.row(row)
+    del rr.store["attacks"][attack]
+    rr.record(attack, results.Progress(done, rr.per_image[attack]))
+
+
+EDITS = {  # (edit of the results of results_run, what the refusal names)
+    "a shortened clean list": (
+        lambda res: res.row("base").record("clean", results.Progress(2, res.row("base").per_image["clean"][:4])),
+        "base clean: finished, but 4 of 16 images"),
+    "a shortened attack list": (
+        lambda res: res.row("hpm/batch").record("apgd-ce/fc", results.Progress(
+            2, res.row("hpm/batch").per_image["apgd-ce/fc"][:8])), "hpm/batch apgd-ce/fc: finished, but 8 of 16"),
+    "a worst case that is not the AND": (
+        lambda res: res.row("base").record("apgd-ce", results.Progress(2, [1] * 16)) or res.row(
+            "base").store["attacks"].update({"apgd-ce": 1.0}), "base worst_case: its per-image list is not the AND"),
+    "a changed accuracy": (lambda res: res.row("hpm/batch").store["attacks"].update({"apgd-ce/fc": 0.9}),
+                           r"hpm/batch apgd-ce/fc: accuracy 0.9 but its per-image list gives [\d.]+"),
+    "a NaN accuracy": (lambda res: res.row("base").store.update(clean=float("nan")),
+                       "base clean accuracy nan is not a number"),
+    "a finished attack's list emptied": (lambda res: res.row("base").reset("apgd-ce"),
+                                         "base apgd-ce: finished, but 0 of 16 images"),
+    "fewer batches done than the list holds": (
+        lambda res: unfinish(res, "base", "apgd-ce", 1),
+        r"base apgd-ce: 1 batches done \(8 images\), but its per-image list has 16"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_an_edited_results_file_is_refused_naming_what_does_not_hold_together(results_run, tmp_path, capsys, case):
+    ev = copy_run(results_run, tmp_path)
+    res = read_results(tmp_path / "r.json")
+    edit, message = EDITS[case]
+    edit(res)
+    res.write(str(tmp_path / "r.json"))
+    refused(tmp_path, capsys, "evaluate", ev, rf"r.json does not hold together \({message}.*\): it was edited or "
+                                              "damaged; choose another --out, or pass --overwrite")
+
+
+@pytest.mark.parametrize("case", ["empty", "this very process", "a process that is gone", "process 0",
+                                  "a live process", "a folder", "not a process number"])
+def test_a_stale_lock_is_taken_over_and_any_other_refused(tmp_path, capsys, case):
+    """An empty lock (a run killed as it wrote it, a full disk), one naming this process (a PID
+    reused after a restart), a dead process or 0 is stale: the run takes it over and finishes."""
+    ev, _ = sweep(tmp_path)
+    lock = tmp_path / "r.json.lock"
+    if case == "a folder":
+        lock.mkdir()
+        refused(tmp_path, capsys, "evaluate", ev, r"r.json.lock is a folder, not a lock file of these scripts")
+        return
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip() if case == "a process that is gone" else ""
+    lock.write_text({"this very process": str(os.getpid()), "a process that is gone": gone, "process 0": "0",
+                     "a live process": str(os.getppid()), "not a process number": "my notes"}.get(case, ""))
+    if case == "a live process":
+        refused(tmp_path, capsys, "evaluate", ev, rf"another run \(process {os.getppid()}\) is writing")
+    elif case == "not a process number":  # no lock of ours: never removed
+        refused(tmp_path, capsys, "evaluate", ev, "r.json.lock does not name a process: it is no lock")
+    else:
+        status, err = run_script("evaluate", ev, capsys)
+        assert status == 0, err
+        assert read_results(tmp_path / "r.json").complete and not lock.exists()
+
+
+class FullDisk:
+    """A file object whose write writes half of what it gets, then fails as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, b):
+        self.f.write(bytes(b)[:len(b) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("case", ["evaluate --out newdir/", "finetune --out newdir/", "a name too long",
+                                  "bad data with --out in a new folder", "a full disk", "a full disk on resume",
+                                  "a full disk at finetune's save"])
+def test_a_write_that_cannot_succeed_is_one_line_before_the_work(tmp_path, capsys, monkeypatch, case):
+    """A disk cannot be filled from a test: a full disk is os.fdopen's file object failing its
+    write with ENOSPC (FullDisk, monkeypatched); the files written before stay as they were."""
+    ev, ft = sweep(tmp_path)
+    if case in ("evaluate --out newdir/", "finetune --out newdir/"):
+        script, argv = ("evaluate", ev) if case.startswith("evaluate") else ("finetune", ft)
+        refused(tmp_path, capsys, script, with_flag(argv, "--out", str(tmp_path / "newdir") + "/"),
+                "newdir/ ends in a slash, so it names a folder; give a file name")
+    elif case == "a name too long":
+        refused(tmp_path, capsys, "finetune", with_flag(ft, "--out", str(tmp_path / ("h" * 240 + ".pt"))),
+                r"the name h+\.\.\. is too long for this file system \(243 bytes; at most 255, less 24")
+    elif case == "bad data with --out in a new folder":  # the lock's folder goes again
+        np.savez(tmp_path / "test.npz", x=np.zeros((0, 1, SIZE, SIZE), np.uint8), y=np.zeros(0, np.int64))
+        refused(tmp_path, capsys, "evaluate", with_flag(ev, "--out", str(tmp_path / "new" / "dir" / "r.json")),
+                "holds no images")
+    else:
+        if case == "a full disk on resume":
+            assert run_script("evaluate", with_flag(ev, "--attacks", "apgd-dlr/fc"), capsys)[0] == 0
+        script, argv = ("finetune", with_flag(ft, "--out", str(tmp_path / "head.pt"))) if "finetune" in case else (
+            "evaluate", ev)
+        real = os.fdopen
+        monkeypatch.setattr(os, "fdopen", lambda *a, **kw: FullDisk(real(*a, **kw)))
+        refused(tmp_path, capsys, script, argv, r"could not write .*(r.json|head.pt) \(No space left on device\); "
+                                               "it keeps its earlier contents")
+
+
+@pytest.mark.parametrize("case", ["evaluate through a symlink", "finetune through a symlink", "a mode kept",
+                                  "a new file's mode from the umask", "a read-only results file", "a read-only head"])
+def test_a_symlink_is_written_through_and_a_files_mode_kept(tmp_path, capsys, case):
+    ev, ft = sweep(tmp_path)
+    (tmp_path / "kept").mkdir()
+    if case in ("evaluate through a symlink", "finetune through a symlink"):
+        script, argv, name = ("evaluate", ev, "r.json") if case.startswith("evaluate") else ("finetune", ft, "ft.pt")
+        os.symlink(os.path.join("kept", name), tmp_path / name)  # a relative link to a file not there yet
+        assert run_script(script, argv, capsys)[0] == 0
+        assert (tmp_path / name).is_symlink() and os.readlink(tmp_path / name) == os.path.join("kept", name)
+        assert os.listdir(tmp_path / "kept") == [name]  # no lock, no temporary file left
+        assert (Results.read(str(tmp_path / name)) if script == "evaluate" else read_head(str(tmp_path / name)))
+    elif case in ("a mode kept", "a new file's mode from the umask"):
+        umask = os.umask(0o027)
+        try:
+            if case == "a mode kept":
+                assert run_script("evaluate", ev, capsys)[0] == 0
+                os.chmod(tmp_path / "r.json", 0o604)
+            assert run_script("evaluate", with_flag(ev, "--overwrite", "--attacks") + ["apgd-dlr/fc"], capsys)[0] == 0
+        finally:
+            os.umask(umask)
+        assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == (0o604 if case == "a mode kept" else 0o640)
+    elif case == "a read-only results file":
+        assert run_script("evaluate", ev, capsys)[0] == 0
+        os.chmod(tmp_path / "r.json", 0o444)  # (root may write it anyway: the scripts read the mode)
+        refused(tmp_path, capsys, "evaluate", with_flag(ev, "--overwrite", "--attacks") + ["apgd-dlr/fc"],
+                r"--out .*r.json is read-only \(mode 0444\); it is never replaced: make it writable")
+    else:
+        os.chmod(tmp_path / "head.pt", 0o444)
+        refused(tmp_path, capsys, "finetune", with_flag(ft, "--out", str(tmp_path / "head.pt")),
+                r"head.pt is read-only \(mode 0444\)")
+
+
+@pytest.mark.parametrize("case", ["relative paths", "from another folder", "another data file"])
+def test_a_resume_compares_files_by_content_not_by_how_their_paths_are_spelled(results_run, tmp_path, capsys,
+                                                                              monkeypatch, case):
+    """The copy of results_run's files resumes its results wherever it lies and however its paths
+    are written; other contents are another configuration, and the message does not put
+    --overwrite, which throws the results away, first."""
+    ev = copy_run(results_run, tmp_path)  # (itself from another folder)
+    before = per_image(read_results(tmp_path / "r.json"))
+    if case == "relative paths":
+        monkeypatch.chdir(tmp_path)
+        ev = [os.path.relpath(a) if a.startswith(str(tmp_path)) else a for a in ev]
+        ev = with_flag(ev, "--data", "./test.npz")
+    if case == "another data file":
+        x, y = quad_data(16, seed=1)
+        np.savez(tmp_path / "test.npz", x=x.numpy(), y=y.numpy())
+        err = refused(tmp_path, capsys, "evaluate", ev, r"holds results of another configuration \(data_sha256: ")
+        assert err.index("another --out") < err.index("--overwrite would discard them")
+        return
+    status = cli.run_cli(evaluate.main, evaluate.parse_args, ev)
+    assert status == 0 and f"resuming from {ev[ev.index('--out') + 1]}" in capsys.readouterr().out
+    assert per_image(read_results(tmp_path / "r.json")) == before
+
+
+def per_image(res):
+    return {name: (rr.accuracies, rr.per_image) for name, rr in res.rows().items()}
+
+
+def nested(depth):
+    v = []
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+TRACEBACKS = {  # case: (where (results, head or flag), the edit or the flags, what the refusal says)
+    "results nested 50000 deep": ("text", lambda text: text.rstrip()[:-1] + ', "deep": ' + "[" * 50000 +
+                                  "]" * 50000 + "}", "exists and is not a results file of evaluate.py"),
+    "a value nested 100 deep": ("results", lambda res: res.data["notes"].append(nested(100)),
+                                "values nested deeper than evaluate.py writes them"),
+    "config.attacks an int": ("results", lambda res: res.config.update(attacks=3),
+                              "config.attacks is not a list of attacks"),
+    "timing a list": ("results", lambda res: res.data.update(timing=[]), "timing is not a mapping"),
+    "a row's timings a string": ("results", lambda res: res.row("base").store.update({results.BOOKKEEPING[1]: "2 s"}),
+                                 f"base {results.BOOKKEEPING[1]} is not a mapping"),
+    "batches_done 99 on an unfinished attack": ("results", lambda res: unfinish(res, "base", "apgd-ce", 99),
+                                                "base apgd-ce: batches_done 99, but the run has 2 batches"),
+    "an attack of no catalogue": ("results", lambda res: res.row("base").store["attacks"].update(pgd=0.5),
+                                  r"base attacks is not a mapping of the row's jobs \(it names 'pgd'\)"),
+    "head batch_size 'abc'": ("head", dict(batch_size="abc"), "its batch_size is 'abc', not a whole number >= 1"),
+    "head eps 'x'": ("head", dict(eps="x"), "its eps is 'x', not a number > 0"),
+    "head threat_model 'L3'": ("head", dict(threat_model="L3"), "its threat_model is 'L3', not Linf or L2"),
+    "head history an int": ("head", dict(history=3), "its history is 3, not a list of epochs"),
+    "head model None": ("head", dict(model=None), "its model is None, not a model name or file"),
+    "--seed 2**70": ("evaluate", ["--seed", str(2 ** 70)], r"--seed must lie in \[0, 2\*\*63\)"),
+    "--subset-seed 2**70": ("evaluate", ["--subset-seed", str(2 ** 70)], r"--subset-seed must lie in \[0, 2\*\*63\)"),
+    "finetune --seed 2**70": ("finetune", ["--seed", str(2 ** 70)], r"--seed must lie in \[0, 2\*\*63\)"),
+}
+
+
+class ClosedPipe(io.StringIO):
+    """stdout whose reader has gone (`| head -1`)."""
+
+    def write(self, text):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+
+@pytest.mark.parametrize("case", list(TRACEBACKS) + ["stdout closed", pytest.param(
+    "evaluate.py | head -1", marks=pytest.mark.slow)])
+def test_no_input_gives_a_traceback(results_run, tmp_path, capsys, monkeypatch, case):
+    ev = copy_run(results_run, tmp_path)
+    _, ft = sweep_argv(tmp_path)
+    if case == "stdout closed":  # like a pipe's writer that SIGPIPE ends: silent, files whole
+        before = snapshot(tmp_path)
+        monkeypatch.setattr(sys, "stdout", ClosedPipe())
+        assert run_script("evaluate", with_flag(ev, "--attacks", "apgd-dlr/fc"), capsys) == (141, "")
+        assert snapshot(tmp_path) == before
+        return
+    if case == "evaluate.py | head -1":
+        argv = with_flag(ev, "--overwrite", "--attacks") + ["apgd-dlr/fc"]
+        reader = subprocess.Popen([sys.executable, str(HERE / "evaluate.py"), *argv], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, cwd=tmp_path)
+        reader.stdout.readline()
+        reader.stdout.close()
+        assert reader.wait(timeout=300) == 141
+        assert reader.stderr.read() == b"" and read_results(tmp_path / "r.json")
+        return
+    where, edit, message = TRACEBACKS[case]
+    if where == "text":
+        (tmp_path / "r.json").write_text(edit((tmp_path / "r.json").read_text()))
+    elif where == "results":
+        res = read_results(tmp_path / "r.json")
+        edit(res)
+        res.write(str(tmp_path / "r.json"))
+    elif where == "head":
+        edit_head(tmp_path / "head.pt", **edit)
+    script = "finetune" if where == "finetune" else "evaluate"
+    argv = (ft if script == "finetune" else ev) + (edit if where in ("evaluate", "finetune") else [])
+    refused(tmp_path, capsys, script, argv, message)
+
+
+class NoLinear(nn.Module):
+    """The quadrant model without an nn.Linear: a base model evaluated alone needs none."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.stack([quadrant_mask(c).flatten() for c in range(K)]))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.t()
+
+
+@pytest.mark.parametrize("case", ["--alpha nan", "--beta inf", "--step-size inf", "--dpnp-alpha nan",
+                                  "two classes", "a base model without nn.Linear, alone"])
+def test_each_message_names_the_real_cause(tmp_path, capsys, case):
+    ev, ft = sweep(tmp_path)
+    flag, value = case.split()[0], case.split()[-1]
+    if case == "two classes":  # DLR needs 3 classes, targeted DLR 4
+        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 2)), tmp_path / "model.pt")
+        x, _ = quad_data(16)
+        np.savez(tmp_path / "test.npz", x=x.numpy(), y=np.arange(16) % 2)
+        base_alone = with_flag(with_flag(ev, "--head"), "--attacks") + ["--dataset", "mnist"]
+        refused(tmp_path, capsys, "evaluate", base_alone,
+                "the model has 2 classes: apgd-dlr/fc, .*apgd-dlr/mix need at least 3; apgd-t/fc, apgd-t/mix, "
+                r"flip/mix need at least 4 \(AutoAttack's DLR loss reads the 3rd largest logit, its targeted DLR "
+                "the 4th\\); pass --attacks apgd-ce/fc,")
+    elif case == "a base model without nn.Linear, alone":
+        torch.save(NoLinear(), tmp_path / "model.pt")
+        status, err = run_script("evaluate", with_flag(ev, "--head") + ["--dataset", "mnist"], capsys)
+        assert status == 0, err
+        assert read_results(tmp_path / "r.json").row("base").clean == 1.0
+    else:  # refused before any work (the settings), naming the flag
+        argv = ft + [flag, value] + (["--head", "dpnp"] if flag == "--dpnp-alpha" else [])
+        refused(tmp_path, capsys, "finetune", argv, rf"{flag} must be a number >=? 0, got {value}$")
+
+
+@pytest.mark.parametrize("case", ["--attacks ''", "--contexts ''", "--dpnp-alpha -1", "head batch_size 16.7",
+                                  "head eps 0", "head eps -1", "--n-examples 100 of 16 images"])
+def test_what_was_accepted_silently_is_refused_or_recorded_as_run(tmp_path, capsys, case):
+    ev, ft = sweep(tmp_path)
+    if case.startswith("head"):
+        field, value = case.split()[1], float(case.split()[2])
+        edit_head(tmp_path / "head.pt", **{field: value})
+        refused(tmp_path, capsys, "evaluate", ev, rf"its {field} is {value!r}, not a ")
+    elif case == "--dpnp-alpha -1":
+        refused(tmp_path, capsys, "finetune", ft + ["--head", "dpnp", "--dpnp-alpha", "-1"],
+                "--dpnp-alpha must be a number > 0, got -1")
+    elif case == "--n-examples 100 of 16 images":
+        assert run_script("evaluate", ev + ["--n-examples", "100"], capsys)[0] == 0
+        assert read_results(tmp_path / "r.json").config["n_examples"] == 16
+    else:
+        flag = case.split()[0]
+        refused(tmp_path, capsys, "evaluate", with_flag(ev, flag, ""),
+                "--attacks is empty" if flag == "--attacks" else "--contexts must be a list")
+
+
+@pytest.fixture
+def no_hang():
+    """A test that would block (opening a named pipe) fails in 60 s instead."""
+    def stop(*a):
+        raise TimeoutError("blocked")
+    before = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, before)
+
+
+@pytest.mark.parametrize("case", ["evaluate --out", "finetune --out", "the lock", "OUT.unfinished.pt"])
+def test_a_named_pipe_is_never_opened(tmp_path, capsys, no_hang, case):
+    ev, ft = sweep(tmp_path)
+    if case == "evaluate --out":
+        os.mkfifo(tmp_path / "r.json")
+        refused(tmp_path, capsys, "evaluate", ev, r"r.json is a named pipe \(FIFO\), not a file; it is never opened")
+    elif case == "finetune --out":
+        os.mkfifo(tmp_path / "ft.pt")
+        refused(tmp_path, capsys, "finetune", ft, r"ft.pt is a named pipe \(FIFO\), not a file")
+    elif case == "the lock":
+        os.mkfifo(tmp_path / "r.json.lock")
+        refused(tmp_path, capsys, "evaluate", ev, r"r.json.lock is a named pipe \(FIFO\), not a lock file")
+    else:
+        os.mkfifo(tmp_path / "head.unfinished.pt")
+        refused(tmp_path, capsys, "finetune", with_flag(ft, "--out", str(tmp_path / "head.pt")) + ["--epochs", "2"],
+                "head.unfinished.pt exists and is not an unfinished head")
+
+
+@pytest.mark.parametrize("script", ["evaluate", "finetune"])
+def test_the_temporary_files_a_killed_run_left_are_removed(tmp_path, capsys, script):
+    """mkstemp's names beside --out (and OUT.unfinished.pt) go once the run holds the lock; a
+    file of another name stays."""
+    ev, ft = sweep(tmp_path)
+    out = "r.json" if script == "evaluate" else "head.pt"
+    stale = [f"{out}.k3j_9xq2.tmp"] + (["head.unfinished.pt.a1b2c3d4.tmp"] if script == "finetune" else [])
+    for name in stale + [f"{out}.notes.tmp"]:
+        (tmp_path / name).write_text("left by a kill\n")
+    argv = ev if script == "evaluate" else with_flag(ft, "--out", str(tmp_path / out)) + ["--epochs", "2"]
+    assert run_script(script, argv, capsys)[0] == 0
+    assert not any((tmp_path / name).exists() for name in stale) and (tmp_path / f"{out}.notes.tmp").exists()
+
+
+@pytest.mark.parametrize("case", ["over a finished head", "a new --out", "two epochs over a finished head"])
+def test_an_exploded_head_is_never_saved(tmp_path, capsys, case):
+    """--lr 1e30 with one batch per epoch: the epoch's loss, measured before the step, is finite;
+    the head after it is not, and the head the run would save is the one checked."""
+    _, ft = sweep(tmp_path)
+    ft = ft + ["--lr", "1e30", "--batch-size", "16"] + (["--epochs", "2"] if case.startswith("two") else [])
+    if case != "a new --out":
+        ft = with_flag(ft, "--out", str(tmp_path / "head.pt"))
+    refused(tmp_path, capsys, "finetune", ft, r"fine-tuning diverged in epoch 1: loss [\d.]+, NaN/inf logits on a "
+                                              r"training batch; its head was not saved \(try a smaller --lr than 1e\+30\)")
 
 
 # ==============================================================================================
@@ -2578,7 +3110,8 @@ def test_under_torchrun_every_process_gets_a_near_equal_share_of_whole_batches()
 def torchrun(paths, out, *argv):
     """evaluate.py in two CPU processes under torchrun (gloo), one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "evaluate.py"), "--head", paths["head"], "--data", paths["data"], "--device", "cpu",
+           str(ROOT / "evaluate.py"), "--head", paths["head"], "--model", paths["model"], "--data", paths["data"],
+           "--device", "cpu",
            "--no-progress", "--n-examples", "1000000", "--out", out, *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -2727,8 +3260,8 @@ def test_a_machine_that_cannot_compile_gets_one_line_before_any_file(tmp_path, c
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_module(self, backend=no_compiler))
     paths = write_setup(tmp_path, quad_linear(), n=8)
     out = tmp_path / "r.json"
-    argv = ["--head", paths["head"], "--data", paths["data"], "--steps", "1", "--attacks", "apgd-ce/fc",
-            "--compile", "--out", str(out), "--device", "cpu", "--no-progress"]
+    argv = ["--head", paths["head"], "--model", paths["model"], "--data", paths["data"], "--steps", "1",
+            "--attacks", "apgd-ce/fc", "--compile", "--out", str(out), "--device", "cpu", "--no-progress"]
     try:
         status = cli.run_cli(evaluate.main, evaluate.parse_args, argv)
     finally:
@@ -2818,7 +3351,7 @@ def test_a_pickled_robustbench_model_loads_through_both_command_lines(tmp_path):
     assert ft.returncode == 0, ft.stderr
     assert read_head(str(tmp_path / "head.pt"))["finished"] is True
     ev = subprocess.run([sys.executable, str(HERE / "evaluate.py"), "--head", str(tmp_path / "head.pt"),
-                         "--steps", "1", "--queries", "2", "--attacks", "apgd-ce/fc,square",
+                         "--model", str(tmp_path / "rb.pt"), "--steps", "1", "--queries", "2", "--attacks", "apgd-ce/fc,square",
                          "--n-examples", "8", "--out", str(tmp_path / "r.json"), *common],
                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr
@@ -2967,7 +3500,8 @@ def test_control_heads_train_head_only_and_round_trip_through_evaluate(head, fil
         assert torch.equal(ckpt["head"]["mixer.weight"], torch.cat([torch.eye(D), torch.zeros(D, D)], 1))
     np.savez(tmp_path / "test.npz", x=x[:16].numpy(), y=y[:16].numpy())
     res = evaluate.main(evaluate.parse_args([
-        "--head", str(out), "--data", str(tmp_path / "test.npz"), "--n-examples", "16", "--steps", "2",
+        "--head", str(out), "--model", str(files / "cnn.pt"), "--data", str(tmp_path / "test.npz"),
+        "--n-examples", "16", "--steps", "2",
         "--queries", "5", "--batch-size", "8", "--device", "cpu", "--no-progress",
         "--out", str(tmp_path / "r.json")]))
     rows = set(res.rows())

@@ -146,7 +146,8 @@ def main(args):
                      "--data", cli_path(mnist / "train.npz"), "--out", cli_path(head), "--overwrite",
                      "--seed", str(args.seed), "--device", args.device, "--no-progress"]
                     + (["--steps", "2"] if args.quick else []) + flags_of(s), out / f"finetune_{tag}.log")
-            run_script(["evaluate.py", "--head", cli_path(head), "--data", cli_path(mnist / "heldout.npz"),
+            run_script(["evaluate.py", "--head", cli_path(head), "--model", cli_path(mnist / "cnn_fc_at.pt"),
+                     "--data", cli_path(mnist / "heldout.npz"),
                      "--out", cli_path(res), "--overwrite", "--seed", str(args.seed), "--device",
                      args.device, "--no-progress"] + eval_args, out / f"evaluate_{tag}.log")
             seconds.write_text(f"{time.time() - t1:.1f}\n")

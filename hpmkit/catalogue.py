@@ -105,10 +105,14 @@ def parse_attacks(text):
 
 
 def check_classes(attacks, num_classes):
-    """Refuse attacks the model has too few classes for, naming the --attacks list that runs."""
+    """Refuse attacks the model has too few classes for, naming what each needs and the --attacks
+    list that runs."""
     too_few = [a for a in attacks if CATALOGUE[a].classes > num_classes]
     if too_few:
         keep = [a for a in attacks if a not in too_few]
-        raise CLIError(f"the model has {num_classes} classes: {', '.join(too_few)} need at least "
-                       f"{max(CATALOGUE[a].classes for a in too_few)} (AutoAttack's DLR losses read the 3rd "
-                       "or 4th largest logit)" + (f"; pass --attacks {','.join(keep)}" if keep else ""))
+        needs = sorted({CATALOGUE[a].classes for a in too_few})
+        groups = "; ".join(f"{', '.join(a for a in too_few if CATALOGUE[a].classes == k)} need at least {k}"
+                           for k in needs)
+        raise CLIError(f"the model has {num_classes} classes: {groups} (AutoAttack's DLR loss reads the 3rd "
+                       "largest logit, its targeted DLR the 4th)"
+                       + (f"; pass --attacks {','.join(keep)}" if keep else ""))

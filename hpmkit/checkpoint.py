@@ -5,16 +5,19 @@ as named fields (readable with torch.load(..., weights_only=True): no code runs)
 the only function that opens one. `HeadWriter` is the fine-tuning's file policy: an unfinished
 head never replaces a finished one at --out; it goes beside it until the run finishes.
 """
+import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from hpm import attach, find_classifier
 from hpmkit import dpnp
-from hpmkit.cli import CLIError, first_line
-from hpmkit.files import atomic_save
+from hpmkit.cli import CLIError, first_line, is_number
+from hpmkit.data import DATASETS, check_labels, to_float
+from hpmkit.files import atomic_save, check_out, kind_of, remove_stale_tmp
 from hpmkit.models import fingerprint, load_model
 
 HEAD_FIELDS = {"head", "model", "dataset", "threat_model", "batch_size", "attack_eps", "finished"}
@@ -52,13 +55,17 @@ def save_head(path, model, record, history, finished):
 
 def load_checkpoint(path):
     """torch.load with weights_only=True (no code runs): the one place a head file is opened."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch warns of a pickle protocol it did not write
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_head(path):
     """A head checkpoint written by finetune.py, checked, or one line saying why it is not one."""
     if not os.path.exists(path):
         raise CLIError(f"head checkpoint {path} does not exist")
+    if not os.path.isfile(path):
+        raise CLIError(f"--head {path} is {kind_of(os.stat(path).st_mode)}, not a head checkpoint")
     try:
         ckpt = load_checkpoint(path)
     except Exception as e:
@@ -66,6 +73,9 @@ def read_head(path):
         if found:  # a pickled object (a model, say) that a head checkpoint never holds
             raise CLIError(f"{path} is not a head checkpoint: it holds pickled code objects "
                            f"({found.group(1)}); if it is a model file, pass it as --model")
+        if "Weights only load failed" in str(e):  # (torch's advice to unpickle it anyway is not ours)
+            raise CLIError(f"{path} is not a head checkpoint: a pickle that does not read as data alone; "
+                           "a head is written by finetune.py")
         raise CLIError(f"{path} is not a readable head checkpoint ({first_line(e)}); it may be "
                        "truncated: write it again with finetune.py")
     if not isinstance(ckpt, dict):
@@ -75,12 +85,16 @@ def read_head(path):
         ckpt.setdefault("batch_size", ckpt["args"].get("batch_size"))
         ckpt.setdefault("attack_eps", ckpt["args"].get("eps"))
     ckpt.setdefault("head_type", "hpm")  # heads written before the controls existed
-    if ckpt["head_type"] not in HEAD_ARGS:
-        raise CLIError(f"{path}: unknown head type {ckpt['head_type']!r}")
+    if not isinstance(ckpt["head_type"], str) or ckpt["head_type"] not in HEAD_ARGS:
+        raise CLIError(f"{path}: unknown head type {shown(ckpt['head_type'])}")
     required = HEAD_FIELDS | set(HEAD_ARGS[ckpt["head_type"]])
     missing = required - set(ckpt) - ({"finished"} if legacy else set())
     if missing:
         raise CLIError(f"{path} is not a finetune.py head checkpoint (missing {sorted(missing)})")
+    for field, (ok, what) in FIELD_RULES.items():
+        if field in ckpt and not ok(ckpt[field]):
+            raise CLIError(f"{path}: its {field} is {shown(ckpt[field])}, not {what}; the file was edited or "
+                           "damaged: write it again with finetune.py")
     bad = [k for k, v in ckpt["head"].items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
     if bad:
         raise CLIError(f"{path}: the head holds NaN or inf values in {', '.join(bad)} (a diverged "
@@ -88,15 +102,45 @@ def read_head(path):
     return ckpt
 
 
-def is_head_file(path, finished=False):
-    """True if PATH holds a head checkpoint (finished=True: one whose fine-tuning finished)."""
+# What each field of a head checkpoint holds: (test, in words), checked by read_head alone.
+# (batch_size and attack_eps may be None in heads written before they were fields.)
+FIELD_RULES = {
+    "head": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in v.items()),
+             "the head's tensors by name"),
+    "model": (lambda v: isinstance(v, str) and v != "", "a model name or file"),
+    "dataset": (lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
+    "threat_model": (lambda v: v in ("Linf", "L2"), "Linf or L2"),
+    "batch_size": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                   "a whole number >= 1"),
+    "attack_eps": (lambda v: v is None or is_number(v) and v >= 0, "a number >= 0"),
+    "finished": (lambda v: isinstance(v, bool), "true or false"),
+    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "eps": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "alpha": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of epochs"),
+    "args": (lambda v: isinstance(v, dict), "a dict of settings"),
+    "base_fingerprint": (lambda v: v is None or isinstance(v, str), "a fingerprint"),
+}
+
+
+def shown(v):
+    """A field's value in a message: short, on one line."""
+    text = repr(v) if isinstance(v, (str, int, float, bool, type(None))) else f"a {type(v).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def is_head_file(path, finished=None):
+    """True if PATH holds a head checkpoint (finished=True: one whose fine-tuning finished; False:
+    one that did not). Only a regular file is opened."""
     try:
+        if not os.path.isfile(path):
+            return False
         ckpt = load_checkpoint(path)
     except Exception:
         return False
-    if not isinstance(ckpt, dict):
+    if not isinstance(ckpt, dict) or "head" not in ckpt or "model" not in ckpt:
         return False
-    return ckpt.get("finished") is True if finished else "head" in ckpt and "model" in ckpt
+    return finished is None or ckpt.get("finished") is finished
 
 
 def load_head(ckpt, hpm_model):
@@ -129,11 +173,14 @@ def check_base(ckpt, base, model_name):
 
 def load_models(cfg, ckpt, device):
     """evaluate.py's models: (base model, HPM model or None, DPNP model or None, number of
-    classes), frozen, on device; cfg names the base model, ckpt (read_head) the head."""
+    classes), frozen, on device; cfg names the base model, ckpt (read_head) the head. The number
+    of classes is the head's; None for the base model alone, which needs no final nn.Linear
+    (count_classes reads it from its logits)."""
     base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"])
-    hpm_model = dpnp_model = None
+    hpm_model = dpnp_model = num_classes = None
     try:
-        num_classes = find_classifier(base)[1].out_features
+        if ckpt is not None:
+            num_classes = find_classifier(base)[1].out_features
         if ckpt is not None and ckpt["head_type"] == "dpnp":
             dpnp_model = load_head(ckpt, dpnp.attach(base, alpha=ckpt["alpha"]))
         elif ckpt is not None:  # "hpm", or "ncm" (an HPM head whose mixer passes C_global alone)
@@ -147,26 +194,64 @@ def load_models(cfg, ckpt, device):
     return base, hpm_model, dpnp_model, num_classes
 
 
-class HeadWriter:
-    """Where and how a fine-tuning writes its head (model) with its record. An unfinished head
-    never replaces a finished one at --out (unless overwrite): until the run finishes its
-    checkpoints go beside it, to OUT.unfinished.pt, which the finished head then replaces."""
+@torch.no_grad()
+def count_classes(model, x, y, device, where):
+    """The number of classes of a model without a head: the width of its logits on one image (a
+    model check_images has passed), the labels y checked against it (where: the data, in words)."""
+    num_classes = model(to_float(x[:1], device)).shape[-1]
+    check_labels(y, num_classes, where)
+    return num_classes
 
-    def __init__(self, out, model, record, overwrite=False):
-        self.out, self.model, self.record, self.unfinished = out, model, record, None
+
+class HeadWriter:
+    """Where and how a fine-tuning writes its head (model) with its record, and the check before
+    each write. An unfinished head never replaces a finished one at --out (unless overwrite):
+    until the run finishes, its checkpoints go beside it, to OUT.unfinished.pt (OUT resolved),
+    which must be free or an unfinished head already (anything else: refused at once); the run
+    removes that file only if it wrote it. Each head is checked just before it is written: the
+    epoch's loss, the head's parameters and its logits on `probe` (a batch of training images)
+    finite, else the run stops in one line and that head is not saved."""
+
+    def __init__(self, out, model, record, probe, overwrite=False):
+        self.out, self.model, self.record, self.probe = out, model, record, probe
+        self.unfinished, self.wrote_unfinished = None, False
         if os.path.exists(out) and not overwrite and is_head_file(out, finished=True):
-            stem, ext = os.path.splitext(out)
+            stem, ext = os.path.splitext(os.path.realpath(out))
             self.unfinished = f"{stem}.unfinished{ext or '.pt'}"
+            if os.path.lexists(self.unfinished) and not is_head_file(self.unfinished, finished=False):
+                raise CLIError(f"{self.unfinished} exists and is not an unfinished head of finetune.py: while "
+                               f"{out} holds a finished head this run writes its checkpoints there until it "
+                               "finishes; move that file away or choose another --out")
+            check_out(self.unfinished)  # (read-only, a name too long: here, before any training)
+            remove_stale_tmp(self.unfinished)
 
     def save(self, history, finished):
-        """The head, atomically, where its state belongs; returns that path."""
+        """The head, checked, atomically, where its state belongs; returns that path."""
+        self.check(history)
         path = self.out if finished or self.unfinished is None else self.unfinished
         save_head(path, self.model, self.record, history, finished)
+        self.wrote_unfinished |= path == self.unfinished
         if finished:
             self.discard()
         return path
 
+    @torch.no_grad()
+    def check(self, history):
+        """A diverged run (the epoch's loss, the head's parameters or its logits not finite) stops
+        before it saves that head: the head that is saved is the head checked, after its last step
+        (the loss was measured before it). A finished head at --out stays; this run's unfinished one goes."""
+        loss = history[-1]["loss"] if history else 0.0
+        bad = [n for n, p in self.model.head.named_parameters() if not torch.isfinite(p).all()]
+        logits = self.model(self.probe)
+        if math.isfinite(loss) and not bad and torch.isfinite(logits).all():
+            return
+        self.discard()
+        where = f"in epoch {history[-1]['epoch']}: loss {loss:g}" if history else "before training"
+        raise CLIError(f"fine-tuning diverged {where}" + (f", NaN/inf in {', '.join(bad)}" if bad else "")
+                       + ("" if bad or torch.isfinite(logits).all() else ", NaN/inf logits on a training batch")
+                       + f"; its head was not saved (try a smaller --lr than {self.record.args.get('lr', 0):g})")
+
     def discard(self):
-        """This run's unfinished head, if any: gone (a finished head stays at --out)."""
-        if self.unfinished is not None and os.path.exists(self.unfinished):
+        """This run's unfinished head, if it wrote one: gone (a finished head stays at --out)."""
+        if self.wrote_unfinished and os.path.exists(self.unfinished):
             os.remove(self.unfinished)

@@ -8,6 +8,7 @@
 Neither script imports the other; both import this module.
 """
 import math
+import os
 import re
 import sys
 import time
@@ -21,9 +22,12 @@ class CLIError(Exception):
 
 
 def run_cli(main, parse_args, argv=None, interrupted=None):
-    """The scripts' `__main__`: CLIError -> one line on stderr and exit status 2; Ctrl-C -> 130."""
+    """The scripts' `__main__`: CLIError -> one line on stderr and exit status 2; Ctrl-C -> 130;
+    the reader of the output gone (`| head -1`) -> silence and 141, as a pipe's writer that
+    SIGPIPE ends (every file written so far is whole: a rerun resumes)."""
     try:
         main(parse_args(argv))
+        sys.stdout.flush()  # (a closed pipe shows here, not as a traceback at exit)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -31,6 +35,12 @@ def run_cli(main, parse_args, argv=None, interrupted=None):
         if interrupted:
             print(f"\n{interrupted}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        try:  # what is still buffered for the pipe goes nowhere, not to a traceback at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # not a real file (a test's capture)
+            pass
+        return 141
     return 0
 
 
@@ -67,6 +77,24 @@ def check_positive(**values):
     for name, v in values.items():
         if v is not None and v < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+
+def is_number(v):
+    """A finite real number (not a bool), as a file's field must be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_number(name, value, ok, what):
+    """A number flag (None: left out): finite and ok(value), else one line naming the flag."""
+    if value is not None and not (math.isfinite(value) and ok(value)):
+        raise CLIError(f"--{name.replace('_', '-')} must be {what}, got {value:g}")
+
+
+def check_seed(**seeds):
+    """Each named seed fits torch's generator, [0, 2**63)."""
+    for name, v in seeds.items():
+        if not 0 <= v < 2 ** 63:
+            raise CLIError(f"--{name.replace('_', '-')} must lie in [0, 2**63), got {v}")
 
 
 def check_device(name):

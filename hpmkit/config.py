@@ -8,8 +8,9 @@ import torch
 
 from hpmkit.catalogue import ALL_ATTACKS, ATTACKER_ATTACKS, CONTEXTS, Setting, parse_attacks
 from hpmkit import controls
-from hpmkit.checkpoint import is_head_file, read_head
-from hpmkit.cli import CLIError, check_device, check_eps, check_positive
+from hpmkit.checkpoint import is_head_file, read_head, shown
+from hpmkit.chunks import make_batches
+from hpmkit.cli import CLIError, check_device, check_eps, check_number, check_positive, check_seed
 from hpmkit.data import DATASETS, DEFAULT_EPS, check_labels, load_data
 from hpmkit.files import check_out, sha256
 from hpmkit.ranks import world_size
@@ -20,10 +21,20 @@ from hpmkit.results import Results
 DEFAULT_CHUNK = {"cuda": 1024, "cpu": 64}
 
 
-# Settings that change the numbers: an existing --out file must match them to be resumed.
-IDENTITY = ("model", "model_sha256", "dataset", "threat_model", "data", "data_sha256",
-            "head_sha256", "eps", "n_examples", "subset_seed", "per_class", "batch_size", "steps",
-            "queries", "seed", "score_queries", "fixed_batch_square", "restarts", "attacker_eps")
+# Settings that change the numbers: an existing --out file must match them to be resumed. Files
+# by their contents (SHA-256), not by how their path is spelled; identity() adds the model's name
+# where it is no file (a RobustBench name).
+IDENTITY = ("model_sha256", "dataset", "threat_model", "data_sha256", "head_sha256", "eps", "n_examples",
+            "subset_seed", "per_class", "batch_size", "steps", "queries", "seed", "score_queries",
+            "fixed_batch_square", "restarts", "attacker_eps")
+
+
+def identity(cfg):
+    """What a results file (or a torchrun ledger) of this configuration must match to be resumed."""
+    ids = {k: cfg[k] for k in IDENTITY}
+    if cfg["model_sha256"] is None:
+        ids["model"] = cfg["model"]
+    return ids
 
 
 def resolve_config(args, versions):
@@ -35,6 +46,9 @@ def resolve_config(args, versions):
     if ckpt is None and (args.model is None or args.dataset is None):
         raise CLIError("give --head FILE (a finetune.py checkpoint), or --model and --dataset "
                        "to evaluate a base model alone")
+    if ckpt is not None and args.model is None and names_a_file(ckpt["model"]):
+        raise CLIError(f"the head names model {ckpt['model']}; pass --model {ckpt['model']} to load it (a model "
+                       "file is code: only files you trust)")
     cfg = dict(vars(args))
     cfg["model"] = args.model or ckpt["model"]
     cfg["dataset"] = args.dataset or ckpt["dataset"]
@@ -55,14 +69,15 @@ def resolve_config(args, versions):
     check_positive(batch_size=cfg["batch_size"], steps=cfg["steps"], queries=cfg["queries"],
                    restarts=cfg["restarts"], checks_n=cfg["checks_n"], n_examples=cfg["n_examples"],
                    per_class=cfg["per_class"])
-    cfg["attacks"] = parse_attacks(args.attacks or ",".join(version["attacks"]))
+    cfg["attacks"] = parse_attacks(",".join(version["attacks"]) if args.attacks is None else args.attacks)
     cfg["head_type"] = ckpt["head_type"] if ckpt is not None else None
     ncm = cfg["head_type"] == "ncm"  # no batch prototypes: one context says it all
-    cfg["contexts"] = [c.strip() for c in (args.contexts or ("image" if ncm else "batch,image")).split(",")
-                       if c.strip()]
+    contexts = ("image" if ncm else "batch,image") if args.contexts is None else args.contexts
+    cfg["contexts"] = [c.strip() for c in contexts.split(",") if c.strip()]
     if not cfg["contexts"] or not set(cfg["contexts"]) <= set(CONTEXTS):
         raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {args.contexts!r}")
     resolve_attackers(cfg, args, version)
+    check_seed(seed=cfg["seed"], subset_seed=cfg["subset_seed"])
     if not 0 <= cfg["checks_tol"] < 1:
         raise CLIError(f"--checks-tol is an accuracy difference in [0, 1), got {cfg['checks_tol']:g}")
     if cfg["save_adv"] and os.path.exists(cfg["save_adv"]) and not os.path.isdir(cfg["save_adv"]):
@@ -106,8 +121,12 @@ def finetune_settings(args, defaults, official_attack):
         s["out"] = f"hpm_{s['dataset']}_{os.path.splitext(os.path.basename(s['model']))[0]}.pt"
     check_positive(epochs=s["epochs"], batch_size=s["batch_size"], steps=s["steps"], per_class=s["per_class"])
     check_eps(s["eps"], s["threat_model"])
-    if not (0 <= s["momentum"] < 1 and s["lr"] > 0 and s["T"] > 0 and s["step_size"] > 0):  # (NaN fails too)
-        raise CLIError("need 0 <= --momentum < 1, --lr > 0, --T > 0 and --step-size > 0")
+    for flag in ("lr", "T", "step_size", "dpnp_alpha"):
+        check_number(flag, s[flag], lambda v: v > 0, "a number > 0")
+    for flag in ("alpha", "beta", "lambda_dfa"):  # the weights of loss terms
+        check_number(flag, s[flag], lambda v: v >= 0, "a number >= 0")
+    check_number("momentum", s["momentum"], lambda v: 0 <= v < 1, "a number in [0, 1)")
+    check_seed(seed=s["seed"])
     check_out(s["out"], [s["model"], s["data"], s["data_dir"]], is_head_file, "head checkpoint")
     s["device"] = str(check_device(s["device"]))
     return argparse.Namespace(**s)
@@ -157,37 +176,47 @@ def select_subset(n_total, n_examples, seed):
 
 
 def load_subset(cfg, num_classes):
-    """(x uint8 (n, C, H, W), y (n,), sorted indices (n,), size of the test set, n_examples): the
-    fixed subset; n_examples is cfg's, or when left out the paper's 25% of the test set."""
+    """(x uint8 (n, C, H, W), y (n,), sorted indices (n,), size of the test set, n): the fixed
+    subset of cfg's n_examples, or when left out the paper's 25% of the test set; n the number
+    it holds (n_examples above the test set's size: all of it). num_classes None: the labels are
+    checked later (checkpoint.count_classes)."""
     split = "val" if cfg["dataset"] == "imagenet" else "test"
     x_all, y_all = load_data(cfg["dataset"], split, data=cfg["data"], data_dir=cfg["data_dir"],
                              per_class=cfg["per_class"])
-    check_labels(y_all, num_classes, cfg["data"] or f"{cfg['dataset']} {split}")
+    if num_classes is not None:
+        check_labels(y_all, num_classes, cfg["data"] or f"{cfg['dataset']} {split}")
     n_examples = cfg["n_examples"]
     if n_examples is None:  # the paper: a fixed 25% of the test set (ImageNet: all 5000)
         n_examples = len(y_all) if cfg["dataset"] == "imagenet" else max(1, round(len(y_all) / 4))
     idx = select_subset(len(y_all), n_examples, cfg["subset_seed"])
-    return x_all[idx], y_all[idx], idx, len(y_all), n_examples
+    return x_all[idx], y_all[idx], idx, len(y_all), len(idx)  # the number evaluated
 
 
 def open_results(cfg, n):
     """The results to fill: empty to start, or what --out holds to resume (n images). Refuses a
-    file of another configuration (unless --overwrite), or one whose rows do not hold together.
-    Writes nothing. A resumed file keeps the attacks it finished: its config names them with
-    this run's (the union, in the canonical order)."""
+    file of another configuration (unless --overwrite), or one that does not hold together (its
+    per-image lists, the accuracies they give, the batches done). Writes nothing. A resumed file
+    keeps the attacks it finished: its config names them with this run's (the union, in the
+    canonical order)."""
     out = cfg["out"]
     if not os.path.exists(out) or cfg["overwrite"]:
         return Results()
     results = Results.read(out)  # (resolve_config refused any other file at --out)
     old = results.config
-    if not results.holds_together(n):
-        raise CLIError(f"{out}: its results were edited or damaged (a row does not hold together); "
-                       "choose another --out or pass --overwrite to start over")
-    diff = [f"{k}: {old.get(k)!r} there, {cfg[k]!r} now" for k in IDENTITY if old.get(k) != cfg[k]]
+    diff = [f"{k}: {shown(old.get(k))} there, {shown(v)} now" for k, v in identity(cfg).items() if old.get(k) != v]
     if diff:
-        raise CLIError(f"{out} holds results of another configuration ({'; '.join(diff[:3])}); "
-                       "choose another --out or pass --overwrite")
+        raise CLIError(f"{out} holds results of another configuration ({'; '.join(diff[:3])}); to keep them, "
+                       "give this run another --out (--overwrite would discard them and start over)")
+    problem = results.problem(make_batches(n, cfg["batch_size"]))
+    if problem:
+        raise CLIError(f"{out} does not hold together ({problem}): it was edited or damaged; choose another "
+                       "--out, or pass --overwrite to start over")
     cfg["attacks"] = [a for a in ALL_ATTACKS if a in set(cfg["attacks"]) | set(old.get("attacks") or [])]
     cfg["attackers"] = sorted(set(cfg["attackers"]) | set(old.get("attackers") or []))
     print(f"resuming from {out}")
     return results
+
+
+def names_a_file(model):
+    """The head's model is a file (load_model would unpickle it), not a RobustBench name."""
+    return os.path.exists(model) or model.endswith((".pt", ".pth", ".ckpt")) or os.sep in model

@@ -1,35 +1,61 @@
-"""The files the scripts write: atomically, one run at a time, never over a file not theirs.
+"""The files the scripts write: atomically, through links, one run at a time, never over a file not theirs.
 
-- `atomic_write`: a temporary file of its own beside PATH, then renamed over it: a run that
-  dies never leaves half a file.
-- `OutLock`: PATH.lock names the process that writes PATH; a second run stops in one line.
-- `check_out`: --out checked before any work (a folder, an input, a file of another kind).
+- `atomic_write`: a temporary file of its own beside the file PATH names (through a symlink, its
+  target: the link stays), then renamed over it: a run that dies never leaves half a file. The
+  file keeps its mode (a new one gets the umask's); a write that fails (a full disk) is one
+  line, and the file keeps its earlier contents.
+- `OutLock`: one run writes PATH at a time, whichever script and however PATH is spelled.
+- `check_out`: --out checked before any work (a folder, an input, a file of another kind, a
+  read-only file, a pipe or device, a name too long, a folder one may not write in).
 - `dumps`: indented JSON whose per-image lists stay on one line.
 """
+import errno
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
 
 import torch
 
 from hpmkit.cli import CLIError
 
+# What a run writes beside --out, at most, in bytes of the name: OUT.unfinished.pt's temporary
+# file, OUT.unfinished.pt.xxxxxxxx.tmp (finetune.py), or OUT.parts (torchrun).
+BESIDE = len(".unfinished") + len(".xxxxxxxx.tmp")
+
 
 def atomic_write(path, write):
-    """write(file object) into a temporary file of its own beside PATH (two runs on one PATH never
-    share one), then rename it over PATH: never half a file at PATH."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    """write(file object) into a temporary file of its own beside the file PATH names (two runs on
+    one PATH never share one), then rename it over that file: never half a file there. The file
+    keeps its mode; a write that fails (OSError: a full disk, say) is one line, the file unchanged."""
+    target = os.path.realpath(path)  # a symlink stays one: its target is the file replaced
+    tmp = None
     try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=os.path.basename(target) + ".",
+                                   suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        os.chmod(tmp, file_mode(target))  # mkstemp's 0600 is for the temporary file alone
+        os.replace(tmp, target)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise CLIError(f"could not write {path} ({e.strerror or e}); it keeps its earlier contents") from e
         raise
+
+
+def file_mode(path):
+    """The mode a rewritten file keeps; a new one gets what open() would give it (0666 & ~umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # read by setting it, so set it back at once
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_save(obj, path):
@@ -53,6 +79,19 @@ def dumps(obj, indent=0):
     return json.dumps(obj)
 
 
+def too_deep(obj, limit):
+    """obj nests lists and dicts more than `limit` deep (walked without recursion: a file may hold
+    JSON nested thousands deep)."""
+    todo = [(obj, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            todo += [(w, depth + 1) for w in (v.values() if isinstance(v, dict) else v)]
+    return False
+
+
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,53 +100,199 @@ def sha256(path):
     return h.hexdigest()
 
 
+def remove_stale_tmp(path):
+    """The temporary files of atomic_write that a killed run left beside PATH (PATH.xxxxxxxx.tmp,
+    mkstemp's names): called with PATH's lock held, when no live run can be writing one."""
+    folder, base = os.path.split(os.path.realpath(path))
+    ours = re.compile(re.escape(base) + r"\.[a-z0-9_]{8}\.tmp")
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if ours.fullmatch(name):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def kind_of(mode):
+    """What a path that is not a regular file is, in words."""
+    return ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+
+
 class OutLock:
-    """Context manager: PATH.lock names the process that writes PATH; a second run on the same
-    PATH stops at once, in one line (a lock left by a process that died is taken over)."""
+    """Context manager: one run writes PATH at a time, whichever script and however PATH is
+    spelled. The lock is R.lock, R the resolved PATH (a symlink and its target take one lock),
+    written in one step with the PID of its process. A second run stops in one line; a stale lock
+    is taken over: an empty one, one naming this very process (a PID reused after a restart), or
+    one whose process is gone. Once it is held, the temporary files a killed run left beside R
+    go; folders made for the lock go again if the run leaves them empty."""
 
     def __init__(self, path):
-        self.path, self.lock = path, path + ".lock"
+        self.path, self.lock, self.made = path, os.path.realpath(path) + ".lock", []
 
     def __enter__(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.lock)), exist_ok=True)
+        self.made = make_folders(os.path.dirname(self.lock))
         try:
-            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(self.lock) as f:
-                    pid = int(f.read().strip() or 0)
-                os.kill(pid, 0)  # alive?
-            except (OSError, ValueError):
-                os.remove(self.lock)  # stale: its process is gone
-                return self.__enter__()
-            raise CLIError(f"another run (process {pid}) is writing {self.path}; wait for it to end or "
-                           f"choose another --out (if no such run exists, remove {self.lock})")
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            for _ in range(3):  # a stale lock is removed, then this run's is made
+                if self.create():
+                    break
+                pid, seen = self.holder()
+                if pid is not None:
+                    raise CLIError(f"another run (process {pid}) is writing {self.path}; wait for it to end or "
+                                   f"choose another --out (if no such run exists, remove {self.lock})")
+                if seen is not None and same_file(self.lock, seen):
+                    os.remove(self.lock)
+            else:
+                raise CLIError(f"could not take the lock {self.lock}: other runs keep taking it")
+        except BaseException:
+            self.remove_folders()
+            raise
+        remove_stale_tmp(self.lock[:-len(".lock")])
         return self
 
+    def create(self):
+        """The lock with this process's PID, made in one step (a hard link of a written file, so no
+        run ever sees it empty); False if a lock is there already."""
+        pid, tmp = str(os.getpid()), f"{self.lock}.{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(pid)
+            try:
+                os.link(tmp, self.lock)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # no hard links here
+                os.write(fd, pid.encode())
+                os.close(fd)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise CLIError(f"could not create the lock {self.lock} ({e.strerror or e}); nothing was written")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def holder(self):
+        """(PID of the live run that holds the lock, None) or, for a stale lock, (None, its stat),
+        never opening anything but a regular file; a lock that is no lock of ours: one line."""
+        try:
+            st = os.lstat(self.lock)
+            if not stat.S_ISREG(st.st_mode):
+                raise CLIError(f"{self.lock} is {kind_of(st.st_mode)}, not a lock file of these scripts; "
+                               "remove it or choose another --out")
+            with open(self.lock, "rb") as f:
+                text = f.read(64).strip()
+        except FileNotFoundError:  # its run just ended
+            return None, None
+        if not text:  # a run killed as it wrote it, or a full disk
+            return None, st
+        if not text.isdigit():
+            raise CLIError(f"{self.lock} does not name a process: it is no lock of these scripts; remove it "
+                           "or choose another --out")
+        pid = int(text)
+        if pid == 0 or pid == os.getpid():
+            return None, st
+        try:
+            os.kill(pid, 0)  # signal 0: is it alive?
+        except PermissionError:
+            return pid, None  # alive, another user's
+        except (OSError, OverflowError):
+            return None, st
+        return pid, None
+
     def __exit__(self, *exc):
-        if os.path.exists(self.lock):
+        try:
+            with open(self.lock, "rb") as f:
+                ours = f.read(64).strip() == str(os.getpid()).encode()
+        except OSError:
+            ours = False
+        if ours:  # (a run that took it over as stale holds it now otherwise)
             os.remove(self.lock)
+        self.remove_folders()
+
+    def remove_folders(self):
+        for folder in reversed(self.made):
+            try:
+                os.rmdir(folder)  # only if empty
+            except OSError:
+                break
+
+
+def same_file(path, seen):
+    """PATH is still the very file whose os.lstat was `seen` (not a new lock made meanwhile)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_ino, st.st_dev, st.st_mtime_ns) == (seen.st_ino, seen.st_dev, seen.st_mtime_ns)
+
+
+def make_folders(folder):
+    """os.makedirs(folder), returning the folders it made, outermost first."""
+    missing, made = [], []
+    while folder and not os.path.exists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    for f in missing:
+        try:
+            os.mkdir(f)
+            made.append(f)
+        except FileExistsError:  # made by another run meanwhile
+            continue
+        except OSError as e:
+            for g in reversed(made):
+                os.rmdir(g)
+            raise CLIError(f"could not make the folder {f} ({e.strerror or e}); nothing was written")
+    return made
 
 
 def check_out(path, inputs=(), replaceable=None, what="file"):
-    """--out can be written, checked before any work: not a folder, not under a regular file, in
-    a folder this user may write in, never one of the run's inputs (files or folders), and, if
-    it exists, a file the script may replace (replaceable(path) True: a `what` of its own)."""
+    """--out can be written, checked before any work: a file name (not a folder, nor ending in a
+    slash), not under a regular file, in a folder this user may write in, a name the file system
+    takes with what the run writes beside it, never one of the run's inputs (files or folders),
+    and, if it exists, a regular file (a pipe or device is never opened), one the script may
+    replace (replaceable(path) True: a `what` of its own), not made read-only. Through a symlink,
+    its target is what is checked (and written)."""
     if os.path.isdir(path):
         raise CLIError(f"--out {path} is a folder; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
+    if path.endswith(("/", os.sep)):
+        raise CLIError(f"--out {path} ends in a slash, so it names a folder; give a file name")
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    missing = []
     while not os.path.exists(folder):
+        missing.insert(0, os.path.basename(folder))
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise CLIError(f"--out {path} lies under {folder}, which is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CLIError(f"--out {path}: no permission to write in {folder}")
-    if not os.path.exists(path):
+    name_max = name_limit(folder)
+    for name, room in [(m, 0) for m in missing] + [(os.path.basename(target), BESIDE)]:
+        if len(os.fsencode(name)) + room > name_max:
+            raise CLIError(f"--out {path}: the name {name[:20]}... is too long for this file system "
+                           f"({len(os.fsencode(name))} bytes; at most {name_max}" + (f", less {room} for the "
+                           "files the run writes beside it)" if room else ")"))
+    if not os.path.exists(target):
         return
+    mode = os.stat(target).st_mode
+    if not stat.S_ISREG(mode):
+        raise CLIError(f"--out {path} is {kind_of(mode)}, not a file; it is never opened: choose another --out")
     for given in inputs:
-        if given and os.path.exists(given) and os.path.samefile(given, path):
+        if given and os.path.exists(given) and os.path.samefile(given, target):
             raise CLIError(f"--out {path} is an input of this run ({given}); choose another --out")
-    if replaceable is not None and not replaceable(path):
+    if replaceable is not None and not replaceable(target):
         raise CLIError(f"--out {path} exists and is not a {what}; it is never replaced: choose another --out")
+    if not mode & 0o222:  # (os.access would say yes to root)
+        raise CLIError(f"--out {path} is read-only (mode {stat.S_IMODE(mode):04o}); it is never replaced: "
+                       f"make it writable (chmod u+w) to let this run replace it, or choose another --out")
+
+
+def name_limit(folder):
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255

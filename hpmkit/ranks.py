@@ -66,9 +66,9 @@ class Ranks:
         try:
             with open(path) as f:
                 ledger = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
-        return ledger if ledger.get("identity") == self.identity else {}
+        return ledger if isinstance(ledger, dict) and ledger.get("identity") == self.identity else {}
 
     def ledgers(self):
         paths = sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []

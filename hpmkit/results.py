@@ -16,11 +16,13 @@ Accuracies are fractions of the subset; a job is an attack (or the clean pass) o
 batch of a row, recorded after every chunk so that a rerun resumes it.
 """
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
 from hpmkit.catalogue import ORDER
-from hpmkit.files import write_json
+from hpmkit.cli import is_number
+from hpmkit.files import too_deep, write_json
 
 
 # The per-row bookkeeping keys: nothing but this module names them (a test reads every file).
@@ -224,6 +226,83 @@ def new_row():
             "timings_s": {}}
 
 
+# What a results file holds, at the top and in a row (Results.problem refuses anything else).
+TOP = {"description", "config", "versions", "subset", "version", "notes", "complete", "timing", "base", "dpnp",
+       "hpm"}
+ROW = set(new_row()) | set(BOOKKEEPING) | {"checks", "attacker_slots", "own", "benign", "benign_clean",
+                                           "attacks_own", "attacks_benign"}
+CHECKED = {"timings_s": is_number, "backbone_passes_per_image": is_number,  # (per job)
+           "backbone_images": lambda v: v is None or type(v) is int, "library_warnings": lambda v: isinstance(v, str)}
+
+
+def is_bits(v):
+    return isinstance(v, list) and all(type(c) is int and c in (0, 1) for c in v)
+
+
+def row_problem(store, batches):
+    """What in one row does not hold together, else None (batches: the run's fixed batches)."""
+    if not isinstance(store, dict) or not set(store) <= ROW:
+        return "is not a row of evaluate.py"
+    for key in ("attacks", "correct", "batches_done", "attacks_own", "attacks_benign") + BOOKKEEPING:
+        jobs = store.get(key, {})
+        unknown = [k for k in jobs if k not in ORDER] if isinstance(jobs, dict) else [jobs]
+        if unknown:
+            return f"{key} is not a mapping of the row's jobs (it names {unknown[0]!r})"
+    clean = store.get("clean")
+    if clean is not None and not is_number(clean):
+        return f"clean accuracy {clean!r} is not a number"
+    finished = {**store["attacks"], **({} if clean is None else {"clean": clean})}
+    problem = jobs_problem(store, finished, batches)
+    if problem or clean is None:
+        return problem
+    worst = [int(all(v)) for v in zip(*(store["correct"][k] for k in finished))]
+    mean = sum(worst) / len(worst)
+    if store["correct"].get("worst_case") != worst:
+        return "worst_case: its per-image list is not the AND of clean and every finished attack"
+    if store.get("worst_case") != mean:
+        return f"worst_case: accuracy {store.get('worst_case')!r} but its per-image list gives {mean:g}"
+    slots = store.get("attacker_slots")
+    if slots is not None and not (is_bits(slots) and len(slots) == len(worst)):
+        return "attacker_slots is not a list of 0/1 over the images"
+    runs = store.get("checks", {}).get("runs") if isinstance(store.get("checks", {}), dict) else "?"
+    if runs is None:
+        return None
+    n = runs.get("n") if isinstance(runs, dict) else None
+    if not (type(n) is int and 1 <= n <= batches[-1][1]) or not all(
+            isinstance(runs.get(k), dict) for k in ("accuracy", "correct", "batches_done", "timings_s")):
+        return "checks: its runs are not those of evaluate.py"
+    problem = jobs_problem(runs, runs["accuracy"], [(a, min(b, n)) for a, b in batches if a < n])
+    return problem and "check " + problem
+
+
+def jobs_problem(store, finished, batches):
+    """What in a store of jobs does not hold together: store["correct"] lists of 0/1, every finished
+    job ({job: its accuracy}) with a list over all of `batches` whose mean is its accuracy, every
+    unfinished one with a list over the batches it has done (store["batches_done"])."""
+    correct, done, n = store["correct"], store["batches_done"], batches[-1][1]
+    bad = [k for k, v in correct.items() if not is_bits(v)]
+    if bad:
+        return f"{bad[0]}: its per-image record is not a list of 0/1"
+    bad = [(k, key) for key, ok in CHECKED.items() for k, v in store.get(key, {}).items() if not ok(v)]
+    if bad:
+        return f"{bad[0][0]}: its {bad[0][1]} entry is not what evaluate.py writes"
+    for name, d in done.items():
+        if not (type(d) is int and 0 <= d <= len(batches)):
+            return f"{name}: batches_done {d!r}, but the run has {len(batches)} batches"
+        images, has = batches[d - 1][1] if d else 0, len(correct.get(name, []))
+        if name not in finished and has != images:
+            return f"{name}: {d} batches done ({images} images), but its per-image list has {has}"
+    for name, acc in finished.items():
+        has = len(correct.get(name, []))
+        if done.get(name) != len(batches) or has != n:
+            return f"{name}: finished, but {has} of {n} images and {done.get(name)} of {len(batches)} batches done"
+        if not is_number(acc) or acc != sum(correct[name]) / n:
+            return f"{name}: accuracy {acc!r} but its per-image list gives {sum(correct[name]) / n:g}"
+    finals = store.get("final_batch_correct", {})
+    bad = [k for k, v in finals.items() if not is_bits(v) or len(v) != len(correct.get(k, []))]
+    return f"{bad[0]}: its final batches' record is not a list of 0/1 as long as its per-image list" if bad else None
+
+
 class Results:
     """A results file's contents (`data`, a JSON-able dict), read and written through here."""
 
@@ -236,7 +315,7 @@ class Results:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):  # (JSON nested thousands deep)
             return None
         return cls(data) if isinstance(data, dict) and isinstance(data.get("config"), dict) else None
 
@@ -256,22 +335,32 @@ class Results:
         out.update({f"hpm/{c}": RowResults(s) for c, s in self.data.get("hpm", {}).items()})
         return out
 
-    def holds_together(self, n):
-        """What a resumed run reads of each row, checked (a file edited by hand or damaged): lists
-        of 0/1 of at most n images, counts, accuracies."""
-        stores = [self.data[k] for k in ("base", "dpnp") if k in self.data]
-        if "hpm" in self.data:
-            stores += list(self.data["hpm"].values()) if isinstance(self.data["hpm"], dict) else [None]
-        for store in stores:
-            ok = (isinstance(store, dict) and all(isinstance(store.get(k), dict) for k in
-                                                  ("correct", "attacks", "batches_done", "timings_s"))
-                  and all(isinstance(v, list) and len(v) <= n and set(v) <= {0, 1}
-                          for v in store["correct"].values())
-                  and all(isinstance(v, int) and v >= 0 for v in store["batches_done"].values())
-                  and all(isinstance(v, (int, float)) for v in store["attacks"].values()))
-            if not ok:
-                return False
-        return True
+    def problem(self, batches):
+        """What a resumed run would read that does not hold together (a file edited by hand or
+        damaged), as a few words, else None. batches: the run's fixed batches [(start, end), ...]."""
+        d = self.data
+        unknown = set(d) - TOP
+        if unknown:
+            return f"an unknown entry {sorted(unknown)[0]!r}"
+        if too_deep(d, 10):
+            return "values nested deeper than evaluate.py writes them"
+        if not isinstance(d.get("timing", {}), dict):
+            return "timing is not a mapping"
+        attacks, attackers = d["config"].get("attacks", []), d["config"].get("attackers", [])
+        if not (isinstance(attacks, list) and all(isinstance(a, str) and a in ORDER for a in attacks)):
+            return "config.attacks is not a list of attacks"
+        if not (isinstance(attackers, list) and all(type(k) is int for k in attackers)):
+            return "config.attackers is not a list of numbers of slots"
+        if not (isinstance(d.get("hpm", {}), dict) and all(re.fullmatch(r"batch|image|attackers-\d+", str(c))
+                                                           for c in d.get("hpm", {}))):
+            return "hpm is not a mapping of contexts to rows"
+        stores = {k: d[k] for k in ("base", "dpnp") if k in d}
+        stores.update({f"hpm/{c}": v for c, v in d.get("hpm", {}).items()})
+        for name, store in stores.items():
+            problem = row_problem(store, batches)
+            if problem:
+                return f"{name} {problem}"
+        return None
 
     @property
     def config(self):

@@ -9,6 +9,9 @@ result and every head tensor is kept; test_hpm.py runs the same commands and com
 
     python testdata/golden/make_golden.py            # writes testdata/golden/golden.pt and heads
 
+The committed file was written by this script at commit 9b4992d (the code before the settings,
+the catalogue and the results' owner moved), with the float kernels pinned (PINNED below).
+
 The JSON is read here by this file's own few lines (per_image), not by hpmkit: the golden file
 is the independent witness of a restructuring, and must read the files the old code wrote.
 """
@@ -80,8 +83,15 @@ def inputs(folder):
     return model, data
 
 
+# One thread, and the CPU's float kernels pinned to code paths every x86-64 CPU runs alike (ATen's
+# scalar kernels, MKL's reproducible mode, oneDNN at SSE4.1): a golden file written on one machine
+# must compare exactly on another (with AVX-512 kernels, sums round differently).
+PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default",
+          "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+
+
 def run(script, *argv, cwd=ROOT):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, **PINNED)
     subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], check=True, cwd=cwd, env=env,
                    stdout=subprocess.DEVNULL)
 

@@ -22,6 +22,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -3927,6 +3928,85 @@ def test_the_theory_run_writes_its_figures_and_its_numbers_hold_together(quick, 
     for key, a in summary["attack"].items():
         assert 0 <= a["abs_cos_gamma"]["q25"] <= a["abs_cos_gamma"]["median"] <= a["abs_cos_gamma"]["q75"] <= 1
     assert summary["paper_fig3_cdf"]["0.1"] == pytest.approx(theory.cdf_empirical(0.1, theory.PAPER_RESNET50))
+
+
+# ==============================================================================================
+# Install and the Python API
+# ==============================================================================================
+# pip install -e . (pyproject.toml) in a fresh virtual environment: hpm and hpmkit import from any
+# folder, and the scripts run as commands (hpmkit/commands.py).
+
+
+def fresh_venv(folder):
+    """A new virtual environment that sees this one's packages (torch and the rest, through a .pth
+    file) but not the project: what pip install -e . adds is all the project it gets."""
+    venv = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    ours = [p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir()]
+    Path(site, "parent.pth").write_text("\n".join(ours) + "\n")
+    return python
+
+
+@pytest.mark.slow
+def test_pip_install_e_gives_hpm_and_hpmkit_anywhere_and_both_commands(tmp_path):
+    """In a fresh clone and a fresh virtual environment: pip install -e ., then, from another folder,
+    the README's snippet runs (its RobustBench download replaced by a small CIFAR-shaped model) and
+    hpm-finetune and hpm-evaluate fine-tune and evaluate a model of that folder."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.split()
+    for path in listed:  # this checkout's files as they are, committed or not (CI: the same)
+        if (ROOT / path).is_file():
+            (clone / path).parent.mkdir(parents=True, exist_ok=True)
+            (clone / path).write_bytes((ROOT / path).read_bytes())
+    python = fresh_venv(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    before = subprocess.run([str(python), "-c", "import hpm"], cwd=outside, env=env, capture_output=True)
+    assert before.returncode != 0  # the project is not there until it is installed
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
+                    str(clone)], check=True, cwd=outside, env=env, capture_output=True)
+    snippet = (ROOT / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    driver = textwrap.dedent("""
+        import sys, torch, torch.nn as nn, hpmkit.models
+        torch.manual_seed(0)
+        hpmkit.models.load_model = lambda *a, **k: nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+        exec(open(sys.argv[1]).read())
+        import hpm
+        print(hpm.__file__, tuple(logits.shape), torch.equal(oracle, base(x)))
+    """)
+    (outside / "snippet.py").write_text(snippet)
+    (outside / "driver.py").write_text(driver)
+    ran = subprocess.run([str(python), "driver.py", "snippet.py"], cwd=outside, env=env, capture_output=True,
+                         text=True)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.split() == [str(clone / "hpm.py"), "(64,", "10)", "True"]
+
+    torch.manual_seed(0)  # a model and data of the other folder, given to the commands by relative paths
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
+    torch.save(net.eval(), outside / "net.pt")
+    x, y = mnist_slice(32)
+    np.savez(outside / "d.npz", x=x, y=y)
+    bin_ = python.parent
+    ft = subprocess.run([str(bin_ / "hpm-finetune"), "--model", "net.pt", "--dataset", "mnist", "--data", "d.npz",
+                         "--out", "head.pt", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--no-progress"],
+                        cwd=outside, env=env, capture_output=True, text=True)
+    assert ft.returncode == 0 and read_head(str(outside / "head.pt"))["finished"], ft.stderr[-2000:]
+    ev = subprocess.run([str(bin_ / "hpm-evaluate"), "--head", "head.pt", "--model", "net.pt", "--data", "d.npz",
+                         "--out", "r.json", "--n-examples", "16", "--batch-size", "8", "--steps", "1", "--attacks",
+                         "apgd-ce/fc", "--device", "cpu", "--no-progress"], cwd=outside, env=env,
+                        capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert set(read_results(outside / "r.json").rows()) == {"base", "hpm/batch", "hpm/image"}
+    bad = subprocess.run([str(bin_ / "hpm-evaluate"), "--head", "missing.pt"], cwd=outside, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1  # a command's exit status is the script's
 
 
 # ==============================================================================================

@@ -7,6 +7,7 @@ docs/evaluation.md defines it:
     python evaluate.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar10 --head head.pt
     python evaluate.py --head head.pt --model mnist_cnn.pt --data mnist_test.npz --checks
     python evaluate.py --model mnist_cnn.pt --dataset mnist --data mnist_test.npz   # base only
+    python evaluate.py --head head.pt --model mynet.py:MyNet --data my_test.npz   # your own model and data
     torchrun --nproc-per-node 4 evaluate.py --head head.pt   # 4 GPUs share the batches
 
 Read top to bottom:
@@ -46,7 +47,8 @@ from hpmkit.checkpoint import count_classes, load_models
 from hpmkit.checks import Checks, run_checks
 from hpmkit.chunks import ChunkResult, FixedBatches
 from hpmkit.cli import CLIError, WarningCounter, eps_value, run_cli
-from hpmkit.config import DEFAULT_CHUNK, identity, load_subset, open_results, resolve_config, setting_of
+from hpmkit.config import (DEFAULT_CHUNK, header_lines, identity, load_subset, open_results, resolve_config,
+                           setting_of)
 from hpmkit.data import DATASETS
 from hpmkit.files import OutLock
 from hpmkit.gpu import MemoryFit, compile_head
@@ -366,6 +368,8 @@ def main(args):
                 results.write(cfg["out"])
 
         print_header(banner, cfg, rows, len(idx), n_total, device)
+        for line in header_lines(args, cfg, ckpt):  # where eps and the batch size come from
+            print(line)
         on_update()
         data = FixedBatches(x, y, cfg["batch_size"], device)
         engine = Engine(device, cfg["chunk"], ranks, MemoryFit(lambda line: print(line, flush=True)),
@@ -396,18 +400,27 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--head", help="head checkpoint written by finetune.py (dataset, threat model and "
-                   "batch size are read from it); data: read without running code, and a model file it "
+                   "batch size are read from it); data: read without running code, and a model file or code it "
                    "names is not loaded unless given as --model; without it only the base model is evaluated")
-    p.add_argument("--model", help="RobustBench model name or a pickled nn.Module file; a file is unpickled, "
-                   "which runs code: only name files you trust (default: the checkpoint's RobustBench name)")
-    p.add_argument("--dataset", choices=sorted(DATASETS), help="default: the checkpoint's")
+    p.add_argument("--model", help="the base model: a RobustBench name, a pickled nn.Module file, or "
+                   "FILE.py:NAME or package.module:NAME (NAME a class or a function of no arguments that builds "
+                   "it; with --weights). A pickle is unpickled and a .py file imported, which runs code: only "
+                   "name files you trust (default: the checkpoint's model if it is a RobustBench name; a file or "
+                   "code it names must be given here)")
+    p.add_argument("--weights", metavar="STATE_DICT.pt", help="with --model FILE.py:NAME: the model's state_dict "
+                   "(torch.save(model.state_dict(), path)), read as data (default: the checkpoint's recorded "
+                   "weights for a code --model; the base model's fingerprint proves they are the ones it was "
+                   "trained on)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), help="default: the checkpoint's; without a head and "
+                   "with --data alone, your own data (its eps then own data's default)")
     p.add_argument("--threat-model", choices=["Linf", "L2"], help="the attacks' norm, and the "
                    "RobustBench list a model name is looked up in (default: the checkpoint's, else Linf)")
     p.add_argument("--eps", type=eps_value, help="attack budget, a number or a fraction like 8/255 "
-                   "(default: Linf 8/255 CIFAR, 4/255 ImageNet, 0.3 MNIST; L2 0.5 CIFAR, 3.0 "
-                   "ImageNet, 2.0 MNIST)")
-    p.add_argument("--data", help="local test set .npz (x: uint8 N x C x H x W, y: int N) "
-                   "instead of the dataset's own loader")
+                   "(default by dataset: Linf 8/255 CIFAR (paper) and own data (RobustBench's CIFAR budget), "
+                   "4/255 ImageNet (paper), 0.3 MNIST (Madry et al.); L2 0.5 CIFAR and own data (RobustBench's), "
+                   "3.0 ImageNet, 2.0 MNIST (ours); the header says which)")
+    p.add_argument("--data", metavar="FILE.npz", help="local test set .npz (x: uint8 N x C x H x W, y: int N) "
+                   "instead of the dataset's own loader; needed for a head fine-tuned on own data")
     p.add_argument("--data-dir", default="./data",
                    help="where torchvision datasets / ImageNet live (default ./data)")
     p.add_argument("--model-dir", default="./models", help="RobustBench model cache (default ./models)")
@@ -417,7 +430,8 @@ def parse_args(argv=None):
                    "25%% of the test set, as in the paper; ImageNet: all of the 5-per-class subset)")
     p.add_argument("--subset-seed", type=int, default=0, help="seed that fixes the subset (default 0)")
     p.add_argument("--batch-size", type=int, help="fixed batch size B of the batch context "
-                   "(default: the checkpoint's fine-tuning batch size, else 64; 1 = per-image model)")
+                   "(default: the checkpoint's fine-tuning batch size, else 64, the paper's; 1 = per-image "
+                   "model; the header says which)")
     p.add_argument("--contexts", help="HPM contexts to evaluate (default batch,image; image for an "
                    "NCM head, which has no batch prototypes)")
     p.add_argument("--version", choices=sorted(VERSIONS), default="strong",

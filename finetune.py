@@ -2,11 +2,13 @@
 
 Take an adversarially trained model, freeze it, attach the HPM head (hpm.py), and train only
 the head's FC layer and mixer on adversarial examples that maximise IKL. Defaults reproduce
-the paper's setting per dataset (DEFAULTS; the IKL code's where the paper is silent):
+the paper's setting per dataset (DEFAULTS; the IKL code's where the paper is silent; own data,
+--data without --dataset, takes CIFAR-10's without augmentation):
 
     python finetune.py --model Cui2023Decoupled_WRN-28-10 --dataset cifar10
     python finetune.py --model Salman2020Do_R50 --dataset imagenet --data-dir /data/imagenet
     python finetune.py --model mnist_cnn.pt --dataset mnist --data mnist_train.npz --out head.pt
+    python finetune.py --model mynet.py:MyNet --weights mynet_weights.pt --data my_train.npz
 
 IKL (Cui et al. 2024, "Decoupled Kullback-Leibler Divergence Loss"), with clean logits zn,
 adversarial logits za, w = S[y] and d = zn - za:
@@ -39,7 +41,7 @@ from hpmkit import controls
 from hpmkit.checkpoint import HeadRecord, HeadWriter
 from hpmkit.cli import CLIError, eps_value, progress_bar, run_cli
 from hpmkit.config import finetune_settings
-from hpmkit.data import DATASETS, check_labels, load_data, random_crop_flip, to_float
+from hpmkit.data import DATASETS, OWN, check_labels, eps_line, load_data, random_crop_flip, to_float
 from hpmkit.files import OutLock
 from hpmkit.models import check_images, fingerprint, load_model
 from hpmkit.pgd import ascend
@@ -52,10 +54,15 @@ DEFAULTS = {
     "cifar100": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, per_class=None, augment=True),
     "imagenet": dict(epochs=2, momentum=0.995, alpha=5.0, beta=12.0, T=4.0, per_class=10, augment=True),
     "mnist": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None, augment=False),
+    OWN: dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None, augment=False),
 }
+# Where each dataset's augmentation default comes from (finetune.py says it before training).
+AUGMENT_ORIGIN = {"cifar10": "the IKL code's for cifar10", "cifar100": "the IKL code's for cifar100",
+                  "imagenet": "our choice for imagenet", "mnist": "our choice for mnist: a flipped digit is "
+                  "another digit", OWN: "own data's default"}
 # --attack-loss official: (alpha, beta) of the IKL code's training attack.
 OFFICIAL_ATTACK = {"cifar10": (1.0, 0.0), "mnist": (1.0, 0.0), "cifar100": (1.0, 1.0),
-                   "imagenet": (1.0, 1.0)}
+                   "imagenet": (1.0, 1.0), OWN: (1.0, 0.0)}
 TRAINED = ("fc", "mixer")  # the parts of the HPM head that train
 
 
@@ -124,6 +131,8 @@ def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
     S (K, K), row c the mean of softmax(zn / T) over the images of class c, zn the HPM
     logits (mode "ste", context "batch") once C_global is set. The features are kept on
     the host between the two sweeps, since S needs the prototypes that the first sweep sets.
+    Prints the base model's clean accuracy on x, free: before training the head's FC layer is
+    the base model's, so its logits on these features are the base model's.
     """
     head = model.head
     K = head.fc.out_features
@@ -145,9 +154,14 @@ def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
     head.prototypes.copy_(C_global)
     head.seen.copy_(count > 0)
     P_sum = torch.zeros(K, K, dtype=torch.float64)
+    base_correct = 0
     for i in starts:
-        zn = head(Z[i:i + batch_size].to(device))  # (b, K)
+        z = Z[i:i + batch_size].to(device)  # (b, D)
+        zn = head(z)  # (b, K)
         P_sum.index_add_(0, y[i:i + batch_size], (zn / T).softmax(1).double().cpu())
+        base_correct += (head(z, mode="fc").argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+    print(f"base model: clean accuracy {base_correct / len(y):.1%} on the {len(y)} training images "
+          "(no augmentation)")
     uniform = torch.full_like(P_sum, 1 / K)  # a class never seen has no evidence: weigh all classes alike
     S = torch.where(count[:, None] > 0, P_sum / count.clamp_min(1)[:, None], uniform)
     return C_global.to(head.prototypes), S.to(head.prototypes)
@@ -166,7 +180,7 @@ def start(model, x, y, cfg):
         print(f"IKL alpha {cfg.alpha:g} beta {cfg.beta:g} T {cfg.T:g}, class weights {cfg.class_weights}; "
               f"attack {cfg.threat_model} eps {cfg.eps:.4g}, {cfg.steps} steps of {cfg.step_size:.4g} "
               f"on IKL with alpha {cfg.attack_alpha:g} beta {cfg.attack_beta:g} ({cfg.attack_loss}) through "
-              f"mode {cfg.attack_mode!r}; augment {cfg.augment}; mixer start {cfg.mixer_init!r}")
+              f"mode {cfg.attack_mode!r}; mixer start {cfg.mixer_init!r}")
     _, S = clean_pass(model, x, y, cfg.T, cfg.batch_size, cfg.device, not cfg.no_progress)
     if optimizer is None:
         return None, None
@@ -278,7 +292,8 @@ def train(model, optimizer, x, y, S, cfg, save):
             check_frozen(model, base_state)
             path = save.save(history, finished=epoch == epochs)  # (a diverged head stops the run instead)
             h = history[-1]
-            print(f"epoch {epoch}/{epochs}: clean acc {h['clean_acc']:.2%}  adv acc {h['adv_acc']:.2%} "
+            augmented = " (cropped and flipped)" if cfg.augment else ""
+            print(f"epoch {epoch}/{epochs}: clean acc {h['clean_acc']:.2%}{augmented}  adv acc {h['adv_acc']:.2%} "
                   f"(against the training attack, not an evaluation)  loss {h['loss']:.4f}  "
                   f"({h['seconds']:.0f}s)  -> {path}")
     except KeyboardInterrupt:
@@ -294,6 +309,26 @@ def train(model, optimizer, x, y, S, cfg, save):
 
 # The script --------------------------------------------------------------------------------
 
+def origins(args, cfg):
+    """finetune.py's first lines: where the data set, eps and augmentation come from (a flag, or
+    whose default), so that nothing that changes the numbers is switched on silently."""
+    if args.dataset is not None:
+        dataset = "given as --dataset"
+    elif cfg.dataset == OWN:
+        dataset = (f"--data {cfg.data} without --dataset: your own data, image size from the file, classes "
+                   "from the model")
+    else:
+        dataset = "the default; --dataset to choose, or --data FILE.npz alone for your own data"
+    if args.augment is not None:
+        augment = f"given as --{'' if cfg.augment else 'no-'}augment"
+    else:
+        augment = (f"{AUGMENT_ORIGIN[cfg.dataset]}; "
+                   + ("--no-augment to turn it off" if cfg.augment else "--augment to crop and flip"))
+    return [f"dataset {cfg.dataset} ({dataset})", eps_line(cfg.eps, args.eps is not None, cfg.threat_model,
+                                                          cfg.dataset),
+            f"augmentation {'on' if cfg.augment else 'off'} ({augment})"]
+
+
 def build_model(base_model, cfg):
     """The frozen base model with the head of --head: HPM (with its mixer's start), or a control."""
     if cfg.head != "hpm":
@@ -305,9 +340,12 @@ def build_model(base_model, cfg):
 
 def main(args):
     cfg = finetune_settings(args, DEFAULTS, OFFICIAL_ATTACK)
+    for line in origins(args, cfg):
+        print(line)
     with OutLock(cfg.out):  # one run writes --out at a time, this one or an evaluate.py
         torch.manual_seed(cfg.seed)
-        base_model = load_model(cfg.model, cfg.dataset, cfg.threat_model, cfg.model_dir).to(cfg.device)
+        base_model = load_model(cfg.model, cfg.dataset, cfg.threat_model, cfg.model_dir, cfg.weights)
+        base_model = base_model.to(cfg.device)
         try:
             model = build_model(base_model, cfg)
         except ValueError as e:
@@ -318,7 +356,7 @@ def main(args):
         check_images(model.base_model, x, cfg.device, name=f"the model {cfg.model}")
         check_images(model, x, cfg.device, name=f"the model {cfg.model} with its head")
         record = HeadRecord(cfg.head, cfg.model, cfg.dataset, cfg.threat_model, cfg.batch_size, cfg.eps,
-                            dict(vars(cfg)), fingerprint(model.base_model.state_dict()))
+                            dict(vars(cfg)), fingerprint(model.base_model.state_dict()), cfg.weights)
         save = HeadWriter(cfg.out, model, record, to_float(x[:cfg.batch_size], cfg.device), cfg.overwrite)
         if save.unfinished is not None:
             print(f"note: {cfg.out} holds a finished head; it is replaced only when this run finishes "
@@ -334,35 +372,51 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Head-only adversarial fine-tuning of HPM with the IKL loss (paper supp. 6.2). "
-                    "Flags marked 'per dataset' default to the paper's setting for --dataset.")
+                    "Flags marked 'per dataset' default to the paper's setting for --dataset; own data "
+                    "(--data without --dataset) takes CIFAR-10's, without augmentation.")
     p.add_argument("--model", required=True,
-                   help="RobustBench model name, or the path of a whole pickled nn.Module (inputs in "
-                        "[0, 1]); a file is unpickled, which runs code: only name files you trust")
-    p.add_argument("--dataset", default="cifar10", choices=list(DATASETS), help="training set (default cifar10)")
+                   help="the base model (inputs in [0, 1], logits out, its last layer an nn.Linear): a "
+                        "RobustBench name; the path of a whole pickled nn.Module (torch.save(model, path); its "
+                        "classes are found from the current folder and the file's folder too); or FILE.py:NAME "
+                        "or package.module:NAME, NAME a class or a function of no arguments that builds the "
+                        "model (a file is imported with its own folder on the import path, a module with the "
+                        "current folder), with --weights. A pickle is unpickled and a .py file imported, which "
+                        "runs code: only name files you trust")
+    p.add_argument("--weights", metavar="STATE_DICT.pt",
+                   help="with --model FILE.py:NAME: the model's state_dict, written with torch.save(model."
+                        "state_dict(), path) (also a dict holding it under 'state_dict'); read as data, no code "
+                        "runs (default: none, the model as NAME builds it)")
+    p.add_argument("--dataset", choices=list(DATASETS),
+                   help="training set (default: cifar10; with --data and no --dataset, your own data: "
+                        "image size from the file, classes from the model, CIFAR-10's settings without "
+                        "augmentation)")
     p.add_argument("--threat-model", default="Linf", choices=["Linf", "L2"],
                    help="RobustBench threat model of --model and the attack's norm (default Linf)")
-    p.add_argument("--data", metavar="FILE.npz", help="local training set: x uint8 (N, C, H, W), y int (N,)")
+    p.add_argument("--data", metavar="FILE.npz", help="local training set: x uint8 (N, C, H, W), y int (N,) "
+                   "(default: the dataset's own loader); without --dataset it is your own data")
     p.add_argument("--data-dir", default="./data",
                    help="where torchvision finds/downloads CIFAR and MNIST; ImageNet: an ImageFolder "
                         "at DATA_DIR/train (default ./data)")
     p.add_argument("--model-dir", default="./models", help="RobustBench weights cache (default ./models)")
     p.add_argument("--per-class", type=int, help="the first N training images of each class only "
                    "(per dataset: 10 on ImageNet, as in the paper; all elsewhere)")
-    p.add_argument("--out", help="head checkpoint to write (default hpm_<dataset>_<model>.pt)")
+    p.add_argument("--out", help="head checkpoint to write (default hpm_<dataset>_<model>.pt, <model> the "
+                   "file's name or a code spec's NAME)")
     p.add_argument("--epochs", type=int, help="per dataset: 1 on CIFAR-10, 2 on CIFAR-100 and ImageNet "
-                   "(paper); 1 on MNIST")
+                   "(paper); 1 on MNIST and own data")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch and per C_batch (paper: 64)")
     p.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate (paper: 5e-5)")
     p.add_argument("--momentum", type=float, help="EMA momentum of C_global, Eq. 14; per dataset: 0.98 "
-                   "on CIFAR-10, 0.995 on CIFAR-100 and ImageNet (paper); 0.98 on MNIST")
+                   "on CIFAR-10, 0.995 on CIFAR-100 and ImageNet (paper); 0.98 on MNIST and own data")
     p.add_argument("--alpha", type=float, help="softCE weight of IKL; per dataset: 3 on CIFAR-10, 5 on "
-                   "CIFAR-100 (IKL's released models); 5 on ImageNet and 3 on MNIST (our choices)")
+                   "CIFAR-100 (IKL's released models); 5 on ImageNet, 3 on MNIST and own data (our choices)")
     p.add_argument("--beta", type=float, help="wMSE weight of IKL; per dataset: 10 on CIFAR-10, 12 on "
-                   "CIFAR-100 (IKL's released models); 12 on ImageNet and 10 on MNIST (our choices)")
+                   "CIFAR-100 (IKL's released models); 12 on ImageNet, 10 on MNIST and own data (our choices)")
     p.add_argument("--T", type=float, help="temperature of the IKL class weights S (per dataset: 4)")
     p.add_argument("--eps", type=eps_value, help="attack radius, a number or a fraction like 8/255; per "
-                   "dataset: Linf 8/255 on CIFAR, 4/255 on ImageNet (paper), 0.3 on MNIST; L2 0.5 on CIFAR, 3 "
-                   "on ImageNet, 2 on MNIST (our choices)")
+                   "dataset: Linf 8/255 on CIFAR (paper) and own data (RobustBench's CIFAR budget), 4/255 on "
+                   "ImageNet (paper), 0.3 on MNIST (Madry et al.); L2 0.5 on CIFAR and own data (RobustBench's), "
+                   "3 on ImageNet and 2 on MNIST (our choices)")
     p.add_argument("--steps", type=int, default=10, help="attack steps maximising IKL (paper: 10)")
     p.add_argument("--step-size", type=float, default=None, help="attack step size (default eps / 4)")
     p.add_argument("--attack-mode", default="ste", choices=["ste", "soft", "fc"],
@@ -376,8 +430,8 @@ def parse_args(argv=None):
     p.add_argument("--dpnp-alpha", type=float, default=40.0,
                    help="--head dpnp: radius of the prototypes' sphere (default 40, the paper's)")
     p.add_argument("--lambda-dfa", type=float, default=None,
-                   help="--head dpnp: weight of the DFA term (default per dataset: 2 on CIFAR-10 and "
-                        "MNIST, 2.4 on CIFAR-100 and ImageNet); head-only, the adversarial branch "
+                   help="--head dpnp: weight of the DFA term (default per dataset: 2 on CIFAR-10, MNIST "
+                        "and own data, 2.4 on CIFAR-100 and ImageNet); head-only, the adversarial branch "
                         "reaches the prototypes through this term alone")
     p.add_argument("--class-weights", choices=["ema", "fixed"], default="ema",
                    help="IKL class weights S: 'ema' (default) from uniform, an EMA over batches of the "
@@ -385,11 +439,12 @@ def parse_args(argv=None):
                         "reading of the paper's second momentum); 'fixed' computed once before training")
     p.add_argument("--attack-loss", choices=["official", "train"], default="official",
                    help="what the training attack maximises: 'official' (default) the IKL code's "
-                        "attack loss (softCE alone on CIFAR-10 and MNIST; softCE + wMSE on CIFAR-100 "
+                        "attack loss (softCE alone on CIFAR-10, MNIST and own data; softCE + wMSE on CIFAR-100 "
                         "and ImageNet); 'train' the whole training loss")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random crop (padding 4) and horizontal flip; per dataset: on for CIFAR "
-                        "(the IKL code) and ImageNet, off for MNIST")
+                   help="random crop (padding 4) and horizontal flip of the training batches; per dataset: "
+                        "on for CIFAR (the IKL code) and ImageNet (ours), off for MNIST (a flipped digit is "
+                        "another digit) and own data (nothing switched on unasked); the first lines say which")
     p.add_argument("--mixer-init", choices=["average", "global", "default"], default="average",
                    help="the mixer's start: 'average' (default) (C_global + C_batch) / 2; 'global' "
                         "C_global alone; 'default' PyTorch's nn.Linear initialisation")

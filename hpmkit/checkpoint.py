@@ -16,7 +16,7 @@ import torch
 from hpm import attach, find_classifier
 from hpmkit import dpnp
 from hpmkit.cli import CLIError, first_line, is_number
-from hpmkit.data import DATASETS, check_labels, to_float
+from hpmkit.data import DATASETS, OWN, check_labels, to_float
 from hpmkit.files import atomic_save, check_out, kind_of, remove_stale_tmp
 from hpmkit.models import fingerprint, load_model
 
@@ -27,8 +27,10 @@ HEAD_ARGS = {"hpm": ("momentum", "eps"), "ncm": ("momentum", "eps"), "dpnp": ("a
 @dataclass
 class HeadRecord:
     """What a checkpoint says of its head besides the tensors. head_type: "hpm", or a control of
-    the study, "ncm" (an HPM head on C_global alone) or "dpnp"; base_fingerprint: fingerprint()
-    of the frozen base model, checked when the head is loaded; args: every setting of the run."""
+    the study, "ncm" (an HPM head on C_global alone) or "dpnp"; model: the base model as given (a
+    RobustBench name, a file's absolute path, or a code spec /abs/FILE.py:NAME); base_fingerprint:
+    fingerprint() of the frozen base model, checked when the head is loaded; args: every setting of
+    the run; weights: the absolute path of a code spec's --weights (None: none given)."""
     head_type: str
     model: str
     dataset: str
@@ -37,6 +39,7 @@ class HeadRecord:
     attack_eps: float
     args: dict
     base_fingerprint: str = None
+    weights: str = None
 
 
 def save_head(path, model, record, history, finished):
@@ -49,7 +52,7 @@ def save_head(path, model, record, history, finished):
         "batch_size": record.batch_size, "attack_eps": record.attack_eps, "finished": finished,
         "num_classes": base_fc.out_features, "feature_dim": base_fc.in_features,
         "fc_name": model.fc_name, "args": record.args, "history": history,
-        "base_fingerprint": record.base_fingerprint,
+        "base_fingerprint": record.base_fingerprint, "weights": record.weights,
     }, path)
 
 
@@ -103,12 +106,14 @@ def read_head(path):
 
 
 # What each field of a head checkpoint holds: (test, in words), checked by read_head alone.
-# (batch_size and attack_eps may be None in heads written before they were fields.)
+# (batch_size and attack_eps may be None in heads written before they were fields; weights is
+# absent from heads written before code specs existed.)
 FIELD_RULES = {
     "head": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in v.items()),
              "the head's tensors by name"),
-    "model": (lambda v: isinstance(v, str) and v != "", "a model name or file"),
-    "dataset": (lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
+    "model": (lambda v: isinstance(v, str) and v != "", "a model name or file (or FILE.py:NAME)"),
+    "weights": (lambda v: v is None or isinstance(v, str) and v != "", "the path of a state_dict"),
+    "dataset": (lambda v: v in DATASETS or v == OWN, "one of " + ", ".join([*DATASETS, OWN])),
     "threat_model": (lambda v: v in ("Linf", "L2"), "Linf or L2"),
     "batch_size": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                    "a whole number >= 1"),
@@ -159,16 +164,19 @@ def load_head(ckpt, hpm_model):
     return hpm_model
 
 
-def check_base(ckpt, base, model_name):
-    """The head was fine-tuned on this very base model (its fingerprint), else one line; a head
-    saved before fingerprints existed loads with a one-line note."""
+def check_base(ckpt, base, model_name, weights=None):
+    """The head was fine-tuned on this very base model (its fingerprint: for a code spec, this
+    proves the --weights too), else one line; a head saved before fingerprints existed loads with
+    a one-line note."""
     if ckpt.get("base_fingerprint") is None:
         print("note: the head checkpoint records no fingerprint of its base model (written before "
               "they existed): that it was trained on this model cannot be checked")
     elif fingerprint(base.state_dict()) != ckpt["base_fingerprint"]:
-        raise CLIError(f"the head was fine-tuned on another base model than {model_name} (its weights "
-                       f"differ; the checkpoint names {ckpt['model']!r}): a head only fits the model it "
-                       "was trained on")
+        given = f"{model_name} with weights {weights}" if weights else model_name
+        raise CLIError(f"the head was fine-tuned on another base model than {given} (its weights "
+                       f"differ; the checkpoint names {ckpt['model']!r}"
+                       + (f" with weights {ckpt['weights']!r}" if ckpt.get("weights") else "")
+                       + "): a head only fits the model it was trained on")
 
 
 def load_models(cfg, ckpt, device):
@@ -176,7 +184,7 @@ def load_models(cfg, ckpt, device):
     classes), frozen, on device; cfg names the base model, ckpt (read_head) the head. The number
     of classes is the head's; None for the base model alone, which needs no final nn.Linear
     (count_classes reads it from its logits)."""
-    base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"])
+    base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"], cfg["weights"])
     hpm_model = dpnp_model = num_classes = None
     try:
         if ckpt is not None:
@@ -188,7 +196,7 @@ def load_models(cfg, ckpt, device):
     except ValueError as e:  # attach: no final nn.Linear
         raise CLIError(str(e))
     if ckpt is not None:
-        check_base(ckpt, base, cfg["model"])
+        check_base(ckpt, base, cfg["model"], cfg["weights"])
     base, hpm_model, dpnp_model = (m if m is None else m.to(device).eval().requires_grad_(False)
                                    for m in (base, hpm_model, dpnp_model))
     return base, hpm_model, dpnp_model, num_classes

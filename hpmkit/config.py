@@ -11,8 +11,9 @@ from hpmkit import controls
 from hpmkit.checkpoint import is_head_file, read_head, shown
 from hpmkit.chunks import make_batches
 from hpmkit.cli import CLIError, check_device, check_eps, check_number, check_positive, check_seed
-from hpmkit.data import DATASETS, DEFAULT_EPS, check_labels, load_data
+from hpmkit.data import DATASETS, DEFAULT_EPS, OWN, check_labels, eps_line, load_data
 from hpmkit.files import check_out, sha256
+from hpmkit.models import check_model, code_file, code_identity, code_spec
 from hpmkit.ranks import world_size
 from hpmkit.results import Results
 
@@ -22,10 +23,11 @@ DEFAULT_CHUNK = {"cuda": 1024, "cpu": 64}
 
 
 # Settings that change the numbers: an existing --out file must match them to be resumed. Files
-# by their contents (SHA-256), not by how their path is spelled; identity() adds the model's name
-# where it is no file (a RobustBench name).
-IDENTITY = ("model_sha256", "dataset", "threat_model", "data_sha256", "head_sha256", "eps", "n_examples",
-            "subset_seed", "per_class", "batch_size", "steps", "queries", "seed", "score_queries",
+# by their contents (SHA-256), not by how their path is spelled (a code spec: its file's SHA-256
+# and NAME; its --weights: weights_sha256); identity() adds the model's name where it is no file
+# (a RobustBench name).
+IDENTITY = ("model_sha256", "weights_sha256", "dataset", "threat_model", "data_sha256", "head_sha256", "eps",
+            "n_examples", "subset_seed", "per_class", "batch_size", "steps", "queries", "seed", "score_queries",
             "fixed_batch_square", "restarts", "attacker_eps")
 
 
@@ -37,22 +39,41 @@ def identity(cfg):
     return ids
 
 
+def model_sha256(model):
+    """A model by content: a code spec's file (SHA-256) and NAME, a file's SHA-256; None for a name."""
+    spec = code_spec(model)
+    if spec is not None:
+        return code_identity(spec)
+    return sha256(model) if os.path.isfile(model) else None
+
+
+def code_inputs(model, weights):
+    """The files a model given as code reads (its .py file or module's file, its --weights): inputs
+    that --out must never be."""
+    spec = code_spec(model)
+    return [weights] + ([code_file(spec)] if spec is not None else [])
+
+
 def resolve_config(args, versions):
     """All settings, with the checkpoint's values where the flags leave them out, and the
     version's (versions: evaluate.VERSIONS); every flag is checked here, before anything is
     loaded or written. Settled later, by main: n_examples when left out (it needs the test set's
     size, load_subset) and, under torchrun, each process's GPU (ranks.start_ranks)."""
     ckpt = read_head(args.head) if args.head else None
-    if ckpt is None and (args.model is None or args.dataset is None):
-        raise CLIError("give --head FILE (a finetune.py checkpoint), or --model and --dataset "
-                       "to evaluate a base model alone")
+    if ckpt is None and (args.model is None or args.dataset is None and args.data is None):
+        raise CLIError("give --head FILE (a finetune.py checkpoint), or --model with --dataset or --data "
+                       "FILE.npz (your own data) to evaluate a base model alone")
     if ckpt is not None and args.model is None and names_a_file(ckpt["model"]):
-        raise CLIError(f"the head names model {ckpt['model']}; pass --model {ckpt['model']} to load it (a model "
-                       "file is code: only files you trust)")
+        what = ("code: only code you trust" + ("; --weights defaults to the head's" if ckpt.get("weights") else "")
+                if ":" in ckpt["model"] else "a model file is code: only files you trust")
+        raise CLIError(f"the head names model {ckpt['model']}; pass --model {ckpt['model']} to load it ({what})")
     cfg = dict(vars(args))
-    cfg["model"] = args.model or ckpt["model"]
-    cfg["dataset"] = args.dataset or ckpt["dataset"]
-    if cfg["dataset"] not in DATASETS:
+    cfg["model"], cfg["weights"] = check_model(args.model or ckpt["model"], head_weights(args, ckpt))
+    cfg["dataset"] = args.dataset or (ckpt or {}).get("dataset") or OWN
+    if cfg["dataset"] == OWN and args.data is None:
+        raise CLIError("the head was fine-tuned on own data (--data without --dataset): pass its test set "
+                       "as --data FILE.npz")
+    if cfg["dataset"] not in DATASETS and cfg["dataset"] != OWN:
         raise CLIError(f"unknown dataset {cfg['dataset']!r}; choose from {', '.join(DATASETS)}")
     cfg["threat_model"] = args.threat_model or (ckpt or {}).get("threat_model") or "Linf"
     cfg["eps"] = args.eps if args.eps is not None else DEFAULT_EPS[cfg["threat_model"]][cfg["dataset"]]
@@ -83,13 +104,14 @@ def resolve_config(args, versions):
     if cfg["save_adv"] and os.path.exists(cfg["save_adv"]) and not os.path.isdir(cfg["save_adv"]):
         raise CLIError(f"--save-adv {cfg['save_adv']} is a file; it names a folder for the images")
     cfg["head_sha256"] = sha256(args.head) if args.head else None
-    cfg["model_sha256"] = sha256(cfg["model"]) if os.path.isfile(cfg["model"]) else None
+    cfg["model_sha256"] = model_sha256(cfg["model"])
+    cfg["weights_sha256"] = sha256(cfg["weights"]) if cfg["weights"] else None
     cfg["data_sha256"] = sha256(args.data) if args.data and os.path.isfile(args.data) else None
     cfg["out"] = args.out or (os.path.splitext(args.head)[0] + ".eval.json" if args.head
                               else "eval.json")
     # --overwrite replaces a results file only: never an input, nor any other file
-    check_out(cfg["out"], [args.head, cfg["model"], args.data, args.save_adv],
-              lambda path: Results.read(path) is not None, "results file of evaluate.py")
+    inputs = [args.head, cfg["model"], args.data, args.save_adv, *code_inputs(cfg["model"], cfg["weights"])]
+    check_out(cfg["out"], inputs, lambda path: Results.read(path) is not None, "results file of evaluate.py")
     cfg["device"] = check_device(cfg["device"])
     if cfg["chunk"] is None:
         cfg["chunk"] = DEFAULT_CHUNK.get(cfg["device"].type, DEFAULT_CHUNK["cpu"])
@@ -99,12 +121,37 @@ def resolve_config(args, versions):
     return cfg, ckpt
 
 
+def head_weights(args, ckpt):
+    """evaluate.py's --weights: as given, else the head's recorded ones where --model is code (a
+    state_dict is data; the fingerprint check proves they are the right ones)."""
+    recorded = None if ckpt is None else ckpt.get("weights")
+    if args.weights is not None or not recorded or code_spec(args.model or ckpt["model"]) is None:
+        return args.weights
+    if not os.path.isfile(recorded):
+        raise CLIError(f"the head's base model weights {recorded} do not exist (moved?): pass --weights PATH")
+    return ckpt["weights"]
+
+
+def header_lines(args, cfg, ckpt):
+    """evaluate.py's lines on where eps and the batch size come from: a flag, the head, a default."""
+    if args.batch_size is not None:
+        batch = "given as --batch-size"
+    elif (ckpt or {}).get("batch_size"):
+        batch = "the head's fine-tuning batch size; --batch-size to set, 1 for the per-image model"
+    else:
+        batch = "the default, the paper's fine-tuning batch size; --batch-size to set"
+    return [eps_line(cfg["eps"], args.eps is not None, cfg["threat_model"], cfg["dataset"]),
+            f"batch size {cfg['batch_size']} ({batch})"]
+
+
 def finetune_settings(args, defaults, official_attack):
     """finetune.py's settings, resolved once from the parsed flags before anything is loaded or
     written: the dataset's defaults where a flag was left out (defaults: finetune.DEFAULTS, the
     paper's; official_attack: the IKL code's attack alpha and beta), what follows from them (the
     Adv-DPNP control's lambdas), then every check. Nothing is added to them later."""
     s = dict(vars(args))
+    if s["dataset"] is None:  # --data alone is own data, never CIFAR-10's augmentation and budget
+        s["dataset"] = OWN if s["data"] is not None else "cifar10"
     if s["eps"] is None:
         s["eps"] = DEFAULT_EPS[s["threat_model"]][s["dataset"]]
     for k, v in defaults[s["dataset"]].items():
@@ -115,10 +162,13 @@ def finetune_settings(args, defaults, official_attack):
     s["attack_alpha"], s["attack_beta"] = (official_attack[s["dataset"]] if s["attack_loss"] == "official"
                                            else (s["alpha"], s["beta"]))
     s["dpnp_lambdas"] = controls.dpnp_lambdas(s["dataset"], s["lambda_dfa"])
+    s["model"], s["weights"] = check_model(s["model"], s["weights"])
     if os.path.exists(s["model"]):
         s["model"] = os.path.abspath(s["model"])  # the checkpoint must find the file from anywhere
     if s["out"] is None:
-        s["out"] = f"hpm_{s['dataset']}_{os.path.splitext(os.path.basename(s['model']))[0]}.pt"
+        spec = code_spec(s["model"])
+        stem = spec.name if spec is not None else os.path.splitext(os.path.basename(s["model"]))[0]
+        s["out"] = f"hpm_{s['dataset']}_{stem}.pt"
     check_positive(epochs=s["epochs"], batch_size=s["batch_size"], steps=s["steps"], per_class=s["per_class"])
     check_eps(s["eps"], s["threat_model"])
     for flag in ("lr", "T", "step_size", "dpnp_alpha"):
@@ -127,7 +177,8 @@ def finetune_settings(args, defaults, official_attack):
         check_number(flag, s[flag], lambda v: v >= 0, "a number >= 0")
     check_number("momentum", s["momentum"], lambda v: 0 <= v < 1, "a number in [0, 1)")
     check_seed(seed=s["seed"])
-    check_out(s["out"], [s["model"], s["data"], s["data_dir"]], is_head_file, "head checkpoint")
+    check_out(s["out"], [s["model"], s["data"], s["data_dir"], *code_inputs(s["model"], s["weights"])],
+              is_head_file, "head checkpoint")
     s["device"] = str(check_device(s["device"]))
     return argparse.Namespace(**s)
 
@@ -218,5 +269,6 @@ def open_results(cfg, n):
 
 
 def names_a_file(model):
-    """The head's model is a file (load_model would unpickle it), not a RobustBench name."""
-    return os.path.exists(model) or model.endswith((".pt", ".pth", ".ckpt")) or os.sep in model
+    """The head's model is code, a file (load_model would unpickle it) or a spec FILE.py:NAME or
+    package.module:NAME (it would run), not a RobustBench name (which never has a colon)."""
+    return os.path.exists(model) or model.endswith((".pt", ".pth", ".ckpt")) or os.sep in model or ":" in model

@@ -15,10 +15,11 @@ from hpm import attach
 from hpmkit import dpnp
 from hpmkit.pgd import ascend
 
-# --head dpnp: (lambda_DPP, lambda_DNP, lambda_DFA), the Adv-DPNP paper's for CIFAR (MNIST and
-# ImageNet take CIFAR-10's and CIFAR-100's: our choice).
+# --head dpnp: (lambda_DPP, lambda_DNP, lambda_DFA), the Adv-DPNP paper's for CIFAR (MNIST and own
+# data take CIFAR-10's, ImageNet CIFAR-100's: our choice).
 DPNP_LAMBDAS = {"cifar10": dpnp.DEFAULTS["cifar10"], "mnist": dpnp.DEFAULTS["cifar10"],
-                "cifar100": dpnp.DEFAULTS["cifar100"], "imagenet": dpnp.DEFAULTS["cifar100"]}
+                "cifar100": dpnp.DEFAULTS["cifar100"], "imagenet": dpnp.DEFAULTS["cifar100"],
+                "own": dpnp.DEFAULTS["cifar10"]}
 TRAINED = {"dpnp": ("prototypes",), "ncm": ()}  # what each control's head trains
 
 

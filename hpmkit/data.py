@@ -1,6 +1,7 @@
 """The images: a torchvision dataset, an ImageNet folder, or a local `.npz`, as uint8
 (N, C, H, W) with int64 labels; the usual attack budgets per dataset; the IKL code's CIFAR
-augmentation."""
+augmentation. A user's own data (--data FILE.npz without --dataset) is the dataset "own": its
+image size comes from the file, its classes from the model."""
 import os
 
 import numpy as np
@@ -9,12 +10,29 @@ import torch.nn.functional as F
 
 from hpmkit.cli import CLIError, first_line
 
-DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "mnist": 10}
-# The usual attack budgets: RobustBench for CIFAR and ImageNet, Madry et al. for MNIST.
+DATASETS = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "mnist": 10}  # the --dataset choices
+OWN = "own"  # --data without --dataset: not a choice, the name the per-dataset tables give it
+# The usual attack budgets: RobustBench for CIFAR and ImageNet, Madry et al. for MNIST; own data
+# takes RobustBench's CIFAR budgets (most small-image models are CIFAR-like).
 DEFAULT_EPS = {
-    "Linf": {"cifar10": 8 / 255, "cifar100": 8 / 255, "imagenet": 4 / 255, "mnist": 0.3},
-    "L2": {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 3.0, "mnist": 2.0},
+    "Linf": {"cifar10": 8 / 255, "cifar100": 8 / 255, "imagenet": 4 / 255, "mnist": 0.3, OWN: 8 / 255},
+    "L2": {"cifar10": 0.5, "cifar100": 0.5, "imagenet": 3.0, "mnist": 2.0, OWN: 0.5},
 }
+# Where each default budget comes from, as the scripts print it beside the value.
+EPS_ORIGIN = {
+    "Linf": {"cifar10": "8/255: the paper's for cifar10", "cifar100": "8/255: the paper's for cifar100",
+             "imagenet": "4/255: the paper's for imagenet", "mnist": "Madry et al.'s for mnist",
+             OWN: "8/255: own data's default, RobustBench's CIFAR budget"},
+    "L2": {"cifar10": "RobustBench's for cifar10", "cifar100": "RobustBench's CIFAR budget, for cifar100",
+           "imagenet": "our choice for imagenet", "mnist": "our choice for mnist",
+           OWN: "own data's default, RobustBench's CIFAR budget"},
+}
+
+
+def eps_line(eps, given, threat_model, dataset):
+    """The line that says the attack budget and where it comes from (given: set by --eps)."""
+    why = "given as --eps" if given else f"{EPS_ORIGIN[threat_model][dataset]}; --eps to set"
+    return f"eps {eps:.4g} ({why})"
 
 
 def load_npz(path):
@@ -68,6 +86,8 @@ def load_data(dataset, split, data=None, data_dir="./data", per_class=None):
     elif dataset == "imagenet":
         x, y = load_imagenet(os.path.join(data_dir, split), per_class)
         per_class = None  # already applied while reading
+    elif dataset == OWN:
+        raise CLIError(f"own data has no loader: pass its {split} set as --data FILE.npz")
     else:
         raise CLIError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     if per_class is not None:

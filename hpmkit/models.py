@@ -1,17 +1,29 @@
-"""The base models: a RobustBench model by name, or a whole pickled nn.Module from a path the
-user names; either takes images in [0, 1] and returns logits. Also the check that a model
-takes the images, and the fingerprint that ties a head to the base model it was trained on."""
+"""The base models: a RobustBench model by name, a whole pickled nn.Module from a path the user
+names, or a model built by the user's own code (--model FILE.py:NAME or package.module:NAME, with
+--weights STATE_DICT.pt); each takes images in [0, 1] and returns logits. Also the check that a
+model takes the images, and the fingerprint that ties a head to the base model it was trained on.
+
+A pickle and a code spec are code: they run only when the user names them on the command line.
+A --weights file is data (torch.load with weights_only=True)."""
+import contextlib
 import difflib
 import hashlib
 import importlib
+import importlib.util
+import inspect
 import os
+import re
 import sys
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from hpmkit.cli import CLIError, first_line
-from hpmkit.data import to_float
+from hpmkit.data import OWN, to_float
+from hpmkit.files import sha256
+
+SAVE_WEIGHTS = 'torch.save(model.state_dict(), "W.pt")'  # how a user writes --weights
 
 
 def alias_autoattack():
@@ -33,39 +45,258 @@ def alias_autoattack():
                 pass
 
 
+@dataclass(frozen=True)
+class CodeSpec:
+    """--model FILE.py:NAME or package.module:NAME: NAME, a class or a function of no arguments,
+    builds the model. source: the .py file's path, or the dotted module name."""
+    source: str
+    name: str
+
+    @property
+    def is_file(self):
+        return self.source.endswith(".py")
+
+    def canonical(self):
+        """How a head records it: a file by its absolute path (found again from any folder)."""
+        return f"{os.path.abspath(self.source) if self.is_file else self.source}:{self.name}"
+
+    def folder(self):
+        """What goes first on the import path while its code runs, so that its own imports work: a
+        file's own folder, or for a module the current folder."""
+        return os.path.dirname(os.path.abspath(self.source)) if self.is_file else os.getcwd()
+
+
+def code_spec(model):
+    """The CodeSpec of --model, None where it names no code (a RobustBench name never has a colon;
+    an existing file is a pickle, whatever its name), or one line saying how to write it."""
+    if os.path.exists(model):
+        if model.endswith(".py"):
+            raise CLIError(f"--model {model} is Python code: name what builds the model, --model "
+                           f"{model}:NAME (a class, or a function of no arguments), with --weights W.pt")
+        return None
+    if ":" not in model:
+        return None
+    source, name = model.rsplit(":", 1)
+    if not name.isidentifier():
+        raise CLIError(f"--model {model}: after the colon give the name of a class or function that builds "
+                       f"the model, got {name!r}")
+    if not (source.endswith(".py") or all(part.isidentifier() for part in source.split("."))):
+        raise CLIError(f"--model {model}: before the colon give a file FILE.py or a module package.module, "
+                       f"got {source!r}")
+    if source.endswith(".py") and not os.path.isfile(source):
+        raise CLIError(f"model code file {source} does not exist")
+    return CodeSpec(source, name)
+
+
+@contextlib.contextmanager
+def import_path(*folders):
+    """folders first on sys.path for the block (those it did not hold), taken out after it."""
+    added = [f for f in dict.fromkeys(folders) if f not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for f in added:
+            if f in sys.path:
+                sys.path.remove(f)
+
+
+def code_file(spec):
+    """The file whose contents are the code of a spec: the .py file, or the module's own file
+    (found with the current folder on the import path; a package's parents are imported)."""
+    if spec.is_file:
+        return os.path.abspath(spec.source)
+    with import_path(os.getcwd()):
+        try:
+            found = importlib.util.find_spec(spec.source)
+        except ModuleNotFoundError:  # its package is not there
+            found = None
+        except Exception as e:  # a parent package that does not import
+            raise CLIError(f"cannot import module {spec.source} ({first_line(e)})")
+    if found is None or not found.origin or not os.path.isfile(found.origin):
+        raise CLIError(f"no module {spec.source} here: run from the folder that holds it (the current "
+                       f"folder is on the import path), or name its file, --model path/to/FILE.py:{spec.name}")
+    return found.origin
+
+
+def code_identity(spec):
+    """What a code spec is by content: the SHA-256 of its file, and NAME."""
+    return f"{sha256(code_file(spec))}:{spec.name}"
+
+
+def import_code(spec):
+    """The module of a spec, imported with spec.folder() first on sys.path. A file is loaded afresh
+    under its own name, which sys.modules holds only while it runs (a file elsewhere with that
+    name stays as it was)."""
+    try:
+        with import_path(spec.folder()):
+            if not spec.is_file:
+                return importlib.import_module(spec.source)
+            path = os.path.abspath(spec.source)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(stem, path))
+            had, previous = stem in sys.modules, sys.modules.get(stem)
+            sys.modules[stem] = module  # (dataclasses and the like look their module up while it runs)
+            try:
+                module.__spec__.loader.exec_module(module)
+            finally:
+                if had:
+                    sys.modules[stem] = previous
+                else:
+                    sys.modules.pop(stem, None)
+            return module
+    except (Exception, SystemExit) as e:  # a syntax error, a missing import, its top level failing or exiting
+        hint = ("; its top level runs when imported: keep a script's work under if __name__ == \"__main__\":"
+                if isinstance(e, SystemExit) else "")
+        raise CLIError(f"{spec.source} does not import ({first_line(e)}){hint}")
+
+
+def build_from_code(spec):
+    """NAME() of a spec: a class or a function that takes no arguments, returning an nn.Module."""
+    module = import_code(spec)
+    build = getattr(module, spec.name, None)
+    if build is None:
+        defined = [n for n, v in vars(module).items() if (inspect.isclass(v) or inspect.isfunction(v))
+                   and getattr(v, "__module__", None) == module.__name__]
+        raise CLIError(f"{spec.source} has no {spec.name!r}" + (f"; it defines {', '.join(defined[:6])}"
+                                                               if defined else ""))
+    if not callable(build):
+        raise CLIError(f"{spec.source}:{spec.name} is a {type(build).__name__}, not a class or function")
+    try:
+        inspect.signature(build).bind()
+    except TypeError as e:
+        raise CLIError(f"{spec.name} needs arguments ({e}); give a class or a function that builds the model "
+                       f"with none, e.g. def build(): return {spec.name}(...), and --model {spec.source}:build")
+    except ValueError:  # no signature to read (a builtin): the call says
+        pass
+    try:
+        with import_path(spec.folder()):  # (an import inside NAME finds the file's neighbours too)
+            net = build()
+    except Exception as e:
+        raise CLIError(f"{spec.source}:{spec.name}() failed while building the model ({first_line(e)})")
+    if not isinstance(net, torch.nn.Module):
+        raise CLIError(f"{spec.source}:{spec.name}() returned a {type(net).__name__}, not an nn.Module")
+    return net
+
+
+def read_weights(path):
+    """A state_dict from --weights, read as data (weights_only): bare, or under "state_dict"."""
+    if not os.path.isfile(path):
+        raise CLIError(f"weights file {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Unsupported global" in str(e) or "Weights only load failed" in str(e):
+            raise CLIError(f"--weights {path} holds pickled objects, not a state_dict (a whole model? pass "
+                           f"it as --model {path} instead, or write its weights: {SAVE_WEIGHTS})")
+        raise CLIError(f"could not read weights {path} ({first_line(e)}); write them with {SAVE_WEIGHTS}")
+    if isinstance(state, dict) and "head" in state and "model" in state:
+        raise CLIError(f"{path} is a head checkpoint of finetune.py, not weights: pass it as --head")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and torch.is_tensor(v)
+                                                      for k, v in state.items())):
+        raise CLIError(f"--weights {path} holds a {type(state).__name__}, not a state_dict (tensors by name): "
+                       f"write it with {SAVE_WEIGHTS}")
+    return state
+
+
+def load_weights(net, state, path, name):
+    """state into net (strictly), or one line naming the first keys or shapes that do not fit."""
+    own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = [k for k in own if k not in given], [k for k in given if k not in own]
+    shapes = [f"{k} {given[k]} there, {own[k]} in the model" for k in own if k in given and given[k] != own[k]]
+    problems = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("shape of", shapes)) if keys]
+    if problems:
+        raise CLIError(f"--weights {path} do not fit the model {name} builds: {'; '.join(problems)}")
+    net.load_state_dict(state)
+
+
+def load_code_model(spec, weights=None):
+    """The model a code spec builds, with --weights loaded into it (None: as NAME builds it, a
+    one-line note says so). The weights are read first: they are data, checked before code runs."""
+    state = None if weights is None else read_weights(weights)
+    net = build_from_code(spec)
+    if state is None:
+        print(f"note: no --weights: the model is used as {spec.name}() builds it")
+    else:
+        load_weights(net, state, weights, f"{spec.name}()")
+    return net.eval()
+
+
 def load_model_file(path):
     """A whole pickled nn.Module saved with torch.save(model, path). Unpickling runs code: only
-    ever from a path the user named."""
+    ever from a path the user named. Its classes are found from the current folder and the
+    file's own folder as well as the import path."""
     alias_autoattack()
     try:
-        with warnings.catch_warnings():  # robustbench's imports warn about pkg_resources
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), import_path(os.getcwd(), os.path.dirname(os.path.abspath(path))):
+            warnings.simplefilter("ignore")  # robustbench's imports warn about pkg_resources
             net = torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:
-        raise CLIError(f"model file {path} refers to module {e.name!r}, which Python cannot import "
-                       f"here: a pickled nn.Module stores its class by name, not its code; run from "
-                       f"the folder that holds {e.name.split('.')[0]}.py (or add it to PYTHONPATH), "
-                       "or re-save the model from a class that is importable here")
+        raise CLIError(f"model file {path} refers to module {e.name!r}, which Python cannot import here: a "
+                       f"pickled nn.Module stores its class by name, not its code; run from the folder that "
+                       f"holds {e.name.split('.')[0]}.py (or add it to PYTHONPATH), or pass --model "
+                       f"FILE.py:NAME --weights W.pt (write W.pt with {SAVE_WEIGHTS})")
+    except AttributeError as e:
+        if "__main__" not in str(e):  # (run with -m, __main__ shows as <module 'pkg.__main__'>)
+            raise CLIError(f"could not load model file {path} ({first_line(e)}); the class it was saved "
+                           f"from changed: pass --model FILE.py:NAME --weights W.pt ({SAVE_WEIGHTS})")
+        found = re.search(r"attribute '([^']+)'", str(e))
+        name = found.group(1) if found else "NAME"
+        raise CLIError(f"model file {path} holds class {name} of a script run as __main__, which no other "
+                       f"program can find: in that script write the weights, {SAVE_WEIGHTS}, and pass "
+                       f"--model SCRIPT.py:{name} --weights W.pt (keep its training under "
+                       'if __name__ == "__main__":)')
     except Exception as e:  # truncated, not a torch file, a class that changed since it was saved
         raise CLIError(f"could not load model file {path} ({first_line(e)}); it must hold a whole "
-                       "nn.Module saved with torch.save(model, path)")
+                       f"nn.Module saved with torch.save(model, path), or use --model FILE.py:NAME "
+                       f"--weights W.pt ({SAVE_WEIGHTS})")
     if isinstance(net, dict) and "head" in net and "model" in net:
         raise CLIError(f"{path} is a head checkpoint of finetune.py, not a model: pass it as --head")
+    if isinstance(net, dict):
+        raise CLIError(f"{path} holds a dict (a state_dict?), not a whole pickled nn.Module: pass the code "
+                       f"that builds the model with it, --model FILE.py:NAME --weights {path}")
     if not isinstance(net, torch.nn.Module):
         raise CLIError(f"{path} holds a {type(net).__name__}, not a whole pickled nn.Module "
                        "(save it with torch.save(model, path))")
     return net.eval()
 
 
-def load_model(model, dataset, threat_model="Linf", model_dir="./models"):
-    """A RobustBench model by name, or a whole pickled nn.Module from a path the user names.
+def check_model(model, weights):
+    """--model and --weights checked before anything is loaded: (the model, a code spec by its
+    canonical form; the weights' absolute path, or None)."""
+    spec = code_spec(model)
+    if weights is not None and spec is None:
+        raise CLIError(f"--weights needs --model FILE.py:NAME or package.module:NAME, the code that builds "
+                       f"the model; --model {model} brings its own weights")
+    if weights is not None and not os.path.isfile(weights):
+        raise CLIError(f"weights file {weights} does not exist")
+    return (model if spec is None else spec.canonical()), None if weights is None else os.path.abspath(weights)
+
+
+def load_model(model, dataset, threat_model="Linf", model_dir="./models", weights=None):
+    """A RobustBench model by name, a whole pickled nn.Module from a path the user names, or the
+    model a code spec builds (FILE.py:NAME or package.module:NAME) with its --weights.
 
     Either way the model takes images in [0, 1] and returns logits; it comes back in eval mode.
     """
+    spec = code_spec(model)
+    if spec is not None:
+        return load_code_model(spec, weights)
+    if weights is not None:
+        check_model(model, weights)  # (refuses it in one line)
     if os.path.exists(model):
         return load_model_file(model)
-    if model.endswith((".pt", ".pth", ".ckpt")) or os.sep in model:
+    if model.endswith((".pt", ".pth", ".ckpt", ".py")) or os.sep in model:
         raise CLIError(f"model file {model} does not exist")
+    if dataset == OWN:
+        raise CLIError(f"no model file {model}; a RobustBench name needs --dataset (own data has no "
+                       "RobustBench models): pass --model FILE.pt, or --model FILE.py:NAME --weights W.pt")
     alias_autoattack()
     with warnings.catch_warnings():  # robustbench's imports warn about pkg_resources and torch.jit
         warnings.simplefilter("ignore")

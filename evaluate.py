@@ -468,7 +468,7 @@ def parse_args(argv=None):
     p.add_argument("--checks-tol", type=float, default=0.02,
                    help="accuracy difference tolerated by the checks, at least one image (default 0.02)")
     p.add_argument("--out", help="results JSON, rewritten after every chunk; rerun to resume "
-                   "(default: HEAD.eval.json, or eval.json without --head)")
+                   "(default: HEAD.eval-VERSION.json, or eval.eval-VERSION.json without --head: one file per version)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds results "
                    "of another configuration")
     p.add_argument("--save-adv", metavar="DIR", help="keep every attack's adversarial images "

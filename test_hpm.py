@@ -2259,6 +2259,18 @@ def test_another_configuration_in_out_is_refused(tmp_path):
     assert run_evaluate(paths, "--eps", "0.2", "--overwrite", *argv).config["eps"] == 0.2
 
 
+def test_each_version_has_its_own_default_results_file(tmp_path):
+    """Without --out, the file is named for the head and the version: a --version paper run after a
+    strong one on the same head starts its own file instead of being refused as another
+    configuration, and each holds its own version."""
+    paths = write_setup(tmp_path, quad_linear(), n=8)
+    argv = ["--steps", "2", "--queries", "5", "--contexts", "image", "--attacks", "apgd-ce/fc,square"]
+    run_evaluate(paths, *argv)
+    run_evaluate(paths, "--version", "paper", *argv)
+    for version in ("strong", "paper"):
+        assert read_results(tmp_path / f"head.eval-{version}.json").version == version
+
+
 # Clean errors ------------------------------------------------------------------------------------
 
 def nan_model():

@@ -107,8 +107,9 @@ def resolve_config(args, versions):
     cfg["model_sha256"] = model_sha256(cfg["model"])
     cfg["weights_sha256"] = sha256(cfg["weights"]) if cfg["weights"] else None
     cfg["data_sha256"] = sha256(args.data) if args.data and os.path.isfile(args.data) else None
-    cfg["out"] = args.out or (os.path.splitext(args.head)[0] + ".eval.json" if args.head
-                              else "eval.json")
+    # one default file per head and version: a paper run after a strong one is no "other configuration"
+    cfg["out"] = args.out or (f"{os.path.splitext(args.head)[0] if args.head else 'eval'}.eval-{cfg['version']}"
+                              ".json")
     # --overwrite replaces a results file only: never an input, nor any other file
     inputs = [args.head, cfg["model"], args.data, args.save_adv, *code_inputs(cfg["model"], cfg["weights"])]
     check_out(cfg["out"], inputs, lambda path: Results.read(path) is not None, "results file of evaluate.py")

@@ -43,12 +43,12 @@ import torch.nn as nn
 from hpmkit.attackers import attacker_slots, put, run_slot_attack
 from hpmkit.attacks import QueryScorer, check_adv, fixed_prototype_logits, run_attack
 from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, check_classes
-from hpmkit.checkpoint import count_classes, load_models
+from hpmkit.checkpoint import Models, count_classes, load_models, object_models
 from hpmkit.checks import Checks, run_checks
 from hpmkit.chunks import ChunkResult, FixedBatches
 from hpmkit.cli import CLIError, WarningCounter, eps_value, run_cli
-from hpmkit.config import (DEFAULT_CHUNK, header_lines, identity, load_subset, open_results, resolve_config,
-                           setting_of)
+from hpmkit.config import (DEFAULT_CHUNK, header_lines, identity, load_subset, object_config, open_results,
+                           resolve_config, setting_of)
 from hpmkit.data import DATASETS
 from hpmkit.files import OutLock
 from hpmkit.gpu import MemoryFit, compile_head
@@ -333,10 +333,9 @@ def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None):
 def main(args):
     """Evaluate as the flags say; returns the results (a results.Results, also written to --out)."""
     cfg, ckpt = resolve_config(args, VERSIONS)
-    device = cfg["device"]
-    ranks = start_ranks(cfg["out"], device, cfg["overwrite"], {**identity(cfg), "chunk": cfg["chunk"]})
+    ranks = start_ranks(cfg["out"], cfg["device"], cfg["overwrite"], {**identity(cfg), "chunk": cfg["chunk"]})
     if ranks is not None:  # torchrun: each process on its own GPU, one log (rank 0's)
-        device = ranks.device
+        cfg["device"] = ranks.device
         if ranks.rank != 0:
             sys.stdout = open(os.devnull, "w")
     held = contextlib.ExitStack()
@@ -346,48 +345,9 @@ def main(args):
         if ckpt is not None and ckpt.get("finished") is False:
             print(f"warning: {cfg['head']} is an unfinished head (fine-tuning was interrupted after "
                   f"{len(ckpt.get('history', []))} epoch(s)); its numbers are not those of a trained head")
-        base, hpm_model, dpnp_model, num_classes = load_models(cfg, ckpt, device)  # frozen
-        if cfg["compile"] and hpm_model is not None:
-            compile_head(hpm_model.head)
-            print("the HPM head runs through torch.compile (--compile): the first call of each mode, "
-                  "context and batch shape compiles")
-        x, y, idx, n_total, cfg["n_examples"] = load_subset(cfg, num_classes)
-        results = open_results(cfg, len(y))  # (a resumed file's config names its earlier attacks too)
-        rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model, cfg["attackers"], cfg["attacker_eps"])
-        for row in rows:  # a model that cannot take these images fails here, before any file is written
-            check_images(row.real(), x, device, name=f"{row.name} ({cfg['model']})")
-        if num_classes is None:  # the base model alone: no final nn.Linear needed, its logits say
-            num_classes = count_classes(base, x, y, device, cfg["data"] or cfg["dataset"])
-        check_classes(cfg["attacks"], num_classes)
-        setting, banner = setting_of(cfg), version_line(cfg, VERSIONS[cfg["version"]])
-        describe(results, cfg, setting, rows, idx, n_total, banner)
-
-        def on_update():
-            results.updated(processes=None if ranks is None else ranks.world)
-            if ranks is None or ranks.rank == 0:  # under torchrun, rank 0 writes the one file
-                results.write(cfg["out"])
-
-        print_header(banner, cfg, rows, len(idx), n_total, device)
-        for line in header_lines(args, cfg, ckpt):  # where eps and the batch size come from
-            print(line)
-        on_update()
-        data = FixedBatches(x, y, cfg["batch_size"], device)
-        engine = Engine(device, cfg["chunk"], ranks, MemoryFit(lambda line: print(line, flush=True)),
-                        progress=not cfg["no_progress"], on_update=on_update)
-        adv = AdvStore(cfg["save_adv"], y, idx.tolist(), data.batches) if cfg["save_adv"] else None
-        try:
-            evaluate(rows, cfg["attacks"], data, setting, engine, results, adv)
-            if cfg["checks"]:
-                run_checks(rows, data, results, setting, engine,
-                           Checks(cfg["checks_n"], cfg["checks_tol"], cfg["context_orders"]), attack_chunk)
-        except EvaluationError as e:
-            raise CLIError(str(e))
-        results.finished()
-        on_update()
-        if ranks is not None:
-            ranks.finish()
-        print_report(results, rows, cfg, setting)
-        return results
+        models = load_models(cfg, ckpt, cfg["device"])  # frozen
+        x, y, idx, n_total, cfg["n_examples"] = load_subset(cfg, models.num_classes)
+        return run(cfg, models, (x, y, idx, n_total), ranks, header_lines(args, cfg, ckpt))
     finally:
         held.close()
         if ranks is not None:
@@ -395,6 +355,73 @@ def main(args):
                 sys.stdout.close()
                 sys.stdout = sys.__stdout__
             ranks.dist.destroy_process_group()
+
+
+def run(cfg, models, subset, ranks=None, header=()):
+    """The protocol on loaded models (checkpoint.Models) and the fixed subset (x, y, its indices in
+    the test set, the test set's size), as cfg says (resolve_config's): the clean pass and every
+    attack of every row, the checks, the report. The results are written to cfg["out"] after every
+    chunk (none: kept in memory); ranks: torchrun's processes; header: lines printed after the
+    header (where eps and the batch size came from)."""
+    base, hpm_model, dpnp_model, num_classes = models.base, models.hpm, models.dpnp, models.num_classes
+    x, y, idx, n_total = subset
+    device = cfg["device"]
+    if cfg["compile"] and hpm_model is not None:
+        compile_head(hpm_model.head)
+        print("the HPM head runs through torch.compile (--compile): the first call of each mode, "
+              "context and batch shape compiles")
+    results = open_results(cfg, len(y))  # (a resumed file's config names its earlier attacks too)
+    rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model, cfg["attackers"], cfg["attacker_eps"])
+    for row in rows:  # a model that cannot take these images fails here, before any file is written
+        check_images(row.real(), x, device, name=f"{row.name} ({cfg['model']})")
+    if num_classes is None:  # the base model alone: no final nn.Linear needed, its logits say
+        num_classes = count_classes(base, x, y, device, cfg["data"] or cfg["dataset"])
+    check_classes(cfg["attacks"], num_classes)
+    setting, banner = setting_of(cfg), version_line(cfg, VERSIONS[cfg["version"]])
+    describe(results, cfg, setting, rows, idx, n_total, banner)
+
+    def on_update():
+        results.updated(processes=None if ranks is None else ranks.world)
+        if cfg["out"] and (ranks is None or ranks.rank == 0):  # under torchrun, rank 0 writes the one file
+            results.write(cfg["out"])
+
+    print_header(banner, cfg, rows, len(idx), n_total, device)
+    for line in header:
+        print(line)
+    on_update()
+    data = FixedBatches(x, y, cfg["batch_size"], device)
+    engine = Engine(device, cfg["chunk"], ranks, MemoryFit(lambda line: print(line, flush=True)),
+                    progress=not cfg["no_progress"], on_update=on_update)
+    adv = AdvStore(cfg["save_adv"], y, idx.tolist(), data.batches) if cfg["save_adv"] else None
+    try:
+        evaluate(rows, cfg["attacks"], data, setting, engine, results, adv)
+        if cfg["checks"]:
+            run_checks(rows, data, results, setting, engine,
+                       Checks(cfg["checks_n"], cfg["checks_tol"], cfg["context_orders"]), attack_chunk)
+    except EvaluationError as e:
+        raise CLIError(str(e))
+    results.finished()
+    on_update()
+    if ranks is not None:
+        ranks.finish()
+    print_report(results, rows, cfg, setting)
+    return results
+
+
+def evaluate_model(model, x, y, head=None, **flags):
+    """The protocol on Python objects, for a notebook (hpmkit.api.evaluate): the base model `model`
+    (x in [0, 1] -> logits) and, if given, its head (hpm.attach(model) with a trained head, a DPNP
+    model, or a head checkpoint's path), on images x (N, C, H, W; float in [0, 1] or uint8) with
+    labels y (N,). flags: evaluate.py's flags by name (eps=8/255, version="paper", batch_size=64,
+    attacks="apgd-ce/mix,square", steps=10, contexts="image", attackers="1,8", checks=True, ...),
+    their defaults the command line's except n_examples (all of x) and out (no file; a path to
+    write and resume). Like hpm.attach, it freezes the models in place. Returns the results file's
+    contents (a dict)."""
+    models = object_models(model, head)
+    cfg, subset = object_config(flags, parse_args([]), VERSIONS, models, x, y)
+    models = Models(*(m.to(cfg["device"]) if isinstance(m, nn.Module) else m for m in models))
+    with OutLock(cfg["out"]) if cfg["out"] else contextlib.nullcontext():  # one run writes a file at a time
+        return run(cfg, models, subset).data
 
 
 def parse_args(argv=None):

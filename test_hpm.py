@@ -4341,6 +4341,46 @@ def test_pip_install_e_gives_hpm_and_hpmkit_anywhere_and_both_commands(tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1  # a command's exit status is the script's
 
 
+def test_the_python_api_evaluates_objects_as_the_command_line_evaluates_their_files(tmp_path):
+    """hpmkit.api.evaluate on the model object, its head loaded by hpmkit.api.load_head (or given as
+    the checkpoint's path), and the images as tensors (uint8, or float in [0, 1]) gives every row's
+    per-image results that evaluate.py gives on the same files; nothing is written without out."""
+    from hpmkit import api
+
+    paths = write_setup(tmp_path, quad_linear(), n=16)
+    flags = dict(steps=3, queries=10, attacks="apgd-ce/mix,flip/mix,square", eps=0.3, version="strong")
+    cli_argv = ["--steps", "3", "--queries", "10", "--attacks", flags["attacks"], "--eps", "0.3"]
+    expected = run_evaluate(paths, *cli_argv, "--out", str(tmp_path / "cli.json"))
+    with np.load(paths["data"]) as f:
+        x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+    base = torch.load(paths["model"], weights_only=False)
+    hpm_model = api.load_head(paths["head"], base)
+    assert isinstance(hpm_model, hpm.HPMClassifier) and not hpm_model.training
+    before = sorted(os.listdir(tmp_path))
+    for images, head in ((x, hpm_model), (x.float() / 255, paths["head"])):
+        got = api.evaluate(base, images, y, head=head, device="cpu", no_progress=True, **flags)
+        assert {n: r.per_image for n, r in rows_of(Results(got)).items()} == \
+            {n: r.per_image for n, r in rows_of(expected).items()}
+    assert sorted(os.listdir(tmp_path)) == before  # no file without out
+    api.evaluate(base, x, y, head=hpm_model, device="cpu", no_progress=True, out=str(tmp_path / "api.json"), **flags)
+    assert read_results(tmp_path / "api.json").row("hpm/batch").per_image == expected.row("hpm/batch").per_image
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda api, m, x, y: api.evaluate(m, x, y, stepz=3), TypeError, "unknown settings stepz"),
+    (lambda api, m, x, y: api.evaluate(m, x, y, data="d.npz"), TypeError, "unknown settings data"),
+    (lambda api, m, x, y: api.evaluate(m, x * 2.0, y), ValueError, r"must lie in \[0, 1\]"),
+    (lambda api, m, x, y: api.evaluate(m, x, y[:3]), ValueError, "integer labels of shape"),
+    (lambda api, m, x, y: api.evaluate(m, x, y, head=attach(quad_linear())), ValueError, "this very model"),
+])
+def test_the_python_api_refuses_what_it_cannot_evaluate_with_one_clear_error(call, error, message):
+    from hpmkit import api
+
+    x, y = quad_data(8)
+    with pytest.raises(error, match=message):
+        call(api, quad_linear(), x.float() / 255, y)
+
+
 # ==============================================================================================
 # The layout
 # ==============================================================================================

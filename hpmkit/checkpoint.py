@@ -10,6 +10,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -179,27 +180,72 @@ def check_base(ckpt, base, model_name, weights=None):
                        + "): a head only fits the model it was trained on")
 
 
-def load_models(cfg, ckpt, device):
-    """evaluate.py's models: (base model, HPM model or None, DPNP model or None, number of
-    classes), frozen, on device; cfg names the base model, ckpt (read_head) the head. The number
-    of classes is the head's; None for the base model alone, which needs no final nn.Linear
-    (count_classes reads it from its logits)."""
-    base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"], cfg["weights"])
-    hpm_model = dpnp_model = num_classes = None
+class Models(NamedTuple):
+    """What evaluate.py attacks: the base model, its HPM model (None: the base model alone) or DPNP
+    model, frozen, the number of classes (the head's; None for a base model alone, which needs no
+    final nn.Linear: count_classes reads it from its logits) and the head's type (HEAD_ARGS)."""
+    base: torch.nn.Module
+    hpm: torch.nn.Module = None
+    dpnp: torch.nn.Module = None
+    num_classes: int = None
+    head_type: str = None
+
+
+def attach_head(ckpt, base, model_name, weights=None):
+    """The checkpoint's head (read_head) on the base model, checked to be the one it was trained on:
+    an HPM model (also for "ncm": its mixer passes C_global alone) or a DPNP model."""
     try:
-        if ckpt is not None:
-            num_classes = find_classifier(base)[1].out_features
-        if ckpt is not None and ckpt["head_type"] == "dpnp":
-            dpnp_model = load_head(ckpt, dpnp.attach(base, alpha=ckpt["alpha"]))
-        elif ckpt is not None:  # "hpm", or "ncm" (an HPM head whose mixer passes C_global alone)
-            hpm_model = load_head(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
+        if ckpt["head_type"] == "dpnp":
+            model = load_head(ckpt, dpnp.attach(base, alpha=ckpt["alpha"]))
+        else:
+            model = load_head(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
     except ValueError as e:  # attach: no final nn.Linear
         raise CLIError(str(e))
-    if ckpt is not None:
-        check_base(ckpt, base, cfg["model"], cfg["weights"])
-    base, hpm_model, dpnp_model = (m if m is None else m.to(device).eval().requires_grad_(False)
-                                   for m in (base, hpm_model, dpnp_model))
-    return base, hpm_model, dpnp_model, num_classes
+    check_base(ckpt, base, model_name, weights)
+    return model
+
+
+def load_head_file(path, base_model):
+    """A head checkpoint of finetune.py on base_model (the Python API, hpmkit.api.load_head): the HPM
+    (or DPNP) model, frozen, in eval mode; one CLIError if the file is no head or the head was
+    fine-tuned on another model."""
+    model = attach_head(read_head(path), base_model, type(base_model).__name__)
+    return model.eval().requires_grad_(False)
+
+
+def load_models(cfg, ckpt, device):
+    """evaluate.py's models (Models), frozen, on device; cfg names the base model, ckpt (read_head)
+    the head."""
+    base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"], cfg["weights"])
+    if ckpt is None:
+        return Models(base.to(device).eval().requires_grad_(False))
+    head_model = attach_head(ckpt, base, cfg["model"], cfg["weights"]).to(device)
+    return with_head(base, head_model, ckpt["head_type"])
+
+
+def with_head(base, head_model, head_type):
+    """Models of a base model and its head's model (HPM or DPNP), both frozen."""
+    head_model.eval().requires_grad_(False)
+    dpnp_model = head_model if head_type == "dpnp" else None
+    return Models(base, None if dpnp_model else head_model, dpnp_model, find_classifier(base)[1].out_features,
+                  head_type)
+
+
+def object_models(base, head=None):
+    """The Python API's models: a base model object and its head, given as the model hpm.attach (or
+    dpnp.attach) made of it, or as a head checkpoint's path; frozen in place."""
+    if not isinstance(base, torch.nn.Module):
+        raise TypeError(f"the model must be an nn.Module (images in [0, 1] -> logits), got {type(base).__name__}")
+    base.eval().requires_grad_(False)
+    if head is None:
+        return Models(base)
+    if isinstance(head, (str, os.PathLike)):
+        ckpt = read_head(str(head))
+        return with_head(base, attach_head(ckpt, base, type(base).__name__), ckpt["head_type"])
+    if getattr(head, "base_model", None) is not base:
+        raise ValueError("the head must be hpm.attach(model) (or dpnp.attach(model)) of this very model, or a "
+                         "head checkpoint's path")
+    return with_head(base, head, "dpnp" if isinstance(head, dpnp.DPNPClassifier) else "hpm")
 
 
 @torch.no_grad()

@@ -269,9 +269,8 @@ class FixedBatches:
     def chunk(self, first, end):
         """Batches first..end-1 as a Chunk (float images on the device)."""
         a, b = self.batches[first][0], self.batches[end - 1][1]
-        x = self.x[a:b]
-        x = to_float(x, self.device) if x.dtype == torch.uint8 else x.to(self.device).float()
-        return Chunk(x, self.y[a:b].to(self.device), [e - s for s, e in self.batches[first:end]], a)
+        return Chunk(to_float(self.x[a:b], self.device), self.y[a:b].to(self.device),
+                     [e - s for s, e in self.batches[first:end]], a)
 
     def first(self, n):
         """The first n images, cut into the same fixed batches (the checks')."""

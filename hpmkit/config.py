@@ -13,7 +13,7 @@ from hpmkit.chunks import make_batches
 from hpmkit.cli import CLIError, check_device, check_eps, check_number, check_positive, check_seed
 from hpmkit.data import DATASETS, DEFAULT_EPS, OWN, check_labels, eps_line, load_data
 from hpmkit.files import check_out, sha256
-from hpmkit.models import check_model, code_file, code_identity, code_spec
+from hpmkit.models import check_model, code_file, code_identity, code_spec, fingerprint
 from hpmkit.ranks import world_size
 from hpmkit.results import Results
 
@@ -73,36 +73,13 @@ def resolve_config(args, versions):
     if cfg["dataset"] == OWN and args.data is None:
         raise CLIError("the head was fine-tuned on own data (--data without --dataset): pass its test set "
                        "as --data FILE.npz")
-    if cfg["dataset"] not in DATASETS and cfg["dataset"] != OWN:
-        raise CLIError(f"unknown dataset {cfg['dataset']!r}; choose from {', '.join(DATASETS)}")
-    cfg["threat_model"] = args.threat_model or (ckpt or {}).get("threat_model") or "Linf"
-    cfg["eps"] = args.eps if args.eps is not None else DEFAULT_EPS[cfg["threat_model"]][cfg["dataset"]]
-    if cfg["eps"] <= 0:
-        raise CLIError(f"--eps must be positive, got {cfg['eps']:g}")
-    check_eps(cfg["eps"], cfg["threat_model"])
-    cfg["batch_size"] = args.batch_size if args.batch_size is not None else int(
-        (ckpt or {}).get("batch_size") or 64)
     cfg["per_class"] = args.per_class if args.per_class is not None else (
         5 if cfg["dataset"] == "imagenet" and args.data is None else None)
-    version = versions[cfg["version"]]
-    cfg["steps"] = args.steps if args.steps is not None else version["steps"]
-    cfg["score_queries"], cfg["fixed_batch_square"] = version["score_queries"], version["fixed_batch_square"]
-    check_positive(batch_size=cfg["batch_size"], steps=cfg["steps"], queries=cfg["queries"],
-                   restarts=cfg["restarts"], checks_n=cfg["checks_n"], n_examples=cfg["n_examples"],
-                   per_class=cfg["per_class"])
-    cfg["attacks"] = parse_attacks(",".join(version["attacks"]) if args.attacks is None else args.attacks)
-    cfg["head_type"] = ckpt["head_type"] if ckpt is not None else None
-    ncm = cfg["head_type"] == "ncm"  # no batch prototypes: one context says it all
-    contexts = ("image" if ncm else "batch,image") if args.contexts is None else args.contexts
-    cfg["contexts"] = [c.strip() for c in contexts.split(",") if c.strip()]
-    if not cfg["contexts"] or not set(cfg["contexts"]) <= set(CONTEXTS):
-        raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {args.contexts!r}")
-    resolve_attackers(cfg, args, version)
-    check_seed(seed=cfg["seed"], subset_seed=cfg["subset_seed"])
-    if not 0 <= cfg["checks_tol"] < 1:
-        raise CLIError(f"--checks-tol is an accuracy difference in [0, 1), got {cfg['checks_tol']:g}")
+    resolve_settings(cfg, versions, ckpt)
     if cfg["save_adv"] and os.path.exists(cfg["save_adv"]) and not os.path.isdir(cfg["save_adv"]):
         raise CLIError(f"--save-adv {cfg['save_adv']} is a file; it names a folder for the images")
+    if cfg["save_adv"] and world_size() > 1:
+        raise CLIError("--save-adv works in one process only; run without torchrun to keep the images")
     cfg["head_sha256"] = sha256(args.head) if args.head else None
     cfg["model_sha256"] = model_sha256(cfg["model"])
     cfg["weights_sha256"] = sha256(cfg["weights"]) if cfg["weights"] else None
@@ -113,13 +90,86 @@ def resolve_config(args, versions):
     # --overwrite replaces a results file only: never an input, nor any other file
     inputs = [args.head, cfg["model"], args.data, args.save_adv, *code_inputs(cfg["model"], cfg["weights"])]
     check_out(cfg["out"], inputs, lambda path: Results.read(path) is not None, "results file of evaluate.py")
+    return cfg, ckpt
+
+
+def resolve_settings(cfg, versions, ckpt=None):
+    """The settings of cfg (the flags by name, its model and dataset resolved) that are no files, in
+    place, checked: the head's values (ckpt: its checkpoint, or just {"head_type": ...}) where the
+    flags leave them out, the version's, the dataset's eps, the device and the chunk."""
+    if cfg["dataset"] not in DATASETS and cfg["dataset"] != OWN:
+        raise CLIError(f"unknown dataset {cfg['dataset']!r}; choose from {', '.join(DATASETS)}")
+    cfg["threat_model"] = cfg["threat_model"] or (ckpt or {}).get("threat_model") or "Linf"
+    if cfg["eps"] is None:
+        cfg["eps"] = DEFAULT_EPS[cfg["threat_model"]][cfg["dataset"]]
+    if cfg["eps"] <= 0:
+        raise CLIError(f"--eps must be positive, got {cfg['eps']:g}")
+    check_eps(cfg["eps"], cfg["threat_model"])
+    if cfg["batch_size"] is None:
+        cfg["batch_size"] = int((ckpt or {}).get("batch_size") or 64)
+    version = versions[cfg["version"]]
+    if cfg["steps"] is None:
+        cfg["steps"] = version["steps"]
+    cfg["score_queries"], cfg["fixed_batch_square"] = version["score_queries"], version["fixed_batch_square"]
+    check_positive(batch_size=cfg["batch_size"], steps=cfg["steps"], queries=cfg["queries"],
+                   restarts=cfg["restarts"], checks_n=cfg["checks_n"], n_examples=cfg["n_examples"],
+                   per_class=cfg["per_class"])
+    given = cfg["attacks"]
+    cfg["attacks"] = parse_attacks(",".join(version["attacks"]) if given is None else given)
+    cfg["head_type"] = None if ckpt is None else ckpt["head_type"]
+    ncm = cfg["head_type"] == "ncm"  # no batch prototypes: one context says it all
+    contexts = ("image" if ncm else "batch,image") if cfg["contexts"] is None else cfg["contexts"]
+    cfg["contexts"] = [c.strip() for c in contexts.split(",") if c.strip()]
+    if not cfg["contexts"] or not set(cfg["contexts"]) <= set(CONTEXTS):
+        raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {contexts!r}")
+    resolve_attackers(cfg, given, version)
+    check_seed(seed=cfg["seed"], subset_seed=cfg["subset_seed"])
+    if not 0 <= cfg["checks_tol"] < 1:
+        raise CLIError(f"--checks-tol is an accuracy difference in [0, 1), got {cfg['checks_tol']:g}")
     cfg["device"] = check_device(cfg["device"])
     if cfg["chunk"] is None:
         cfg["chunk"] = DEFAULT_CHUNK.get(cfg["device"].type, DEFAULT_CHUNK["cpu"])
     check_positive(chunk=cfg["chunk"])
-    if cfg["save_adv"] and world_size() > 1:
-        raise CLIError("--save-adv works in one process only; run without torchrun to keep the images")
-    return cfg, ckpt
+
+
+def object_config(flags, args, versions, models, x, y):
+    """The Python API's settings and fixed subset (evaluate.py's evaluate_model): flags by name over
+    the command line's defaults (args: evaluate.parse_args([])), checked as resolve_config checks
+    them, with the objects identified by their contents (fingerprints) for a results file to
+    resume; n_examples defaults to all of x. Returns (cfg, (x, y, indices, len(x)))."""
+    objects = {"head", "model", "data", "weights", "data_dir", "model_dir", "per_class"}  # (files, or given)
+    unknown = sorted(set(flags) - set(vars(args)) | set(flags) & objects)
+    if unknown:
+        raise TypeError(f"unknown settings {', '.join(unknown)}: the model, its head and the images are "
+                        f"arguments; the settings are evaluate.py's flags by name ({', '.join(sorted(set(vars(args)) - objects))})")
+    cfg = {**vars(args), **flags}
+    x, y = checked_tensors(x, y)
+    cfg.update(model=f"{type(models.base).__name__} (a Python object)", weights=None, head=None, data=None,
+               dataset=cfg["dataset"] or OWN, per_class=None)
+    resolve_settings(cfg, versions, None if models.head_type is None else {"head_type": models.head_type})
+    head = models.hpm or models.dpnp
+    cfg.update(model_sha256=fingerprint(models.base.state_dict()), weights_sha256=None,
+               head_sha256=None if head is None else fingerprint(head.head.state_dict()),
+               data_sha256=fingerprint({"x": x, "y": y}))
+    idx = select_subset(len(y), len(y) if cfg["n_examples"] is None else cfg["n_examples"], cfg["subset_seed"])
+    cfg["n_examples"] = len(idx)
+    if cfg["out"]:
+        check_out(cfg["out"], [], lambda path: Results.read(path) is not None, "results file of evaluate.py")
+    return cfg, (x[idx], y[idx], idx, len(y))
+
+
+def checked_tensors(x, y):
+    """Images (N, C, H, W), uint8 or float in [0, 1], and integer labels (N,) on the CPU, else one
+    ValueError saying what they are."""
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if x.dim() != 4 or not (x.dtype == torch.uint8 or x.is_floating_point()):
+        raise ValueError(f"x must be images (N, C, H, W), uint8 or float in [0, 1]; got {x.dtype} {tuple(x.shape)}")
+    if x.is_floating_point() and not (x.min() >= 0 and x.max() <= 1):
+        raise ValueError(f"x must lie in [0, 1] (the models take images in [0, 1]); got [{float(x.min()):g}, "
+                         f"{float(x.max()):g}]")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or tuple(y.shape) != (len(x),) or len(x) == 0:
+        raise ValueError(f"y must be integer labels of shape ({len(x)},); got {y.dtype} {tuple(y.shape)}")
+    return x.detach().cpu(), y.detach().cpu().long()
 
 
 def head_weights(args, ckpt):
@@ -184,11 +234,12 @@ def finetune_settings(args, defaults, official_attack):
     return argparse.Namespace(**s)
 
 
-def resolve_attackers(cfg, args, version):
+def resolve_attackers(cfg, attacks, version):
     """--attackers K[,K...] and --attacker-eps E (K of B, attackers.py), checked: each K in [1, B),
     an HPM head with batch prototypes, E in (0, 1] under L-inf (1: any image), E > 0 under L2.
-    The rows run the version's attacker attacks unless --attacks names its own."""
-    text = getattr(args, "attackers", None)
+    The rows run the version's attacker attacks unless --attacks (`attacks`, None: not given)
+    names its own."""
+    text = cfg.get("attackers")
     cfg["attackers"] = []
     if text is not None:
         try:
@@ -206,11 +257,11 @@ def resolve_attackers(cfg, args, version):
             raise CLIError("--attackers needs an HPM head: " + ("a base model alone" if cfg["head_type"] is None
                            else f"a {cfg['head_type']} head") + " has no batch context, so nobody's images "
                            "change anyone else's label")
-    E = getattr(args, "attacker_eps", None)
+    E = cfg.get("attacker_eps")
     cfg["attacker_eps"] = cfg["eps"] if E is None else E
     if not (cfg["attacker_eps"] > 0 and (cfg["threat_model"] != "Linf" or cfg["attacker_eps"] <= 1)):
         raise CLIError(f"--attacker-eps must lie in (0, 1] (L-inf: 1 is any image), got {cfg['attacker_eps']:g}")
-    if cfg["attackers"] and args.attacks is None:
+    if cfg["attackers"] and attacks is None:
         cfg["attacks"] = parse_attacks(",".join(version["attacks"] + ATTACKER_ATTACKS))
 
 
@@ -251,7 +302,7 @@ def open_results(cfg, n):
     keeps the attacks it finished: its config names them with this run's (the union, in the
     canonical order)."""
     out = cfg["out"]
-    if not os.path.exists(out) or cfg["overwrite"]:
+    if not out or not os.path.exists(out) or cfg["overwrite"]:
         return Results()
     results = Results.read(out)  # (resolve_config refused any other file at --out)
     old = results.config

@@ -128,9 +128,12 @@ def check_labels(y, num_classes, where):
                        f"found range [{int(y.min())}, {int(y.max())}]")
 
 
-def to_float(x_uint8, device):
-    """uint8 images -> float in [0, 1] on the device (per batch, to keep host memory small)."""
-    return x_uint8.to(device, non_blocking=True).float().div_(255)
+def to_float(x, device):
+    """Images as float in [0, 1] on the device: uint8 ones divided by 255 (per batch, to keep host
+    memory small); float ones (the Python API's) as they are."""
+    if x.dtype != torch.uint8:
+        return x.to(device).float()
+    return x.to(device, non_blocking=True).float().div_(255)
 
 
 def random_crop_flip(x, generator, pad=4):

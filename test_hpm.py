@@ -25,6 +25,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -4260,6 +4261,127 @@ def test_the_theory_run_writes_its_figures_and_its_numbers_hold_together(quick, 
     for key, a in summary["attack"].items():
         assert 0 <= a["abs_cos_gamma"]["q25"] <= a["abs_cos_gamma"]["median"] <= a["abs_cos_gamma"]["q75"] <= 1
     assert summary["paper_fig3_cdf"]["0.1"] == pytest.approx(theory.cdf_empirical(0.1, theory.PAPER_RESNET50))
+
+
+def made_up_study_runs():
+    """Four made-up settings: a batch context at exactly 0%, and two controls without one (one of
+    them at 0% per image). Each run's results answer rows() as hpmkit.results.Results does."""
+    def results(batch, image):
+        rows = {"base": SimpleNamespace(clean=0.9, worst_case=0.6), "hpm/image": SimpleNamespace(clean=0.9, worst_case=image)}
+        if batch is not None:
+            rows["hpm/batch"] = SimpleNamespace(clean=0.9, worst_case=batch)
+        return SimpleNamespace(rows=lambda: rows)
+
+    return [{"name": "average/ste/ema/official", "results": results(0.3, 0.66)},
+            {"name": "global/fc/fixed/official", "results": results(0.0, 0.5)},
+            {"name": "ncm", "results": results(None, 0.52)}, {"name": "dpnp", "results": results(None, 0.0)}]
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    """Every figure of the experiments, drawn from small made-up data (untrained LeNets++ for Adv-DPNP's):
+    {name: (Figure, the renderer it was drawn with; the extents below are in its pixels)}."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from hpmkit import theory
+
+    out = tmp_path_factory.mktemp("figures")
+    rng = np.random.default_rng(0)
+    cs = np.linspace(0, 1, 11)
+    paper = {"stats": theory.PAPER_RESNET50, "c": cs.tolist(), "model": cs.tolist()}
+    angles = {w: (rng.uniform(0.5, 1.5, 20), rng.uniform(1.3, 2.0, 180)) for w in ("c", "d")}
+    attack = {key: {"abs_cos_gamma": rng.uniform(0, 1, 20).tolist(), "S": rng.lognormal(-1, 1, 20).tolist()}
+              for key in ("fc/apgd", "fc/random", "l2/apgd", "l2/random")}
+    torch.manual_seed(0)
+    lenets = {"at": run_dpnp_mnist.LeNetsPP("fc").eval(), "dpnp": run_dpnp_mnist.LeNetsPP("dpnp").eval()}
+    x = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
+    figs = {
+        "theory fig2": run_theory.plot_fig2({d: (cs ** (1 / d)).tolist() for d in run_theory.DIMS}, len(cs)),
+        "theory fig3, paper": run_theory.plot_fig3(paper, "paper"),
+        "theory fig3, measured": run_theory.plot_fig3(dict(paper, empirical=cs.tolist(), angles=angles), "measured"),
+        "theory attack": run_theory.plot_attack(attack, 2),
+        "study": run_study.plot(made_up_study_runs(), out / "study.png", "made up"),
+        "mnist fig1": run_mnist.plot_fig1([0, 0.1, 0.3], {"fc": [0.9, 0.5, 0.0], "l2": [0.95, 0.6, 0.02]},
+                                          out / "fig1.png", "made up"),
+        "dpnp fig2": run_dpnp_mnist.plot(lenets, x, torch.arange(10), out / "fig2.png", "made up",
+                                         torch.device("cpu")),
+    }
+    for name, fig in figs.items():
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()  # laid out as when saved
+        figs[name] = fig, canvas.get_renderer()
+    return figs
+
+
+def legends_of(fig):
+    return fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+
+
+def test_every_panel_of_every_figure_has_both_axis_labels_and_a_title(figures):
+    for name, (fig, _) in figures.items():
+        for ax in fig.axes:
+            assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), (name, ax.get_title())
+
+
+def test_every_legend_is_legible_and_lies_outside_the_data_and_inside_the_image(figures):
+    for name, (fig, renderer) in figures.items():
+        assert legends_of(fig), name
+        for legend in legends_of(fig):
+            assert all(t.get_fontsize() >= 8 for t in legend.get_texts()), name
+            box = legend.get_window_extent(renderer)
+            assert not any(box.overlaps(ax.bbox) for ax in fig.axes), name  # over no axes' data area
+            assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, name
+
+
+def test_no_title_axis_label_or_legend_overlaps_another_or_leaves_the_image(figures):
+    for name, (fig, renderer) in figures.items():
+        texts = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+        texts += [fig._suptitle] if fig._suptitle is not None else []
+        boxes = [t.get_window_extent(renderer) for t in texts if t.get_text()]
+        boxes += [legend.get_window_extent(renderer) for legend in legends_of(fig)]
+        for i, box in enumerate(boxes):
+            assert fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1, (name, i)
+            assert fig.bbox.y0 - 1 <= box.y0 and box.y1 <= fig.bbox.y1 + 1, (name, i)
+            assert not any(box.overlaps(other) for other in boxes[i + 1:]), (name, i)
+
+
+def test_the_study_plot_tells_a_worst_case_of_0_from_not_applicable(figures):
+    """A 0% worst case is a bar labelled "0.0%"; a setting without a batch context has no bar, only
+    the text "n/a" (the batch-context bars sit 0.2 above each setting's line, the per-image 0.2 below)."""
+    ax = figures["study"][0].axes[0]
+    bars = {round(b.get_y() + b.get_height() / 2, 3): b.get_width() for c in ax.containers for b in c}
+    texts = {round(t.get_position()[1], 3): t.get_text() for t in ax.texts}
+    assert bars[0.8] == 0 and texts[0.8] == "0.0%"  # global/fc/fixed/official, batch context: 0%
+    assert bars[3.2] == 0 and texts[3.2] == "0.0%"  # dpnp, per image: 0%
+    for y in (1.8, 2.8):  # ncm and dpnp, batch context: not applicable
+        assert y not in bars and texts[y].startswith("n/a")
+    assert sorted(bars) == [-0.2, 0.2, 0.8, 1.2, 2.2, 3.2]
+
+
+def test_the_attack_side_measures_exactly_the_images_the_attack_fools():
+    """APGD's perturb returns an image unchanged unless it fools it: a zero perturbation with no
+    direction, once drawn as a spike at |cos gamma| = 0 and S = 0. Each model's counts are the
+    images classified right and then wrong, recounted here, and every measured perturbation moves
+    the feature."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    torch.manual_seed(0)
+    models = {"fc": common.SmallCNN("fc").eval(), "l2": common.SmallCNN("l2").eval()}
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        predicted = {k: m(x).argmax(1) for k, m in models.items()}
+    y = torch.cat([predicted["l2"][:6], predicted["fc"][6:]])  # labels each model gets partly right
+    fooled = {}
+    for k, m in models.items():
+        x_adv = APGDAttack(m, n_iter=2, norm="Linf", eps=common.EPS, seed=0, loss="ce", device=x.device).perturb(x, y)
+        with torch.no_grad():
+            fooled[k] = int(((predicted[k] == y) & (m(x_adv).argmax(1) != y)).sum())
+        assert 0 < fooled[k] < 16, k
+    assert 0 < fooled["fc"] < int((predicted["fc"] == y).sum())  # also an image right and not fooled
+    attack = run_theory.attack_side(models["fc"], models["l2"], x, y, 2, 0)
+    for key, a in attack.items():
+        assert len(a["S"]) == len(a["abs_cos_gamma"]) == fooled[key.split("/")[0]], key
+        assert min(a["S"]) > 0 and min(a["abs_cos_gamma"]) > 0, key
 
 
 # ==============================================================================================

@@ -111,37 +111,40 @@ def accuracy(model, x, y, eps, steps, device):
 
 
 def plot(models, x, y, path, note, device):
-    """One panel per model: clean features (dots), PGD features (crosses), prototypes (stars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One panel per model: clean features (dots), PGD features (crosses), prototypes or classifier
+    directions (stars), coloured by digit; one legend below the panels. Saved to path; returns the Figure."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     xf, yd = x.to(device).float().div(255), y.to(device)
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.6))
-    colors = plt.get_cmap("tab10")
+    fig = Figure(figsize=(5 * len(models), 5.4), layout="constrained")  # keeps the legend in the image
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    colors = [f"C{c}" for c in range(10)]  # tab10: one colour per digit
     for ax, (kind, model) in zip(axes, models.items()):
         x_adv = pgd(model, xf, yd, EPS, 10)
         with torch.no_grad():
             z, z_adv = model.features(xf).cpu(), model.features(x_adv).cpu()
         for c in range(10):
             m = y == c
-            ax.scatter(z[m, 0], z[m, 1], s=3, color=colors(c), alpha=0.6)
-            ax.scatter(z_adv[m, 0], z_adv[m, 1], s=8, color=colors(c), marker="x", alpha=0.5)
+            ax.scatter(z[m, 0], z[m, 1], s=3, color=colors[c], alpha=0.6)
+            ax.scatter(z_adv[m, 0], z_adv[m, 1], s=8, color=colors[c], marker="x", alpha=0.5)
         if kind == "dpnp":
             C = model.classifier.prototypes.detach().cpu()
-            ax.scatter(C[:, 0], C[:, 1], s=160, c=[colors(c) for c in range(10)], marker="*",
-                       edgecolors="black", label="prototypes")
         else:  # a linear classifier: its weight directions, scaled to the features' spread
-            W = F.normalize(model.classifier.weight.detach().cpu(), dim=1) * z.norm(dim=1).quantile(0.9)
-            ax.scatter(W[:, 0], W[:, 1], s=160, c=[colors(c) for c in range(10)], marker="*",
-                       edgecolors="black", label="classifier directions")
-        ax.set_title({"at": "adversarial training (CE)", "dpnp": "Adv-DPNP"}[kind], fontsize=10)
-        ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"MNIST, LeNets++ 2-D features: clean (dots) and PGD (crosses)\n{note}", fontsize=9)
-    fig.tight_layout()
+            C = F.normalize(model.classifier.weight.detach().cpu(), dim=1) * z.norm(dim=1).quantile(0.9)
+        ax.scatter(C[:, 0], C[:, 1], s=160, c=colors, marker="*", edgecolors="black")
+        ax.set_title({"at": "adversarial training (CE)\nstars: FC weight directions, scaled to the features",
+                      "dpnp": "Adv-DPNP\nstars: the learned prototypes"}[kind], fontsize=10)
+        ax.set(xlabel="feature z_1 (no unit)", ylabel="feature z_2 (no unit)")
+    marks = [Line2D([], [], color="gray", marker=m, linestyle="", markersize=s, label=label)
+             for m, s, label in (("o", 4, "clean image"), ("x", 6, f"PGD-10 image (eps {EPS})"),
+                                 ("*", 12, "prototype / weight direction"))]
+    digits = [Patch(color=colors[c], label=f"digit {c}") for c in range(10)]
+    fig.legend(handles=marks + digits, loc="outside lower center", ncol=7, fontsize=8)
+    fig.suptitle(f"MNIST, LeNets++ 2-D features of held-out images\n{note}", fontsize=10)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(args):

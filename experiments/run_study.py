@@ -91,16 +91,15 @@ def table(runs):
 
 
 def plot(runs, path, note):
-    """Worst case of HPM in both contexts per setting, against the base model's; a setting without
-    a batch context (a control) is marked "n/a", apart from a bar at 0%."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Worst case of HPM in both contexts per setting, against the base model's; each bar carries
+    its value, so a worst case of 0% reads "0.0%", and a setting without a batch context (a control)
+    reads "n/a" with no bar. Saved to path; returns the Figure."""
+    from matplotlib.figure import Figure
 
     names = [r["name"] for r in runs]
     ys = range(len(runs))
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(runs) + 2.2))
+    fig = Figure(figsize=(8, 0.34 * len(runs) + 2.4), layout="constrained")  # keeps the legend in the image
+    ax = fig.add_subplot()
     for offset, ctx, color, label in ((-0.2, "hpm/batch", "tab:red", "HPM, batch context"),
                                       (0.2, "hpm/image", "tab:blue", "HPM, per image (a control: its head)")):
         values = [row(r["results"], ctx) for r in runs]
@@ -108,20 +107,22 @@ def plot(runs, path, note):
                 [100 * v.worst_case for v in values if v is not None], height=0.4, color=color, label=label)
         for y, v in zip(ys, values):
             if v is None:  # not applicable: no such row, which is not a worst case of 0%
-                ax.text(1, y + offset, "n/a (no batch context)", va="center", fontsize=6, color="dimgray")
+                ax.text(1, y + offset, "n/a (no batch context)", va="center", fontsize=8, color="dimgray",
+                        style="italic")
+            else:
+                ax.text(100 * v.worst_case + 0.5, y + offset, f"{100 * v.worst_case:.1f}%", va="center", fontsize=8,
+                        bbox=dict(facecolor="white", edgecolor="none", pad=0.3))  # legible over the base line
     base = 100 * row(runs[0]["results"], "base").worst_case
     ax.axvline(base, color="black", linestyle="--", label=f"base model ({base:.1f}%)")
-    ax.set_yticks(list(ys), names, fontsize=7)
+    ax.set_yticks(list(ys), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("worst-case robust accuracy (%)")
-    ax.set_ylabel("fine-tuning setting")
+    ax.set_ylabel("fine-tuning setting, or a control head")
     ax.set_title(f"MNIST miniature: HPM fine-tuning settings\n{note}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(runs)), ncol=3,
-              frameon=False)  # below the axes: never over a bar
-    fig.tight_layout()
+    fig.legend(fontsize=8, loc="outside lower center", ncol=3, frameon=False)  # below the axes: never over a bar
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(args):

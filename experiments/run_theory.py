@@ -1,6 +1,6 @@
 """The paper's sensitivity analysis (Eq. 3-13, Figures 2 and 3), computed and measured on our models.
 
-    python -m experiments.run_theory            # after experiments.run_mnist (reads runs/mnist); ~1 min
+    python -m experiments.run_theory            # after experiments.run_mnist (reads runs/mnist); ~2.5 min
     python -m experiments.run_theory --quick --mnist-run /tmp/mnist --out-dir /tmp/theory   # the tests' run
 
 Writes into --out-dir (default runs/theory):
@@ -12,9 +12,10 @@ Writes into --out-dir (default runs/theory):
   reference vector (FC weight row / l2 prototype) and the others', their fitted Eq. 12 mixtures,
   and the modelled (Eq. 13) versus empirical CDF of |cos theta_c| / |sin theta_d| (the two angles
   of the same image and class).
-- attack.png: APGD-CE (AutoAttack) adversarial examples on the FC model and on the l2 model: the
-  feature perturbation's |cos gamma| to the true class's reference vector, and the measured S_c
-  (Eq. 3) and S_d (Eq. 4), against a random perturbation of the same size.
+- attack.png: APGD-CE (AutoAttack) adversarial examples on the FC model and on the l2 model, on the
+  images the attack fools: the feature perturbation's |cos gamma| to the true class's reference
+  vector, and the measured S_c (Eq. 3) and S_d (Eq. 4), against a random corner of the eps-ball
+  on the same images.
 - theory.json and theory.md: every number above.
 Not the paper's setting (ImageNet ResNet-50): ours, on what this project can run.
 """
@@ -54,19 +55,27 @@ def fit_stats(pos, neg, k):
 
 def attack_side(fc, l2, x, y, steps, seed):
     """For APGD-CE examples on each model: |cos gamma| of the feature perturbation to the true
-    class's reference vector, S_c (FC) or S_d (l2), and the same for random signed perturbations."""
+    class's reference vector, S_c (FC) or S_d (l2), and the same for random signed perturbations.
+
+    Measured on the images the attack fools (classified right, then wrong): APGD's perturb attacks
+    only the images classified right and keeps only the examples that fool, so every other image
+    comes back unchanged; its zero perturbation has no direction (counted, such images drew a
+    spike at |cos gamma| = 0 and S = 0)."""
     from pyautoattack.autopgd_base import APGDAttack
 
     out = {}
     for name, model in (("fc", fc), ("l2", l2)):
         x_adv = APGDAttack(model, n_iter=steps, norm="Linf", eps=EPS, seed=seed, loss="ce",
                            device=x.device).perturb(x, y).detach()
-        x_rand = (x + EPS * torch.randint_like(x, 0, 2).mul(2).sub(1)).clamp(0, 1)  # a corner of the ball
         with torch.no_grad():
-            z, zs = model.features(x).double().numpy(), {k: model.features(v).double().numpy()
-                                                          for k, v in (("apgd", x_adv), ("random", x_rand))}
+            fooled = (model(x).argmax(1) == y) & (model(x_adv).argmax(1) != y)
+        x_0, x_adv, y_0 = x[fooled], x_adv[fooled], y[fooled]
+        x_rand = (x_0 + EPS * torch.randint_like(x_0, 0, 2).mul(2).sub(1)).clamp(0, 1)  # a corner of the ball
+        with torch.no_grad():
+            z, zs = model.features(x_0).double().numpy(), {k: model.features(v).double().numpy()
+                                                            for k, v in (("apgd", x_adv), ("random", x_rand))}
         refs = (model.classifier.weight if name == "fc" else model.classifier.prototypes).detach().double().numpy()
-        w = refs[y.numpy()]  # (n, D) the true class's reference vector
+        w = refs[y_0.numpy()]  # (n, D) the true class's reference vector
         for kind, z_adv in zs.items():
             dz = z_adv - z
             cos_g = np.abs((dz * w).sum(1)) / (np.linalg.norm(dz, axis=1) * np.linalg.norm(w, axis=1) + 1e-12)
@@ -83,54 +92,95 @@ def quantiles(v):
     return {q: float(np.quantile(v, p)) for q, p in (("q25", 0.25), ("median", 0.5), ("q75", 0.75))}
 
 
-def plot(out_dir, fig2, paper, mnist, attack, grid):
-    import matplotlib
+def figure(width, height):
+    """A matplotlib Figure outside pyplot (nothing to close; a test can inspect it), laid out by
+    constrained layout so that legends placed outside the axes stay inside the image."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return Figure(figsize=(width, height), layout="constrained")
 
+
+def plot_fig2(fig2, grid):
+    """Fig. 2: F_X(c) against c for several feature dimensions d (Eq. 9); the legend right of the axes."""
+    fig = figure(6.2, 3.8)
+    ax = fig.add_subplot()
     cs = np.linspace(0, 1, grid)
-    fig, ax = plt.subplots(figsize=(5, 3.6))
     for d, curve in fig2.items():
         ax.plot(cs, curve, label=f"d = {d}")
-    ax.set(xlabel="|cos gamma|", ylabel="F_X(|cos gamma|)", title="Fig. 2: isotropic directions (Eq. 9)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "fig2.png", dpi=120)
-    plt.close(fig)
+    ax.set(xlabel="c = |cos γ| (no unit)", ylabel="F_X(c) = P(|cos θ_c| / |sin θ_d| ≤ c)",
+           title="Fig. 2: directions uniform on the sphere in R^d (Eq. 9)")
+    ax.legend(title="feature dim.", fontsize=9, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return fig
 
-    for name, data in (("fig3_paper.png", paper), ("fig3_mnist.png", mnist)):
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-        t = np.linspace(0, math.pi, 721)
-        for ax, which, label in ((axes[0], "c", "FC (theta_c)"), (axes[1], "d", "l2 (theta_d)")):
-            if "angles" in data:
-                pos, neg = data["angles"][which]
-                ax.hist(np.degrees(neg), bins=60, density=True, alpha=0.4, label="others (measured)")
-                ax.hist(np.degrees(pos), bins=60, density=True, alpha=0.4, label="own class (measured)")
-            a, mp, sp, mn, sn = data["stats"][which]
-            ax.plot(np.degrees(t), theory.truncated_normal_pdf(t, mp, sp) * math.pi / 180, label="Eq. 12 +")
-            ax.plot(np.degrees(t), theory.truncated_normal_pdf(t, mn, sn) * math.pi / 180, label="Eq. 12 -")
-            ax.set(xlabel="angle (degrees)", title=label)
-            ax.legend(fontsize=6)
-        axes[2].plot(data["c"], data["model"], label="modelled (Eq. 13)")
-        if "empirical" in data:
-            axes[2].plot(data["c"], data["empirical"], "--", label="empirical")
-        axes[2].set(xlabel="c", ylabel="P(|cos theta_c| / |sin theta_d| <= c)", title="CDF")
-        axes[2].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+def plot_fig3(data, title):
+    """Fig. 3: the Eq. 12 densities of theta_c and theta_d (with the measured angles where data has
+    them) and Eq. 13's CDF (with the empirical one); one legend below the three panels."""
+    fig = figure(13, 4.6)
+    axes = fig.subplots(1, 3)
+    t = np.linspace(0, math.pi, 721)
+    for ax, which, name in ((axes[0], "c", "FC classifier\nθ_c: angle of z to the FC weight rows"),
+                            (axes[1], "d", "l2 classifier\nθ_d: angle of z to the prototypes")):
+        if "angles" in data:
+            pos, neg = data["angles"][which]
+            ax.hist(np.degrees(pos), bins=60, density=True, alpha=0.4, color="tab:orange",
+                    label="own class, measured")
+            ax.hist(np.degrees(neg), bins=60, density=True, alpha=0.4, color="tab:blue",
+                    label="other classes, measured")
+        a, mp, sp, mn, sn = data["stats"][which]
+        # the densities are per radian; the axis is in degrees
+        ax.plot(np.degrees(t), theory.truncated_normal_pdf(t, mp, sp) * math.pi / 180, color="tab:red",
+                label="Eq. 12, own class (μ+, σ+)")
+        ax.plot(np.degrees(t), theory.truncated_normal_pdf(t, mn, sn) * math.pi / 180, color="tab:green",
+                label="Eq. 12, other classes (μ-, σ-)")
+        ax.set(xlabel="angle (degrees)", ylabel="density (per degree)", title=name, xlim=(0, 180))
+    axes[2].plot(data["c"], data["model"], color="black", label="Eq. 13, modelled")
+    if "empirical" in data:
+        axes[2].plot(data["c"], data["empirical"], "--", color="tab:purple",
+                     label="measured ratio (same image and class)")
+    axes[2].set(xlabel="c (no unit)", ylabel="P(|cos θ_c| / |sin θ_d| ≤ c)", ylim=(0, 1.02),
+                title="FC against l2\nEq. 13: CDF of |cos θ_c| / |sin θ_d|")
+    handles, labels = axes[0].get_legend_handles_labels()
+    more = axes[2].get_legend_handles_labels()
+    fig.legend(handles + more[0], labels + more[1], loc="outside lower center", ncol=3, fontsize=9)
+    fig.suptitle(title)
+    return fig
+
+
+ATTACK_LABELS = {"fc/apgd": "FC, APGD-CE", "fc/random": "FC, random corner of the eps-ball",
+                 "l2/apgd": "l2, APGD-CE", "l2/random": "l2, random corner of the eps-ball"}
+
+
+def plot_attack(attack, steps):
+    """Histograms of |cos gamma| and of S (log scale) for each model and perturbation; the legend below."""
+    fig = figure(10, 4.4)
+    axes = fig.subplots(1, 2)
+    s_all = np.concatenate([a["S"] for a in attack.values()])
+    s_bins = np.geomspace(s_all[s_all > 0].min(), s_all.max(), 41)
     for key, a in attack.items():
-        axes[0].hist(a["abs_cos_gamma"], bins=40, range=(0, 1), histtype="step", label=key)
-        axes[1].hist(np.log10(np.maximum(a["S"], 1e-6)), bins=40, histtype="step", label=key)
-    axes[0].set(xlabel="|cos gamma| (feature perturbation vs true class's reference)", title="attack side")
-    axes[1].set(xlabel="log10 S (Eq. 3 for fc, Eq. 4 for l2)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "attack.png", dpi=110)
-    plt.close(fig)
+        axes[0].hist(a["abs_cos_gamma"], bins=40, range=(0, 1), histtype="step", label=ATTACK_LABELS.get(key, key))
+        axes[1].hist(a["S"], bins=s_bins, histtype="step")
+    axes[0].set(xlabel="|cos γ| (no unit)", ylabel="images",
+                title="alignment of Δz with\nthe true class's reference vector")
+    axes[1].set(xscale="log", xlabel="S (relative change of the true class's logit, no unit)", ylabel="images",
+                title="sensitivity\nS_c (Eq. 3) for FC, S_d (Eq. 4) for l2")
+    fig.legend(loc="outside lower center", ncol=2, fontsize=9)
+    n = {key.split("/")[0]: len(a["S"]) for key, a in attack.items()}
+    fig.suptitle(f"The attack's side: APGD-CE ({steps} steps) against a random corner of the eps-ball (eps {EPS})\n"
+                 f"on the held-out images the attack fools ({n.get('fc')} on FC, {n.get('l2')} on l2)")
+    return fig
+
+
+def plot(out_dir, fig2, paper, mnist, attack, cfg):
+    """Every figure, saved into out_dir."""
+    n = len(mnist["angles"]["c"][0])
+    for name, fig in (("fig2.png", plot_fig2(fig2, cfg["grid"])),
+                      ("fig3_paper.png", plot_fig3(paper, "Fig. 3 with the paper's ResNet-50 statistics "
+                                                          "(Section 3.4; α = 1/1000)")),
+                      ("fig3_mnist.png", plot_fig3(mnist, f"Fig. 3 measured on the MNIST miniature's two "
+                                                          f"normally trained CNNs ({n} held-out images)")),
+                      ("attack.png", plot_attack(attack, cfg["steps"]))):
+        fig.savefig(out_dir / name, dpi=120)
 
 
 def main(args):
@@ -164,7 +214,7 @@ def main(args):
              "empirical": [float((ratio <= c).mean()) for c in cs],
              "angles": {"c": (pos_c, neg_c), "d": (pos_d, neg_d)}}
     attack = attack_side(fc, l2, x, y, cfg["steps"], args.seed)
-    plot(out, fig2, paper, mnist, attack, cfg["grid"])
+    plot(out, fig2, paper, mnist, attack, cfg)
 
     deg = {w: [round(math.degrees(v), 2) if i else round(v, 4) for i, v in enumerate(s)] for w, s in stats_.items()}
     summary = {
@@ -175,16 +225,17 @@ def main(args):
         "mnist_fitted_stats_degrees": deg, "mnist_n": int(len(y)), "mnist_feature_dim": int(z_c.shape[1]),
         "mnist_cdf": {str(c): {"model": theory.cdf_empirical(c, stats_), "empirical": float((ratio <= c).mean())}
                       for c in CS},
-        "attack": {key: {"abs_cos_gamma": quantiles(a["abs_cos_gamma"]), "S": quantiles(a["S"])}
+        "attack": {key: {"n": len(a["S"]), "abs_cos_gamma": quantiles(a["abs_cos_gamma"]), "S": quantiles(a["S"])}
                    for key, a in attack.items()},
     }
     (out / "theory.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = ["| d | " + " | ".join(f"c = {c}" for c in CS) + " |", "|---|" + "---:|" * len(CS)]
     lines += [f"| {d} | " + " | ".join(f"{table[d][c]:.4f}" for c in CS) + " |" for d in DIMS]
-    lines += ["", "| measured on | quantity | q25 | median | q75 |", "|---|---|---:|---:|---:|"]
+    lines += ["", "| measured on (images fooled) | quantity | q25 | median | q75 |", "|---|---|---:|---:|---:|"]
     for key, a in summary["attack"].items():
         for q in ("abs_cos_gamma", "S"):
-            lines.append(f"| {key} | {q} | " + " | ".join(f"{a[q][p]:.3g}" for p in ("q25", "median", "q75")) + " |")
+            lines.append(f"| {key} ({a['n']}) | {q} | " + " | ".join(f"{a[q][p]:.3g}" for p in ("q25", "median", "q75"))
+                         + " |")
     lines += ["", "| c | paper stats, Eq. 13 | MNIST, Eq. 13 fitted | MNIST, measured |", "|---:|---:|---:|---:|"]
     lines += [f"| {c} | {summary['paper_fig3_cdf'][str(c)]:.4f} | {summary['mnist_cdf'][str(c)]['model']:.4f} | "
               f"{summary['mnist_cdf'][str(c)]['empirical']:.4f} |" for c in CS]

@@ -27,7 +27,8 @@ Read top to bottom:
 
 The subset (25% of the test set, as in the paper) is cut into fixed consecutive batches of the
 head's fine-tuning batch size; an image is robust only if correct clean and under every attack.
-The results JSON is rewritten after every chunk; the same command resumes. The machinery
+The results JSON is rewritten after every chunk; the same command resumes. When the run ends,
+OUT.md (the final tables) and OUT.png (every row's accuracy per attack) are written beside it. The machinery
 (chunks, resume, torchrun, GPU memory, --compile) is in hpmkit/, one line here each.
 """
 import argparse

@@ -140,6 +140,8 @@ def attackers_table(results, rows, digits=1):
 
 def checks_table(results, rows, cfg):
     """The gradient-masking checks of every row, as a table (None: no checks ran)."""
+    if not cfg["checks"]:  # (RowResults.checks would add an empty entry to the results)
+        return None
     body = [[r.name, name, c["status"], c["detail"]] for r in rows
             for name, c in results.row(r.name).checks.items() if name != "runs"]
     title = (f"gradient-masking checks (first {min(cfg['checks_n'], results.subset['n'])} images of the subset; "
@@ -239,7 +241,7 @@ def print_report(results, rows, cfg, setting):
     """The final tables, the checks and where the results are."""
     print()
     print(format_tables(results, rows))
-    checks = checks_table(results, rows, cfg) if cfg["checks"] else None
+    checks = checks_table(results, rows, cfg)
     if checks is not None:
         print(f"\n{checks[0]}:")
         for row, name, status, detail in checks[2]:

@@ -28,8 +28,8 @@ Read top to bottom:
 The subset (25% of the test set, as in the paper) is cut into fixed consecutive batches of the
 head's fine-tuning batch size; an image is robust only if correct clean and under every attack.
 The results JSON is rewritten after every chunk; the same command resumes. When the run ends,
-OUT.md (the final tables) and OUT.png (every row's accuracy per attack) are written beside it. The machinery
-(chunks, resume, torchrun, GPU memory, --compile) is in hpmkit/, one line here each.
+OUT.md (the final tables) and OUT.png (every row's accuracy per attack) are written beside it.
+The machinery (chunks, resume, torchrun, GPU memory, --compile) is in hpmkit/, one line here each.
 """
 import argparse
 import contextlib
@@ -287,7 +287,7 @@ def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None, 
     todo = [(row, attack) for row in rows for attack in [None] + row.attacks(attacks)
             if not results.row(row.name).finished(attack.name if attack else "clean")]
 
-    def cost(i):  # backbone passes per image, as the images fooled so far leave the job
+    def cost(i):  # backbone passes per image now (target's copies: one per image still standing)
         row, attack = todo[i]
         if attack is None:
             return Cost(1)

@@ -28,8 +28,9 @@ Read top to bottom:
 
 The subset (25% of the test set, as in the paper) is cut into fixed consecutive batches of the
 head's fine-tuning batch size; an image is robust only if correct clean and under every attack.
-The results JSON is rewritten after every chunk; the same command resumes. The machinery
-(chunks, resume, torchrun, GPU memory, --compile) is in hpmkit/, one line here each.
+The results JSON is rewritten after every chunk; the same command resumes. When the run ends,
+OUT.md (the final tables) and OUT.png (every row's accuracy per attack) are written beside it.
+The machinery (chunks, resume, torchrun, GPU memory, --compile) is in hpmkit/, one line here each.
 """
 import argparse
 import contextlib
@@ -42,7 +43,7 @@ import torch.nn as nn
 
 from hpmkit.attackers import attacker_slots, put, run_slot_attack
 from hpmkit.attacks import QueryScorer, check_adv, fixed_prototype_logits, run_attack
-from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, check_classes
+from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, Cost, check_classes
 from hpmkit.checkpoint import Models, count_classes, load_models, object_models
 from hpmkit.checks import Checks, run_checks
 from hpmkit.chunks import ChunkResult, FixedBatches
@@ -52,10 +53,11 @@ from hpmkit.config import (DEFAULT_CHUNK, header_lines, identity, load_subset, o
 from hpmkit.data import DATASETS
 from hpmkit.files import OutLock
 from hpmkit.gpu import MemoryFit, compile_head
-from hpmkit.jobs import AdvStore, Engine, Job, run_job
+from hpmkit.jobs import AdvStore, Engine, Job, Plan, run_job
 from hpmkit.models import check_images
 from hpmkit.ranks import start_ranks
-from hpmkit.report import describe, print_header, print_report, square_note, version_line
+from hpmkit.report import (check_beside, describe, print_header, print_report, square_note, version_line,
+                           write_beside)
 from hpmkit.results import Results
 
 # The attacks each version runs on an HPM row ("kind/surrogate"; the base model runs each kind
@@ -274,22 +276,42 @@ class EvaluationError(Exception):
     """The models cannot be evaluated on these images (main says it in one line)."""
 
 
-def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None):
+def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None, classes=None):
     """Clean and robust accuracy of every row under `attacks` (names from the HPM list) on the
     fixed batches `data` (chunks.FixedBatches), attacked as `setting` (catalogue.Setting) says,
     run by `engine` (jobs.Engine: chunks, torchrun, GPU memory, progress). results: the
     results.Results to fill and resume from (finished batches are skipped); adv: a
-    jobs.AdvStore that keeps every attack's adversarial images (--save-adv). Returns results."""
+    jobs.AdvStore that keeps every attack's adversarial images (--save-adv); classes: the
+    model's number of classes (APGD-T's targets in the cost estimate; None: at most 9).
+    Prints the run's estimated cost, then a progress line after every job. Returns results."""
     engine = engine or Engine()
     results = Results() if results is None else results
+    todo = [(row, attack) for row in rows for attack in [None] + row.attacks(attacks)
+            if not results.row(row.name).finished(attack.name if attack else "clean")]
+
+    def cost(i):  # backbone passes per image now (target's copies: one per image still standing)
+        row, attack = todo[i]
+        if attack is None:
+            return Cost(1)
+        standing = results.row(row.name).worst_case
+        return attack.cost(setting, data.batch_size, classes, row.whole_batch(attack),
+                           1.0 if standing is None else standing)
+
+    plan = Plan([(row.name, attack.name if attack else "clean") for row, attack in todo], cost, len(data), engine)
+    w = max(len(row.name) for row in rows)  # (the rows' names aligned in the progress lines)
+    for line in plan.estimate():
+        engine.log(line)
     for row in rows:
         rr = results.row(row.name)
         if row.attackers:  # who holds which image: the per-image records split into own and benign
             rr.set_attacker_slots(attacker_slots([b - a for a, b in data.batches], row.attackers).int().tolist())
-        if rr.batches_done("clean") < len(data.batches):
-            run_job(rr, Job(row.name, "clean", lambda first, end: clean_chunk(row, data, first, end)),
+        clean_done = rr.finished("clean")
+        if not clean_done:
+            run_job(rr, Job(row.name, "clean", lambda first, end: clean_chunk(row, data, first, end), row.backbone),
                     data.batches, engine)
         rr.finish("clean")
+        if not clean_done:
+            engine.log(plan.line(f"{row.name:<{w}}  {'clean':<14} {rr.clean:7.2%}", rr.seconds("clean")))
 
         for attack in row.attacks(attacks):
             name = attack.name
@@ -316,15 +338,14 @@ def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None):
                 saver.finish()
             engine.updated()
             if row.attackers:  # K of B: the attacker's own images and the benign ones
-                engine.log(f"  {row.name:<10} {name:<18} own {rr.by_role(name, 'own'):7.2%}  benign "
-                           f"{rr.by_role(name, 'benign'):7.2%}   worst case own {rr.own:7.2%}  benign "
-                           f"{rr.benign:7.2%}   ({rr.seconds(name):.1f} s)")
+                found = (f"{row.name:<{w}}  {name:<18} own {rr.by_role(name, 'own'):7.2%}  benign "
+                         f"{rr.by_role(name, 'benign'):7.2%}   worst case own {rr.own:7.2%}  benign {rr.benign:7.2%}")
             else:
-                engine.log(f"  {row.name:<10} {name:<14} {rr.accuracy(name):7.2%}   worst case "
-                           f"{rr.worst_case:7.2%}   ({rr.seconds(name):.1f} s)")
+                found = f"{row.name:<{w}}  {name:<14} {rr.accuracy(name):7.2%}   worst case {rr.worst_case:7.2%}"
+            engine.log(plan.line(found, rr.seconds(name)))
             if counter.counts:  # one line per attack, not one warning per batch
                 rr.set_warnings(name, counter.summary())
-                engine.log(f"  {'':<10} {name:<14} AutoAttack warned: {counter.summary()}")
+                engine.log(f"{'':<{w + 10}}{name:<14} AutoAttack warned: {counter.summary()}")
     return results
 
 
@@ -333,6 +354,7 @@ def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None):
 def main(args):
     """Evaluate as the flags say; returns the results (a results.Results, also written to --out)."""
     cfg, ckpt = resolve_config(args, VERSIONS)
+    check_beside(cfg["out"])  # OUT.md and OUT.png: absent or evaluate.py's own
     ranks = start_ranks(cfg["out"], cfg["device"], cfg["overwrite"], {**identity(cfg), "chunk": cfg["chunk"]})
     if ranks is not None:  # torchrun: each process on its own GPU, one log (rank 0's)
         cfg["device"] = ranks.device
@@ -377,7 +399,7 @@ def run(cfg, models, subset, ranks=None, header=()):
     if num_classes is None:  # the base model alone: no final nn.Linear needed, its logits say
         num_classes = count_classes(base, x, y, device, cfg["data"] or cfg["dataset"])
     check_classes(cfg["attacks"], num_classes)
-    setting, banner = setting_of(cfg), version_line(cfg, VERSIONS[cfg["version"]])
+    setting, banner = setting_of(cfg), version_line(cfg, VERSIONS[cfg["version"]], rows)
     describe(results, cfg, setting, rows, idx, n_total, banner)
 
     def on_update():
@@ -394,7 +416,7 @@ def run(cfg, models, subset, ranks=None, header=()):
                     progress=not cfg["no_progress"], on_update=on_update)
     adv = AdvStore(cfg["save_adv"], y, idx.tolist(), data.batches) if cfg["save_adv"] else None
     try:
-        evaluate(rows, cfg["attacks"], data, setting, engine, results, adv)
+        evaluate(rows, cfg["attacks"], data, setting, engine, results, adv, num_classes)
         if cfg["checks"]:
             run_checks(rows, data, results, setting, engine,
                        Checks(cfg["checks_n"], cfg["checks_tol"], cfg["context_orders"]), attack_chunk)
@@ -404,6 +426,8 @@ def run(cfg, models, subset, ranks=None, header=()):
     on_update()
     if ranks is not None:
         ranks.finish()
+    if cfg["out"] and (ranks is None or ranks.rank == 0):
+        write_beside(results, rows, cfg)
     print_report(results, rows, cfg, setting)
     return results
 
@@ -419,6 +443,8 @@ def evaluate_model(model, x, y, head=None, **flags):
     contents (a dict)."""
     models = object_models(model, head)
     cfg, subset = object_config(flags, parse_args([]), VERSIONS, models, x, y)
+    if cfg["out"]:
+        check_beside(cfg["out"])
     models = Models(*(m.to(cfg["device"]) if isinstance(m, nn.Module) else m for m in models))
     with OutLock(cfg["out"]) if cfg["out"] else contextlib.nullcontext():  # one run writes a file at a time
         return run(cfg, models, subset).data

@@ -188,7 +188,7 @@ def train(model, x, y, epochs, batch_size, device, desc, at_steps=0):
             bar.set_postfix_str(f"loss {loss.item():.3f} eps {eps:.2f}")
             bar.update(1)
         bar.close()
-        print(f"  {desc} epoch {epoch + 1}/{epochs}: train accuracy {correct / len(y):.3f}"
+        print(f"  {desc} epoch {epoch + 1}/{epochs}: train accuracy {correct / len(y):.2%}"
               + (f" (on PGD examples at eps {eps:.2f} by the end)" if at_steps else ""))
     return model.eval()
 

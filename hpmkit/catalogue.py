@@ -6,7 +6,8 @@ batches). The checks derive theirs with `dataclasses.replace(setting, eps=...)`.
 
 The catalogue holds one record per attack: the name it has in the results, the kind that runs
 (the AutoAttack class or one of hpmkit/attacks.py), the surrogate of an HPM model it follows,
-the classes it needs, and the rows that run it.
+the classes it needs, the rows that run it, and what it costs (`Attack.cost`: backbone passes
+per image, the unit jobs.BackboneCounter measures).
 """
 from dataclasses import dataclass
 
@@ -47,6 +48,44 @@ class Attack:
         """The batch adversary and the attacker slots' attacks steer by what the real model scored
         (they need a scorer)."""
         return self.kind in ("joint", "target") or self.rows == "attackers"
+
+    def cost(self, setting, batch_size, classes=None, whole_batch=True, standing=1.0):
+        """Backbone passes per image of the subset (a Cost), every scored final batch included.
+        batch_size: the fixed batches'; classes: the model's (APGD-T's targets; None: at most 9);
+        whole_batch: the path run_attack takes (False: AutoAttack's perturb, which attacks only the
+        images still correct); standing: the fraction of the subset no attack has fooled yet (target
+        and victim attack a copy of its fixed batch per image standing). Passes over all images
+        of a chunk are exact; an attack that can stop early (Square, the batch adversary, spread,
+        victim) or attack fewer images (perturb) gets an upper bound."""
+        S, q, kind = setting.steps, setting.queries, self.kind.removeprefix("own-")
+        if kind == "flip":  # the real model's runner-up, then two APGD runs, each scored
+            return Cost(1 + 2 * (S + 2))
+        if kind in KINDS:  # per run: its start and S steps, then its final batch scored
+            targeted = int(kind == "apgd-t")  # (the clean logits that rank the targets)
+            runs = min(9, (classes or 10) - 1) if targeted else setting.restarts
+            if not whole_batch:  # perturb: a clean pass, then runs on the images still correct (each
+                #                  target ranked again on them), one final batch scored
+                return Cost(2 + targeted + runs * (S + 1 + targeted), bound=True)
+            fixed = int(self.surrogate == "fixed")  # the clean features, once
+            return Cost(targeted + fixed + runs * (S + 2), bound=bool(targeted) and classes is None)
+        if kind in ("square", "square-victims"):  # AutoAttack's perturb: a clean pass before, one after
+            return Cost(q + (4 if kind == "square" else 2), bound=True)
+        if kind in ("joint", "spread"):  # S steps, the last iterate, the final batch
+            return Cost(S + 2, bound=True)
+        return Cost(1 + standing * batch_size * (S + 1), bound=True)  # target, victim
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Backbone passes per image; bound: an upper bound (the attack may stop early)."""
+    passes: float
+    bound: bool = False
+
+    def __add__(self, other):
+        return Cost(self.passes + other.passes, self.bound or other.bound)
+
+    def __str__(self):
+        return ("at most " if self.bound else "") + f"{self.passes:,.0f}"
 
 
 LOSSES = ("ce", "dlr")

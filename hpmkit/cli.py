@@ -144,15 +144,56 @@ class LogProgress:
         pass
 
 
+NUMBER = r"\d+(?:\.\d+)?"
+
+
 class WarningCounter:
-    """A logger for AutoAttack's checks: counts each warning instead of printing it per batch."""
+    """A logger for AutoAttack's checks: counts alike warnings instead of printing one per batch.
+    Warnings alike but for their numbers are one entry: its count, and each number summed."""
 
     def __init__(self):
-        self.counts = {}
+        self.counts = {}  # {the text with its numbers as "{}": [occurrences, [each number's sum]]}
 
     def warning(self, msg):
-        key = re.sub(r"\d+", "N", str(msg).split("!")[0])  # "there are N points with zero gradient"
-        self.counts[key] = self.counts.get(key, 0) + 1
+        text = str(msg).split("!")[0]  # (what follows is the same advice every time)
+        numbers = [float(n) if "." in n else int(n) for n in re.findall(NUMBER, text)]
+        key = re.sub(NUMBER, "{}", text.replace("{", "{{").replace("}", "}}"))
+        entry = self.counts.setdefault(key, [0, [0] * len(numbers)])
+        entry[0] += 1
+        entry[1] = [s + n for s, n in zip(entry[1], numbers)]
 
     def summary(self):
-        return "; ".join(f"{k} ({n} times)" for k, n in self.counts.items())
+        """One line: each kind of warning with its numbers summed and how often it came."""
+        return "; ".join(phrase(key, n, sums) for key, (n, sums) in self.counts.items())
+
+
+# AutoAttack's warnings our attacks can raise, said with their numbers summed over n warnings.
+PHRASES = {
+    # checks.check_zero_gradients, once at the start of every APGD run on a batch (or a chunk)
+    "there are {} points with zero gradient": lambda sums, n: (
+        f"zero gradient at {sums[0]} point{'s' * (sums[0] != 1)} in all, over {n} APGD run{'s' * (n != 1)} "
+        "that found any (checked "
+        "at each run's start: an image counts once per run)"),
+}
+
+
+def phrase(key, n, sums):
+    """A WarningCounter entry in words: PHRASES' wording where it has one, else the text, numbers summed."""
+    if key in PHRASES:
+        return PHRASES[key](sums, n)
+    text = key.format(*(f"{v:g}" if isinstance(v, float) else v for v in sums))
+    if n == 1:
+        return text
+    return f"{text} ({'numbers summed over ' if sums else ''}{n} warnings)"
+
+
+def say(line):
+    """A line on stdout, flushed at once: a redirected log shows it when it happens, not at exit."""
+    print(line, flush=True)
+
+
+def duration(seconds):
+    """12.3 s, 4.5 min, 2.1 h."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"

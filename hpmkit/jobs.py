@@ -2,18 +2,36 @@
 whole batches at a time, recorded in the results after every chunk so that a rerun of the
 same command continues where the last one stopped. One loop for one process and for many
 (torchrun: ranks.Ranks chooses each process's chunks). Also what a job measures (images through
-the backbone) and keeps (--save-adv)."""
+the backbone) and keeps (--save-adv), and the whole run's plan: its jobs, their estimated cost,
+and a progress line after each."""
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from hpmkit.chunks import make_chunks
-from hpmkit.cli import progress_bar
+from hpmkit.catalogue import Cost
+from hpmkit.cli import duration, progress_bar, say
 from hpmkit.files import atomic_save
 from hpmkit.gpu import MemoryFit
+
+
+@dataclass
+class Tally:
+    """Images through the backbone and the seconds the chunks that counted them took, this run."""
+    images: int = 0
+    seconds: float = 0.0
+
+    def add(self, images, seconds):
+        if images:  # (a job without a backbone to count says nothing about the rate)
+            self.images, self.seconds = self.images + images, self.seconds + seconds
+
+    @property
+    def seconds_per_pass(self):
+        """Seconds per image through the backbone so far (None: none counted yet)."""
+        return self.seconds / self.images if self.images else None
 
 
 @dataclass
@@ -21,14 +39,16 @@ class Engine:
     """How jobs run, below the protocol: the device, chunks of whole fixed batches (`chunk`
     images at most; None: one batch at a time), the processes of torchrun (a ranks.Ranks or
     None), chunks that fit in GPU memory (a gpu.MemoryFit, shared by every job of a run), the
-    progress bars, and what is called after every chunk (the results written)."""
+    progress bars, what is called after every chunk (the results written), where lines go
+    (stdout, flushed), and the backbone passes this process counted (a Tally)."""
     device: torch.device = torch.device("cpu")
     chunk: int = None
     ranks: object = None
     fit: MemoryFit = None
     progress: bool = True
     on_update: Callable = None
-    log: Callable = print
+    log: Callable = say
+    tally: Tally = field(default_factory=Tally)
 
     def __post_init__(self):
         self.fit = self.fit or MemoryFit(self.log)
@@ -117,12 +137,59 @@ def run_job(runs, job, batches, engine):
         if job.save is not None and result.x_adv is not None:
             for i in range(first, end):
                 job.save(i, result.x_adv[batches[i][0] - batches[first][0]:batches[i][1] - batches[first][0]])
-        postfix = share.add(first, end, result, time.perf_counter() - t0, seen.images)
+        seconds = time.perf_counter() - t0
+        engine.tally.add(seen.images, seconds)
+        postfix = share.add(first, end, result, seconds, seen.images)
         if postfix:
             bar.set_postfix_str(postfix)
         bar.update(end - first)
     bar.close()
     return share.finish()
+
+
+class Plan:
+    """The jobs a run will do, in order (`names`: (row, job) pairs), on n images each, and what each
+    costs now (cost(i) -> catalogue.Cost, backbone passes per image: an estimate that the images
+    fooled so far may lower). After each job, line() gives the progress line: [k/N], the job's
+    seconds, the run's so far and the time left: the passes left (upper bounds where an attack may
+    stop early) times the seconds per backbone pass measured so far (engine.tally; under torchrun
+    each process does 1/world of them)."""
+
+    def __init__(self, names, cost, n, engine):
+        self.names, self.cost, self.n, self.engine = list(names), cost, n, engine
+        self.k, self.t0 = 0, time.perf_counter()
+
+    def left(self, first):
+        """The cost of jobs first.. (a Cost)."""
+        return sum((self.cost(i) for i in range(first, len(self.names))), Cost(0))
+
+    def estimate(self):
+        """What the run will cost, per row and in all, as lines."""
+        if not self.names:
+            return ["nothing left to run: an earlier run finished every job"]
+        rows = {}
+        for i, (row, job) in enumerate(self.names):
+            rows.setdefault(row, []).append((job, self.cost(i)))
+        lines = [f"estimated cost in backbone passes per image, {self.n} images (\"at most\": Square, the batch "
+                 "adversary and victim may stop early; AutoAttack's perturb attacks only the images still correct):"]
+        for row, jobs in rows.items():
+            attacks = sum(job != "clean" for job, _ in jobs)
+            what = (f"{attacks} attack{'s' * (attacks != 1)}" if attacks else "") + (
+                (" + clean" if attacks else "clean only") if len(jobs) > attacks else "")
+            lines.append(f"  {row:<16} {what:<20} {sum((c for _, c in jobs), Cost(0))}")
+        return lines + [f"  {'in all':<16} {'':<20} {self.left(0)}"]
+
+    def line(self, text, seconds):
+        """The progress line after the next job: text (what it found) with the clock."""
+        self.k += 1
+        rate, world = self.engine.tally.seconds_per_pass, self.engine.ranks.world if self.engine.ranks else 1
+        if rate is None:
+            eta = "time left not known yet"
+        else:  # (rough: a pass with gradients, or in a small batch, takes longer than one without)
+            eta = f"about {duration(self.left(self.k).passes * self.n * rate / world)} left"
+        width = len(str(len(self.names)))
+        return (f"[{self.k:>{width}}/{len(self.names)}] {text}   ({seconds:.1f} s; run "
+                f"{duration(time.perf_counter() - self.t0)}, {eta})")
 
 
 def adv_path(save_dir, row_name, attack):

@@ -1,11 +1,16 @@
 """What a results file and the final report say: the notes on each version and attack, the
 tables in the shape of the paper's Tables 1-2, the description of the run."""
+import os
 import platform
+import re
+import stat
 
 import torch
 
-from hpmkit.catalogue import BATCH_ADVERSARY, ORDER
+from hpmkit.catalogue import BATCH_ADVERSARY, CATALOGUE, ORDER, Setting
 from hpmkit.chunks import make_batches
+from hpmkit.cli import CLIError
+from hpmkit.files import atomic_write, kind_of
 
 VERSION_NOTES = {
     "paper": "the paper's protocol (APGD-CE and APGD-DLR on the four MSA surrogates, 40 steps, "
@@ -82,51 +87,88 @@ def square_note(setting):
 
 
 TITLES = {"base": "base", "hpm/batch": "HPM (batch)", "hpm/image": "HPM (image)", "dpnp": "DPNP"}
+NO_ATTACK = "no attack"  # a row's robust accuracy when it ran none: its clean accuracy would mean nothing
 
 
-def format_tables(results, rows):
-    """The paper's Tables 1-2 shape (clean, worst case, difference to base), then every attack; then
-    the rows of K attacker slots (own and benign, per attack)."""
+def pct(v, digits=1):
+    """An accuracy (a fraction) in percent; "n/a" where the row has none (an attack it does not run)."""
+    return "n/a" if v is None else f"{100 * v:.{digits}f}"
+
+
+def tables(results, rows, digits=1):
+    """What the final report shows, as tables [(title, header, body rows of cells)]: the paper's
+    Tables 1-2 shape (clean, worst case, difference to base), every attack's accuracy, then the rows
+    of K attacker slots (own and benign, per attack). Cells in percent with `digits` decimals."""
     stores = {r.name: results.row(r.name) for r in rows if not r.attackers}
     base = stores.get("base")
 
-    def diff(v, ref):
-        return "" if v is None or ref is None else f"({100 * (v - ref):+.1f})"
+    def diff(v, ref, shown=True):
+        return f"{100 * (v - ref):+.{digits}f}" if shown and None not in (v, ref) else ""
 
-    lines = [f"{'model':<13}{'clean':>8}{'':>8}{'robust':>8}{'':>8}  (worst case over all attacks)"]
-    for name, s in stores.items():
-        ref_c = base.clean if name != "base" else None
-        ref_r = base.worst_case if name != "base" else None
-        lines.append(f"{TITLES[name]:<13}{pct(s.clean):>8}{diff(s.clean, ref_c):>8}"
-                     f"{pct(s.worst_case):>8}{diff(s.worst_case, ref_r):>8}")
+    def robust(s):
+        return pct(s.worst_case, digits) if s.accuracies else NO_ATTACK
+
+    summary = [[TITLES[name], pct(s.clean, digits), diff(s.clean, base and base.clean, name != "base"), robust(s),
+                diff(s.worst_case, base and base.worst_case, name != "base" and bool(s.accuracies)
+                     and bool(base and base.accuracies))]  # (a worst case without attacks compares nothing)
+               for name, s in stores.items()]
+    out = [("accuracy (%); robust: the worst case over all attacks",
+            ["model", "clean", "vs base", "robust", "vs base"], summary)]
     names = sorted({a for s in stores.values() for a in s.accuracies}, key=ORDER.index)
-    lines += ["", f"{'accuracy (%)':<16}" + "".join(f"{TITLES[n]:>13}" for n in stores)]
-    for a in ["clean"] + names + ["worst_case"]:
-        cells = [s.accuracy(a) for s in stores.values()]
-        lines.append(f"{a.replace('_', ' '):<16}" + "".join(f"{pct(c):>13}" for c in cells))
+    body = [[a] + [pct(s.accuracy(a), digits) for s in stores.values()] for a in ["clean"] + names]
+    body.append(["worst case"] + [robust(s) for s in stores.values()])
+    out.append(("every attack, accuracy (%)", ["attack"] + [TITLES[n] for n in stores], body))
     slot_rows = [r for r in rows if r.attackers]
     if slot_rows:
-        lines += ["", attackers_table(results, slot_rows)]
-    return "\n".join(lines)
+        out.append(attackers_table(results, slot_rows, digits))
+    return out
 
 
-def pct(v):
-    return "" if v is None else f"{100 * v:.1f}"
-
-
-def attackers_table(results, rows):
+def attackers_table(results, rows, digits=1):
     """K of B: the attacker's own images and the benign ones, accuracy (%) clean, under each attack
     and in the worst case."""
-    B = results.subset["batch_size"]
-    head = "".join(f"{f'{r.attackers} of {B}: own':>16}{'benign':>9}" for r in rows)
-    lines = [f"attacker slots (eps {rows[0].attacker_eps:.4g}; the last K of each fixed batch)",
-             f"{'accuracy (%)':<22}" + head]
-    stores = [results.row(r.name) for r in rows]
+    B, stores = results.subset["batch_size"], [results.row(r.name) for r in rows]
     names = sorted({a for s in stores for a in s.accuracies}, key=ORDER.index)
-    for a in ["clean"] + names + ["worst_case"]:
-        lines.append(f"{a.replace('_', ' '):<22}" + "".join(f"{pct(s.by_role(a, 'own')):>16}{pct(s.by_role(a, 'benign')):>9}"
-                                                       for s in stores))
+    body = [[a] + [pct(s.by_role(a, role), digits) for s in stores for role in ("own", "benign")]
+            for a in ["clean"] + names]
+    body.append(["worst case"] + [pct(s.by_role("worst_case", role), digits) if s.accuracies else NO_ATTACK
+                                  for s in stores for role in ("own", "benign")])
+    header = ["attack"] + [h for r in rows for h in (f"{r.attackers} of {B}: own", "benign")]
+    return (f"attacker slots, accuracy (%) (eps {rows[0].attacker_eps:.4g}; the last K of each fixed batch)",
+            header, body)
+
+
+def checks_table(results, rows, cfg):
+    """The gradient-masking checks of every row, as a table (None: no checks ran)."""
+    if not cfg["checks"]:  # (RowResults.checks would add an empty entry to the results)
+        return None
+    body = [[r.name, name, c["status"], c["detail"]] for r in rows
+            for name, c in results.row(r.name).checks.items() if name != "runs"]
+    title = (f"gradient-masking checks (first {min(cfg['checks_n'], results.subset['n'])} images of the subset; "
+             f"tolerance {cfg['checks_tol']:.1%})")
+    return (title, ["row", "check", "status", "detail"], body) if body else None
+
+
+def text_table(title, header, body):
+    """A table as fixed-width text: the first column left, the others right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header] + body) for i in range(len(header))]
+    lines = [title] + ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in
+                                 enumerate(zip(row, widths))).rstrip() for row in [header] + body]
     return "\n".join(lines)
+
+
+def markdown_table(title, header, body):
+    """A table in Markdown; columns of numbers right-aligned."""
+    numbers = [i > 0 and all(re.fullmatch(r"[+-]?[\d.]*|n/a|no attack", str(r[i])) for r in body)
+               for i in range(len(header))]
+    rule = "|" + "|".join("---:" if right else "---" for right in numbers) + "|"
+    return "\n".join([f"**{title}**", "", "| " + " | ".join(header) + " |", rule]
+                     + ["| " + " | ".join(str(c) for c in row) + " |" for row in body])
+
+
+def format_tables(results, rows):
+    """The final report's tables as text."""
+    return "\n\n".join(text_table(*t) for t in tables(results, rows))
 
 
 def versions():
@@ -141,21 +183,36 @@ def versions():
     return v
 
 
-def version_line(cfg, default):
-    """What this run's version does: its notes when it runs the version's defaults (default:
-    evaluate.VERSIONS[version]), else what the flags made of it."""
-    if list(cfg["attacks"]) == list(default["attacks"]) and cfg["steps"] == default["steps"]:
-        return f"version {cfg['version']}: {VERSION_NOTES[cfg['version']]}"
-    return (f"version {cfg['version']}, changed by --attacks/--steps: {', '.join(cfg['attacks'])}; "
-            f"{cfg['steps']} APGD steps; " + ("every query of a whole fixed batch scored on the real model"
-                                             if cfg["score_queries"] else "final adversarial batches scored"))
+def version_line(cfg, default, rows):
+    """What this run does, as lines: its version's notes (default: evaluate.VERSIONS[version]), or the
+    flags that changed it and how; then the attacks each row runs (rows: evaluate's rows)."""
+    version, hpm = cfg["version"], [a for a in cfg["attacks"] if CATALOGUE[a].rows != "attackers"]
+    extra = [a for a in hpm if a not in default["attacks"]]
+    changes = {"--attacks": f"{len(set(hpm) & set(default['attacks']))} of the version's {len(default['attacks'])} "
+                            "attacks" + (f" and {', '.join(extra)}" if extra else ""),
+               "--steps": f"{cfg['steps']} APGD steps, the version's {default['steps']}",
+               "--queries": f"{cfg['queries']} Square queries, the version's {Setting.queries}",
+               "--restarts": f"{cfg['restarts']} APGD restarts, the version's {Setting.restarts}"}
+    changed = {"--attacks": set(hpm) != set(default["attacks"]), "--steps": cfg["steps"] != default["steps"],
+               "--queries": cfg["queries"] != Setting.queries, "--restarts": cfg["restarts"] != Setting.restarts}
+    flags = [f for f in changes if changed[f]]
+    if flags:
+        scored = ("every query of a whole fixed batch scored on the real model" if cfg["score_queries"]
+                  else "final adversarial batches scored")
+        line = f"version {version}, changed by {', '.join(flags)}: {'; '.join(changes[f] for f in flags)}; {scored}"
+    else:
+        line = f"version {version}: {VERSION_NOTES[version]}"
+    width = max(len(r.name) for r in rows)
+    return [line] + [f"  {r.name:<{width}}  " + (", ".join(a.name for a in r.attacks(cfg["attacks"])) or "no attack")
+                     for r in rows]
 
 
 def describe(results, cfg, setting, rows, idx, n_total, banner):
-    """The parts of the results file that say what was run, on what, with which software."""
+    """The parts of the results file that say what was run, on what, with which software (banner:
+    version_line's lines, the first notes)."""
     subset = {"n": len(idx), "of": n_total, "subset_seed": cfg["subset_seed"], "batch_size": cfg["batch_size"],
               "n_batches": len(make_batches(len(idx), cfg["batch_size"])), "indices": idx.tolist()}
-    notes = ([banner]
+    notes = (list(banner)
              + [NOTES["worst_case"], NOTES["per_image"], NOTES["nonfinite"]]
              + ([NOTES["batch_apgd"], square_note(setting)] if "hpm/batch" in [r.name for r in rows] else [])
              + ([NOTES["score_queries"]] if cfg["score_queries"] else [])
@@ -171,8 +228,8 @@ def describe(results, cfg, setting, rows, idx, n_total, banner):
 
 
 def print_header(banner, cfg, rows, n, n_total, device):
-    """What the run is about to do, before the first attack."""
-    print(banner)
+    """What the run is about to do, before the first attack (banner: version_line's lines)."""
+    print("\n".join(banner))
     print(f"{cfg['model']} on {cfg['dataset']}: {n} of {n_total} test images (subset seed "
           f"{cfg['subset_seed']}), batches of {cfg['batch_size']}, {cfg['threat_model']} eps {cfg['eps']:.5g}, "
           f"{cfg['steps']} APGD steps, {cfg['queries']} Square queries, device {device}")
@@ -184,14 +241,121 @@ def print_report(results, rows, cfg, setting):
     """The final tables, the checks and where the results are."""
     print()
     print(format_tables(results, rows))
-    if cfg["checks"]:
-        n = min(cfg["checks_n"], results.subset["n"])
-        print(f"\ngradient-masking checks (first {n} images of the subset; tolerance "
-              f"{cfg['checks_tol']:.1%}):")
-        for r in rows:
-            for name, c in results.row(r.name).checks.items():
-                if name != "runs":
-                    print(f"  {r.name:<10} {name:<23} {c['status']:<5} {c['detail']}")
-    if "hpm/batch" in [r.name for r in rows]:
+    checks = checks_table(results, rows, cfg)
+    if checks is not None:
+        print(f"\n{checks[0]}:")
+        for row, name, status, detail in checks[2]:
+            print(f"  {row:<10} {name:<23} {status:<5} {detail}")
+    if "hpm/batch" in [r.name for r in rows] and results.row("hpm/batch").finished("square"):
         print("\nnote: " + square_note(setting))
-    print(f"\nresults: {cfg['out']}")
+    if cfg["out"]:
+        print(f"\nresults: {cfg['out']} (the tables: {beside(cfg['out'], '.md')}; the plot: {beside(cfg['out'], '.png')})")
+
+
+# What a run writes beside its results: OUT.md and OUT.png (OUT: --out without .json) ---------------
+
+MD_MARKER = "<!-- written by evaluate.py beside {}: evaluate.py replaces this file, never one without this line -->"
+
+
+def beside(out, ext):
+    """The file beside the results file `out`: OUT.md or OUT.png, OUT its name without .json."""
+    return (out[:-len(".json")] if out.endswith(".json") else out) + ext
+
+
+def png_marker(out):
+    """The .png's metadata (PNG tEXt chunks, Latin-1: a name escaped to ASCII) that say evaluate.py
+    wrote it beside `out`."""
+    return {"Software": "evaluate.py", "Source": os.path.basename(out).encode("ascii", "backslashreplace").decode()}
+
+
+def is_ours(path, out):
+    """The file at `path` is the .md or .png evaluate.py wrote beside the results file `out`."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)  # (the .md's first line; the .png's text chunks come before its pixels)
+    if path.endswith(".md"):
+        return head.split(b"\n")[0] == MD_MARKER.format(os.path.basename(out)).encode()
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and all(
+        f"{k}\0{v}".encode() in head for k, v in png_marker(out).items())
+
+
+def check_beside(out):
+    """OUT.md and OUT.png, checked before any work: each absent, or a writable file that evaluate.py
+    wrote beside this results file (its marker); else one line: a run never replaces a file it did
+    not write."""
+    for path, what in ((beside(out, ".md"), "table"), (beside(out, ".png"), "plot")):
+        if not os.path.exists(path):
+            continue
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise CLIError(f"{path}, where evaluate.py writes the {what} of --out {out}, is {kind_of(mode)}; "
+                           "move it away or choose another --out")
+        if not is_ours(path, out):
+            raise CLIError(f"{path} exists and is not the {what} evaluate.py writes beside {out}: it is never "
+                           "replaced; move it away or choose another --out")
+        if not mode & 0o222:
+            raise CLIError(f"{path} is read-only; it is never replaced: make it writable (chmod u+w) or choose "
+                           "another --out")
+
+
+def markdown(results, rows, cfg):
+    """OUT.md: the final report's tables in Markdown (percent, two decimals), under a marker line."""
+    sub = results.subset
+    lines = [MD_MARKER.format(os.path.basename(cfg["out"])), "",
+             f"# {cfg['model']} on {cfg['dataset']}: evaluate.py, version {cfg['version']}", "",
+             f"{sub['n']} of {sub['of']} test images (subset seed {sub['subset_seed']}), fixed batches of "
+             f"{sub['batch_size']}, {cfg['threat_model']} eps {cfg['eps']:.5g}, {cfg['steps']} APGD steps, "
+             f"{cfg['queries']} Square queries. Accuracy in percent of the subset; "
+             f"{os.path.basename(cfg['out'])} holds every number as a fraction, and per image.", ""]
+    for t in tables(results, rows, digits=2) + [checks_table(results, rows, cfg)]:
+        if t is not None:
+            title, header, body = t
+            lines += [markdown_table(title, header, [[str(c).replace("|", "\\|") for c in r] for r in body]), ""]
+    return "\n".join(lines)
+
+
+def plot(results, rows, cfg, path):
+    """OUT.png: every row's accuracy (%) under clean, each attack and the worst case, as grouped bars
+    (the attacker rows' own and benign images apart); an attack a row does not run is "n/a", a row
+    that ran none has "no attack" as its worst case, both written where the bar would be."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # (no pyplot: no global state)
+    from matplotlib.figure import Figure
+
+    series = [(TITLES[r.name], results.row(r.name).accuracy, bool(results.row(r.name).accuracies))
+              for r in rows if not r.attackers]
+    series += [(f"{r.name} {role}", lambda a, s=results.row(r.name), role=role: s.by_role(a, role),
+                bool(results.row(r.name).accuracies)) for r in rows if r.attackers for role in ("own", "benign")]
+    names = sorted({a for r in rows for a in results.row(r.name).accuracies}, key=ORDER.index)
+    cats, m = ["clean"] + names + ["worst_case"], len(series)
+    fig = Figure(figsize=(8, 1.5 + len(cats) * (0.15 * m + 0.15)))
+    FigureCanvasAgg(fig)
+    ax, h = fig.add_subplot(), 0.8 / m
+    for j, (label, accuracy, attacked) in enumerate(series):
+        color = f"C{j % 10}"
+        for i, a in enumerate(cats):
+            y, v = i + (j - (m - 1) / 2) * h, accuracy(a)
+            if a == "worst_case" and not attacked:
+                v = None
+            if v is None:
+                ax.text(1, y, NO_ATTACK if a == "worst_case" else "n/a", va="center", fontsize=7, color="0.4",
+                        style="italic")
+                continue
+            ax.barh(y, 100 * v, height=h, color=color, label=label if i == 0 else None)
+            ax.text(100 * v + 1, y, f"{100 * v:.1f}", va="center", fontsize=7)  # (0% shows as 0.0, unlike n/a)
+    ax.set_yticks(range(len(cats)), [a.replace("_", " ") for a in cats])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 110)
+    ax.set_xticks(range(0, 101, 20))
+    ax.set_xlabel("accuracy (%)")
+    ax.set_ylabel("attack")
+    ax.set_title(f"{os.path.basename(str(cfg['model']))} on {cfg['dataset']}, {cfg['threat_model']} eps "
+                 f"{cfg['eps']:.4g}: accuracy per attack", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight",
+                                             metadata=png_marker(cfg["out"])))
+
+
+def write_beside(results, rows, cfg):
+    """OUT.md and OUT.png beside the results file cfg["out"], each written atomically."""
+    text = markdown(results, rows, cfg)
+    atomic_write(beside(cfg["out"], ".md"), lambda f: f.write(text.encode()))
+    plot(results, rows, cfg, beside(cfg["out"], ".png"))

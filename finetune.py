@@ -19,14 +19,8 @@ adversarial logits za, w = S[y] and d = zn - za:
 
 Read top to bottom: the paper's settings, the IKL loss and its class weights S, the training
 attack, the clean pass (C_global the exact class means), a step, the loop, the save (a head
-checkpoint: the head's state_dict and what evaluate.py needs to rebuild it, readable with
-torch.load(..., weights_only=True)). Ours, not the paper's (docs/finetune.md has each choice and
-its alternative flag): the backbone in eval mode and checked bitwise unchanged after every
-epoch; the clean pass; S from uniform by an EMA over batches (our reading of the paper's second
-momentum); training logits and the attack through the real model (mode "ste", context "batch",
-the whole batch perturbed jointly); the EMA of Eq. 14 on clean features only; the mixer's start
-(average); the MNIST defaults and the ImageNet alpha/beta. The study's controls (--head ncm,
-dpnp) are in hpmkit/controls.py.
+checkpoint, readable with torch.load(..., weights_only=True)). What is ours, not the paper's, with
+each alternative flag: docs/finetune.md. The study's controls (--head ncm, dpnp): hpmkit/controls.py.
 """
 import argparse
 import sys
@@ -40,8 +34,8 @@ from hpm import attach
 from hpmkit import controls
 from hpmkit.checkpoint import HeadRecord, HeadWriter
 from hpmkit.cli import CLIError, eps_value, progress_bar, run_cli
-from hpmkit.config import finetune_settings
-from hpmkit.data import DATASETS, OWN, check_labels, eps_line, load_data, random_crop_flip, to_float
+from hpmkit.config import finetune_banner, finetune_origins, finetune_settings
+from hpmkit.data import DATASETS, OWN, check_labels, load_data, random_crop_flip, to_float
 from hpmkit.files import OutLock
 from hpmkit.models import check_images, fingerprint, load_model
 from hpmkit.pgd import ascend
@@ -56,10 +50,7 @@ DEFAULTS = {
     "mnist": dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None, augment=False),
     OWN: dict(epochs=1, momentum=0.98, alpha=3.0, beta=10.0, T=4.0, per_class=None, augment=False),
 }
-# Where each dataset's augmentation default comes from (finetune.py says it before training).
-AUGMENT_ORIGIN = {"cifar10": "the IKL code's for cifar10", "cifar100": "the IKL code's for cifar100",
-                  "imagenet": "our choice for imagenet", "mnist": "our choice for mnist: a flipped digit is "
-                  "another digit", OWN: "own data's default"}
+
 # --attack-loss official: (alpha, beta) of the IKL code's training attack.
 OFFICIAL_ATTACK = {"cifar10": (1.0, 0.0), "mnist": (1.0, 0.0), "cifar100": (1.0, 1.0),
                    "imagenet": (1.0, 1.0), OWN: (1.0, 0.0)}
@@ -171,16 +162,7 @@ def start(model, x, y, cfg):
     """Before the first epoch: the clean pass; returns the optimizer of the head's trained parts
     (None for the NCM control, which trains nothing) and the IKL class weights S."""
     optimizer = None if cfg.head == "ncm" else torch.optim.Adam(head_parameters(model), lr=cfg.lr)
-    if cfg.head == "ncm":
-        print(f"NCM head on {cfg.model}: C_global = class means of {len(x)} images; l2 logits to "
-              "C_global alone (nothing trained)")
-    else:
-        print(f"HPM head on {cfg.model}: {len(x)} {cfg.dataset} training images, {cfg.epochs} epoch(s) "
-              f"of batch {cfg.batch_size}, Adam lr {cfg.lr:g}, EMA momentum {cfg.momentum}")
-        print(f"IKL alpha {cfg.alpha:g} beta {cfg.beta:g} T {cfg.T:g}, class weights {cfg.class_weights}; "
-              f"attack {cfg.threat_model} eps {cfg.eps:.4g}, {cfg.steps} steps of {cfg.step_size:.4g} "
-              f"on IKL with alpha {cfg.attack_alpha:g} beta {cfg.attack_beta:g} ({cfg.attack_loss}) through "
-              f"mode {cfg.attack_mode!r}; mixer start {cfg.mixer_init!r}")
+    print(finetune_banner(cfg, len(x)))
     _, S = clean_pass(model, x, y, cfg.T, cfg.batch_size, cfg.device, not cfg.no_progress)
     if optimizer is None:
         return None, None
@@ -309,26 +291,6 @@ def train(model, optimizer, x, y, S, cfg, save):
 
 # The script --------------------------------------------------------------------------------
 
-def origins(args, cfg):
-    """finetune.py's first lines: where the data set, eps and augmentation come from (a flag, or
-    whose default), so that nothing that changes the numbers is switched on silently."""
-    if args.dataset is not None:
-        dataset = "given as --dataset"
-    elif cfg.dataset == OWN:
-        dataset = (f"--data {cfg.data} without --dataset: your own data, image size from the file, classes "
-                   "from the model")
-    else:
-        dataset = "the default; --dataset to choose, or --data FILE.npz alone for your own data"
-    if args.augment is not None:
-        augment = f"given as --{'' if cfg.augment else 'no-'}augment"
-    else:
-        augment = (f"{AUGMENT_ORIGIN[cfg.dataset]}; "
-                   + ("--no-augment to turn it off" if cfg.augment else "--augment to crop and flip"))
-    return [f"dataset {cfg.dataset} ({dataset})", eps_line(cfg.eps, args.eps is not None, cfg.threat_model,
-                                                          cfg.dataset),
-            f"augmentation {'on' if cfg.augment else 'off'} ({augment})"]
-
-
 def build_model(base_model, cfg):
     """The frozen base model with the head of --head: HPM (with its mixer's start), or a control."""
     if cfg.head != "hpm":
@@ -340,7 +302,7 @@ def build_model(base_model, cfg):
 
 def main(args):
     cfg = finetune_settings(args, DEFAULTS, OFFICIAL_ATTACK)
-    for line in origins(args, cfg):
+    for line in finetune_origins(args, cfg):
         print(line)
     with OutLock(cfg.out):  # one run writes --out at a time, this one or an evaluate.py
         torch.manual_seed(cfg.seed)

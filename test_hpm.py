@@ -3827,7 +3827,7 @@ def test_own_data_alone_switches_nothing_on_silently_and_says_where_each_default
 
     # without --data or --dataset: CIFAR-10, and the lines say it is the default
     given = finetune.parse_args(["--model", "m", "--device", "cpu", "--out", str(tmp_path / "d.pt")])
-    lines = finetune.origins(given, config.finetune_settings(given, finetune.DEFAULTS, finetune.OFFICIAL_ATTACK))
+    lines = config.finetune_origins(given, config.finetune_settings(given, finetune.DEFAULTS, finetune.OFFICIAL_ATTACK))
     assert lines == ["dataset cifar10 (the default; --dataset to choose, or --data FILE.npz alone for your own data)",
                      "eps 0.03137 (8/255: the paper's for cifar10; --eps to set)",
                      "augmentation on (the IKL code's for cifar10; --no-augment to turn it off)"]
@@ -4299,6 +4299,26 @@ def test_the_strong_version_is_never_above_the_paper_version_on_mnist(quick):
         # only be less robust; and the summary table shows both numbers
         assert all(a <= b for a, b in zip(s.correct("worst_case"), p.correct("worst_case"))), name
         assert f"{100 * s.worst_case:.1f}" in table and f"{100 * p.worst_case:.1f}" in table
+
+
+@pytest.mark.slow
+def test_the_quick_main_job_uses_a_real_model_and_lands_within_a_few_points_of_the_full_run(quick):
+    """The quick run's adversarially trained model is the embedded one, at least 90% correct on the
+    5,000 held-out images; its worst case per row lies within 5 points of the full run's
+    (assets/mnist/results.json, the committed run of python -m experiments.run_mnist) on the same
+    128 images (its subset a prefix of the full run's); and its output says what it is and is not."""
+    with np.load(quick / "heldout.npz") as f:
+        x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+    assert common.accuracy(common.embedded_model(), x, y, "cpu") >= 0.90
+    quick_res, full = read_results(quick / "results.json"), read_results(ROOT / "assets" / "mnist" / "results.json")
+    position = {v: i for i, v in enumerate(full.subset["indices"])}
+    assert all(i in position for i in quick_res.subset["indices"]) and quick_res.subset["n"] == 128
+    for name in ("base", "hpm/batch", "hpm/image"):
+        full_wc = full.row(name).correct("worst_case")
+        same = [full_wc[position[i]] for i in quick_res.subset["indices"]]
+        assert abs(quick_res.row(name).worst_case - sum(same) / len(same)) <= 0.05, name
+    stdout = (quick / "stdout.txt").read_text()
+    assert stdout.startswith("The quick form of the main job") and "It is not the MNIST miniature" in stdout
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The MNIST miniature of the paper's Fig. 1 and Table 1: the whole method on real data, on a laptop.
 
-    python -m experiments.run_mnist --quick                 # the reduced run (~1 min on 2 CPU cores)
-    python -m experiments.run_mnist                         # about 15 minutes on 2 idle CPU cores
+    python -m experiments.run_mnist --quick                 # the quick form: 1.8 min on 2 idle CPU cores
+    python -m experiments.run_mnist                         # the miniature: 43 min on 2 shared CPU cores
     python -m experiments.run_mnist --mnist-dir ~/data      # with the 60k training set: the full-size run
 
 Stages (everything lands in --out-dir, default runs/mnist):
@@ -13,21 +13,25 @@ Stages (everything lands in --out-dir, default runs/mnist):
 2. models    three small CNNs (2 conv layers, a hidden linear layer, a classifier), inputs in [0, 1]:
              cnn_fc.pt (FC classifier) and cnn_l2.pt (l2 classifier: logits = -||z - c_j||_2 to
              learnable class prototypes c_j), both trained normally; cnn_fc_at.pt (FC classifier,
-             PGD adversarial training, L-inf eps 0.3, the standard MNIST setting of Madry et al.).
+             PGD adversarial training, L-inf eps 0.3, the standard MNIST setting of Madry et al.):
+             the embedded model (experiments/data/mnist_cnn_at.pt, experiments.train_mnist_model),
+             trained here only with --mnist-dir.
 3. fig1      Fig. 1 in miniature: APGD-CE (AutoAttack) against the two normally trained CNNs at
              several eps -> fig1.md, fig1.json, fig1.png (accuracy versus eps).
 4. finetune  python finetune.py on cnn_fc_at.pt and train.npz -> head.pt, through its command line.
-5. evaluate  python evaluate.py on head.pt, cnn_fc_at.pt and heldout.npz -> results.json, the same way.
+5. evaluate  python evaluate.py on head.pt, cnn_fc_at.pt and heldout.npz -> results.json (strong, with
+             the checks), results_paper.json (--version paper) and results_attackers_*.json (K of B,
+             at the threat model's eps and as any image), the same way.
 6. table1    Table 1 in miniature (base vs HPM, both contexts, every attack, worst case, the
-             gradient-masking checks) -> table1.md, and summary.md with everything above.
+             gradient-masking checks) -> table1.md; who holds the batch -> threat.md; summary.md
+             with everything above.
 
 Choices that are ours (the paper has no MNIST experiment): the CNN, the training schedules, the
-split, and every reduction of the attack budgets made to fit 15 minutes on 2 CPU cores; all of
-them are in SETTINGS below and are printed into summary.md. Adversarial training is a short
-schedule: PGD with 7 steps instead of Madry's 40, 10 epochs of 5,000 images, the first 10% of the
-updates clean and eps ramped linearly to 0.3 over the next 10% (without the warm-up, small CNNs
-often stall at chance under eps 0.3). The full-size run (60k training images) keeps the same
-settings, so its training takes about 12 times longer (roughly half an hour in all).
+split, and every reduction of the attack budgets made to fit 2 CPU cores; all of them are in
+SETTINGS below and are printed into summary.md. Adversarial training (--mnist-dir, and
+experiments.train_mnist_model) is a short schedule: PGD with 7 steps instead of Madry's 40, 10
+epochs of 5,000 images, the first 10% of the updates clean and eps ramped linearly to 0.3 over the
+next 10% (without the warm-up, small CNNs often stall at chance under eps 0.3).
 
 The data, the CNNs and the runner are experiments/common.py's (the pickled models refer to
 experiments.common.SmallCNN, which finetune.py and evaluate.py unpickle from the repository root).
@@ -276,8 +280,8 @@ def about(cfg, quick):
     return (f"The quick form of the main job: {model}, its HPM head fine-tuned on 1,000 training images, "
             f"evaluated on {ev['--n-examples']} held-out images (the first of the full run's "
             f"{full['--n-examples']}) with {ev['--steps']} APGD steps (full run {full['--steps']}) and "
-            f"{ev['--queries']} Square queries ({full['--queries']}); K of B for K = {cfg['attackers']}, any image "
-            f"alone. Its table is within a few points of the full run's on the same images, with about 4 points "
+            f"{ev['--queries']} Square queries ({full['--queries']}); K of B only for K = {cfg['attackers']} attacker "
+            f"images that may be any image. Its table is within a few points of the full run's on the same images, with about 4 points "
             f"of sampling noise at {ev['--n-examples']} images. It is not the MNIST miniature: Fig. 1's CNNs "
             f"train for {cfg['epochs']} epoch and the checks run on {ev['--checks-n']} images; the full run is "
             "python -m experiments.run_mnist (docs/mnist.md).")

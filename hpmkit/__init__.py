@@ -1,17 +1,26 @@
 """What evaluate.py and finetune.py stand on, one module for each thing (hpm.py, the head, stays
 a single torch-only file at the top, to be copied):
 
-    loading   models, data, head checkpoints, atomic files, one-line CLI errors, progress
-    dpnp      the Adv-DPNP head (a control of the fine-tuning study)
-    attacks   the attacks AutoAttack lacks, and the one way the library's are called
-    chunks    many fixed batches at once, each with the random numbers it gets alone
-    jobs      an attack over all batches of a row, resumable; --save-adv
-    ranks     torchrun: processes share the chunks, ledgers, one results file
-    gpu       chunks that fit in GPU memory; --compile
-    checks    the gradient-masking checks
-    config    attack names, flags checked, the fixed subset, resume identity
-    report    notes, tables, the description of a run
-    theory    the paper's sensitivity analysis, Eq. 3-13 (numpy, scipy)
+    cli         one-line errors, the flags' checks, progress, AutoAttack's warnings counted
+    files       atomic writes, the lock on --out, what --out may be
+    data        datasets (torchvision, ImageNet folders, .npz, your own), eps per dataset
+    models      models (RobustBench names, pickled files, your code with --weights), fingerprints
+    checkpoint  the head checkpoint: its one reader and its writer; the models evaluate.py attacks
+    config      the flags resolved and checked, resume identity, the fixed subset
+    catalogue   the attacks' Setting and the catalogue of attacks (records, with their cost)
+    results     the results file's layout: the one module that spells its keys
+    pgd         the one PGD step and projection
+    attacks     the attacks AutoAttack lacks, and the one way the library's are called
+    attackers   K of B: an attacker's slots among benign images, own and collateral
+    chunks      many fixed batches at once, each with the random numbers it gets alone
+    jobs        an attack over all batches of a row, resumable; the plan and progress; --save-adv
+    ranks       torchrun: processes share the chunks, ledgers, one results file
+    gpu         chunks that fit in GPU memory; --compile
+    checks      the gradient-masking checks and the context sensitivity
+    report      notes, tables, the Markdown table and plot beside the results
+    controls    the fine-tuning study's controls (NCM, Adv-DPNP); dpnp: the Adv-DPNP head
+    theory      the paper's sensitivity analysis, Eq. 3-13 (numpy, scipy)
+    commands    the scripts as commands after pip install; api: the Python API for notebooks
 
 No module here imports a script (evaluate.py, finetune.py, the experiments).
 """

@@ -195,6 +195,45 @@ def header_lines(args, cfg, ckpt):
             f"batch size {cfg['batch_size']} ({batch})"]
 
 
+# Where each dataset's augmentation default comes from (finetune.py says it before training).
+AUGMENT_ORIGIN = {"cifar10": "the IKL code's for cifar10", "cifar100": "the IKL code's for cifar100",
+                  "imagenet": "our choice for imagenet", "mnist": "our choice for mnist: a flipped digit is "
+                  "another digit", OWN: "own data's default"}
+
+
+def finetune_origins(args, cfg):
+    """finetune.py's first lines: where the data set, eps and augmentation come from (a flag, or
+    whose default), so that nothing that changes the numbers is switched on silently."""
+    if args.dataset is not None:
+        dataset = "given as --dataset"
+    elif cfg.dataset == OWN:
+        dataset = (f"--data {cfg.data} without --dataset: your own data, image size from the file, classes "
+                   "from the model")
+    else:
+        dataset = "the default; --dataset to choose, or --data FILE.npz alone for your own data"
+    if args.augment is not None:
+        augment = f"given as --{'' if cfg.augment else 'no-'}augment"
+    else:
+        augment = (f"{AUGMENT_ORIGIN[cfg.dataset]}; "
+                   + ("--no-augment to turn it off" if cfg.augment else "--augment to crop and flip"))
+    return [f"dataset {cfg.dataset} ({dataset})", eps_line(cfg.eps, args.eps is not None, cfg.threat_model,
+                                                          cfg.dataset),
+            f"augmentation {'on' if cfg.augment else 'off'} ({augment})"]
+
+
+def finetune_banner(cfg, n):
+    """finetune.py's settings in words, before the clean pass (n training images)."""
+    if cfg.head == "ncm":
+        return (f"NCM head on {cfg.model}: C_global = class means of {n} images; l2 logits to C_global alone "
+                "(nothing trained)")
+    return (f"HPM head on {cfg.model}: {n} {cfg.dataset} training images, {cfg.epochs} epoch(s) of batch "
+            f"{cfg.batch_size}, Adam lr {cfg.lr:g}, EMA momentum {cfg.momentum}\nIKL alpha {cfg.alpha:g} beta "
+            f"{cfg.beta:g} T {cfg.T:g}, class weights {cfg.class_weights}; attack {cfg.threat_model} eps "
+            f"{cfg.eps:.4g}, {cfg.steps} steps of {cfg.step_size:.4g} on IKL with alpha {cfg.attack_alpha:g} beta "
+            f"{cfg.attack_beta:g} ({cfg.attack_loss}) through mode {cfg.attack_mode!r}; mixer start "
+            f"{cfg.mixer_init!r}")
+
+
 def finetune_settings(args, defaults, official_attack):
     """finetune.py's settings, resolved once from the parsed flags before anything is loaded or
     written: the dataset's defaults where a flag was left out (defaults: finetune.DEFAULTS, the

@@ -1,7 +1,7 @@
 """Many fixed batches at once (--chunk), and the random numbers each batch gets alone.
 
 A chunk is G consecutive fixed batches of B images, attacked in one run: the GPU sees G*B
-images per step instead of B. The batch context groups its rows (HPMHead's group_size), so
+images per step instead of B. The batch context groups its rows (HPMHead's batch_size), so
 each fixed batch keeps its own batch prototypes. AutoAttack draws its random numbers on the
 CPU generator, seeded with the same seed for every batch; here every batch of a chunk gets the
 very numbers it gets when attacked alone, so a per-image model gets the same results as the

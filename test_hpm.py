@@ -40,8 +40,7 @@ from experiments import common, run_dpnp_mnist, run_mnist, run_study, run_theory
 from finetune import (clean_pass, head_parameters, ikl_loss, perturb, soft_cross_entropy, train_step,
                       weighted_mse)
 from hpm import attach
-from hpmkit import (attacks, catalogue, checkpoint, chunks, cli, config, controls, dpnp, files, gpu, jobs, models,
-                    pgd, report, results)
+from hpmkit import attacks, catalogue, checkpoint, chunks, cli, config, dpnp, gpu, jobs, models, report, results
 from hpmkit.catalogue import CATALOGUE, Setting
 from hpmkit.checkpoint import HeadRecord, load_head, read_head, save_head
 from hpmkit.chunks import Chunk, FixedBatches

@@ -2977,8 +2977,16 @@ class NoLinear(nn.Module):
         return x.flatten(1) @ self.w.t()
 
 
+class Noisy(NoLinear):
+    """The quadrant model with noise on its input at every forward, in eval() too: a stochastic model."""
+
+    def forward(self, x):
+        return super().forward(x + 0.1 * torch.randn_like(x))
+
+
 @pytest.mark.parametrize("case", ["--alpha nan", "--beta inf", "--step-size inf", "--dpnp-alpha nan",
-                                  "two classes", "a base model without nn.Linear, alone"])
+                                  "two classes", "a base model without nn.Linear, alone", "a float64 model",
+                                  "a float16 model"])
 def test_each_message_names_the_real_cause(tmp_path, capsys, case):
     ev, ft = sweep(tmp_path)
     flag, value = case.split()[0], case.split()[-1]
@@ -2996,13 +3004,20 @@ def test_each_message_names_the_real_cause(tmp_path, capsys, case):
         status, err = run_script("evaluate", with_flag(ev, "--head") + ["--dataset", "mnist"], capsys)
         assert status == 0, err
         assert read_results(tmp_path / "r.json").row("base").clean == 1.0
+    elif case.endswith("model"):  # was "cannot classify images of shape ...": a shape problem
+        dtype = case.split()[1]
+        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, K)).to(getattr(torch, dtype)), tmp_path / "model.pt")
+        for script, argv in (("evaluate", with_flag(ev, "--head") + ["--dataset", "mnist"]), ("finetune", ft)):
+            refused(tmp_path, capsys, script, argv,
+                    rf"model.pt\)? holds {dtype} weights; the scripts feed it float32 images: save it after model.float\(\)$")
     else:  # refused before any work (the settings), naming the flag
         argv = ft + [flag, value] + (["--head", "dpnp"] if flag == "--dpnp-alpha" else [])
         refused(tmp_path, capsys, "finetune", argv, rf"{flag} must be a number >=? 0, got {value}$")
 
 
 @pytest.mark.parametrize("case", ["--attacks ''", "--contexts ''", "--dpnp-alpha -1", "head batch_size 16.7",
-                                  "head eps 0", "head eps -1", "--n-examples 100 of 16 images"])
+                                  "head eps 0", "head eps -1", "--n-examples 100 of 16 images",
+                                  "a stochastic model", "a deterministic model"])
 def test_what_was_accepted_silently_is_refused_or_recorded_as_run(tmp_path, capsys, case):
     ev, ft = sweep(tmp_path)
     if case.startswith("head"):
@@ -3012,6 +3027,13 @@ def test_what_was_accepted_silently_is_refused_or_recorded_as_run(tmp_path, caps
     elif case == "--dpnp-alpha -1":
         refused(tmp_path, capsys, "finetune", ft + ["--head", "dpnp", "--dpnp-alpha", "-1"],
                 "--dpnp-alpha must be a number > 0, got -1")
+    elif case.endswith("model"):  # warned about, as AutoAttack's checks do; never a deterministic one
+        if case == "a stochastic model":
+            torch.save(Noisy(), tmp_path / "model.pt")
+        assert cli.run_cli(evaluate.main, evaluate.parse_args, with_flag(ev, "--head") + ["--dataset", "mnist"]) == 0
+        warned = re.findall(r"warning: base \(.*model.pt\) gives other logits for the same images in a second "
+                            r"forward .* its robust accuracy may be overestimated", capsys.readouterr().out)
+        assert len(warned) == (case == "a stochastic model")
     elif case == "--n-examples 100 of 16 images":
         assert run_script("evaluate", ev + ["--n-examples", "100"], capsys)[0] == 0
         assert read_results(tmp_path / "r.json").config["n_examples"] == 16

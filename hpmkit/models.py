@@ -326,11 +326,19 @@ def load_model(model, dataset, threat_model="Linf", model_dir="./models", weight
 
 
 def check_images(model, x, device, name="the model"):
-    """One forward of `model` (x -> logits) on two images, before anything is written: a shape
-    the model cannot take, or NaN/inf logits, fail here in one line."""
+    """Two forwards of `model` (x -> logits) on two images, before anything is written: weights
+    that are not float32 (the scripts feed float32 images), a shape the model cannot take, or
+    NaN/inf logits, fail here in one line; logits that differ between the two forwards (a
+    stochastic model) print a warning, as AutoAttack's checks do."""
+    odd = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                  if p.is_floating_point() and p.dtype != torch.float32})
+    if odd:
+        raise CLIError(f"{name} holds {' and '.join(odd)} weights; the scripts feed it float32 images: "
+                       "save it after model.float()")
     try:
         with torch.no_grad():
             logits = model(to_float(x[:2], device))
+            again = model(to_float(x[:2], device))
     except (RuntimeError, ValueError) as e:
         if str(e).startswith("attach:"):  # hpm: the final nn.Linear does not make the logits
             raise CLIError(str(e))
@@ -342,6 +350,10 @@ def check_images(model, x, device, name="the model"):
     if not torch.isfinite(logits).all():
         raise CLIError(f"{name} returns NaN or inf logits on clean images; check the model file "
                        "and that inputs are meant to lie in [0, 1]")
+    if not torch.allclose(logits, again, rtol=1e-4, atol=1e-5):
+        print(f"warning: {name} gives other logits for the same images in a second forward (randomness "
+              "in forward, such as dropout or noise left on in eval()): the attacks see a moving target "
+              "and its robust accuracy may be overestimated; evaluate a deterministic model")
 
 
 def fingerprint(state):

@@ -3006,10 +3006,11 @@ def test_each_message_names_the_real_cause(tmp_path, capsys, case):
         assert read_results(tmp_path / "r.json").row("base").clean == 1.0
     elif case.endswith("model"):  # was "cannot classify images of shape ...": a shape problem
         dtype = case.split()[1]
-        torch.save(nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, K)).to(getattr(torch, dtype)), tmp_path / "model.pt")
+        model = nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, K)).to(getattr(torch, dtype))
+        torch.save(model, tmp_path / "model.pt")
         for script, argv in (("evaluate", with_flag(ev, "--head") + ["--dataset", "mnist"]), ("finetune", ft)):
-            refused(tmp_path, capsys, script, argv,
-                    rf"model.pt\)? holds {dtype} weights; the scripts feed it float32 images: save it after model.float\(\)$")
+            refused(tmp_path, capsys, script, argv, rf"model.pt\)? holds {dtype} weights; the scripts feed it "
+                                                    r"float32 images: save it after model.float\(\)$")
     else:  # refused before any work (the settings), naming the flag
         argv = ft + [flag, value] + (["--head", "dpnp"] if flag == "--dpnp-alpha" else [])
         refused(tmp_path, capsys, "finetune", argv, rf"{flag} must be a number >=? 0, got {value}$")

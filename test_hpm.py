@@ -4882,3 +4882,5 @@ def test_golden_file_every_per_image_result_and_head_tensor_unchanged(tmp_path):
     every = golden["eval"]["all"]["hpm/batch"]
     assert len(every["attacks"]) == 28 and "runs" in every["checks"]
     assert {"joint/soft", "target/mix"} <= set(golden["eval"]["strong"]["hpm/batch"]["attacks"])
+    kofb = golden["eval"]["attackers"]["hpm/attackers-4"]  # K of B, with a short last batch
+    assert len(kofb["attacker_slots"]) == 60 and {"benign:victim/mix", "benign:square"} <= set(kofb["attacks"])

@@ -41,13 +41,14 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from hpmkit.attackers import attacker_slots, put, run_slot_attack
-from hpmkit.attacks import QueryScorer, check_adv, fixed_prototype_logits, run_attack
+from hpmkit.attacks import check_adv, fixed_prototype_logits, run_attack
+from hpmkit.autoattack import WarningCounter
+from hpmkit.batch_attacks import QueryScorer, attacker_slots
 from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, Cost, check_classes
 from hpmkit.checkpoint import Models, count_classes, load_models, object_models
 from hpmkit.checks import Checks, run_checks
 from hpmkit.chunks import ChunkResult, FixedBatches
-from hpmkit.cli import CLIError, WarningCounter, eps_value, run_cli
+from hpmkit.cli import CLIError, eps_value, run_cli
 from hpmkit.config import (DEFAULT_CHUNK, header_lines, identity, load_subset, object_config, open_results,
                            resolve_config, setting_of)
 from hpmkit.data import DATASETS
@@ -141,7 +142,7 @@ class ModelUnderTest:
     HPMClassifier of an HPM row; context: HPM rows' "batch" or "image" (None: a per-image model,
     its own surrogate); backbone: the module whose forward passes measure an attack's cost;
     attackers: K of B, the attacker holds the last K slots of every fixed batch and moves them
-    within attacker_eps (attackers.py), the others stay clean (None: the attacker holds all)."""
+    within attacker_eps (batch_attacks.py), the others stay clean (None: the attacker holds all)."""
 
     def __init__(self, name, model, context=None, backbone=None, attackers=None, attacker_eps=None):
         self.name, self.model, self.context, self.backbone = name, model, context, backbone
@@ -158,11 +159,11 @@ class ModelUnderTest:
         adversary needs a batch that decides (the batch context)."""
         attacks = [CATALOGUE[a] for a in names]
         if self.attackers:
-            return [a for a in attacks if a.rows == "attackers"]
-        attacks = [a for a in attacks if a.rows != "attackers"]
+            return [a for a in attacks if a.runs_on == "attackers"]
+        attacks = [a for a in attacks if a.runs_on != "attackers"]
         if self.context is None:
-            return list(dict.fromkeys(CATALOGUE[a.kind] for a in attacks if a.rows == "all"))
-        return [a for a in attacks if a.rows != "batch" or not self.per_image]
+            return list(dict.fromkeys(CATALOGUE[a.kind] for a in attacks if a.runs_on == "all"))
+        return [a for a in attacks if a.runs_on != "batch" or not self.per_image]
 
     def surrogate(self, name, batch_size=None, scorer=None, x=None):
         """The module attacked for surrogate `name` (None: the real model), on a chunk of fixed
@@ -214,42 +215,29 @@ def attack_chunk(row, attack, chunk, setting, warnings=None, standing=None):
     surrogate's gradients (or, Square, the real model's outputs); with setting.score_queries,
     every query that is a whole fixed batch inside the ball is scored on the real model; every
     final adversarial batch is re-scored whole. An image is fooled if any scored batch fooled
-    it. standing: the images no attack has fooled yet (n,) bool (for "target" and "victim")."""
+    it. standing: the images no attack has fooled yet (n,) bool (for "target" and "benign:victim").
+    K of B (row.attackers): the attack moves the attacker's slots alone (the last K of each fixed
+    batch), within the attacker's budget; a query counts only if its benign images are exactly the
+    clean ones. The result is per image, benign and attacker's alike."""
+    B, held, frozen = chunk.grouped_by, None, None
     if row.attackers:
-        return slots_chunk(row, attack, chunk, setting, warnings, standing)
-    B = chunk.grouped_by
-    scored = setting.score_queries or attack.reads_scores  # the batch adversary reads its scores
-    scorer = QueryScorer(chunk.x, chunk.y, setting.norm, setting.eps, B) if scored else None
-    target = row.surrogate(attack.surrogate, B, scorer, chunk.x)
+        held = attacker_slots(chunk.sizes, row.attackers).to(chunk.x.device)
+        setting, frozen = replace(setting, eps=row.attacker_eps), ~held
+    scored = setting.score_queries or attack.reads_scores  # the batch adversary and K of B read their scores
+    scorer = QueryScorer(chunk.x, chunk.y, setting.norm, setting.eps, B, frozen) if scored else None
+    model = row.surrogate(attack.surrogate, B, scorer, chunk.x)
     helpers = None
     if attack.kind == "flip":  # the FC oracle it flips, and the real model's runner-up
         helpers = dict(fc=row.surrogate("fc", B, scorer), real=row.real(B))
-    runs = run_attack(attack, target, chunk, setting, whole_batch=row.whole_batch(attack), warnings=warnings,
-                      standing=standing, helpers=helpers)
+    runs = run_attack(attack, model, chunk, setting, held=held, whole_batch=row.whole_batch(attack),
+                      warnings=warnings, standing=standing, helpers=helpers)
     correct = torch.ones_like(chunk.y, dtype=torch.bool)
     for x_adv in runs:  # the last run's batch is the one kept
-        x_adv = check_adv(x_adv, chunk.x, setting.norm, setting.eps)
+        x_adv = check_adv(x_adv, chunk.x, setting.norm, setting.eps, frozen)
         c_final = score(row.real(B), x_adv, chunk.y)[0]
         correct &= c_final
     if scorer is None:
         return ChunkResult(correct, x_adv)
-    return ChunkResult(correct & scorer.robust, x_adv, c_final)
-
-
-def slots_chunk(row, attack, chunk, setting, warnings=None, standing=None):
-    """K of B: the attack moves the attacker's slots alone (the last K of each fixed batch), within
-    the attacker's budget; every query is a whole fixed batch, scored on the real model only if
-    its benign images are exactly the clean ones; every final batch is re-scored whole. The result
-    is per image, benign and attacker's alike (attackers.py says what each attack aims at)."""
-    B, s = chunk.grouped_by, replace(setting, eps=row.attacker_eps)
-    slots = attacker_slots(chunk.sizes, row.attackers).to(chunk.x.device)
-    scorer = QueryScorer(chunk.x, chunk.y, s.norm, s.eps, B, frozen=~slots)
-    target = row.surrogate(attack.surrogate, B, scorer)
-    correct = torch.ones_like(chunk.y, dtype=torch.bool)
-    for x_att in run_slot_attack(attack, target, chunk, s, slots, standing, warnings):
-        x_adv = check_adv(put(chunk.x, slots, x_att.detach()), chunk.x, s.norm, s.eps, frozen=~slots)
-        c_final = score(row.real(B), x_adv, chunk.y)[0]
-        correct &= c_final
     return ChunkResult(correct & scorer.robust, x_adv, c_final)
 
 

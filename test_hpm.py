@@ -40,7 +40,8 @@ from experiments import common, run_dpnp_mnist, run_mnist, run_study, run_theory
 from finetune import (clean_pass, head_parameters, ikl_loss, perturb, soft_cross_entropy, train_step,
                       weighted_mse)
 from hpm import attach
-from hpmkit import attacks, catalogue, checkpoint, chunks, cli, config, dpnp, gpu, jobs, models, report, results
+from hpmkit import (attacks, autoattack, batch_attacks, catalogue, checkpoint, chunks, cli, config, dpnp, gpu, jobs,
+                    models, pgd, report, results)
 from hpmkit.catalogue import CATALOGUE, Setting
 from hpmkit.checkpoint import HeadRecord, load_head, read_head, save_head
 from hpmkit.chunks import Chunk, FixedBatches
@@ -1608,11 +1609,11 @@ def test_queries_of_part_of_a_batch_or_outside_the_ball_are_never_scored():
         "a NaN pixel": (torch.cat([x0[:3], x0[3:] * float("nan")]), wrong),
     }
     for case, (x, logits) in cases.items():
-        scorer = attacks.QueryScorer(x0, y, "Linf", 0.1)
+        scorer = batch_attacks.QueryScorer(x0, y, "Linf", 0.1)
         scorer(x, logits)
         assert scorer.robust.all(), case
     for norm, delta in (("Linf", 0.1), ("L2", 0.1 / 8)):  # on the boundary of the ball: scored
-        scorer = attacks.QueryScorer(x0, y, norm, 0.1)
+        scorer = batch_attacks.QueryScorer(x0, y, norm, 0.1)
         scorer(x0 + delta, wrong)
         assert not scorer.robust.any(), norm
 
@@ -1621,7 +1622,7 @@ def test_square_scores_only_its_whole_batch_queries():
     x, y = quad_data(8)
     model = fitted_hpm(quad_linear(), x, y)
     xf = x.float() / 255
-    scorer = attacks.QueryScorer(xf, y, "Linf", 0.6)
+    scorer = batch_attacks.QueryScorer(xf, y, "Linf", 0.6)
     target = evaluate.Surrogate(model, "ste", "batch", scorer=scorer)
     run_attack("square", target, xf, y, eps=0.6, queries=30)
     assert scorer.queries > scorer.scored >= 1  # the later queries hold only the unfooled images
@@ -1765,10 +1766,11 @@ def test_margin_loss_is_the_carlini_wagner_margin():
     torch.manual_seed(0)
     logits = torch.randn(6, 5, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    apgd = attacks.library_attack("apgd-cw", nn.Identity(), Setting("Linf", 0.1, steps=3), logits.device)
+    apgd = autoattack.library_attack("apgd-cw", nn.Identity(), Setting("Linf", 0.1, steps=3), logits.device,
+                                     loss=pgd.cw_loss)
     expected = torch.stack([max(logits[i, j] for j in range(5) if j != y[i]) - logits[i, y[i]]
                             for i in range(6)])
-    torch.testing.assert_close(attacks.cw_loss(logits, y), expected, **TOL)
+    torch.testing.assert_close(pgd.cw_loss(logits, y), expected, **TOL)
     torch.testing.assert_close(apgd.dlr_loss(logits, y), expected, **TOL)  # the loss APGD maximises
 
 
@@ -1777,7 +1779,7 @@ def test_fixed_batch_square_queries_only_whole_batches_inside_the_ball():
     model = fitted_hpm(quad_linear(), x, y)
     xf, queried = x.float() / 255, []
     target = evaluate.Surrogate(model, "ste", "batch", scorer=lambda q, logits: queried.append(q.clone()))
-    x_adv = attacks.square_fixed_batch(target, Chunk(xf, y, [16]), Setting("Linf", 0.45, queries=40))
+    x_adv = run_attack("square", target, xf, y, eps=0.45, queries=40, fixed_batch_square=True)[0]
     assert len(queried) >= 2 and all(q.shape == xf.shape for q in queried)
     for q in queried + [x_adv]:
         assert (q - xf).abs().max() <= 0.45 + 1e-6 and q.min() >= 0 and q.max() <= 1
@@ -1835,7 +1837,7 @@ def test_the_batch_adversary_breaks_images_every_other_strong_attack_leaves_robu
     assert full.row("base").worst_case == 1.0
 
 
-class RecordingScorer(attacks.QueryScorer):
+class RecordingScorer(batch_attacks.QueryScorer):
     """A QueryScorer that keeps every query it is shown, for an independent re-scoring."""
     seen = []
 
@@ -1853,11 +1855,11 @@ def test_a_targets_attack_changes_another_images_record_only_when_a_scored_batch
     model = model.double()
     standing = torch.ones(32, dtype=torch.bool)
     standing[[1, 2, 9, 30]] = False  # not targets: their batches are attacked for the others only
-    monkeypatch.setattr(attacks, "QueryScorer", RecordingScorer)
+    monkeypatch.setattr(batch_attacks, "QueryScorer", RecordingScorer)
     RecordingScorer.seen = []
-    scorer = attacks.QueryScorer(xf, y, "Linf", 0.36, batch_size=8)
+    scorer = batch_attacks.QueryScorer(xf, y, "Linf", 0.36, batch_size=8)
     target = evaluate.Surrogate(model, "mix", "batch", batch_size=8, scorer=scorer)
-    attacks.target_attack(target, Chunk(xf, y, [8] * 4), Setting("Linf", 0.36, steps=10), standing)
+    run_attack("target/mix", target, xf, y, sizes=[8] * 4, eps=0.36, steps=10, standing=standing)
     fooled = torch.zeros(32, dtype=torch.bool)
     copies = RecordingScorer.seen  # (the outer scorer is only merged into, never called)
     assert len(copies) >= 10
@@ -1890,7 +1892,7 @@ def test_the_batch_adversary_chunked_equals_batch_by_batch():
 
 
 # ==============================================================================================
-# hpmkit/attackers.py (K of B)
+# hpmkit/batch_attacks.py: K of B
 # ==============================================================================================
 # An attacker who holds the last K slots of every fixed batch among benign, clean images. The
 # pixel toy: 10x10 images of 100 classes, class c has its pixel c bright; a linear FC layer reads
@@ -1929,16 +1931,16 @@ def slot_row(base, model, K=1, eps=1.0):
     return evaluate.build_rows(base, model, contexts=(), attackers=[K], attacker_eps=eps)[1]
 
 
-SLOT_ATTACKS = [a.name for a in CATALOGUE.values() if a.rows == "attackers"]
+SLOT_ATTACKS = [a.name for a in CATALOGUE.values() if a.runs_on == "attackers"]
 
 
 def test_the_attacker_slots_are_the_last_k_of_each_batch_and_a_short_batch_keeps_one_benign():
-    from hpmkit.attackers import attacker_slots
+    from hpmkit.batch_attacks import attacker_slots
     assert attacker_slots([4, 4, 2], 2).int().tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 0, 1]
     assert attacker_slots([3, 1], 3).int().tolist() == [0, 1, 1, 0]
 
 
-class SlotRecorder(attacks.QueryScorer):
+class SlotRecorder(batch_attacks.QueryScorer):
     """A QueryScorer that keeps every query with its frozen (benign) images."""
     seen = []
 
@@ -1950,7 +1952,7 @@ class SlotRecorder(attacks.QueryScorer):
 def test_the_attacker_moves_only_its_slots_within_its_budget_and_benign_images_stay_bitwise_clean(
         monkeypatch, tmp_path):
     x, y, base, model = pixel_setup(16)
-    for module in (evaluate, hpmkit_attackers()):
+    for module in (evaluate, batch_attacks):
         monkeypatch.setattr(module, "QueryScorer", SlotRecorder)
     SlotRecorder.seen = []
     row = slot_row(base, model, K=2, eps=0.3)
@@ -1970,11 +1972,6 @@ def test_the_attacker_moves_only_its_slots_within_its_budget_and_benign_images_s
         assert torch.equal(saved[~slots], xf[~slots]), attack
         assert (saved - xf).abs().max() <= 0.3 + 1e-6, attack
     assert res.row(row.name).benign_clean == 1.0
-
-
-def hpmkit_attackers():
-    from hpmkit import attackers
-    return attackers
 
 
 def test_one_attacker_image_in_a_batch_of_8_flips_a_benign_image_and_the_base_model_has_no_collateral():
@@ -2081,20 +2078,20 @@ def test_attacker_rows_chunked_equal_batch_by_batch_and_resume_to_the_same_file(
     argv = ["--eps", "0.05", "--steps", "4", "--queries", "20", "--contexts", "batch", "--attacks",
             "apgd-ce/fc," + ",".join(attacks_), "--attackers", "1,2", "--attacker-eps", "1", "--chunk", "16"]
     whole = run_evaluate(paths, *argv, "--out", str(tmp_path / "whole.json"))
-    real, calls = evaluate.run_slot_attack, []
+    real, calls = evaluate.run_attack, []
 
-    def dies(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
+    def dies(attack, *a, **k):
+        calls.append(attack.runs_on == "attackers")
+        if sum(calls) == 5:  # the fifth chunk of the attacker rows
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(attack, *a, **k)
 
-    monkeypatch.setattr(evaluate, "run_slot_attack", dies)
+    monkeypatch.setattr(evaluate, "run_attack", dies)
     out = str(tmp_path / "resumed.json")
     with pytest.raises(KeyboardInterrupt):
         run_evaluate(paths, *argv, "--out", out)
     assert read_results(out).complete is False
-    monkeypatch.setattr(evaluate, "run_slot_attack", real)
+    monkeypatch.setattr(evaluate, "run_attack", real)
     resumed = run_evaluate(paths, *argv, "--out", out)
     assert comparable(resumed) == comparable(whole) == comparable(read_results(out))
     assert {"hpm/attackers-1", "hpm/attackers-2"} <= set(whole.rows())
@@ -2196,11 +2193,11 @@ def test_fixed_batch_square_on_a_chunk_queries_whole_chunks_and_equals_each_batc
     xf, queried = x.double() / 255, []
     grouped = evaluate.Surrogate(model, "ste", "batch", batch_size=8,
                                  scorer=lambda q, logits: queried.append(q.shape))
-    setting = Setting("Linf", 0.45, queries=40)
-    chunk = attacks.square_fixed_batch(grouped, Chunk(xf, y, [8] * 4), setting)
+    setting = dict(eps=0.45, queries=40, fixed_batch_square=True)
+    chunk = run_attack("square", grouped, xf, y, sizes=[8] * 4, **setting)[0]
     target = evaluate.Surrogate(model, "ste", "batch")
     assert len(queried) >= 2 and all(q == xf.shape for q in queried)
-    alone = torch.cat([attacks.square_fixed_batch(target, Chunk(xf[a:a + 8], y[a:a + 8], [8]), setting)
+    alone = torch.cat([run_attack("square", target, xf[a:a + 8], y[a:a + 8], **setting)[0]
                        for a in range(0, 32, 8)])
     assert (chunk - xf).abs().max() <= 0.45 + 1e-9 and chunk.min() >= 0 and chunk.max() <= 1
     assert torch.equal(chunk, alone)
@@ -3309,7 +3306,7 @@ def test_alike_warnings_are_summed_and_no_placeholder_is_left():
     warnings of runs with 3, 1 and 5 such images become one entry, 9 points over 3 runs; a
     message without numbers is counted; no "N" stands in for a number."""
     from pyautoattack import checks as aa_checks
-    counter = cli.WarningCounter()
+    counter = autoattack.WarningCounter()
     for k in (3, 1, 5):
         grad = torch.ones(8, 1, 2, 2)
         grad[:k] = 0
@@ -3594,7 +3591,7 @@ def test_unknown_robustbench_model_is_one_line_on_stderr(tmp_path):
 
 def rb_wideresnet():
     """A tiny WideResNet from robustbench's own classes (the class a RobustBench download has)."""
-    models.alias_autoattack()
+    autoattack.alias_autoattack()
     from robustbench.model_zoo.architectures.wide_resnet import WideResNet
 
     torch.manual_seed(0)
@@ -3646,7 +3643,7 @@ def test_the_readme_snippet_runs_as_written(monkeypatch):
 
 
 def test_offline_robustbench_name_is_one_line(monkeypatch, tmp_path):
-    models.alias_autoattack()
+    autoattack.alias_autoattack()
     import robustbench.utils
 
     def no_network(**kw):

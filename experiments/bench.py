@@ -34,14 +34,14 @@ import torch.nn.functional as F
 
 import finetune
 import hpm
-from hpmkit import chunks, config, gpu, models
+from hpmkit import autoattack, config, gpu
 from hpmkit.attacks import run_attack
 from hpmkit.catalogue import CATALOGUE, Setting
 from hpmkit.chunks import Chunk, FixedBatches
 from hpmkit.jobs import Engine
 from hpmkit.pgd import project
 
-models.alias_autoattack()
+autoattack.alias_autoattack()
 import evaluate  # noqa: E402  (after the alias: evaluate imports pyautoattack pieces)
 
 
@@ -178,7 +178,7 @@ def image_context_vs_loop(model, x, device, repeats):
 
 def evaluate_vs_autoattack(base, x, y, device, repeats, steps):
     """evaluate.py's attack on a batch / AutoAttack's APGDAttack called directly on the same batch."""
-    from pyautoattack.autopgd_base import APGDAttack
+    from hpmkit.autoattack import APGDAttack
 
     row = evaluate.build_rows(base)[0]
     target = row.surrogate(None)
@@ -317,7 +317,7 @@ def square_chunk_vs_per_batch(base, x, y, batch, queries, device, repeats):
     Also the limit of any Square making the same queries: the time before / the time the model
     alone needs for the images it was queried on, at its best forward throughput at any batch
     size (no reordering of the queries can beat that)."""
-    from pyautoattack.square import SquareAttack
+    from hpmkit.autoattack import SquareAttack
 
     sizes = [batch] * (len(x) // batch)
     queried, adv = [0], {}
@@ -329,7 +329,7 @@ def square_chunk_vs_per_batch(base, x, y, batch, queries, device, repeats):
     def new():
         sq = SquareAttack(base, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
                           verbose=False, device=x.device)
-        adv["new"] = chunks.square_chunk(sq, x, y, sizes)
+        adv["new"] = autoattack.square_chunk(sq, x, y, sizes)
 
     def before():
         queried[0], outs = 0, []

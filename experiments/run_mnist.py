@@ -89,7 +89,7 @@ SETTINGS = {
 
 def apgd_accuracy(model, x, y, eps, steps, seed, device):
     """Accuracy under AutoAttack's APGD-CE (perturb: attacks the correctly classified images)."""
-    from pyautoattack.autopgd_base import APGDAttack
+    from hpmkit.autoattack import APGDAttack
 
     xf, yd = x.to(device).float().div(255), y.to(device)
     attack = APGDAttack(model, n_iter=steps, norm="Linf", eps=eps, seed=seed, loss="ce", device=device)

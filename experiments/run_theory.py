@@ -61,7 +61,7 @@ def attack_side(fc, l2, x, y, steps, seed):
     only the images classified right and keeps only the examples that fool, so every other image
     comes back unchanged; its zero perturbation has no direction (counted, such images drew a
     spike at |cos gamma| = 0 and S = 0)."""
-    from pyautoattack.autopgd_base import APGDAttack
+    from hpmkit.autoattack import APGDAttack
 
     out = {}
     for name, model in (("fc", fc), ("l2", l2)):

@@ -5,8 +5,9 @@ restarts) and its two choices (score every query; the Square that queries whole 
 batches). The checks derive theirs with `dataclasses.replace(setting, eps=...)`.
 
 The catalogue holds one record per attack: the name it has in the results, the kind that runs
-(the AutoAttack class or one of hpmkit/attacks.py), the surrogate of an HPM model it follows,
-the classes it needs, the rows that run it, and what it costs (`Attack.cost`: backbone passes
+(the AutoAttack class, or one of ours: hpmkit/attacks.py's run_attack says what runs for each),
+the surrogate of an HPM model it follows, the classes it needs, the rows it runs on, and what it
+costs (`Attack.cost`: backbone passes
 per image, the unit jobs.BackboneCounter measures).
 """
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ class Setting:
     """The attacks' budget, schedule and scoring, shared by every attack of a run."""
     norm: str  # "Linf" or "L2"
     eps: float
-    steps: int = 40  # APGD iterations (and those of the attacks of hpmkit/attacks.py)
+    steps: int = 40  # APGD iterations (and those of our gradient attacks)
     queries: int = 5000  # Square
     seed: int = 0  # the same for every batch
     restarts: int = 1  # APGD-CE, -DLR, -CW
@@ -36,18 +37,20 @@ class Setting:
 class Attack:
     """One attack of the catalogue."""
     name: str  # as in the results: "apgd-ce/mix" on an HPM row, "apgd-ce" on a per-image model
-    kind: str  # what runs: apgd-ce, apgd-dlr, apgd-t, apgd-cw, flip, square, joint, target
+    kind: str  # what runs: apgd-ce, apgd-dlr, apgd-t, apgd-cw, flip, square, joint, target; K of B:
+    #            own:apgd-ce, own:apgd-dlr, benign:spread, benign:square, benign:victim (the name without
+    #            its surrogate)
     surrogate: str = None  # the HPM model it follows (fc, soft, ste, mix, fixed); None: the real model
     classes: int = 2  # AutoAttack's DLR loss reads the 3rd largest logit, its targeted DLR the 4th
-    rows: str = "all"  # "all": every row (a per-image model runs `kind` on itself); "hpm": HPM rows;
-    #                    "batch": HPM's batch context (the batch adversary: it needs a batch that decides);
-    #                    "attackers": the rows of K attacker slots in each batch (attackers.py)
+    runs_on: str = "all"  # the rows: "all": every row (a per-image model runs `kind` on itself); "hpm":
+    #                      HPM rows; "batch": HPM's batch context (the batch adversary: it needs a batch
+    #                      that decides); "attackers": the rows of K attacker slots in each batch (K of B)
 
     @property
     def reads_scores(self):
         """The batch adversary and the attacker slots' attacks steer by what the real model scored
         (they need a scorer)."""
-        return self.kind in ("joint", "target") or self.rows == "attackers"
+        return self.kind in ("joint", "target") or self.runs_on == "attackers"
 
     def cost(self, setting, batch_size, classes=None, whole_batch=True, standing=1.0):
         """Backbone passes per image of the subset (a Cost), every scored final batch included.
@@ -57,7 +60,7 @@ class Attack:
         and victim attack a copy of its fixed batch per image standing). Passes over all images
         of a chunk are exact; an attack that can stop early (Square, the batch adversary, spread,
         victim) or attack fewer images (perturb) gets an upper bound."""
-        S, q, kind = setting.steps, setting.queries, self.kind.removeprefix("own-")
+        S, q, kind = setting.steps, setting.queries, self.kind.removeprefix("own:")
         if kind == "flip":  # the real model's runner-up, then two APGD runs, each scored
             return Cost(1 + 2 * (S + 2))
         if kind in KINDS:  # per run: its start and S steps, then its final batch scored
@@ -68,9 +71,9 @@ class Attack:
                 return Cost(2 + targeted + runs * (S + 1 + targeted), bound=True)
             fixed = int(self.surrogate == "fixed")  # the clean features, once
             return Cost(targeted + fixed + runs * (S + 2), bound=bool(targeted) and classes is None)
-        if kind in ("square", "square-victims"):  # AutoAttack's perturb: a clean pass before, one after
+        if kind in ("square", "benign:square"):  # AutoAttack's perturb: a clean pass before, one after
             return Cost(q + (4 if kind == "square" else 2), bound=True)
-        if kind in ("joint", "spread"):  # S steps, the last iterate, the final batch
+        if kind in ("joint", "benign:spread"):  # S steps, the last iterate, the final batch
             return Cost(S + 2, bound=True)
         return Cost(1 + standing * batch_size * (S + 1), bound=True)  # target, victim
 
@@ -102,16 +105,16 @@ def _catalogue():
     hpm = [Attack(f"{k}/{s}", k, s, CLASSES[k], "hpm" if s in ADAPTIVE else "all")
            for k in KINDS for s in SURROGATES + ADAPTIVE]
     hpm += [Attack("flip/mix", "flip", "mix", CLASSES["flip"], "hpm"), Attack("square", "square")]
-    # The batch as the adversary's (attacks.joint_attack, target_attack), through a surrogate with
-    # batch prototypes; last in the order (target reads the images every other attack left standing).
-    hpm += [Attack(f"{k}/{s}", k, s, rows="batch") for k in ("joint", "target") for s in ("soft", "ste", "mix")]
+    # The batch as the adversary's (batch_attacks.py), through a surrogate with batch prototypes;
+    # last in the order (target reads the images every other attack left standing).
+    hpm += [Attack(f"{k}/{s}", k, s, runs_on="batch") for k in ("joint", "target") for s in ("soft", "ste", "mix")]
     own = [Attack(k, k, None, CLASSES[k]) for k in KINDS]  # a per-image model's, on itself
-    # K of B (attackers.py): the attacker's own images misclassified, and collateral on the benign ones.
-    slots = [Attack(f"own:{k}/{s}", f"own-{k}", s, CLASSES[k], "attackers") for k in LOSSES_K for s in SURROGATES]
-    slots += [Attack(f"benign:spread/{s}", "spread", s, rows="attackers") for s in ("soft", "ste", "mix")]
-    slots += [Attack("benign:square", "square-victims", rows="attackers")]
+    # K of B (batch_attacks.py): the attacker's own images misclassified, and collateral on the benign ones.
+    slots = [Attack(f"own:{k}/{s}", f"own:{k}", s, CLASSES[k], "attackers") for k in LOSSES_K for s in SURROGATES]
+    slots += [Attack(f"benign:spread/{s}", "benign:spread", s, runs_on="attackers") for s in ("soft", "ste", "mix")]
+    slots += [Attack("benign:square", "benign:square", runs_on="attackers")]
     # last: victim reads the benign images every other attack left standing
-    slots += [Attack(f"benign:victim/{s}", "victim", s, rows="attackers") for s in ("soft", "ste", "mix")]
+    slots += [Attack(f"benign:victim/{s}", "benign:victim", s, runs_on="attackers") for s in ("soft", "ste", "mix")]
     return {a.name: a for a in own + hpm + slots}
 
 
@@ -123,7 +126,7 @@ HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) +
 # (soft and mix surrogates: spread, then victim on the benign images left standing) and without gradients.
 ATTACKER_ATTACKS = (tuple(f"own:{k}/{s}" for k in LOSSES_K for s in SURROGATES)
                     + ("benign:spread/soft", "benign:spread/mix", "benign:square", "benign:victim/mix"))
-BATCH_ADVERSARY = tuple(a.name for a in CATALOGUE.values() if a.rows == "batch")
+BATCH_ADVERSARY = tuple(a.name for a in CATALOGUE.values() if a.runs_on == "batch")
 
 
 def parse_attacks(text):

@@ -10,7 +10,7 @@ import torch
 
 from hpmkit.catalogue import CATALOGUE
 from hpmkit.chunks import FixedBatches
-from hpmkit.cli import WarningCounter
+from hpmkit.autoattack import WarningCounter
 from hpmkit.jobs import Job, run_job
 
 

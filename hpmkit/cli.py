@@ -2,14 +2,13 @@
 
 - Bad input: `CLIError`, printed by `run_cli` as one line (exit status 2, no traceback).
 - Flags: an eps as a number or a fraction, counts, devices, checked before any work.
-- The console: a tqdm bar on a terminal, a compact line a minute in a redirected log;
-  AutoAttack's warnings counted, not printed per batch.
+- The console: a tqdm bar on a terminal, a compact line a minute in a redirected log
+  (AutoAttack's warnings are counted in hpmkit/autoattack.py).
 
 Neither script imports the other; both import this module.
 """
 import math
 import os
-import re
 import sys
 import time
 from fractions import Fraction
@@ -142,49 +141,6 @@ class LogProgress:
 
     def close(self):
         pass
-
-
-NUMBER = r"\d+(?:\.\d+)?"
-
-
-class WarningCounter:
-    """A logger for AutoAttack's checks: counts alike warnings instead of printing one per batch.
-    Warnings alike but for their numbers are one entry: its count, and each number summed."""
-
-    def __init__(self):
-        self.counts = {}  # {the text with its numbers as "{}": [occurrences, [each number's sum]]}
-
-    def warning(self, msg):
-        text = str(msg).split("!")[0]  # (what follows is the same advice every time)
-        numbers = [float(n) if "." in n else int(n) for n in re.findall(NUMBER, text)]
-        key = re.sub(NUMBER, "{}", text.replace("{", "{{").replace("}", "}}"))
-        entry = self.counts.setdefault(key, [0, [0] * len(numbers)])
-        entry[0] += 1
-        entry[1] = [s + n for s, n in zip(entry[1], numbers)]
-
-    def summary(self):
-        """One line: each kind of warning with its numbers summed and how often it came."""
-        return "; ".join(phrase(key, n, sums) for key, (n, sums) in self.counts.items())
-
-
-# AutoAttack's warnings our attacks can raise, said with their numbers summed over n warnings.
-PHRASES = {
-    # checks.check_zero_gradients, once at the start of every APGD run on a batch (or a chunk)
-    "there are {} points with zero gradient": lambda sums, n: (
-        f"zero gradient at {sums[0]} point{'s' * (sums[0] != 1)} in all, over {n} APGD run{'s' * (n != 1)} "
-        "that found any (checked "
-        "at each run's start: an image counts once per run)"),
-}
-
-
-def phrase(key, n, sums):
-    """A WarningCounter entry in words: PHRASES' wording where it has one, else the text, numbers summed."""
-    if key in PHRASES:
-        return PHRASES[key](sums, n)
-    text = key.format(*(f"{v:g}" if isinstance(v, float) else v for v in sums))
-    if n == 1:
-        return text
-    return f"{text} ({'numbers summed over ' if sums else ''}{n} warnings)"
 
 
 def say(line):

@@ -19,30 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from hpmkit.autoattack import alias_autoattack
 from hpmkit.cli import CLIError, first_line
 from hpmkit.data import OWN, to_float
 from hpmkit.files import sha256
 
 SAVE_WEIGHTS = 'torch.save(model.state_dict(), "W.pt")'  # how a user writes --weights
-
-
-def alias_autoattack():
-    """robustbench imports `autoattack`; PyPI ships AutoAttack as `pyautoattack`.
-
-    Needed before robustbench is imported, and before unpickling a model whose classes come
-    from robustbench (they import `autoattack` too).
-    """
-    if "autoattack" in sys.modules:
-        return
-    try:
-        import autoattack  # noqa: F401  (the upstream package, if installed)
-    except ImportError:
-        sys.modules["autoattack"] = importlib.import_module("pyautoattack")
-        for sub in ("state", "autopgd_base", "square", "other_utils", "checks"):
-            try:
-                sys.modules[f"autoattack.{sub}"] = importlib.import_module(f"pyautoattack.{sub}")
-            except ImportError:
-                pass
 
 
 @dataclass(frozen=True)

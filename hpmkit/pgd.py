@@ -1,6 +1,8 @@
 """Projected gradient steps, the one implementation for training, attacks and experiments:
-the eps-ball (L-inf or L2) around the clean images, the image box [0, 1], and what counts as
-inside the ball (one tolerance for every check)."""
+the eps-ball (L-inf or L2) around the clean images, the image box [0, 1], what counts as
+inside the ball (one tolerance for every check), and the margin the attacks push below 0."""
+import math
+
 import torch
 
 
@@ -53,3 +55,16 @@ def inside(x, x0, eps, norm):
     flat = x.flatten(1)
     return ((size <= eps * (1 + 1e-5) + 1e-7) & (flat.amin(1) >= 0) & (flat.amax(1) <= 1)
             & torch.isfinite(flat).all(1))
+
+
+def margins(logits, y):
+    """logit of the true class minus the largest other (B,); below 0: misclassified."""
+    other = logits.scatter(1, y[:, None], -math.inf).amax(dim=1)
+    margin = logits.gather(1, y[:, None]).squeeze(1) - other
+    return torch.where(torch.isfinite(logits).all(dim=1), margin, torch.full_like(margin, -math.inf))
+
+
+def cw_loss(logits, y):
+    """The margin loss of Carlini and Wagner, max_{j != y} z_j - z_y, per image (B,): the DLR loss
+    without its scale normaliser (the l2 logits of HPM have another scale than FC logits)."""
+    return -margins(logits, y)

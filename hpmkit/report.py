@@ -186,7 +186,7 @@ def versions():
 def version_line(cfg, default, rows):
     """What this run does, as lines: its version's notes (default: evaluate.VERSIONS[version]), or the
     flags that changed it and how; then the attacks each row runs (rows: evaluate's rows)."""
-    version, hpm = cfg["version"], [a for a in cfg["attacks"] if CATALOGUE[a].rows != "attackers"]
+    version, hpm = cfg["version"], [a for a in cfg["attacks"] if CATALOGUE[a].runs_on != "attackers"]
     extra = [a for a in hpm if a not in default["attacks"]]
     changes = {"--attacks": f"{len(set(hpm) & set(default['attacks']))} of the version's {len(default['attacks'])} "
                             "attacks" + (f" and {', '.join(extra)}" if extra else ""),

@@ -2097,6 +2097,40 @@ def test_attacker_rows_chunked_equal_batch_by_batch_and_resume_to_the_same_file(
     assert {"hpm/attackers-1", "hpm/attackers-2"} <= set(whole.rows())
 
 
+# --- issue 36 item 1: a last batch of one image ---------------------------------------------
+# 17 images in fixed batches of 16: the last batch holds one image, which stays benign (a batch's
+# first image is never the attacker's), so that batch has nothing to attack.
+
+def test_a_last_batch_of_one_image_is_scored_clean_by_every_attacker_attack_and_a_rerun_resumes(tmp_path):
+    x, y, base, model = pixel_setup(17)
+    paths = {"model": str(tmp_path / "pixel.pt"), "data": str(tmp_path / "test.npz"), "head": str(tmp_path / "head.pt")}
+    torch.save(base, paths["model"])
+    np.savez(paths["data"], x=x.numpy(), y=y.numpy())
+    save_head(paths["head"], model, HeadRecord("hpm", paths["model"], "mnist", "Linf", 16, 0.05, {},
+                                               models.fingerprint(base.state_dict())), [], True)
+    slot_attacks = ["own:apgd-ce/mix", "own:apgd-dlr/soft", "benign:spread/soft", "benign:square",
+                    "benign:victim/soft"]
+    argv = [sys.executable, str(HERE / "evaluate.py"), "--head", paths["head"], "--model", paths["model"],
+            "--data", paths["data"], "--n-examples", "17", "--attackers", "2", "--contexts", "batch",
+            "--attacks", ",".join(["apgd-ce/fc"] + slot_attacks), "--steps", "2", "--queries", "10",
+            "--device", "cpu", "--no-progress", "--out", str(tmp_path / "r.json")]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    r = read_results(tmp_path / "r.json").row("hpm/attackers-2")
+    assert r.attacker_slots == [0] * 14 + [1, 1] + [0]  # the last image, alone in its batch, benign
+    with torch.no_grad():  # its clean batch: the image classified alone, as its fixed batch
+        alone = int(model(x[16:].float() / 255, context="batch").argmax(1).item() == y[16].item())
+    assert r.correct("clean")[16] == alone
+    for attack in slot_attacks:
+        assert len(r.correct(attack)) == 17, attack
+        assert r.correct(attack)[16] == alone, attack
+    before = read_results(tmp_path / "r.json").row("hpm/attackers-2").per_image
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "nothing left to run" in again.stdout  # it resumed the finished file
+    assert read_results(tmp_path / "r.json").row("hpm/attackers-2").per_image == before
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--attackers", "8"], r"--attackers 8: the attacker holds K of the B = 8 slots"),
     (["--attackers", "0"], r"--attackers 0: .*1 <= K < 8"),

@@ -41,7 +41,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from hpmkit.attacks import check_adv, fixed_prototype_logits, run_attack
+from hpmkit.attacks import check_adv, fixed_prototype_logits, run_attack, run_k_of_b
 from hpmkit.autoattack import WarningCounter
 from hpmkit.batch_attacks import QueryScorer, attacker_slots
 from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, Cost, check_classes
@@ -229,8 +229,11 @@ def attack_chunk(row, attack, chunk, setting, warnings=None, standing=None):
     helpers = None
     if attack.kind == "flip":  # the FC oracle it flips, and the real model's runner-up
         helpers = dict(fc=row.surrogate("fc", B, scorer), real=row.real(B))
-    runs = run_attack(attack, model, chunk, setting, held=held, whole_batch=row.whole_batch(attack),
-                      warnings=warnings, standing=standing, helpers=helpers)
+    if held is None:
+        runs = run_attack(attack, model, chunk, setting, whole_batch=row.whole_batch(attack), warnings=warnings,
+                          standing=standing, helpers=helpers)
+    else:
+        runs = run_k_of_b(attack, model, chunk, setting, held, standing, warnings)
     correct = torch.ones_like(chunk.y, dtype=torch.bool)
     for x_adv in runs:  # the last run's batch is the one kept
         x_adv = check_adv(x_adv, chunk.x, setting.norm, setting.eps, frozen)

@@ -2078,20 +2078,20 @@ def test_attacker_rows_chunked_equal_batch_by_batch_and_resume_to_the_same_file(
     argv = ["--eps", "0.05", "--steps", "4", "--queries", "20", "--contexts", "batch", "--attacks",
             "apgd-ce/fc," + ",".join(attacks_), "--attackers", "1,2", "--attacker-eps", "1", "--chunk", "16"]
     whole = run_evaluate(paths, *argv, "--out", str(tmp_path / "whole.json"))
-    real, calls = evaluate.run_attack, []
+    real, calls = evaluate.run_k_of_b, []
 
-    def dies(attack, *a, **k):
-        calls.append(attack.runs_on == "attackers")
-        if sum(calls) == 5:  # the fifth chunk of the attacker rows
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
             raise KeyboardInterrupt
-        return real(attack, *a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(evaluate, "run_attack", dies)
+    monkeypatch.setattr(evaluate, "run_k_of_b", dies)
     out = str(tmp_path / "resumed.json")
     with pytest.raises(KeyboardInterrupt):
         run_evaluate(paths, *argv, "--out", out)
     assert read_results(out).complete is False
-    monkeypatch.setattr(evaluate, "run_attack", real)
+    monkeypatch.setattr(evaluate, "run_k_of_b", real)
     resumed = run_evaluate(paths, *argv, "--out", out)
     assert comparable(resumed) == comparable(whole) == comparable(read_results(out))
     assert {"hpm/attackers-1", "hpm/attackers-2"} <= set(whole.rows())
@@ -2268,7 +2268,7 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
     partial = read_results(out)
     assert partial.complete is False and partial.row("base").batches_done("apgd-dlr") == 2
     assert "apgd-dlr" not in partial.row("base").accuracies  # interrupted inside its batches
-    monkeypatch.setattr(evaluate, "run_attack", real)
+    monkeypatch.setattr(evaluate, "run_k_of_b", real)
     resumed = run_evaluate(paths, *argv, "--out", out)
     assert comparable(resumed) == comparable(whole) == comparable(read_results(out))
 

@@ -1,7 +1,7 @@
 """What evaluate.py and finetune.py stand on, one module for each thing (hpm.py, the head, stays
 a single torch-only file at the top, to be copied):
 
-    cli         one-line errors, the flags' checks, progress, AutoAttack's warnings counted
+    cli         one-line errors, the flags' checks, progress
     files       atomic writes, the lock on --out, what --out may be
     data        datasets (torchvision, ImageNet folders, .npz, your own), eps per dataset
     models      models (RobustBench names, pickled files, your code with --weights), fingerprints
@@ -9,10 +9,11 @@ a single torch-only file at the top, to be copied):
     config      the flags resolved and checked, resume identity, the fixed subset
     catalogue   the attacks' Setting and the catalogue of attacks (records, with their cost)
     results     the results file's layout: the one module that spells its keys
-    pgd         the one PGD step and projection
-    attacks     the attacks AutoAttack lacks, and the one way the library's are called
-    attackers   K of B: an attacker's slots among benign images, own and collateral
-    chunks      many fixed batches at once, each with the random numbers it gets alone
+    pgd         the one PGD step and projection, the CW margin
+    autoattack  AutoAttack, the one module that imports it: alias, attack objects, random streams, warnings
+    attacks     every attack of the catalogue on a chunk (run_attack), flip, the fixed-prototype surrogate
+    batch_attacks  the attacks that use the batch (the batch adversary, K of B), told by a mask
+    chunks      many fixed batches at once: the subset's fixed batches cut into chunks
     jobs        an attack over all batches of a row, resumable; the plan and progress; --save-adv
     ranks       torchrun: processes share the chunks, ledgers, one results file
     gpu         chunks that fit in GPU memory; --compile

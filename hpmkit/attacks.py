@@ -35,21 +35,20 @@ from dataclasses import replace
 import torch
 
 from hpm import l2_logits, ste_assignment
-from hpmkit.autoattack import final_batch, library_attack, per_batch, perturb_chunk, seed_all, square_chunk, tiled_starts
+from hpmkit.autoattack import (final_batch, library_attack, per_batch, perturb_chunk, seed_all, square_chunk,
+                                tiled_starts)
 from hpmkit.batch_attacks import (ascend_standing, attack_copies, benign_margins, clamped_loss, own_attack,
                                   square_search)
 from hpmkit.pgd import cw_loss, inside, margins
 
 
-def run_attack(attack, model, chunk, setting, *, held=None, whole_batch=True, warnings=None, standing=None,
-               helpers=None):
+def run_attack(attack, model, chunk, setting, *, whole_batch=True, warnings=None, standing=None, helpers=None):
     """One attack (a catalogue.Attack) on a chunk of fixed batches; returns its final adversarial
     batches, whole chunks (a list: one per run; APGD-T makes one run per target class). Nothing is
     scored here, but `model.scorer` (if any) sees every query; `model` is the module attacked (an
     MSA surrogate of an HPM model, or a per-image model itself).
 
-    held: K of B, the images the attacker holds (n,) bool (batch_attacks.attacker_slots); the
-    batch adversary and every other attack hold them all. whole_batch=True: the library's
+    The attacker holds every image (K of B: run_k_of_b). whole_batch=True: the library's
     attack_single_run on the whole batch (for batch-dependent models and for transfer attacks);
     each image gets its last iterate that fooled `model`, else its highest-loss iterate.
     whole_batch=False: the library's perturb (AutoAttack's standard path). Either way the RNG is
@@ -58,22 +57,10 @@ def run_attack(attack, model, chunk, setting, *, held=None, whole_batch=True, wa
     batch by batch (per_batch). With the setting's fixed-batch Square, Square on a whole batch
     (L-inf) queries the whole fixed batch every time. warnings: an autoattack.WarningCounter.
     helpers: for "flip", the FC oracle (scored like model) and the real model (not scored),
-    {"fc": ..., "real": ...}. "joint", "target" and K of B need model.scorer; standing: for
-    "target" and "benign:victim", the images still standing (n,) bool.
+    {"fc": ..., "real": ...}. "joint" and "target" need model.scorer; standing: for "target", the
+    images still standing (n,) bool.
     """
     kind, x, y, s = attack.kind, chunk.x, chunk.y, setting
-    if attack.runs_on == "attackers":  # K of B: the attacker moves its slots alone
-        if not held.any():  # batches of one image (a short last one): it stays benign, nothing to attack
-            return [x]
-        if kind in ("own:apgd-ce", "own:apgd-dlr"):
-            return own_attack(kind.removeprefix("own:"), model, chunk, s, held, warnings)
-        if kind == "benign:spread":
-            return [ascend_standing(model, chunk, s, held, ~held, clamped_loss)]
-        if kind == "benign:victim":
-            return [attack_copies(model, chunk, s, held, standing & ~held)]
-        if kind == "benign:square":
-            return [square_search(model, chunk, s, held, benign_margins(held, y, len(chunk.sizes)), per_image=False)]
-        raise ValueError(f"unknown attacker-slot attack {attack.name!r}")
     everyone = torch.ones_like(y, dtype=torch.bool)  # the batch adversary holds the whole batch
     if kind == "joint":
         return [ascend_standing(model, chunk, s, everyone, everyone, cw_loss)]
@@ -119,6 +106,27 @@ def run_attack(attack, model, chunk, setting, *, held=None, whole_batch=True, wa
         apgd.y_target = order[:, -t]
         runs.append(final_batch(x, *apgd.attack_single_run(x, y, x_init=start)))
     return runs
+
+
+def run_k_of_b(attack, model, chunk, setting, held, standing=None, warnings=None):
+    """One attack of the rows of K attacker slots (the catalogue's runs_on "attackers") on a chunk:
+    the attacker holds the images `held` (n,) bool (batch_attacks.attacker_slots: the last K of
+    each fixed batch) and moves them alone, the others stay exactly clean. Returns the final
+    adversarial batches, whole chunks (one per run). Every attack needs model.scorer; standing:
+    for "benign:victim", the images still standing (n,) bool."""
+    kind, s = attack.kind, setting
+    if not held.any():  # batches of one image (a short last one): it stays benign, nothing to attack
+        return [chunk.x]
+    if kind in ("own:apgd-ce", "own:apgd-dlr"):
+        return own_attack(kind.removeprefix("own:"), model, chunk, s, held, warnings)
+    if kind == "benign:spread":
+        return [ascend_standing(model, chunk, s, held, ~held, clamped_loss)]
+    if kind == "benign:victim":
+        return [attack_copies(model, chunk, s, held, standing & ~held)]
+    if kind == "benign:square":
+        return [square_search(model, chunk, s, held, benign_margins(held, chunk.y, len(chunk.sizes)),
+                              per_image=False)]
+    raise ValueError(f"unknown attacker-slot attack {attack.name!r}")
 
 
 def flip_attack(model, helpers, chunk, setting, warnings=None):

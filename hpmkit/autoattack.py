@@ -4,7 +4,7 @@ What it owns, so that an upgrade of the library touches this file alone:
 
 - the `autoattack` alias: PyPI ships AutoAttack as `pyautoattack`, robustbench imports `autoattack`;
 - the library's attack objects with the settings we use everywhere (library_attack; APGDLoss,
-  APGD on a loss of ours); APGDAttack, APGDAttack_targeted and SquareAttack are re-exported for
+  APGD on a loss of ours) and how their outputs are read (final_batch); APGDAttack, APGDAttack_targeted and SquareAttack are re-exported for
   the experiments that call the library directly;
 - its random streams: the library draws on the CPU generator, seeded with the same seed for
   every batch; a chunk of G fixed batches is attacked in one run, and every batch gets the very
@@ -33,7 +33,7 @@ def alias_autoattack():
     if "autoattack" in sys.modules:
         return
     try:
-        import autoattack  # noqa: F401  (the upstream package, if installed)
+        importlib.import_module("autoattack")  # the upstream package, if installed
     except ImportError:
         sys.modules["autoattack"] = importlib.import_module("pyautoattack")
         for sub in ("state", "autopgd_base", "square", "other_utils", "checks"):

@@ -50,7 +50,7 @@ NOTES = {
     "batch_square_fixed": (
         "hpm/batch square (version strong, L-inf): every query is the whole fixed batch; each "
         "still-correct image proposes its own square, all in one query, and keeps it if its own "
-        "margin fell under that query (square_fixed_batch). A coordinate-wise search over a "
+        "margin fell under that query (batch_attacks.square_search). A coordinate-wise search over a "
         "batch-dependent model: the batch an image accepted its proposal in differs from the "
         "next one by the other images' accepted proposals."),
     "flip": (

@@ -101,6 +101,19 @@ def import_path(*folders):
                 sys.path.remove(f)
 
 
+@contextlib.contextmanager
+def as_program(spec):
+    """The block runs the spec's code as a program of its own: sys.argv is [its file] alone (an
+    argparse in the user's code sees none of our flags) and its folder is first on the import path."""
+    argv = sys.argv
+    sys.argv = [spec.source]
+    try:
+        with import_path(spec.folder()):
+            yield
+    finally:
+        sys.argv = argv
+
+
 def code_file(spec):
     """The file whose contents are the code of a spec: the .py file, or the module's own file
     (found with the current folder on the import path; a package's parents are imported)."""
@@ -129,7 +142,7 @@ def import_code(spec):
     under its own name, which sys.modules holds only while it runs (a file elsewhere with that
     name stays as it was)."""
     try:
-        with import_path(spec.folder()):
+        with as_program(spec):
             if not spec.is_file:
                 return importlib.import_module(spec.source)
             path = os.path.abspath(spec.source)
@@ -170,8 +183,11 @@ def build_from_code(spec):
     except ValueError:  # no signature to read (a builtin): the call says
         pass
     try:
-        with import_path(spec.folder()):  # (an import inside NAME finds the file's neighbours too)
+        with as_program(spec):  # (an import inside NAME finds the file's neighbours too)
             net = build()
+    except SystemExit as e:  # quit(), sys.exit(n), an argparse error: the builder ended the program
+        raise CLIError(f"{spec.source}:{spec.name}() exited (status {e.code!r}) instead of returning the model; "
+                       "a builder must return an nn.Module, not end the program")
     except Exception as e:
         raise CLIError(f"{spec.source}:{spec.name}() failed while building the model ({first_line(e)})")
     if not isinstance(net, torch.nn.Module):
@@ -354,6 +370,27 @@ def check_images(model, x, device, name="the model"):
         print(f"warning: {name} gives other logits for the same images in a second forward (randomness "
               "in forward, such as dropout or noise left on in eval()): the attacks see a moving target "
               "and its robust accuracy may be overestimated; evaluate a deterministic model")
+
+
+@contextlib.contextmanager
+def as_given(*objects):
+    """The modules among objects left as they were given after the block, also on error: every
+    submodule's training flag, every parameter's requires_grad, and the device of a module whose
+    tensors lie on one (the Python API freezes and moves the caller's model for its run only)."""
+    modules = [m for m in objects if isinstance(m, torch.nn.Module)]
+    training = [(s, s.training) for m in modules for s in m.modules()]
+    grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    devices = [(m, {t.device for t in (*m.parameters(), *m.buffers())}) for m in modules]
+    try:
+        yield
+    finally:
+        for m, given in devices:
+            if len(given) == 1:
+                m.to(given.pop())
+        for s, flag in training:
+            s.training = flag
+        for p, flag in grads:
+            p.requires_grad_(flag)
 
 
 def fingerprint(state):

@@ -32,7 +32,6 @@ The results JSON is rewritten after every chunk; the same command resumes. When 
 OUT.md (the final tables) and OUT.png (every row's accuracy per attack) are written beside it.
 The machinery (chunks, resume, torchrun, GPU memory, --compile) is in hpmkit/, one line here each.
 """
-import argparse
 import contextlib
 import os
 import sys
@@ -47,14 +46,15 @@ from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, Cost, check_cl
 from hpmkit.checkpoint import Models, count_classes, load_models, object_models
 from hpmkit.checks import Checks, run_checks
 from hpmkit.chunks import ChunkResult, FixedBatches
-from hpmkit.cli import CLIError, WarningCounter, eps_value, run_cli
-from hpmkit.config import (DEFAULT_CHUNK, header_lines, identity, load_subset, object_config, open_results,
-                           resolve_config, setting_of)
+from hpmkit.cli import ArgumentParser, CLIError, WarningCounter, eps_value, run_cli
+from hpmkit.api import object_config
+from hpmkit.config import (CHECKS_DEFAULTS, DEFAULT_CHUNK, MAX_ORDERS, header_lines, identity, load_subset,
+                           open_results, resolve_config, setting_of)
 from hpmkit.data import DATASETS
 from hpmkit.files import OutLock
 from hpmkit.gpu import MemoryFit, compile_head
 from hpmkit.jobs import AdvStore, Engine, Job, Plan, run_job
-from hpmkit.models import check_images
+from hpmkit.models import as_given, check_images
 from hpmkit.ranks import start_ranks
 from hpmkit.report import (check_beside, describe, print_header, print_report, square_note, version_line,
                            write_beside)
@@ -437,21 +437,29 @@ def evaluate_model(model, x, y, head=None, **flags):
     (x in [0, 1] -> logits) and, if given, its head (hpm.attach(model) with a trained head, a DPNP
     model, or a head checkpoint's path), on images x (N, C, H, W; float in [0, 1] or uint8) with
     labels y (N,). flags: evaluate.py's flags by name (eps=8/255, version="paper", batch_size=64,
-    attacks="apgd-ce/mix,square", steps=10, contexts="image", attackers="1,8", checks=True, ...),
+    attacks="apgd-ce/mix,square", steps=10, contexts=["image"], attackers=[1, 8], checks=True, ...),
     their defaults the command line's except n_examples (all of x) and out (no file; a path to
-    write and resume). Like hpm.attach, it freezes the models in place. Returns the results file's
+    write and resume). Bad input is one CLIError (a ValueError) with the command line's line, before
+    any work. The models are frozen and moved to the device for the run, and left as they were given
+    after it (training flags, requires_grad, device), also on error. Returns the results file's
     contents (a dict)."""
-    models = object_models(model, head)
-    cfg, subset = object_config(flags, parse_args([]), VERSIONS, models, x, y)
-    if cfg["out"]:
-        check_beside(cfg["out"])
-    models = Models(*(m.to(cfg["device"]) if isinstance(m, nn.Module) else m for m in models))
-    with OutLock(cfg["out"]) if cfg["out"] else contextlib.nullcontext():  # one run writes a file at a time
-        return run(cfg, models, subset).data
+    with as_given(model, head):
+        models = object_models(model, head)
+        cfg, subset = object_config(flags, parser(), VERSIONS, models, x, y)
+        if cfg["out"]:
+            check_beside(cfg["out"])
+        models = Models(*(m.to(cfg["device"]) if isinstance(m, nn.Module) else m for m in models))
+        with OutLock(cfg["out"]) if cfg["out"] else contextlib.nullcontext():  # one run writes a file at a time
+            return run(cfg, models, subset).data
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    return parser().parse_args(argv)
+
+
+def parser():
+    """evaluate.py's flags (the Python API reads each value as its flag would be read)."""
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--head", help="head checkpoint written by finetune.py (dataset, threat model and "
                    "batch size are read from it); data: read without running code, and a model file or code it "
                    "names is not loaded unless given as --model; without it only the base model is evaluated")
@@ -508,18 +516,19 @@ def parse_args(argv=None):
                    "(opt-in: fewer, larger kernels where the head's many small ones show, at small "
                    "batches on a GPU; each mode, context and batch shape compiles once, seconds each)")
     p.add_argument("--checks", action="store_true", help="run the gradient-masking checks")
-    p.add_argument("--checks-n", type=int, default=512,
-                   help="images (first of the subset) for --checks (default 512)")
+    p.add_argument("--checks-n", type=int, help="--checks: images (first of the subset) for the checks "
+                   f"(default {CHECKS_DEFAULTS['checks_n']})")
     p.add_argument("--attackers", metavar="K[,K...]", help="for each K, a row hpm/attackers-K: the attacker "
                    "holds the last K slots of every fixed batch (DIA's convention) among benign, clean images; "
                    "it reports own (the attacker's images misclassified) and benign (the other images "
                    "misclassified through the batch prototypes); 1 <= K < batch size")
     p.add_argument("--attacker-eps", type=eps_value, help="--attackers: the attacker's budget around its natural "
                    "images (default: --eps; 1 under L-inf: any image)")
-    p.add_argument("--context-orders", type=int, default=5, help="--checks: the subset's batches formed again "
-                   "in this many random orders; the fraction of clean predictions that change (default 5)")
-    p.add_argument("--checks-tol", type=float, default=0.02,
-                   help="accuracy difference tolerated by the checks, at least one image (default 0.02)")
+    p.add_argument("--context-orders", type=int, help="--checks: the subset's batches formed again in this many "
+                   f"random orders, 1 to {MAX_ORDERS}; the fraction of clean predictions that change (default "
+                   f"{CHECKS_DEFAULTS['context_orders']})")
+    p.add_argument("--checks-tol", type=float, help="--checks: accuracy difference tolerated by the checks, at "
+                   f"least one image (default {CHECKS_DEFAULTS['checks_tol']})")
     p.add_argument("--out", help="results JSON, rewritten after every chunk; rerun to resume "
                    "(default: HEAD.eval-VERSION.json, or eval.eval-VERSION.json without --head: one file per version)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds results "
@@ -530,7 +539,7 @@ def parse_args(argv=None):
                    help="torch device (default cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (a redirected log gets none anyway, only periodic lines)")
-    return p.parse_args(argv)
+    return p
 
 
 if __name__ == "__main__":

@@ -1519,7 +1519,7 @@ def test_eps_is_accepted_as_a_fraction(tmp_path):
                        "--contexts", "image", "--out", str(tmp_path / "r.json"))
     assert res.config["eps"] == 8 / 255
     assert finetune.parse_args(["--model", "m", "--eps", "4/255"]).eps == 4 / 255
-    with pytest.raises(SystemExit):
+    with pytest.raises(CLIError, match="argument --eps: not a number or a fraction like 8/255: '8/0'"):
         finetune.parse_args(["--model", "m", "--eps", "8/0"])
 
 
@@ -2448,7 +2448,7 @@ BAD_INPUTS = {
     "finetune: base model with NaN outputs": "returns NaN or inf logits",
     "empty npz": "holds no images",
     "npz without arrays": "must hold arrays 'x' and 'y', found none",
-    "text file named .npz": "is not a readable .npz file",
+    "text file named .npz": "is not an .npz archive of arrays x and y",
     "truncated npz": "is not a readable .npz file",
     "truncated model": "could not load model file",
     "truncated head": "is not a readable head checkpoint",
@@ -2817,7 +2817,7 @@ def test_a_write_that_cannot_succeed_is_one_line_before_the_work(tmp_path, capsy
                 "newdir/ ends in a slash, so it names a folder; give a file name")
     elif case == "a name too long":
         refused(tmp_path, capsys, "finetune", with_flag(ft, "--out", str(tmp_path / ("h" * 240 + ".pt"))),
-                r"the name h+\.\.\. is too long for this file system \(243 bytes; at most 255, less 24")
+                r"the name h+\.\.\. is too long for this file system \(243 bytes; at most 255, less 36")
     elif case == "bad data with --out in a new folder":  # the lock's folder goes again
         np.savez(tmp_path / "test.npz", x=np.zeros((0, 1, SIZE, SIZE), np.uint8), y=np.zeros(0, np.int64))
         refused(tmp_path, capsys, "evaluate", with_flag(ev, "--out", str(tmp_path / "new" / "dir" / "r.json")),
@@ -3076,11 +3076,14 @@ def test_a_named_pipe_is_never_opened(tmp_path, capsys, no_hang, case):
 
 @pytest.mark.parametrize("script", ["evaluate", "finetune"])
 def test_the_temporary_files_a_killed_run_left_are_removed(tmp_path, capsys, script):
-    """mkstemp's names beside --out (and OUT.unfinished.pt) go once the run holds the lock; a
-    file of another name stays."""
+    """The temporary files of a killed run beside --out (and OUT.unfinished.pt), OUT.hpm-PID-xxxxxxxx.tmp,
+    go once the run holds the lock and PID is gone; a file of another name stays."""
     ev, ft = sweep(tmp_path)
     out = "r.json" if script == "evaluate" else "head.pt"
-    stale = [f"{out}.k3j_9xq2.tmp"] + (["head.unfinished.pt.a1b2c3d4.tmp"] if script == "finetune" else [])
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    stale = [f"{out}.hpm-{killed.pid}-k3j_9xq2.tmp"] + (
+        [f"head.unfinished.pt.hpm-{killed.pid}-a1b2c3d4.tmp"] if script == "finetune" else [])
     for name in stale + [f"{out}.notes.tmp"]:
         (tmp_path / name).write_text("left by a kill\n")
     argv = ev if script == "evaluate" else with_flag(ft, "--out", str(tmp_path / out)) + ["--epochs", "2"]
@@ -3099,6 +3102,304 @@ def test_an_exploded_head_is_never_saved(tmp_path, capsys, case):
     refused(tmp_path, capsys, "finetune", ft, r"fine-tuning diverged in epoch 1: loss [\d.]+, NaN/inf logits on a "
                                               r"training batch; its head was not saved \(try a smaller --lr than 1e\+30\)")
 
+
+
+# --- Bad input, fourth sweep (issue 36) ---
+# Items 2-8 of issue 36 and items 4 (the API) and 5 of issue 37, each as a user meets it: through
+# the command line (refused: one line, exit 2, every file byte-identical) or the Python API (one
+# CLIError, a ValueError, with the command line's line, before any work).
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--checks", "--context-orders", "-1"], r"--context-orders is a number of random orders .*1 to 1000 .*got -1$"),
+    (["--checks", "--context-orders", "0"], r"--context-orders is a number of random orders .*got 0$"),
+    (["--checks", "--context-orders", "1000000000"], r"--context-orders .*1 to 1000 .*got 1000000000$"),
+    (["--context-orders", "3"], r"--context-orders needs --checks"),
+], ids=["a negative count of orders is refused, never a pass", "zero orders is refused, not a check dropped",
+        "a billion orders is refused before any work", "without --checks the flag is refused, not ignored"])
+def test_context_orders_are_checked_and_a_check_never_reports_work_it_did_not_do(tmp_path, capsys, flags, message):
+    ev, _ = sweep(tmp_path)
+    refused(tmp_path, capsys, "evaluate", ev + flags, message)
+
+
+def api_refusal(capsys, message, **flags):
+    """hpmkit.api.evaluate on 8 quadrant images with flags: one CLIError (a ValueError) whose text is
+    one line matching message, raised before any work (nothing printed)."""
+    from hpmkit import api
+
+    x, y = quad_data(8)
+    base = quad_linear()
+    head = flags.pop("head", None)
+    with pytest.raises(CLIError, match=message) as e:
+        api.evaluate(flags.pop("model", base), x, flags.pop("y", y), head=head, device="cpu", no_progress=True,
+                     **flags)
+    assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+    assert capsys.readouterr().out == ""
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name,value,text", [
+    ("version", "fast", "fast"), ("threat_model", "L3", "L3"), ("steps", 2.5, "2.5"), ("eps", "8/0", "8/0"),
+    ("eps", math.nan, "nan"), ("context_orders", -3, "-3"), ("attacker_eps", 0.5, "0.5"),
+], ids=["version fast: a choice", "threat_model L3: a choice, before the run", "steps 2.5: a whole number",
+        "eps 8/0: as --eps reads it", "eps nan", "context_orders -3 (with checks)", "attacker_eps without attackers"])
+def test_the_apis_bad_value_is_the_command_lines_line_before_any_work(tmp_path, capsys, name, value, text):
+    line = api_refusal(capsys, "^(argument )?--", **{name: value}, **({"checks": True} if name == "context_orders"
+                                                                       else {}))
+    ev, _ = sweep(tmp_path)
+    argv = ev + ["--" + name.replace("_", "-"), text] + (["--checks"] if name == "context_orders" else [])
+    err = refused(tmp_path, capsys, "evaluate", argv, re.escape(line))
+    assert err.startswith(f"error: {line}"), err  # the same line (the command line adds where --help is)
+
+
+@pytest.mark.parametrize("case", ["labels out of range with a head", "the HPM model as the model",
+                                  "checks 'yes'", "attackers a dict"])
+def test_the_apis_bad_objects_are_one_error_before_any_work(capsys, case):
+    x, y = quad_data(8)
+    base = quad_linear()
+    if case == "labels out of range with a head":  # was: the base row ran, then IndexError
+        head = fitted_hpm(base, x, y)
+        api_refusal(capsys, r"^y: labels must lie in \[0, 4\) for this model, found range \[0, 7\]$",
+                    model=head.base_model, head=head, y=torch.arange(8))
+    elif case == "the HPM model as the model":  # was: a per-image "base" row, silently
+        api_refusal(capsys, "the model is a HPMClassifier, a base model with its head: pass the base model and "
+                            "the head apart", model=fitted_hpm(base, x, y))
+    elif case == "checks 'yes'":
+        api_refusal(capsys, "^argument --checks: is on or off, True or False; got 'yes'$", checks="yes")
+    else:
+        api_refusal(capsys, "^argument --attackers: takes text \\(or a list\\), got a dict$", attackers={1: 2})
+
+
+@pytest.mark.parametrize("flags", [dict(attackers=[1], contexts=["batch"]), dict(attackers=1, contexts=("batch",)),
+                                   dict(attackers="1", contexts="batch", eps="3/10", steps="1")],
+                         ids=["lists", "an int and a tuple", "text and a fraction as the command line takes them"])
+def test_the_api_takes_python_values_where_a_user_would_pass_them(flags):
+    from hpmkit import api
+
+    x, y = quad_data(16)
+    base = quad_linear()
+    head = fitted_hpm(base, x, y)
+    kw = dict(device="cpu", no_progress=True, attacks="apgd-ce/fc", steps=1, eps=0.3, batch_size=8)
+    got = api.evaluate(head.base_model, x, y, head=head, **{**kw, **flags})
+    assert got["config"]["attackers"] == [1] and got["config"]["contexts"] == ["batch"]
+    assert got["config"]["eps"] == 0.3 and got["config"]["steps"] == 1
+
+
+def test_the_api_leaves_the_callers_model_as_it_was_given_also_on_error():
+    """Issue 37 item 4: training flags of every submodule and requires_grad, after a run and after a
+    refusal; the head model (hpm.attach's) as given too."""
+    from hpmkit import api
+
+    x, y = quad_data(8)
+    base = quad_linear()
+    head = fitted_hpm(base, x, y)
+    base, head = head.base_model, head
+    base.train()
+    base[1].eval()  # a mixed state, submodule by submodule
+    head.head.train()
+    base[1].weight.requires_grad_(True)
+    given = ([m.training for m in head.modules()], [p.requires_grad for p in head.parameters()])
+    api.evaluate(base, x, y, head=head, device="cpu", no_progress=True, attacks="apgd-ce/fc", steps=1, eps=0.3,
+                 contexts="image")
+    assert ([m.training for m in head.modules()], [p.requires_grad for p in head.parameters()]) == given
+    with pytest.raises(CLIError):
+        api.evaluate(base, x, y, head=head, version="fast")
+    assert ([m.training for m in head.modules()], [p.requires_grad for p in head.parameters()]) == given
+
+
+class WritesOnce(nn.Module):
+    """quad_linear whose first forward creates the file `path` (a user's, appearing during a run)."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.net, self.path = quad_linear(), path
+
+    def forward(self, x):
+        if not os.path.exists(self.path):
+            Path(self.path).write_bytes(b"my own notes\n")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("name", ["r.md", "r.png"])
+def test_a_users_file_that_appears_during_the_run_where_it_writes_beside_is_kept(tmp_path, capsys, name):
+    """OUT.md or OUT.png created while the run is under way stays byte-identical; the run's own goes
+    beside it under another name (r-1.md), said in one line, and its last line names that file."""
+    ev, _ = sweep(tmp_path)
+    torch.save(WritesOnce(str(tmp_path / name)), tmp_path / "model.pt")
+    assert cli.run_cli(evaluate.main, evaluate.parse_args, with_flag(ev, "--head") + ["--dataset", "mnist"]) == 0
+    out = capsys.readouterr().out
+    ours = tmp_path / name.replace("r.", "r-1.")
+    assert (tmp_path / name).read_bytes() == b"my own notes\n"
+    assert report.is_ours(str(ours), str(tmp_path / "r.json"))
+    said = [line for line in out.splitlines() if "appeared during the run" in line]
+    assert len(said) == 1 and said[0].endswith(f"{tmp_path / name} -> {ours}"), out
+    assert f"{ours})" in out.splitlines()[-1] or f"{ours};" in out.splitlines()[-1]
+
+
+def test_the_run_removes_only_temporary_files_it_can_prove_are_its_own(tmp_path, capsys):
+    """A user's r.json.*.tmp files stay; a temporary file of this project's form stays while its
+    process lives, and goes once that process is gone."""
+    ev, _ = sweep(tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    users = ["r.json.original.tmp", "r.json.backup_1.tmp", "r.json.abcdefgh.tmp", "r.json.hpm-12-abc.tmp"]
+    live, stale = f"r.json.hpm-{os.getppid()}-k3j_9xq2.tmp", f"r.json.hpm-{gone.pid}-k3j_9xq2.tmp"
+    for name in users + [live, stale]:
+        (tmp_path / name).write_text("a user's\n")
+    assert run_script("evaluate", ev, capsys)[0] == 0
+    assert all((tmp_path / name).read_text() == "a user's\n" for name in users + [live])
+    assert not (tmp_path / stale).exists()
+
+
+BUILDERS = '''import argparse
+import sys
+
+import torch.nn as nn
+
+
+def net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+
+
+def quits():
+    quit()
+
+
+def exits0():
+    sys.exit(0)
+
+
+def exits3():
+    sys.exit(3)
+
+
+def parses():  # a builder that reads its own flags
+    p = argparse.ArgumentParser()
+    p.add_argument("--width", type=int, default=4)
+    assert sys.argv[1:] == [], sys.argv
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, p.parse_args().width))
+'''
+
+
+@pytest.mark.parametrize("script", ["evaluate", "finetune"])
+@pytest.mark.parametrize("name,status", [("quits", "None"), ("exits0", "0"), ("exits3", "3")],
+                         ids=["quit() is one line naming the builder", "sys.exit(0) is one line, never exit 0",
+                              "sys.exit(3) is one line and exit 2"])
+def test_a_builder_that_exits_is_one_line_naming_it(tmp_path, capsys, script, name, status):
+    ev, ft = sweep(tmp_path)
+    (tmp_path / "nets.py").write_text(BUILDERS)
+    spec = f"{tmp_path / 'nets.py'}:{name}"
+    argv = (with_flag(with_flag(ev, "--head"), "--model", spec) + ["--dataset", "mnist"] if script == "evaluate"
+            else with_flag(ft, "--model", spec))
+    refused(tmp_path, capsys, script, argv, rf"nets.py:{name}\(\) exited \(status {status}\) instead of returning "
+                                            "the model; a builder must return an nn.Module")
+
+
+def test_a_builder_that_parses_sys_argv_sees_none_of_our_flags(tmp_path, capsys):
+    ev, _ = sweep(tmp_path)
+    (tmp_path / "nets.py").write_text(BUILDERS)
+    argv = with_flag(with_flag(ev, "--head"), "--model", f"{tmp_path / 'nets.py'}:parses") + ["--dataset", "mnist"]
+    status, err = run_script("evaluate", argv, capsys)
+    assert status == 0, err  # (the builder asserts that sys.argv holds its file alone)
+    assert read_results(tmp_path / "r.json").config["model"].endswith("nets.py:parses")
+
+
+@pytest.mark.parametrize("script,flag,value", [
+    ("evaluate", "--attacker-eps", "nan"), ("evaluate", "--attacker-eps", "inf"),
+    ("evaluate", "--attacker-eps", "-0.1"), ("evaluate", "--attacker-eps", "1/0"),
+    ("evaluate", "--context-orders", "abc"), ("evaluate", "--eps", "x"), ("evaluate", "--steps", "2.5"),
+    ("finetune", "--eps", "nan"), ("finetune", "--lr", "abc"), ("finetune", "--epochs", "one"),
+], ids=lambda v: str(v))
+def test_a_typed_flags_bad_value_is_one_line_not_the_usage(tmp_path, capsys, script, flag, value):
+    ev, ft = sweep(tmp_path)
+    refused(tmp_path, capsys, script, (ev if script == "evaluate" else ft) + [flag, value],
+            rf"^error: argument {flag}: .*{re.escape(value)}")
+
+
+@pytest.mark.parametrize("script,flag", [("finetune", "--epoch"), ("evaluate", "--n-ex"), ("evaluate", "--check")],
+                         ids=["--epoch is no --epochs: no fine-tune starts", "--n-ex is no --n-examples",
+                              "--check is no --checks"])
+def test_a_flag_is_never_taken_for_a_longer_one_it_abbreviates(tmp_path, capsys, script, flag):
+    ev, ft = sweep(tmp_path)
+    argv = (ev if script == "evaluate" else ft) + [flag] + ([] if flag == "--check" else ["1"])
+    refused(tmp_path, capsys, script, argv, rf"unrecognized arguments: {flag}")
+
+
+def test_an_error_names_the_command_the_user_ran(tmp_path, capsys, monkeypatch):
+    """Issue 37 item 5: hpm-evaluate's errors say hpm-evaluate (commands.run keeps sys.argv[0])."""
+    from hpmkit import commands
+
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "bin" / "hpm-evaluate"), "--n_examples", "3"])
+    monkeypatch.setattr(cli, "PROG", None)
+    with pytest.raises(SystemExit) as e:
+        commands.evaluate()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err == "error: unrecognized arguments: --n_examples 3 (hpm-evaluate --help lists the flags)\n"
+
+
+@pytest.mark.parametrize("case", ["--attacker-eps without --attackers", "--attacks square with --attackers",
+                                  "a text file as --data"])
+def test_what_was_accepted_silently_in_the_fourth_sweep_is_refused(tmp_path, capsys, case):
+    ev, _ = sweep(tmp_path)
+    if case == "--attacker-eps without --attackers":  # (it entered the resume identity)
+        refused(tmp_path, capsys, "evaluate", ev + ["--attacker-eps", "0.5"], "--attacker-eps needs --attackers K")
+    elif case == "--attacks square with --attackers":
+        refused(tmp_path, capsys, "evaluate", with_flag(ev, "--attacks", "square") + ["--attackers", "1"],
+                "--attacks square has no attack for the --attackers rows: add apgd-ce or apgd-dlr")
+    else:
+        (tmp_path / "test.npz").write_text("x,y\n1,2\n")
+        refused(tmp_path, capsys, "evaluate", ev, r"test.npz is not an .npz archive of arrays x and y \(no zip "
+                                                  r"archive: text, or another format\)")
+
+
+def test_apgd_ce_in_attacks_runs_on_the_attacker_rows_as_their_own_apgd_ce(tmp_path, capsys):
+    """--attacks apgd-ce/fc --attackers 1: the K-of-B row runs own:apgd-ce/fc (was: no attack at all)."""
+    ev, _ = sweep(tmp_path)
+    assert run_script("evaluate", ev + ["--attackers", "1"], capsys)[0] == 0
+    res = read_results(tmp_path / "r.json")
+    assert list(res.row("hpm/attackers-1").accuracies) == ["own:apgd-ce/fc"]
+    assert "apgd-ce/fc" in res.row("hpm/batch").accuracies
+
+
+QUADRELU = '''import torch.nn as nn
+
+
+def build():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+'''
+
+
+@pytest.mark.parametrize("case", ["the code as fine-tuned", "ReLU edited to Tanh", "a head without a probe"])
+def test_a_base_model_whose_code_changed_since_fine_tuning_is_said_in_one_line(tmp_path, capsys, case):
+    """Issue 36 item 8: the head records the base model's logits on fixed probe images; at evaluation
+    other outputs (same weights, edited code) give one warning line; an old head without the probe
+    loads without one."""
+    ev, ft = sweep(tmp_path)
+    (tmp_path / "quadnet.py").write_text(QUADRELU)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    spec = f"{tmp_path / 'quadnet.py'}:build"
+    ft = with_flag(with_flag(ft, "--model", spec), "--out", str(tmp_path / "head.pt")) + [
+        "--weights", str(tmp_path / "w.pt"), "--overwrite"]
+    assert run_script("finetune", ft, capsys)[0] == 0
+    assert read_head(str(tmp_path / "head.pt"))["base_probe"]["logits"].shape == (4, 4)
+    if case == "ReLU edited to Tanh":
+        (tmp_path / "quadnet.py").write_text(QUADRELU.replace("ReLU", "Tanh"))
+    elif case == "a head without a probe":
+        ckpt = checkpoint.load_checkpoint(tmp_path / "head.pt")
+        del ckpt["base_probe"]
+        torch.save(ckpt, tmp_path / "head.pt")
+    capsys.readouterr()
+    assert cli.run_cli(evaluate.main, evaluate.parse_args, with_flag(ev, "--model", spec)) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if "no longer gives the outputs" in line]
+    assert len(warned) == (case == "ReLU edited to Tanh")
+    if warned:
+        assert re.fullmatch(r"warning: the base model .*quadnet.py:build no longer gives the outputs the head "
+                            r"recorded at fine-tuning \(logits moved by up to [\d.e-]+ on its probe images\), "
+                            r"though its weights are the same: its code changed since\? .*fine-tune it again",
+                            warned[0]), warned[0]
 
 # ==============================================================================================
 # hpmkit/ranks.py

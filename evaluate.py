@@ -40,6 +40,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from hpmkit.api import object_config
 from hpmkit.attackers import attacker_slots, put, run_slot_attack
 from hpmkit.attacks import QueryScorer, check_adv, fixed_prototype_logits, run_attack
 from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, Cost, check_classes
@@ -47,7 +48,6 @@ from hpmkit.checkpoint import Models, count_classes, load_models, object_models
 from hpmkit.checks import Checks, run_checks
 from hpmkit.chunks import ChunkResult, FixedBatches
 from hpmkit.cli import ArgumentParser, CLIError, WarningCounter, eps_value, run_cli
-from hpmkit.api import object_config
 from hpmkit.config import (CHECKS_DEFAULTS, DEFAULT_CHUNK, MAX_ORDERS, header_lines, identity, load_subset,
                            open_results, resolve_config, setting_of)
 from hpmkit.data import DATASETS

@@ -40,14 +40,14 @@ from experiments import common, run_dpnp_mnist, run_mnist, run_study, run_theory
 from finetune import (clean_pass, head_parameters, ikl_loss, perturb, soft_cross_entropy, train_step,
                       weighted_mse)
 from hpm import attach
-from hpmkit import attacks, catalogue, checkpoint, chunks, cli, config, dpnp, gpu, jobs, models, report, results
+from hpmkit import attacks, catalogue, checkpoint, chunks, cli, config, dpnp, engine, models, report, results
 from hpmkit.catalogue import CATALOGUE, Setting
 from hpmkit.checkpoint import HeadRecord, load_head, read_head, save_head
 from hpmkit.chunks import Chunk, FixedBatches
 from hpmkit.cli import CLIError
 from hpmkit import data as data_module
 from hpmkit.data import load_npz
-from hpmkit.jobs import Engine
+from hpmkit.engine import Runner
 from hpmkit.results import Results
 
 ROOT = HERE = Path(__file__).resolve().parent
@@ -202,10 +202,10 @@ def evaluate_rows(rows, x, y, attacks=catalogue.HPM_ATTACKS, *, batch_size=64, c
     Square, as the strong version does); no progress bars, no log."""
     setting.setdefault("norm", "Linf")
     setting.setdefault("fixed_batch_square", setting.get("score_queries", False))
-    engine = Engine(chunk=chunk, progress=progress, log=log or (lambda *a: None))
+    runner = Runner(chunk=chunk, progress=progress, log=log or (lambda *a: None))
     data = FixedBatches(x, y, batch_size)
-    adv = None if save_adv is None else jobs.AdvStore(save_adv, y, list(range(len(y))), data.batches)
-    return evaluate.evaluate(rows, attacks, data, Setting(**setting), engine, adv=adv)
+    adv = None if save_adv is None else engine.AdvStore(save_adv, y, list(range(len(y))), data.batches)
+    return evaluate.evaluate(rows, attacks, data, Setting(**setting), runner, adv=adv)
 
 
 def run_attack(name, target, x, y, *, sizes=None, whole_batch=True, helpers=None, standing=None, **setting):
@@ -1338,7 +1338,7 @@ def test_rescoring_saved_batches_reproduces_accuracy(saved_run):
     row = results.row("hpm/batch")
     fooled_any = False
     for attack in row.accuracies:
-        saved = torch.load(jobs.adv_path(saved_run["adv"], "hpm/batch", attack), weights_only=True)
+        saved = torch.load(engine.adv_path(saved_run["adv"], "hpm/batch", attack), weights_only=True)
         x_adv, y = saved["x_adv"], saved["y"]
         assert x_adv.dtype == torch.float32 and x_adv.shape == (32, 1, SIZE, SIZE)
         correct = []
@@ -1358,7 +1358,7 @@ def test_adversarial_images_stay_in_the_threat_model(saved_run):
     x = x.float() / 255
     for name in ("base", "hpm/batch", "hpm/image"):
         for attack in rows_of(saved_run["results"])[name].accuracies:
-            saved = torch.load(jobs.adv_path(saved_run["adv"], name, attack), weights_only=True)
+            saved = torch.load(engine.adv_path(saved_run["adv"], name, attack), weights_only=True)
             delta = (saved["x_adv"] - x[saved["indices"]]).abs().amax()
             assert delta <= 0.42 + 1e-6 and saved["x_adv"].min() >= 0 and saved["x_adv"].max() <= 1
 
@@ -1370,7 +1370,7 @@ def test_image_context_scores_equal_per_image_calls(saved_run):
     x, y = quad_data(32)
     images = {"clean": x.float() / 255}
     for attack in row.accuracies:
-        images[attack] = torch.load(jobs.adv_path(saved_run["adv"], "hpm/image", attack),
+        images[attack] = torch.load(engine.adv_path(saved_run["adv"], "hpm/image", attack),
                                     weights_only=True)["x_adv"]
     with torch.no_grad():
         for name, xs in images.items():
@@ -1966,7 +1966,7 @@ def test_the_attacker_moves_only_its_slots_within_its_budget_and_benign_images_s
         assert moved.max() <= 0.3 + 1e-9 and q.min() >= 0 and q.max() <= 1  # the attacker's budget
     xf = x.float() / 255
     for attack in SLOT_ATTACKS:
-        saved = torch.load(jobs.adv_path(str(tmp_path), row.name, attack), weights_only=True)["x_adv"]
+        saved = torch.load(engine.adv_path(str(tmp_path), row.name, attack), weights_only=True)["x_adv"]
         assert torch.equal(saved[~slots], xf[~slots]), attack
         assert (saved - xf).abs().max() <= 0.3 + 1e-6, attack
     assert res.row(row.name).benign_clean == 1.0
@@ -2179,7 +2179,7 @@ def test_grouped_batch_context_rescores_to_its_numbers_and_stays_in_the_ball(tmp
                             ).row("hpm/batch")
     xf = x.float() / 255
     for attack in ("apgd-ce/mix", "apgd-t/fc", "flip/mix", "square"):
-        saved = torch.load(jobs.adv_path(str(tmp_path), "hpm/batch", attack), weights_only=True)
+        saved = torch.load(engine.adv_path(str(tmp_path), "hpm/batch", attack), weights_only=True)
         x_adv = saved["x_adv"]
         assert (x_adv - xf).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
         rescored = []
@@ -2208,7 +2208,7 @@ def test_fixed_batch_square_on_a_chunk_queries_whole_chunks_and_equals_each_batc
 
 
 # ==============================================================================================
-# hpmkit/jobs.py and hpmkit/config.py
+# hpmkit/engine.py and hpmkit/config.py
 # ==============================================================================================
 # Resume, the identity of a results file, bad input refused in one line with nothing written.
 
@@ -3101,7 +3101,7 @@ def test_an_exploded_head_is_never_saved(tmp_path, capsys, case):
 
 
 # ==============================================================================================
-# hpmkit/ranks.py
+# hpmkit/engine.py: torchrun
 # ==============================================================================================
 # torchrun: processes share the chunks and write what one process writes.
 
@@ -3184,7 +3184,7 @@ def test_two_processes_under_torchrun_write_what_one_writes_and_resume_after_a_r
 
 
 # ==============================================================================================
-# hpmkit/gpu.py
+# hpmkit/engine.py: GPU memory; hpmkit/models.py: --compile
 # ==============================================================================================
 # Chunks that do not fit in memory, and the compiled head.
 
@@ -3236,7 +3236,7 @@ def test_compiled_head_equals_the_eager_head_in_every_form_an_evaluation_calls()
     the double-precision tolerance, with no graph break."""
     eager = make_head(K=4, D=5, seed=3)
     eager.update_prototypes(torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 4)
-    compiled = gpu.compile_head(copy.deepcopy(eager))
+    compiled = models.compile_head(copy.deepcopy(eager))
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints stay loadable
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -3383,7 +3383,7 @@ COST_ATTACKS = ["apgd-ce/mix", "apgd-dlr/fixed", "apgd-t/fc", "apgd-t/ste", "fli
 
 def test_the_cost_estimate_is_exact_for_whole_batch_attacks_and_an_upper_bound_otherwise():
     """Each attack's modelled backbone passes per image (catalogue.Attack.cost) against what
-    jobs.BackboneCounter measured (the results' backbone_passes_per_image) in a run where some images
+    engine.BackboneCounter measured (the results' backbone_passes_per_image) in a run where some images
     fall and others stand (the quadrant toy at eps 0.4, 2 restarts, 4 classes: APGD-T's 3 targets):
     equal where it says exact (every APGD run on whole batches, flip, own), never below the measured
     where it says "at most" (Square, the batch adversary, spread, victim, AutoAttack's perturb)."""
@@ -4798,7 +4798,7 @@ CODE = [HERE / "evaluate.py", HERE / "finetune.py", HERE / "hpm.py", *sorted((HE
 
 
 def test_no_function_takes_more_than_eight_parameters():
-    """Settings travel as one object (catalogue.Setting, jobs.Engine, the chunk), not as loose
+    """Settings travel as one object (catalogue.Setting, engine.Runner, the chunk), not as loose
     parameters: every function of the scripts and hpmkit/ takes at most 8 (self included)."""
     wide = []
     for path in CODE:

@@ -22,11 +22,11 @@ import finetune
 import hpm
 from experiments import common
 from hpm import attach
-from hpmkit import attacks, catalogue, checkpoint, cli, jobs, models
+from hpmkit import attacks, catalogue, checkpoint, cli, engine, models
 from hpmkit.catalogue import CATALOGUE, Setting
 from hpmkit.checkpoint import HeadRecord, save_head
 from hpmkit.chunks import Chunk, FixedBatches
-from hpmkit.jobs import Engine
+from hpmkit.engine import Runner
 from hpmkit.results import Results
 
 
@@ -186,10 +186,10 @@ def evaluate_rows(rows, x, y, attacks=catalogue.HPM_ATTACKS, *, batch_size=64, c
     Square, as the strong version does); no progress bars, no log."""
     setting.setdefault("norm", "Linf")
     setting.setdefault("fixed_batch_square", setting.get("score_queries", False))
-    engine = Engine(chunk=chunk, progress=progress, log=log or (lambda *a: None))
+    runner = Runner(chunk=chunk, progress=progress, log=log or (lambda *a: None))
     data = FixedBatches(x, y, batch_size)
-    adv = None if save_adv is None else jobs.AdvStore(save_adv, y, list(range(len(y))), data.batches)
-    return evaluate.evaluate(rows, attacks, data, Setting(**setting), engine, adv=adv)
+    adv = None if save_adv is None else engine.AdvStore(save_adv, y, list(range(len(y))), data.batches)
+    return evaluate.evaluate(rows, attacks, data, Setting(**setting), runner, adv=adv)
 
 
 def attack_once(name, target, x, y, *, sizes=None, whole_batch=True, helpers=None, standing=None, **setting):

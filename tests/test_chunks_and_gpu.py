@@ -1,5 +1,5 @@
 """Many fixed batches at once give what one batch at a time gives (hpmkit/chunks.py, the share of
-each process under torchrun), chunks that do not fit in memory and the compiled head (hpmkit/gpu.py).
+each process under torchrun), chunks that do not fit in memory and the compiled head (hpmkit/engine.py, hpmkit/models.py).
 """
 import copy
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import evaluate
-from hpmkit import attacks, chunks, cli, gpu, jobs
+from hpmkit import attacks, chunks, cli, engine, models
 from hpmkit.catalogue import Setting
 from hpmkit.chunks import Chunk
 
@@ -70,7 +70,7 @@ def test_grouped_batch_context_rescores_to_its_numbers_and_stays_in_the_ball(tmp
                             ).row("hpm/batch")
     xf = x.float() / 255
     for attack in ("apgd-ce/mix", "apgd-t/fc", "flip/mix", "square"):
-        saved = torch.load(jobs.adv_path(str(tmp_path), "hpm/batch", attack), weights_only=True)
+        saved = torch.load(engine.adv_path(str(tmp_path), "hpm/batch", attack), weights_only=True)
         x_adv = saved["x_adv"]
         assert (x_adv - xf).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
         rescored = []
@@ -177,7 +177,7 @@ def test_compiled_head_equals_the_eager_head_in_every_form_an_evaluation_calls()
     the double-precision tolerance, with no graph break."""
     eager = make_head(K=4, D=5, seed=3)
     eager.update_prototypes(torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 4)
-    compiled = gpu.compile_head(copy.deepcopy(eager))
+    compiled = models.compile_head(copy.deepcopy(eager))
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints stay loadable
     counters = torch._dynamo.utils.counters
     counters.clear()

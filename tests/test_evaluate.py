@@ -11,7 +11,7 @@ import torch.nn as nn
 import evaluate
 import finetune
 from hpm import attach
-from hpmkit import catalogue, checkpoint, jobs
+from hpmkit import catalogue, checkpoint, engine
 from hpmkit.checkpoint import load_head, read_head
 from hpmkit.cli import CLIError
 
@@ -175,7 +175,7 @@ def test_rescoring_saved_batches_reproduces_accuracy(saved_run):
     row = results.row("hpm/batch")
     fooled_any = False
     for attack in row.accuracies:
-        saved = torch.load(jobs.adv_path(saved_run["adv"], "hpm/batch", attack), weights_only=True)
+        saved = torch.load(engine.adv_path(saved_run["adv"], "hpm/batch", attack), weights_only=True)
         x_adv, y = saved["x_adv"], saved["y"]
         assert x_adv.dtype == torch.float32 and x_adv.shape == (32, 1, SIZE, SIZE)
         correct = []
@@ -195,7 +195,7 @@ def test_adversarial_images_stay_in_the_threat_model(saved_run):
     x = x.float() / 255
     for name in ("base", "hpm/batch", "hpm/image"):
         for attack in rows_of(saved_run["results"])[name].accuracies:
-            saved = torch.load(jobs.adv_path(saved_run["adv"], name, attack), weights_only=True)
+            saved = torch.load(engine.adv_path(saved_run["adv"], name, attack), weights_only=True)
             delta = (saved["x_adv"] - x[saved["indices"]]).abs().amax()
             assert delta <= 0.42 + 1e-6 and saved["x_adv"].min() >= 0 and saved["x_adv"].max() <= 1
 
@@ -207,7 +207,7 @@ def test_image_context_scores_equal_per_image_calls(saved_run):
     x, y = quad_data(32)
     images = {"clean": x.float() / 255}
     for attack in row.accuracies:
-        images[attack] = torch.load(jobs.adv_path(saved_run["adv"], "hpm/image", attack),
+        images[attack] = torch.load(engine.adv_path(saved_run["adv"], "hpm/image", attack),
                                     weights_only=True)["x_adv"]
     with torch.no_grad():
         for name, xs in images.items():

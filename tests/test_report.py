@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import evaluate
-from hpmkit import catalogue, cli, report
+from hpmkit import catalogue, cli, engine, report
 from hpmkit.catalogue import CATALOGUE, Setting
 
 from conftest import (ROOT, quad_data, quad_linear, Quantize, fitted_hpm, write_setup, run_evaluate, read_results,
@@ -127,7 +127,7 @@ COST_ATTACKS = ["apgd-ce/mix", "apgd-dlr/fixed", "apgd-t/fc", "apgd-t/ste", "fli
 
 def test_the_cost_estimate_is_exact_for_whole_batch_attacks_and_an_upper_bound_otherwise():
     """Each attack's modelled backbone passes per image (catalogue.Attack.cost) against what
-    jobs.BackboneCounter measured (the results' backbone_passes_per_image) in a run where some images
+    engine.BackboneCounter measured (the results' backbone_passes_per_image) in a run where some images
     fall and others stand (the quadrant toy at eps 0.4, 2 restarts, 4 classes: APGD-T's 3 targets):
     equal where it says exact (every APGD run on whole batches, flip, own), never below the measured
     where it says "at most" (Square, the batch adversary, spread, victim, AutoAttack's perturb)."""
@@ -176,6 +176,20 @@ def test_the_plan_prints_the_cost_per_row_and_a_progress_line_after_every_job():
     assert n == 6 and [ln.split("]")[0] for ln in progress] == [f"[{k}/{n}" for k in range(1, n + 1)]
     assert all(re.search(r"\(\d+\.\d s; run \d+\.\d (s|min), about \d+\.\d (s|min|h) left\)$", ln)
                for ln in progress), progress
+    # after the first job, the clean pass, the whole run's time in minutes at the clean pass's rate
+    estimate = log[log.index(progress[0]) + 1]
+    assert re.fullmatch(r"estimated time: (about \d+(\.\d)?|under 0\.1) min \(from the clean pass: [\d.]+ ms per "
+                        r"image pass; rough: .*\)", estimate), estimate
+    assert sum(ln.startswith("estimated time") for ln in log) == 1
+
+
+def test_a_chunk_recorded_in_parts_is_done_only_as_far_as_its_parts_reach():
+    """Under torchrun a chunk that ran out of GPU memory is recorded in parts, each a ledger entry
+    from its first batch: a rerun continues such a chunk where its last recorded part ends."""
+    entries = {"0": {"end": 2}, "2": {"end": 3}, "6": {"end": 8}}
+    assert engine.chained(entries, 0, 4) == 3  # parts 0-1 and 2 done, batch 3 left
+    assert engine.chained(entries, 4, 6) == 4  # nothing of this chunk done
+    assert engine.chained(entries, 6, 8) == 8  # done whole
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import evaluate
-from hpmkit import attacks, jobs, models
+from hpmkit import attacks, engine, models
 from hpmkit.catalogue import CATALOGUE
 from hpmkit.checkpoint import HeadRecord, save_head
 from hpmkit.chunks import FixedBatches
@@ -90,7 +90,7 @@ def test_the_attacker_moves_only_its_slots_within_its_budget_and_benign_images_s
         assert moved.max() <= 0.3 + 1e-9 and q.min() >= 0 and q.max() <= 1  # the attacker's budget
     xf = x.float() / 255
     for attack in SLOT_ATTACKS:
-        saved = torch.load(jobs.adv_path(str(tmp_path), row.name, attack), weights_only=True)["x_adv"]
+        saved = torch.load(engine.adv_path(str(tmp_path), row.name, attack), weights_only=True)["x_adv"]
         assert torch.equal(saved[~slots], xf[~slots]), attack
         assert (saved - xf).abs().max() <= 0.3 + 1e-6, attack
     assert res.row(row.name).benign_clean == 1.0

@@ -325,7 +325,8 @@ def main(args):
             print(f"note: {cfg.out} holds a finished head; it is replaced only when this run finishes "
                   f"(until then checkpoints go to {save.unfinished}; --overwrite to write there)")
         if cfg.head == "dpnp":
-            optimizer, S = controls.start(cfg.head, model, x, cfg, head_parameters), None
+            trained = head_parameters(model, controls.TRAINED[cfg.head])
+            optimizer, S = controls.start(cfg.head, x, cfg, trained), None
         else:
             optimizer, S = start(model, x, y, cfg)
         train(model, optimizer, x, y, S, cfg, save)

@@ -14,7 +14,7 @@ from hpmkit.cli import CLIError, check_device, check_eps, check_number, check_po
 from hpmkit.data import DATASETS, DEFAULT_EPS, OWN, check_labels, eps_line, load_data
 from hpmkit.files import check_out, sha256
 from hpmkit.models import check_model, code_file, code_identity, code_spec
-from hpmkit.ranks import world_size
+from hpmkit.engine import world_size
 from hpmkit.results import Results
 
 # --chunk: images attacked at once. On the CPU one batch of the default size: bench.py measured
@@ -66,7 +66,7 @@ def resolve_config(args, versions):
     """All settings, with the checkpoint's values where the flags leave them out, and the
     version's (versions: evaluate.VERSIONS); every flag is checked here, before anything is
     loaded or written. Settled later, by main: n_examples when left out (it needs the test set's
-    size, load_subset) and, under torchrun, each process's GPU (ranks.start_ranks)."""
+    size, load_subset) and, under torchrun, each process's GPU (engine.start_ranks)."""
     ckpt = read_head(args.head) if args.head else None
     if ckpt is None and (args.model is None or args.dataset is None and args.data is None):
         raise CLIError("give --head FILE (a finetune.py checkpoint), or --model with --dataset or --data "

@@ -401,3 +401,25 @@ def fingerprint(state):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def compile_head(head):
+    """--compile: the head's forward through torch.compile, in place (its state_dict unchanged),
+    tried once at once: a machine that cannot compile fails here, in one line, not inside the
+    first attack. An evaluation calls it in up to ~20 forms (modes, contexts, grouped or not,
+    with or without gradients, new batch shapes): room for all, so that none runs eager."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, limit, max(getattr(config, limit), 64))
+    head.compile()
+    w = head.fc.weight
+    try:
+        with torch.no_grad():
+            head(torch.zeros(2, w.shape[1], device=w.device, dtype=w.dtype))
+    except Exception as e:
+        while getattr(e, "inner_exception", None) or e.__cause__:  # the compiler's own error,
+            e = getattr(e, "inner_exception", None) or e.__cause__  # not dynamo's wrapper
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CLIError(f"--compile: torch.compile fails on this machine ({type(e).__name__}: {first}); "
+                       "run without --compile")
+    return head

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from hpm import attach
 from hpmkit import controls
-from hpmkit.checkpoint import HeadRecord, HeadWriter
-from hpmkit.cli import CLIError, eps_value, progress_bar, run_cli
+from hpmkit.checkpoint import HeadRecord, HeadWriter, probe
+from hpmkit.cli import ArgumentParser, CLIError, eps_value, progress_bar, run_cli
 from hpmkit.config import finetune_banner, finetune_origins, finetune_settings
 from hpmkit.data import DATASETS, OWN, check_labels, load_data, random_crop_flip, to_float
 from hpmkit.files import OutLock
@@ -318,13 +318,15 @@ def main(args):
         check_images(model.base_model, x, cfg.device, name=f"the model {cfg.model}")
         check_images(model, x, cfg.device, name=f"the model {cfg.model} with its head")
         record = HeadRecord(cfg.head, cfg.model, cfg.dataset, cfg.threat_model, cfg.batch_size, cfg.eps,
-                            dict(vars(cfg)), fingerprint(model.base_model.state_dict()), cfg.weights)
+                            dict(vars(cfg)), fingerprint(model.base_model.state_dict()), cfg.weights,
+                            probe(model.base_model, x.shape[1:]))
         save = HeadWriter(cfg.out, model, record, to_float(x[:cfg.batch_size], cfg.device), cfg.overwrite)
         if save.unfinished is not None:
             print(f"note: {cfg.out} holds a finished head; it is replaced only when this run finishes "
                   f"(until then checkpoints go to {save.unfinished}; --overwrite to write there)")
         if cfg.head == "dpnp":
-            optimizer, S = controls.start(cfg.head, model, x, cfg, head_parameters), None
+            trained = head_parameters(model, controls.TRAINED[cfg.head])
+            optimizer, S = controls.start(cfg.head, x, cfg, trained), None
         else:
             optimizer, S = start(model, x, y, cfg)
         train(model, optimizer, x, y, S, cfg, save)
@@ -332,7 +334,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Head-only adversarial fine-tuning of HPM with the IKL loss (paper supp. 6.2). "
                     "Flags marked 'per dataset' default to the paper's setting for --dataset; own data "
                     "(--data without --dataset) takes CIFAR-10's, without augmentation.")

@@ -4,7 +4,8 @@ a single torch-only file at the top, to be copied):
     cli         one-line errors, the flags' checks, progress
     files       atomic writes, the lock on --out, what --out may be
     data        datasets (torchvision, ImageNet folders, .npz, your own), eps per dataset
-    models      models (RobustBench names, pickled files, your code with --weights), fingerprints
+    models      models (RobustBench names, pickled files, your code with --weights), fingerprints;
+                --compile
     checkpoint  the head checkpoint: its one reader and its writer; the models evaluate.py attacks
     config      the flags resolved and checked, resume identity, the fixed subset
     catalogue   the attacks' Setting and the catalogue of attacks (records, with their cost)
@@ -14,9 +15,9 @@ a single torch-only file at the top, to be copied):
     attacks     every attack of the catalogue on a chunk (run_attack), flip, the fixed-prototype surrogate
     batch_attacks  the attacks that use the batch (the batch adversary, K of B), told by a mask
     chunks      many fixed batches at once: the subset's fixed batches cut into chunks
-    jobs        an attack over all batches of a row, resumable; the plan and progress; --save-adv
-    ranks       torchrun: processes share the chunks, ledgers, one results file
-    gpu         chunks that fit in GPU memory; --compile
+    engine      what evaluate.py's loop stands on: a job's chunks from where the results left off,
+                torchrun's share and ledgers, chunks that fit in GPU memory, the plan and progress,
+                --save-adv
     checks      the gradient-masking checks and the context sensitivity
     report      notes, tables, the Markdown table and plot beside the results
     controls    the fine-tuning study's controls (NCM, Adv-DPNP); dpnp: the Adv-DPNP head

@@ -5,8 +5,8 @@ AutoAttack's APGD and Square assume a per-image model; HPM's batch context is no
 image's prediction depends on the other images of its fixed batch. run_attack says, for each
 kind, what runs: the library's attacks (called as hpmkit/autoattack.py calls them), the attacks
 that use the batch (hpmkit/batch_attacks.py: the batch adversary, K of B, the Square on whole
-batches), and two of ours here. What each adds, kept because a test in test_hpm.py (section
-"hpmkit/attacks.py") shows images only it breaks:
+batches), and two of ours here. What each adds, kept because a test in tests/test_attacks.py
+shows images only it breaks:
 
 - every query scored (batch_attacks.QueryScorer): every query an attack makes with a whole fixed
   batch inside the threat model is an adversarial batch in its own right, scored on the real

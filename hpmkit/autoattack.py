@@ -4,8 +4,9 @@ What it owns, so that an upgrade of the library touches this file alone:
 
 - the `autoattack` alias: PyPI ships AutoAttack as `pyautoattack`, robustbench imports `autoattack`;
 - the library's attack objects with the settings we use everywhere (library_attack; APGDLoss,
-  APGD on a loss of ours) and how their outputs are read (final_batch); APGDAttack, APGDAttack_targeted and SquareAttack are re-exported for
-  the experiments that call the library directly;
+  APGD on a loss of ours) and how their outputs are read (final_batch); APGDAttack,
+  APGDAttack_targeted and SquareAttack are re-exported for the experiments that call the library
+  directly;
 - its random streams: the library draws on the CPU generator, seeded with the same seed for
   every batch; a chunk of G fixed batches is attacked in one run, and every batch gets the very
   numbers it gets when attacked alone (tiled_starts, perturb_chunk, square_chunk), so a

@@ -7,8 +7,7 @@ batches). The checks derive theirs with `dataclasses.replace(setting, eps=...)`.
 The catalogue holds one record per attack: the name it has in the results, the kind that runs
 (the AutoAttack class, or one of ours: hpmkit/attacks.py's run_attack says what runs for each),
 the surrogate of an HPM model it follows, the classes it needs, the rows it runs on, and what it
-costs (`Attack.cost`: backbone passes
-per image, the unit jobs.BackboneCounter measures).
+costs (`Attack.cost`: backbone passes per image, the unit engine.BackboneCounter measures).
 """
 from dataclasses import dataclass
 

@@ -1,12 +1,14 @@
 """The command line and the console: bad input as one line, the flags' checks, progress.
 
-- Bad input: `CLIError`, printed by `run_cli` as one line (exit status 2, no traceback).
+- Bad input: `CLIError`, printed by `run_cli` as one line (exit status 2, no traceback); argparse's
+  own errors too (`ArgumentParser`), naming the command the user ran.
 - Flags: an eps as a number or a fraction, counts, devices, checked before any work.
 - The console: a tqdm bar on a terminal, a compact line a minute in a redirected log
   (AutoAttack's warnings are counted in hpmkit/autoattack.py).
 
 Neither script imports the other; both import this module.
 """
+import argparse
 import math
 import os
 import sys
@@ -16,8 +18,24 @@ from fractions import Fraction
 import torch
 
 
-class CLIError(Exception):
-    """Bad input from the user: printed as one line, without a traceback."""
+class CLIError(ValueError):
+    """Bad input from the user: printed as one line, without a traceback (a ValueError: the Python
+    API raises it with the line the command line prints)."""
+
+
+PROG = None  # the installed command running a script (hpmkit/commands.py), else None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser for both scripts: a bad flag or value is one line, not the 15-line usage
+    (`--help` prints that), and a flag is never taken for a longer one it abbreviates (`--epoch 1`
+    is no `--epochs 1`). prog: the command as the user ran it (hpm-evaluate, or evaluate.py)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(prog=PROG or os.path.basename(sys.argv[0]), allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        raise CLIError(f"{message} ({self.prog} --help lists the flags)")
 
 
 def run_cli(main, parse_args, argv=None, interrupted=None):
@@ -51,13 +69,14 @@ def first_line(e):
 # Flags -----------------------------------------------------------------------------------------
 
 def eps_value(text):
-    """argparse type of --eps: a number or a fraction such as 8/255 (non-negative)."""
+    """argparse type of --eps: a number or a fraction such as 8/255 (non-negative); argparse prints
+    what is wrong (ArgumentTypeError), not only "invalid value"."""
     try:
         value = float(Fraction(text.strip())) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"not a number or a fraction like 8/255: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a number or a fraction like 8/255: {text!r}")
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"must be a finite number >= 0: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
     return value
 
 

@@ -25,10 +25,12 @@ def script_path(name):
 
 
 def run(name):
-    """Run the script as `python SCRIPT ARGS...` does (its exit status is the command's)."""
-    path = script_path(name)
-    sys.argv[0] = str(path)
-    runpy.run_path(str(path), run_name="__main__")
+    """Run the script as `python SCRIPT ARGS...` does (its exit status is the command's); its messages
+    name the command the user ran (hpm-evaluate), which runpy's sys.argv[0], the script's path, would not."""
+    from hpmkit import cli
+
+    cli.PROG = Path(sys.argv[0]).name
+    runpy.run_path(str(script_path(name)), run_name="__main__")
 
 
 def load(name):

@@ -38,14 +38,14 @@ def build(head, base_model, cfg):
     return model
 
 
-def start(head, model, x, cfg, head_parameters):
-    """Before the first epoch of the DPNP control: the optimizer of its prototypes
-    (head_parameters: finetune.py's, which freezes all else and checks it)."""
+def start(head, x, cfg, parameters):
+    """Before the first epoch of the DPNP control: the optimizer of its prototypes (parameters: the
+    head's trained parts, TRAINED[head], from finetune.py's head_parameters, which froze all else)."""
     lambdas = ", ".join(f"{n} {v:g}" for n, v in zip(("DPP", "DNP", "DFA"), cfg.dpnp_lambdas))
     print(f"DPNP head on {cfg.model}: {len(x)} {cfg.dataset} training images, {cfg.epochs} "
           f"epoch(s) of batch {cfg.batch_size}, Adam lr {cfg.lr:g}, alpha {cfg.dpnp_alpha:g}, "
           f"lambda {lambdas}; PGD on CE, {cfg.steps} steps of {cfg.step_size:.4g}")
-    return torch.optim.Adam(head_parameters(model, TRAINED[head]), lr=cfg.lr)
+    return torch.optim.Adam(parameters, lr=cfg.lr)
 
 
 def before_epoch(head, model):

@@ -19,7 +19,7 @@ a single torch-only file at the top, to be copied):
                 --save-adv
     checks      the gradient-masking checks and the context sensitivity
     report      notes, tables, the Markdown table and plot beside the results
-    controls    the fine-tuning study's controls (NCM, Adv-DPNP); dpnp: the Adv-DPNP head
+    controls    the fine-tuning study's controls: NCM, and Adv-DPNP's head, losses and training step
     theory      the paper's sensitivity analysis, Eq. 3-13 (numpy, scipy)
     commands    the scripts as commands after pip install; api: the Python API for notebooks
 

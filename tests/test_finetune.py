@@ -15,7 +15,7 @@ import evaluate
 import finetune
 from finetune import clean_pass, head_parameters, ikl_loss, perturb, soft_cross_entropy, train_step, weighted_mse
 from hpm import attach
-from hpmkit import cli, config, dpnp
+from hpmkit import cli, config, controls
 from hpmkit import data as data_module
 from hpmkit.checkpoint import load_head, read_head
 from hpmkit.data import load_npz
@@ -390,7 +390,7 @@ def test_random_crop_flip_is_a_crop_of_the_padded_image_and_a_flip():
 
 def dpnp_setup(B=6, M=4, D=5, seed=0):
     torch.manual_seed(seed)
-    head = dpnp.DPNPHead(nn.Linear(D, M), alpha=3.0).double()
+    head = controls.DPNPHead(nn.Linear(D, M), alpha=3.0).double()
     with torch.no_grad():
         head.prototypes.add_(0.3 * torch.randn_like(head.prototypes))  # off the sphere
     z = torch.randn(B, D, dtype=torch.float64)
@@ -407,18 +407,18 @@ def test_dpnp_losses_equal_the_papers_formulas():
         return [v / sum(s) for v in s]
 
     dpp = sum(-math.log(p(z, i)[y[i]]) + 0.1 / 2 * float((z[i] - C[y[i]]).pow(2).sum()) for i in range(B)) / B
-    assert float(dpnp.dpp_loss(head(z), z, C, y, 0.1)) == pytest.approx(dpp, rel=1e-12)
+    assert float(controls.dpp_loss(head(z), z, C, y, 0.1)) == pytest.approx(dpp, rel=1e-12)
     dnp = 0.0
     for j in range(M):  # Eq. 4-5: the nearest other prototype, then sum of |.|^(1/2)
         k = min((k for k in range(M) if k != j), key=lambda k: float((C[k] - C[j]).norm()))
         dnp -= float((C[j] - C[k]).abs().sqrt().sum()) / M
-    assert float(dnp_value := dpnp.dnp_loss(C)) == pytest.approx(dnp, rel=1e-12) and dnp_value < 0
+    assert float(dnp_value := controls.dnp_loss(C)) == pytest.approx(dnp, rel=1e-12) and dnp_value < 0
     dfa = sum(sum(p(z, i)[j] * math.log(p(z, i)[j] / p(z_adv, i)[j]) for j in range(M)) for i in range(B)) / B
-    assert float(dpnp.dfa_loss(head(z), head(z_adv))) == pytest.approx(dfa, rel=1e-10)
+    assert float(controls.dfa_loss(head(z), head(z_adv))) == pytest.approx(dfa, rel=1e-10)
     dpp_adv = sum(-math.log(p(z_adv, i)[y[i]]) + 0.1 / 2 * float((z_adv[i] - C[y[i]]).pow(2).sum())
                   for i in range(B)) / B
     total = 0.1 * dnp + (dpp + dpp_adv + 2.0 * dfa) / 2  # Eq. 7
-    assert float(dpnp.adv_dpnp_loss(head, z, z_adv, y)) == pytest.approx(total, rel=1e-10)
+    assert float(controls.adv_dpnp_loss(head, z, z_adv, y)) == pytest.approx(total, rel=1e-10)
 
 
 def test_prototypes_get_no_gradient_from_the_adversarial_dpp_term_and_do_from_dfa():
@@ -432,12 +432,12 @@ def test_prototypes_get_no_gradient_from_the_adversarial_dpp_term_and_do_from_df
         return head.prototypes.grad.clone(), z_adv.grad.clone()
 
     # Eq. 7 minus everything but the adversarial DPP term: the prototypes' gradient vanishes.
-    full = grad_of(lambda: dpnp.adv_dpnp_loss(head, z, z_adv, y))
-    no_adv = grad_of(lambda: dpnp.adv_dpnp_loss(head, z, z_adv, y) - dpnp.dpp_loss(
+    full = grad_of(lambda: controls.adv_dpnp_loss(head, z, z_adv, y))
+    no_adv = grad_of(lambda: controls.adv_dpnp_loss(head, z, z_adv, y) - controls.dpp_loss(
         z_adv @ head.prototypes.detach().t() / head.alpha, z_adv, head.prototypes.detach(), y, 0.1) / 2)
     torch.testing.assert_close(full[0], no_adv[0], **TOL)
     assert not torch.allclose(full[1], no_adv[1])  # the features still get that term's gradient
-    dfa = grad_of(lambda: dpnp.dfa_loss(head(z), head(z_adv)))
+    dfa = grad_of(lambda: controls.dfa_loss(head(z), head(z_adv)))
     assert dfa[0].abs().max() > 1e-6  # Algorithm 1, line 21: DFA moves the prototypes
 
 
@@ -445,12 +445,12 @@ def test_prototypes_return_to_the_sphere_and_the_backbone_stays_frozen():
     x, y = quad_data(16)
     base = quad_linear()
     before = copy.deepcopy(base.state_dict())
-    model = dpnp.attach(base, alpha=40.0)
+    model = controls.attach_dpnp(base, alpha=40.0)
     torch.testing.assert_close(model.head.prototypes.norm(dim=1), torch.full((K,), 40.0))
     opt = torch.optim.SGD(model.head.parameters(), lr=0.5)
     xf = x.float() / 255
     for _ in range(3):
-        loss = dpnp.adv_dpnp_loss(model.head, model.features(xf), model.features((xf + 0.05).clamp(0, 1)), y)
+        loss = controls.adv_dpnp_loss(model.head, model.features(xf), model.features((xf + 0.05).clamp(0, 1)), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -494,7 +494,7 @@ def test_control_heads_train_head_only_and_round_trip_through_evaluate(head, fil
     rows = set(res.rows())
     if head == "dpnp":
         assert rows == {"base", "dpnp"} and set(res.row("dpnp").accuracies) == set(res.row("base").accuracies)
-        rebuilt = load_head(ckpt, dpnp.attach(copy.deepcopy(base)))
+        rebuilt = load_head(ckpt, controls.attach_dpnp(copy.deepcopy(base)))
         with torch.no_grad():
             clean = (rebuilt(x[:16].float() / 255).argmax(1) == y[:16]).float().mean().item()
         assert res.row("dpnp").clean == pytest.approx(clean)

@@ -155,7 +155,7 @@ def is_head_file(path, finished=None):
     return finished is None or ckpt.get("finished") is finished
 
 
-def load_head(ckpt, hpm_model):
+def load_head_state(ckpt, hpm_model):
     """Load a checkpoint's head state into an attached model, or say clearly why it does not fit."""
     state, head = ckpt["head"], hpm_model.head
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
@@ -239,9 +239,9 @@ def attach_head(ckpt, base, model_name, weights=None):
     an HPM model (also for "ncm": its mixer passes C_global alone) or a DPNP model."""
     try:
         if ckpt["head_type"] == "dpnp":
-            model = load_head(ckpt, controls.attach_dpnp(base, alpha=ckpt["alpha"]))
+            model = load_head_state(ckpt, controls.attach_dpnp(base, alpha=ckpt["alpha"]))
         else:
-            model = load_head(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
+            model = load_head_state(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
     except ValueError as e:  # attach: no final nn.Linear
         raise CLIError(str(e))
     check_base(ckpt, base, model_name, weights)

@@ -17,7 +17,7 @@ from finetune import clean_pass, head_parameters, ikl_loss, perturb, soft_cross_
 from hpm import attach
 from hpmkit import cli, config, controls
 from hpmkit import data as data_module
-from hpmkit.checkpoint import load_head, read_head
+from hpmkit.checkpoint import load_head_state, read_head
 from hpmkit.data import load_npz
 
 from conftest import TOL, K, quad_data, quad_linear
@@ -111,7 +111,7 @@ def test_clean_pass_sets_exact_class_means_and_weights():
     x = torch.randint(0, 256, (20, 3, 2, 2), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 3, (20,), generator=g)  # class 3 never occurs
     model = attach(tiny_mlp(K))
-    _, S = clean_pass(model, x, y, T, batch, "cpu")  # (C_global is read from the head, as finetune.py does)
+    S = clean_pass(model, x, y, T, batch, "cpu")  # (C_global is read from the head, as finetune.py does)
     with torch.no_grad():
         Z = model.features(x.float() / 255).double().numpy()  # (N, D)
     for c in range(3):
@@ -203,7 +203,7 @@ def run(files):
     x, y = load_npz(str(files / "train.npz"))
     xb, yb = x[:64].float() / 255, y[:64]
     fresh = attach(torch.load(files / "cnn.pt", weights_only=False), momentum=0.98)
-    _, S = clean_pass(fresh, x, y, 4.0, 64, "cpu")
+    S = clean_pass(fresh, x, y, 4.0, 64, "cpu")
     loss_before = fixed_batch_loss(fresh, S, xb, yb)
     model = finetune.main(finetune.parse_args(argv))
     return {"model": model, "fresh": fresh, "S": S, "xb": xb, "yb": yb, "loss_before": loss_before,
@@ -238,7 +238,7 @@ def test_checkpoint_reloads_through_attach_and_load_head_to_identical_outputs(ru
     assert ckpt["model"] == str(files / "cnn.pt") and ckpt["dataset"] == "mnist" and ckpt["finished"]
     assert (ckpt["num_classes"], ckpt["feature_dim"], ckpt["fc_name"]) == (10, 16, "7")
     assert ckpt["momentum"] == 0.98 and ckpt["attack_eps"] == 0.3 and ckpt["args"]["epochs"] == 3
-    rebuilt = load_head(ckpt, attach(torch.load(ckpt["model"], weights_only=False), momentum=ckpt["momentum"]))
+    rebuilt = load_head_state(ckpt, attach(torch.load(ckpt["model"], weights_only=False), momentum=ckpt["momentum"]))
     with torch.no_grad():
         for mode in ("ste", "soft", "fc"):
             for context in ("batch", "image"):
@@ -342,7 +342,7 @@ def test_class_weights_fixed_are_the_clean_pass_and_ema_start_uniform(weights, f
                                        str(files / "train.npz"), "--out", str(tmp_path / "h.pt"), "--device",
                                        "cpu", "--no-progress", "--steps", "2", "--class-weights", weights]))
     x, y = load_npz(str(files / "train.npz"))
-    _, S = clean_pass(attach(torch.load(files / "cnn.pt", weights_only=False)), x, y, 4.0, 64, "cpu")
+    S = clean_pass(attach(torch.load(files / "cnn.pt", weights_only=False)), x, y, 4.0, 64, "cpu")
     assert len(seen) == 4  # 256 images, batches of 64
     if weights == "fixed":  # today's S, held for the run
         assert all(torch.equal(s, S) for s in seen)
@@ -494,7 +494,7 @@ def test_control_heads_train_head_only_and_round_trip_through_evaluate(head, fil
     rows = set(res.rows())
     if head == "dpnp":
         assert rows == {"base", "dpnp"} and set(res.row("dpnp").accuracies) == set(res.row("base").accuracies)
-        rebuilt = load_head(ckpt, controls.attach_dpnp(copy.deepcopy(base)))
+        rebuilt = load_head_state(ckpt, controls.attach_dpnp(copy.deepcopy(base)))
         with torch.no_grad():
             clean = (rebuilt(x[:16].float() / 255).argmax(1) == y[:16]).float().mean().item()
         assert res.row("dpnp").clean == pytest.approx(clean)

@@ -118,8 +118,7 @@ def perturb(model, x, zn, y, S, cfg):
 def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
     """Before training: set C_global to the exact class means of the clean features; return S.
 
-    Sets model.head.prototypes and model.head.seen; returns the class means (K, D) and
-    S (K, K), row c the mean of softmax(zn / T) over the images of class c, zn the HPM
+    Sets model.head.prototypes and model.head.seen; returns S (K, K), row c the mean of softmax(zn / T) over the images of class c, zn the HPM
     logits (mode "ste", context "batch") once C_global is set. The features are kept on
     the host between the two sweeps, since S needs the prototypes that the first sweep sets.
     Prints the base model's clean accuracy on x, free: before training the head's FC layer is
@@ -155,7 +154,7 @@ def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
           "(no augmentation)")
     uniform = torch.full_like(P_sum, 1 / K)  # a class never seen has no evidence: weigh all classes alike
     S = torch.where(count[:, None] > 0, P_sum / count.clamp_min(1)[:, None], uniform)
-    return C_global.to(head.prototypes), S.to(head.prototypes)
+    return S.to(head.prototypes)
 
 
 def start(model, x, y, cfg):
@@ -163,7 +162,7 @@ def start(model, x, y, cfg):
     (None for the NCM control, which trains nothing) and the IKL class weights S."""
     optimizer = None if cfg.head == "ncm" else torch.optim.Adam(head_parameters(model), lr=cfg.lr)
     print(finetune_banner(cfg, len(x)))
-    _, S = clean_pass(model, x, y, cfg.T, cfg.batch_size, cfg.device, not cfg.no_progress)
+    S = clean_pass(model, x, y, cfg.T, cfg.batch_size, cfg.device, not cfg.no_progress)
     if optimizer is None:
         return None, None
     if cfg.class_weights == "ema":  # the official first epoch: uniform, then the EMA per batch

@@ -1,7 +1,7 @@
 """What evaluate.py and finetune.py stand on, one module for each thing (hpm.py, the head, stays
 a single torch-only file at the top, to be copied):
 
-    cli         one-line errors, the flags' checks, progress
+    cli         one-line errors, the flags' checks, progress; the installed commands
     files       atomic writes, the lock on --out, what --out may be
     data        datasets (torchvision, ImageNet folders, .npz, your own), eps per dataset
     models      models (RobustBench names, pickled files, your code with --weights), fingerprints;
@@ -20,9 +20,8 @@ a single torch-only file at the top, to be copied):
                 --save-adv
     checks      the gradient-masking checks and the context sensitivity
     report      notes, tables, the Markdown table and plot beside the results
-    controls    the fine-tuning study's controls (NCM, Adv-DPNP); dpnp: the Adv-DPNP head
-    theory      the paper's sensitivity analysis, Eq. 3-13 (numpy, scipy)
-    commands    the scripts as commands after pip install; api: the Python API for notebooks
+    controls    the fine-tuning study's controls: NCM, and Adv-DPNP's head, losses and training step
+    api         the Python API for notebooks
 
 No module here imports a script (evaluate.py, finetune.py, the experiments).
 """

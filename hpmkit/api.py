@@ -6,7 +6,7 @@
     results["hpm"]["batch"]["worst_case"], results["base"]["attacks"]
 
 `evaluate` runs evaluate.py's protocol (evaluate.py's evaluate_model, loaded where the project is
-installed: hpmkit/commands.py) and returns what its results file would hold. Its settings are
+installed: hpmkit/cli.py) and returns what its results file would hold. Its settings are
 evaluate.py's flags by name, each Python value read as the command line reads its flag
 (object_config), so that bad input is the command line's one line, as a CLIError.
 """
@@ -18,7 +18,7 @@ import torch
 
 from hpmkit.checkpoint import load_head_file
 from hpmkit.cli import CLIError
-from hpmkit.commands import load
+from hpmkit.cli import load_script
 from hpmkit.config import resolve_settings, select_subset
 from hpmkit.data import OWN, check_labels
 from hpmkit.files import check_out
@@ -37,7 +37,7 @@ def evaluate(model, x, y, head=None, **flags):
     nothing is written unless out names a file. Bad input is one hpmkit.cli.CLIError (a ValueError)
     with the line the command line prints, before any work. The models are frozen for the run and
     given back as they came (training flags, requires_grad, device)."""
-    return load("evaluate.py").evaluate_model(model, x, y, head, **flags)
+    return load_script("evaluate.py").evaluate_model(model, x, y, head, **flags)
 
 
 def load_head(path, base_model):

@@ -48,7 +48,7 @@ def alias_autoattack():
 
 def library_attack(kind, model, setting, device, warnings=None, n_target_classes=1, loss=None):
     """AutoAttack's object for "square", "apgd-ce", "apgd-dlr", "apgd-cw" (APGD on `loss`, ours:
-    attacks.cw_loss) or "apgd-t" (n_target_classes target classes), attacking `model`, with the
+    pgd.cw_loss) or "apgd-t" (n_target_classes target classes), attacking `model`, with the
     settings we use everywhere. warnings: a WarningCounter (the library's logger)."""
     s = setting
     if kind == "square":

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from hpm import FrozenBackbone, attach, find_classifier
-from hpmkit import dpnp
+from hpmkit import controls
 from hpmkit.cli import CLIError, first_line, is_number
 from hpmkit.data import DATASETS, OWN, check_labels, to_float
 from hpmkit.files import atomic_save, check_out, kind_of, remove_stale_tmp
@@ -155,7 +155,7 @@ def is_head_file(path, finished=None):
     return finished is None or ckpt.get("finished") is finished
 
 
-def load_head(ckpt, hpm_model):
+def load_head_state(ckpt, hpm_model):
     """Load a checkpoint's head state into an attached model, or say clearly why it does not fit."""
     state, head = ckpt["head"], hpm_model.head
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
@@ -239,9 +239,9 @@ def attach_head(ckpt, base, model_name, weights=None):
     an HPM model (also for "ncm": its mixer passes C_global alone) or a DPNP model."""
     try:
         if ckpt["head_type"] == "dpnp":
-            model = load_head(ckpt, dpnp.attach(base, alpha=ckpt["alpha"]))
+            model = load_head_state(ckpt, controls.attach_dpnp(base, alpha=ckpt["alpha"]))
         else:
-            model = load_head(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
+            model = load_head_state(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
     except ValueError as e:  # attach: no final nn.Linear
         raise CLIError(str(e))
     check_base(ckpt, base, model_name, weights)
@@ -291,9 +291,9 @@ def object_models(base, head=None):
         ckpt = read_head(str(head))
         return with_head(base, attach_head(ckpt, base, type(base).__name__), ckpt["head_type"])
     if getattr(head, "base_model", None) is not base:
-        raise CLIError("the head must be hpm.attach(model) (or dpnp.attach(model)) of this very model, or a "
+        raise CLIError("the head must be hpm.attach(model) (or controls.attach_dpnp(model)) of this very model, or a "
                          "head checkpoint's path")
-    return with_head(base, head, "dpnp" if isinstance(head, dpnp.DPNPClassifier) else "hpm")
+    return with_head(base, head, "dpnp" if isinstance(head, controls.DPNPClassifier) else "hpm")
 
 
 @torch.no_grad()

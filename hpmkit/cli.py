@@ -5,15 +5,24 @@
 - Flags: an eps as a number or a fraction, counts, devices, checked before any work.
 - The console: a tqdm bar on a terminal, a compact line a minute in a redirected log
   (AutoAttack's warnings are counted in hpmkit/autoattack.py).
+- The installed commands (`hpm-finetune`, `hpm-evaluate`, pyproject.toml's entry points) and the
+  scripts as modules for the Python API. finetune.py and evaluate.py stay files at the
+  repository's root, read as the protocol, never installed as top-level modules (a module
+  `evaluate` would shadow Hugging Face's package): they are found beside this package (a checkout,
+  or pip install -e .), else in PREFIX/share/hpm (pip install ., pyproject.toml's data-files).
 
 Neither script imports the other; both import this module.
 """
 import argparse
+import importlib.util
 import math
 import os
+import runpy
 import sys
+import sysconfig
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 
@@ -23,7 +32,7 @@ class CLIError(ValueError):
     API raises it with the line the command line prints)."""
 
 
-PROG = None  # the installed command running a script (hpmkit/commands.py), else None
+PROG = None  # the installed command running a script (run_script), else None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -172,3 +181,41 @@ def duration(seconds):
     if seconds < 60:
         return f"{seconds:.1f} s"
     return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+# The installed commands -------------------------------------------------------------------------
+
+def script_path(name):
+    """Where the script `name` (finetune.py or evaluate.py) is."""
+    for folder in (Path(__file__).resolve().parent.parent, Path(sysconfig.get_path("data")) / "share" / "hpm"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{name} is neither beside hpmkit nor in {sys.prefix}/share/hpm: reinstall the "
+                            "project (pip install .)")
+
+
+def run_script(name):
+    """Run the script as `python SCRIPT ARGS...` does (its exit status is the command's); its messages
+    name the command the user ran (hpm-evaluate), which runpy's sys.argv[0], the script's path, would not."""
+    global PROG
+    PROG = Path(sys.argv[0]).name
+    runpy.run_path(str(script_path(name)), run_name="__main__")
+
+
+def load_script(name):
+    """The script as a module (imported once, under the name hpm_<script>)."""
+    module_name = "hpm_" + Path(name).stem
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, script_path(name))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def finetune():
+    run_script("finetune.py")
+
+
+def evaluate():
+    run_script("evaluate.py")

@@ -27,6 +27,7 @@ from hpmkit.catalogue import CATALOGUE, Setting
 from hpmkit.checkpoint import HeadRecord, save_head
 from hpmkit.chunks import Chunk, FixedBatches
 from hpmkit.engine import Runner
+from hpmkit import results as results_module
 from hpmkit.results import Results
 
 
@@ -164,8 +165,13 @@ def run_evaluate(paths, *argv):
 
 
 def comparable(res):
-    """What two runs of one configuration must agree on (results.Results or a dict from JSON)."""
-    return (res if isinstance(res, Results) else Results(res)).comparable()
+    """What two runs of one configuration must agree on (results.Results or a dict from JSON): the
+    contents without what measures time or cost, or names the output file (results.MEASURED)."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in results_module.MEASURED}
+        return [strip(v) for v in obj] if isinstance(obj, list) else obj
+    return strip(res.data if isinstance(res, Results) else res)
 
 
 def read_results(path):

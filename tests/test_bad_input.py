@@ -738,13 +738,13 @@ def test_a_flag_is_never_taken_for_a_longer_one_it_abbreviates(tmp_path, capsys,
 
 
 def test_an_error_names_the_command_the_user_ran(tmp_path, capsys, monkeypatch):
-    """Issue 37 item 5: hpm-evaluate's errors say hpm-evaluate (commands.run keeps sys.argv[0])."""
-    from hpmkit import commands
+    """Issue 37 item 5: hpm-evaluate's errors say hpm-evaluate (cli.run_script keeps sys.argv[0])."""
+
 
     monkeypatch.setattr(sys, "argv", [str(tmp_path / "bin" / "hpm-evaluate"), "--n_examples", "3"])
     monkeypatch.setattr(cli, "PROG", None)
     with pytest.raises(SystemExit) as e:
-        commands.evaluate()
+        cli.evaluate()
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err == "error: unrecognized arguments: --n_examples 3 (hpm-evaluate --help lists the flags)\n"

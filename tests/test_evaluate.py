@@ -12,7 +12,7 @@ import evaluate
 import finetune
 from hpm import attach
 from hpmkit import catalogue, checkpoint, engine
-from hpmkit.checkpoint import load_head, read_head
+from hpmkit.checkpoint import load_head_state, read_head
 from hpmkit.cli import CLIError
 
 from conftest import (K, SIZE, quadrant_mask, quad_data, quad_linear, Quantize, fitted_hpm, write_setup,
@@ -147,7 +147,7 @@ def saved_run(tmp_path_factory):
 def loaded_hpm(paths):
     """The HPM model rebuilt from the files, independently of evaluate.py."""
     base = torch.load(paths["model"], weights_only=False).eval()
-    return load_head(read_head(paths["head"]), attach(base)).eval()
+    return load_head_state(read_head(paths["head"]), attach(base)).eval()
 
 
 def test_the_results_file_names_its_run_and_holds_every_row_per_image(saved_run):

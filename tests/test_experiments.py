@@ -1,4 +1,4 @@
-"""The experiments: the paper's sensitivity analysis (hpmkit/theory.py, Eq. 3-13) against
+"""The experiments: the paper's sensitivity analysis (experiments/theory.py, Eq. 3-13) against
 independent computations; the MNIST miniature end to end, reduced (--quick), every stage leaving its
 artefacts with numbers that agree; the study; Adv-DPNP's run; the theory run; the figures.
 """
@@ -25,7 +25,7 @@ from conftest import ROOT, read_results
 # The paper's sensitivity analysis (Eq. 3-13), each function against an independent computation --
 
 def test_eq3_equals_its_definition_and_its_angle_form():
-    from hpmkit import theory
+    from experiments import theory
 
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -39,7 +39,7 @@ def test_eq3_equals_its_definition_and_its_angle_form():
 
 
 def test_eq5_bounds_the_l2_sensitivity_and_is_reached_along_z_minus_w():
-    from hpmkit import theory
+    from experiments import theory
 
     rng = np.random.default_rng(1)
     for _ in range(50):
@@ -58,7 +58,7 @@ def test_eq7_implies_eq6_under_equal_norms_and_not_without():
     """With ||z|| and ||eps|| the same under both classifiers (the paper's assumption), every
     random tuple meeting Eq. 7 meets Eq. 6. Without it (the FC feature 10 times longer than the
     l2 one), Eq. 7 holds and Eq. 6 fails in some tuples: the implication needs the assumption."""
-    from hpmkit import theory
+    from experiments import theory
 
     rng = np.random.default_rng(2)
     held, broken, counted = 0, 0, 0
@@ -81,7 +81,7 @@ def test_eq7_implies_eq6_under_equal_norms_and_not_without():
 def test_eq10_densities_integrate_to_one_and_match_uniform_directions(d):
     from scipy import integrate
 
-    from hpmkit import theory
+    from experiments import theory
 
     assert integrate.quad(lambda e: theory.density_cos(e, d), -1, 1, limit=200)[0] == pytest.approx(1, abs=1e-7)
     assert integrate.quad(lambda t: float(theory.density_sin(math.sin(t), d)) * math.cos(t), 0, math.pi / 2,
@@ -109,7 +109,7 @@ def test_eq10_densities_integrate_to_one_and_match_uniform_directions(d):
 
 @pytest.mark.parametrize("d", [2, 8, 64, 512])
 def test_cdf_isotropic_matches_monte_carlo_over_uniform_directions(d):
-    from hpmkit import theory
+    from experiments import theory
 
     rng = np.random.default_rng(100 + d)
     n = 40000
@@ -126,7 +126,7 @@ def test_cdf_isotropic_matches_monte_carlo_over_uniform_directions(d):
 def test_eq11_as_printed_is_half_the_cdf():
     """The relation found: Eq. 11's constant is 2 Gamma^2(d/2) / (pi Gamma^2((d-1)/2)) where the
     supplementary's Eq. 28 has 4: as printed it is F_X(c) / 2 exactly (c <= 1)."""
-    from hpmkit import theory
+    from experiments import theory
 
     for d in (2, 5, 16, 128):
         for c in (0.05, 0.3, 0.9, 1.0):
@@ -136,7 +136,7 @@ def test_eq11_as_printed_is_half_the_cdf():
 
 @pytest.mark.parametrize("which", ["paper", "wide"])
 def test_cdf_empirical_matches_monte_carlo_from_the_eq12_mixture(which):
-    from hpmkit import theory
+    from experiments import theory
 
     stats_ = theory.PAPER_RESNET50 if which == "paper" else theory.angle_stats(
         (60, 15, 95, 10, 0.3), (70, 20, 100, 12, 0.2))  # broader angles: the CDF spans (0, 1)
@@ -420,7 +420,7 @@ def test_the_lenets_plus_plus_run_writes_its_figure_and_trains_both_models(tmp_p
 
 @pytest.mark.slow
 def test_the_theory_run_writes_its_figures_and_its_numbers_hold_together(quick, tmp_path):
-    from hpmkit import theory
+    from experiments import theory
 
     summary = run_theory.main(run_theory.parse_args(["--quick", "--mnist-run", str(quick), "--out-dir",
                                                      str(tmp_path)]))
@@ -460,7 +460,7 @@ def figures(tmp_path_factory):
     {name: (Figure, the renderer it was drawn with; the extents below are in its pixels)}."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from hpmkit import theory
+    from experiments import theory
 
     out = tmp_path_factory.mktemp("figures")
     rng = np.random.default_rng(0)

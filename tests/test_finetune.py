@@ -15,9 +15,9 @@ import evaluate
 import finetune
 from finetune import clean_pass, head_parameters, ikl_loss, perturb, soft_cross_entropy, train_step, weighted_mse
 from hpm import attach
-from hpmkit import cli, config, dpnp
+from hpmkit import cli, config, controls
 from hpmkit import data as data_module
-from hpmkit.checkpoint import load_head, read_head
+from hpmkit.checkpoint import load_head_state, read_head
 from hpmkit.data import load_npz
 
 from conftest import TOL, K, quad_data, quad_linear
@@ -111,7 +111,7 @@ def test_clean_pass_sets_exact_class_means_and_weights():
     x = torch.randint(0, 256, (20, 3, 2, 2), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 3, (20,), generator=g)  # class 3 never occurs
     model = attach(tiny_mlp(K))
-    _, S = clean_pass(model, x, y, T, batch, "cpu")  # (C_global is read from the head, as finetune.py does)
+    S = clean_pass(model, x, y, T, batch, "cpu")  # (C_global is read from the head, as finetune.py does)
     with torch.no_grad():
         Z = model.features(x.float() / 255).double().numpy()  # (N, D)
     for c in range(3):
@@ -203,7 +203,7 @@ def run(files):
     x, y = load_npz(str(files / "train.npz"))
     xb, yb = x[:64].float() / 255, y[:64]
     fresh = attach(torch.load(files / "cnn.pt", weights_only=False), momentum=0.98)
-    _, S = clean_pass(fresh, x, y, 4.0, 64, "cpu")
+    S = clean_pass(fresh, x, y, 4.0, 64, "cpu")
     loss_before = fixed_batch_loss(fresh, S, xb, yb)
     model = finetune.main(finetune.parse_args(argv))
     return {"model": model, "fresh": fresh, "S": S, "xb": xb, "yb": yb, "loss_before": loss_before,
@@ -238,7 +238,7 @@ def test_checkpoint_reloads_through_attach_and_load_head_to_identical_outputs(ru
     assert ckpt["model"] == str(files / "cnn.pt") and ckpt["dataset"] == "mnist" and ckpt["finished"]
     assert (ckpt["num_classes"], ckpt["feature_dim"], ckpt["fc_name"]) == (10, 16, "7")
     assert ckpt["momentum"] == 0.98 and ckpt["attack_eps"] == 0.3 and ckpt["args"]["epochs"] == 3
-    rebuilt = load_head(ckpt, attach(torch.load(ckpt["model"], weights_only=False), momentum=ckpt["momentum"]))
+    rebuilt = load_head_state(ckpt, attach(torch.load(ckpt["model"], weights_only=False), momentum=ckpt["momentum"]))
     with torch.no_grad():
         for mode in ("ste", "soft", "fc"):
             for context in ("batch", "image"):
@@ -342,7 +342,7 @@ def test_class_weights_fixed_are_the_clean_pass_and_ema_start_uniform(weights, f
                                        str(files / "train.npz"), "--out", str(tmp_path / "h.pt"), "--device",
                                        "cpu", "--no-progress", "--steps", "2", "--class-weights", weights]))
     x, y = load_npz(str(files / "train.npz"))
-    _, S = clean_pass(attach(torch.load(files / "cnn.pt", weights_only=False)), x, y, 4.0, 64, "cpu")
+    S = clean_pass(attach(torch.load(files / "cnn.pt", weights_only=False)), x, y, 4.0, 64, "cpu")
     assert len(seen) == 4  # 256 images, batches of 64
     if weights == "fixed":  # today's S, held for the run
         assert all(torch.equal(s, S) for s in seen)
@@ -390,7 +390,7 @@ def test_random_crop_flip_is_a_crop_of_the_padded_image_and_a_flip():
 
 def dpnp_setup(B=6, M=4, D=5, seed=0):
     torch.manual_seed(seed)
-    head = dpnp.DPNPHead(nn.Linear(D, M), alpha=3.0).double()
+    head = controls.DPNPHead(nn.Linear(D, M), alpha=3.0).double()
     with torch.no_grad():
         head.prototypes.add_(0.3 * torch.randn_like(head.prototypes))  # off the sphere
     z = torch.randn(B, D, dtype=torch.float64)
@@ -407,18 +407,18 @@ def test_dpnp_losses_equal_the_papers_formulas():
         return [v / sum(s) for v in s]
 
     dpp = sum(-math.log(p(z, i)[y[i]]) + 0.1 / 2 * float((z[i] - C[y[i]]).pow(2).sum()) for i in range(B)) / B
-    assert float(dpnp.dpp_loss(head(z), z, C, y, 0.1)) == pytest.approx(dpp, rel=1e-12)
+    assert float(controls.dpp_loss(head(z), z, C, y, 0.1)) == pytest.approx(dpp, rel=1e-12)
     dnp = 0.0
     for j in range(M):  # Eq. 4-5: the nearest other prototype, then sum of |.|^(1/2)
         k = min((k for k in range(M) if k != j), key=lambda k: float((C[k] - C[j]).norm()))
         dnp -= float((C[j] - C[k]).abs().sqrt().sum()) / M
-    assert float(dnp_value := dpnp.dnp_loss(C)) == pytest.approx(dnp, rel=1e-12) and dnp_value < 0
+    assert float(dnp_value := controls.dnp_loss(C)) == pytest.approx(dnp, rel=1e-12) and dnp_value < 0
     dfa = sum(sum(p(z, i)[j] * math.log(p(z, i)[j] / p(z_adv, i)[j]) for j in range(M)) for i in range(B)) / B
-    assert float(dpnp.dfa_loss(head(z), head(z_adv))) == pytest.approx(dfa, rel=1e-10)
+    assert float(controls.dfa_loss(head(z), head(z_adv))) == pytest.approx(dfa, rel=1e-10)
     dpp_adv = sum(-math.log(p(z_adv, i)[y[i]]) + 0.1 / 2 * float((z_adv[i] - C[y[i]]).pow(2).sum())
                   for i in range(B)) / B
     total = 0.1 * dnp + (dpp + dpp_adv + 2.0 * dfa) / 2  # Eq. 7
-    assert float(dpnp.adv_dpnp_loss(head, z, z_adv, y)) == pytest.approx(total, rel=1e-10)
+    assert float(controls.adv_dpnp_loss(head, z, z_adv, y)) == pytest.approx(total, rel=1e-10)
 
 
 def test_prototypes_get_no_gradient_from_the_adversarial_dpp_term_and_do_from_dfa():
@@ -432,12 +432,12 @@ def test_prototypes_get_no_gradient_from_the_adversarial_dpp_term_and_do_from_df
         return head.prototypes.grad.clone(), z_adv.grad.clone()
 
     # Eq. 7 minus everything but the adversarial DPP term: the prototypes' gradient vanishes.
-    full = grad_of(lambda: dpnp.adv_dpnp_loss(head, z, z_adv, y))
-    no_adv = grad_of(lambda: dpnp.adv_dpnp_loss(head, z, z_adv, y) - dpnp.dpp_loss(
+    full = grad_of(lambda: controls.adv_dpnp_loss(head, z, z_adv, y))
+    no_adv = grad_of(lambda: controls.adv_dpnp_loss(head, z, z_adv, y) - controls.dpp_loss(
         z_adv @ head.prototypes.detach().t() / head.alpha, z_adv, head.prototypes.detach(), y, 0.1) / 2)
     torch.testing.assert_close(full[0], no_adv[0], **TOL)
     assert not torch.allclose(full[1], no_adv[1])  # the features still get that term's gradient
-    dfa = grad_of(lambda: dpnp.dfa_loss(head(z), head(z_adv)))
+    dfa = grad_of(lambda: controls.dfa_loss(head(z), head(z_adv)))
     assert dfa[0].abs().max() > 1e-6  # Algorithm 1, line 21: DFA moves the prototypes
 
 
@@ -445,12 +445,12 @@ def test_prototypes_return_to_the_sphere_and_the_backbone_stays_frozen():
     x, y = quad_data(16)
     base = quad_linear()
     before = copy.deepcopy(base.state_dict())
-    model = dpnp.attach(base, alpha=40.0)
+    model = controls.attach_dpnp(base, alpha=40.0)
     torch.testing.assert_close(model.head.prototypes.norm(dim=1), torch.full((K,), 40.0))
     opt = torch.optim.SGD(model.head.parameters(), lr=0.5)
     xf = x.float() / 255
     for _ in range(3):
-        loss = dpnp.adv_dpnp_loss(model.head, model.features(xf), model.features((xf + 0.05).clamp(0, 1)), y)
+        loss = controls.adv_dpnp_loss(model.head, model.features(xf), model.features((xf + 0.05).clamp(0, 1)), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -494,7 +494,7 @@ def test_control_heads_train_head_only_and_round_trip_through_evaluate(head, fil
     rows = set(res.rows())
     if head == "dpnp":
         assert rows == {"base", "dpnp"} and set(res.row("dpnp").accuracies) == set(res.row("base").accuracies)
-        rebuilt = load_head(ckpt, dpnp.attach(copy.deepcopy(base)))
+        rebuilt = load_head_state(ckpt, controls.attach_dpnp(copy.deepcopy(base)))
         with torch.no_grad():
             clean = (rebuilt(x[:16].float() / 255).argmax(1) == y[:16]).float().mean().item()
         assert res.row("dpnp").clean == pytest.approx(clean)

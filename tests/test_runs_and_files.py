@@ -391,7 +391,7 @@ def test_two_processes_under_torchrun_write_what_one_writes_and_resume_after_a_r
 
 # Install and the Python API ------------------------------------------------------------------
 # pip install -e . (pyproject.toml) in a fresh virtual environment: hpm and hpmkit import from any
-# folder, and the scripts run as commands (hpmkit/commands.py).
+# folder, and the scripts run as commands (hpmkit/cli.py).
 
 
 def fresh_venv(folder):

@@ -110,7 +110,7 @@ class Surrogate(nn.Module):
 
     def forward(self, x):
         z = self.model.features(x)  # (B, D): one backbone pass
-        head, kw = self.model.head, dict(context=self.context, batch_size=self.batch_size)
+        head, kw = self.model.head, dict(context=self.context, group_size=self.batch_size)
         if self.surrogate == "mix":  # the three heads in one pass of the head's kernels
             logits = head(z, mode=("fc", "soft", "ste"), **kw)  # (3, B, K)
             real, out = logits[2], logits.log_softmax(dim=2).mean(dim=0)  # (B, K)

@@ -22,8 +22,8 @@ Choices that are ours, not the paper's:
 - The mixer starts as the plain average: W_m = [I/2; I/2], b_m = 0.
 - Context "image" classifies every row as if it were alone in its batch (a per-image
   model, free of batch composition), computed for the whole batch at once.
-- Context "batch" with `batch_size=b` treats the rows as consecutive fixed batches of b
-  rows, each with its own C_batch, in one call (to fill a GPU with many fixed batches).
+- Context "batch" with `group_size=b` treats the rows as G groups, consecutive fixed batches of
+  b rows, each with its own C_batch, in one call (to fill a GPU with many fixed batches).
 - The l2 distance has gradient 0 (a subgradient) where it is exactly zero.
 - A class no image of the batch is assigned to has C_batch[c] = 0 (Eq. 16's empty sum), and it
   enters the mixer as it is: C_hybrid[c] = [C_global[c], 0] W_m + b_m, half of C_global[c] with
@@ -95,11 +95,11 @@ class HPMHead(nn.Module):
         w.copy_(torch.cat(halves, dim=1))
         self.mixer.bias.zero_()
 
-    def forward(self, z, mode="ste", context="batch", batch_size=None):
+    def forward(self, z, mode="ste", context="batch", group_size=None):
         """Logits (B, K) of features z (B, D). mode: "ste", "soft" or "fc", or a tuple of them for
         their logits stacked (M, B, K), from one pass that shares the kernels of the modes.
-        batch_size: in context "batch", the rows are consecutive fixed batches of this size,
-        each with its own C_batch (default: one batch)."""
+        group_size: in context "batch", the rows are groups, consecutive fixed batches of this
+        size, each with its own C_batch (default: one batch)."""
         modes = (mode,) if isinstance(mode, str) else tuple(mode)
         if not set(modes) <= {"ste", "soft", "fc"}:
             raise ValueError(f"mode must be 'ste', 'soft' or 'fc', got {mode!r}")
@@ -112,43 +112,43 @@ class HPMHead(nn.Module):
             P_soft = L.softmax(dim=-1)
             P = torch.stack([P_soft if m == "soft" else ste_assignment(L, P_soft)
                              for m in hybrid])  # (M, B, K)
-            H = self._batch_logits(z, P, batch_size) if context == "batch" else self._image_logits(z, P)
+            H = self._batch_logits(z, P, group_size) if context == "batch" else self._image_logits(z, P)
             logits.update(zip(hybrid, H))
         return logits[mode] if isinstance(mode, str) else torch.stack([logits[m] for m in modes])
 
-    def hybrid_prototypes(self, z, P, batch_size=None):
+    def hybrid_prototypes(self, z, P, group_size=None):
         """Eq. 16-17: C_hybrid (..., G, K, D) of features z (B, D) under assignments P (..., B, K),
-        the rows taken as G consecutive fixed batches of batch_size rows (default: one batch)."""
+        the rows taken as G groups, consecutive fixed batches of group_size rows (default: one)."""
         B, K = P.shape[-2:]
-        b = batch_size or B
+        b = group_size or B
         if b < 1 or B % b:
-            raise ValueError(f"batch_size {batch_size} does not divide the {B} rows")
+            raise ValueError(f"group_size {group_size} does not divide the {B} rows")
         z, P = z.view(-1, b, z.shape[1]), P.view(*P.shape[:-2], -1, b, K)  # (G, b, D), (..., G, b, K)
         C_batch = batch_prototypes(P, z, self.eps)  # Eq. 16
         C_global = self.prototypes.expand_as(C_batch)
         return self.mixer(torch.cat([C_global, C_batch], dim=-1))  # Eq. 17
 
-    def _batch_logits(self, z, P, batch_size):
+    def _batch_logits(self, z, P, group_size):
         # P (M, B, K): each of the G fixed batches, z (G, b, D), against its C_hybrid (M, G, K, D)
-        C_hybrid = self.hybrid_prototypes(z, P, batch_size)
+        C_hybrid = self.hybrid_prototypes(z, P, group_size)
         return l2_logits(z.view(C_hybrid.shape[-3], -1, z.shape[1]), C_hybrid).view(P.shape)
 
     def _image_logits(self, z, P):
         # P (M, B, K): one assignment per mode. Alone in its batch, row i has C_batch[j] = a_ij z_i
         # with a_ij = P_ij / (P_ij + eps) (Eq. 16 with B = 1), so its hybrid prototypes are
-        # C_hybrid_i[j] = G_j + a_ij * u_i with G = C_global W_g + b_m and u_i = z_i W_b (the
+        # C_hybrid_i[j] = C_g[j] + a_ij * u_i with C_g = C_global W_g + b_m and u_i = z_i W_b (the
         # mixer split into its two halves).
-        # ||z_i - G_j - a_ij u_i||^2 expands into (B, K) matmuls: no (B, K, D) tensor, no loop.
+        # ||z_i - C_g[j] - a_ij u_i||^2 expands into (B, K) matmuls: no (B, K, D) tensor, no loop.
         D = z.shape[1]
         W_g, W_b = self.mixer.weight[:, :D], self.mixer.weight[:, D:]
-        G = F.linear(self.prototypes, W_g, self.mixer.bias)  # (K, D)
+        C_g = F.linear(self.prototypes, W_g, self.mixer.bias)  # (K, D)
         u = F.linear(z, W_b)  # (B, D)
         a = P / (P + self.eps)  # (M, B, K)
-        d2_zG = z.pow(2).sum(1, keepdim=True) - 2 * z @ G.t() + G.pow(2).sum(1)  # ||z_i - G_j||^2
+        d2_zC = z.pow(2).sum(1, keepdim=True) - 2 * z @ C_g.t() + C_g.pow(2).sum(1)  # ||z_i - C_g[j]||^2
         zu = (z * u).sum(1, keepdim=True)  # (B, 1)
-        uG = u @ G.t()  # (B, K)
+        uC = u @ C_g.t()  # (B, K)
         uu = u.pow(2).sum(1, keepdim=True)  # (B, 1)
-        d2 = d2_zG - 2 * a * (zu - uG) + a.pow(2) * uu
+        d2 = d2_zC - 2 * a * (zu - uC) + a.pow(2) * uu
         return -safe_sqrt(d2.clamp_min(0))  # (M, B, K)
 
     @torch.no_grad()

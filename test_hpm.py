@@ -331,11 +331,11 @@ def test_bad_mode_or_context_is_a_clear_error():
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL), (torch.float32, dict(rtol=1e-5, atol=1e-5))])
 @pytest.mark.parametrize("mode", ["ste", "soft"])
 def test_grouped_batch_context_equals_separate_calls(mode, dtype, tol):
-    """G fixed batches in one call (batch_size) == G separate calls, values and gradients."""
+    """G fixed batches in one call (group_size) == G separate calls, values and gradients."""
     head = make_head(dtype=dtype)
     torch.manual_seed(2)
     z = torch.randn(12, 5, dtype=dtype, requires_grad=True)
-    grouped = head(z, mode=mode, context="batch", batch_size=4)  # 3 groups of 4
+    grouped = head(z, mode=mode, context="batch", group_size=4)  # 3 groups of 4
     (grouped * torch.arange(1.0, 5.0, dtype=dtype)).sum().backward()
     z2 = z.detach().clone().requires_grad_(True)
     separate = torch.cat([head(z2[g:g + 4], mode=mode, context="batch") for g in range(0, 12, 4)])
@@ -343,10 +343,10 @@ def test_grouped_batch_context_equals_separate_calls(mode, dtype, tol):
     torch.testing.assert_close(grouped, separate, **tol)
     torch.testing.assert_close(z.grad, z2.grad, **tol)
     assert not torch.allclose(grouped, head(z, mode=mode, context="batch"))  # groups matter
-    torch.testing.assert_close(head(z, mode=mode, context="batch", batch_size=12),
+    torch.testing.assert_close(head(z, mode=mode, context="batch", group_size=12),
                                head(z, mode=mode, context="batch"), **tol)  # one group: the batch
     with pytest.raises(ValueError, match="does not divide"):
-        head(z, context="batch", batch_size=5)
+        head(z, context="batch", group_size=5)
 
 
 # --- State ----------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ SURROGATES = ("fc", "soft", "ste", "mix")  # MSA: Surrogate 1, Surrogate 2, the 
 ADAPTIVE = ("fixed",)  # adaptive surrogates designed from hpm.py (Tramer et al. 2020)
 CONTEXTS = ("batch", "image")
 KINDS = ("apgd-ce", "apgd-dlr", "apgd-t", "apgd-cw")  # APGD-T: AutoAttack's targeted DLR attack
-LOSSES_K = ("apgd-ce", "apgd-dlr")
+OWN_KINDS = ("apgd-ce", "apgd-dlr")  # the APGD kinds K of B runs on the attacker's own images
 CLASSES = {"apgd-ce": 2, "apgd-dlr": 3, "apgd-t": 4, "apgd-cw": 2, "flip": 4, "square": 2, "joint": 2,
            "target": 2}
 
@@ -109,7 +109,7 @@ def _catalogue():
     hpm += [Attack(f"{k}/{s}", k, s, runs_on="batch") for k in ("joint", "target") for s in ("soft", "ste", "mix")]
     own = [Attack(k, k, None, CLASSES[k]) for k in KINDS]  # a per-image model's, on itself
     # K of B (batch_attacks.py): the attacker's own images misclassified, and collateral on the benign ones.
-    slots = [Attack(f"own:{k}/{s}", f"own:{k}", s, CLASSES[k], "attackers") for k in LOSSES_K for s in SURROGATES]
+    slots = [Attack(f"own:{k}/{s}", f"own:{k}", s, CLASSES[k], "attackers") for k in OWN_KINDS for s in SURROGATES]
     slots += [Attack(f"benign:spread/{s}", "benign:spread", s, runs_on="attackers") for s in ("soft", "ste", "mix")]
     slots += [Attack("benign:square", "benign:square", runs_on="attackers")]
     # last: victim reads the benign images every other attack left standing
@@ -123,7 +123,7 @@ ORDER = ("clean",) + tuple(CATALOGUE) + ("worst_case",)  # of the attacks in a r
 HPM_ATTACKS = tuple(f"apgd-{loss}/{s}" for loss in LOSSES for s in SURROGATES) + ("square",)  # the paper's MSA
 # The rows of K attacker slots, by default: MSA on the attacker's slots; collateral through C_batch
 # (soft and mix surrogates: spread, then victim on the benign images left standing) and without gradients.
-ATTACKER_ATTACKS = (tuple(f"own:{k}/{s}" for k in LOSSES_K for s in SURROGATES)
+ATTACKER_ATTACKS = (tuple(f"own:{k}/{s}" for k in OWN_KINDS for s in SURROGATES)
                     + ("benign:spread/soft", "benign:spread/mix", "benign:square", "benign:victim/mix"))
 BATCH_ADVERSARY = tuple(a.name for a in CATALOGUE.values() if a.runs_on == "batch")
 

@@ -1,7 +1,7 @@
 """Many fixed batches at once (--chunk): the subset's fixed batches, cut into chunks.
 
 A chunk is G consecutive fixed batches of B images, attacked in one run: the GPU sees G*B
-images per step instead of B. The batch context groups its rows (HPMHead's batch_size), so
+images per step instead of B. The batch context groups its rows (HPMHead's group_size), so
 each fixed batch keeps its own batch prototypes; every batch of a chunk gets the random numbers
 it gets when attacked alone (hpmkit/autoattack.py replays AutoAttack's streams per batch).
 """

@@ -189,10 +189,10 @@ def test_compiled_head_equals_the_eager_head_in_every_form_an_evaluation_calls()
         outs = []
         for head in (eager, compiled):
             z = z0[:n].clone().requires_grad_(True)
-            out = head(z, mode=mode, context=context, batch_size=group)
+            out = head(z, mode=mode, context=context, group_size=group)
             (grad,) = torch.autograd.grad((out * w[:n]).sum(), z)
             with torch.no_grad():
-                plain = head(z0[:n], mode=mode, context=context, batch_size=group)
+                plain = head(z0[:n], mode=mode, context=context, group_size=group)
             outs.append((out.detach(), grad, plain))
         for a, b in zip(*outs):
             torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"{mode} {context} {group} {n}: {m}")

@@ -16,7 +16,8 @@ def evaluate(model, x, y, head=None, **flags):
     """The base model `model` (images in [0, 1] -> logits) and, if given, its head (the model
     hpm.attach(model) made, trained; a DPNP model; or a head checkpoint's path), evaluated as
     evaluate.py does on images x (N, C, H, W; float in [0, 1] or uint8) with labels y (N,): the
-    results as a dict (the results file's layout, accuracies as fractions). flags: evaluate.py's
+    results as a dict (the results file's layout, accuracies as fractions: 0.672 where the
+    printed tables say 67.2%). flags: evaluate.py's
     flags by name (eps, version, batch_size, attacks, steps, queries, contexts, attackers, checks,
     seed, device, chunk, out, ...); every image of x is evaluated unless n_examples says less, and
     nothing is written unless out names a file. The models are frozen in place, as hpm.attach does."""

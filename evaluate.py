@@ -23,16 +23,24 @@ Read top to bottom:
 3. What an attack does to a chunk of fixed batches (attack_chunk): the attack follows its
    surrogate's gradients; every query of a whole fixed batch is scored on the real model
    (strong); every final adversarial batch is re-scored whole.
-4. The loop over rows and attacks (evaluate), the worst case per image (update_worst_case),
-   the gradient-masking checks (--checks), the report, main.
+4. The loop (evaluate): for each row its clean pass, then each attack; for each chunk of whole
+   fixed batches, attack, score, record. The worst case per image (results.py), the
+   gradient-masking checks (run_checks, the same loop on the checks' attacks), the report, main.
 
 The subset (25% of the test set, as in the paper) is cut into fixed consecutive batches of the
 head's fine-tuning batch size; an image is robust only if correct clean and under every attack.
 The results JSON is rewritten after every chunk; the same command resumes. When the run ends,
 OUT.md (the final tables) and OUT.png (every row's accuracy per attack) are written beside it.
-The machinery (chunks, resume, torchrun, GPU memory, --compile) is in hpmkit/, one line here each.
+The machinery the loop uses is hpmkit/engine.py's: `runner.job(...)` serves a job's chunks from
+where the results left off (under torchrun, this process's share), `job.fit()` halves a chunk
+the GPU cannot hold, `job.record(...)` writes the results after every chunk; --compile is one
+line in run (models.compile_head).
+
+One batch through an MSA attack (apgd-ce/mix), hop by hop:
+main -> run -> evaluate (the loop, this file) -> attack_chunk (this file) -> attacks.run_attack
+(hpmkit/attacks.py) -> [AutoAttack's APGDAttack.attack_single_run] -> Surrogate.forward (this file)
+-> HPMHead.forward (hpm.py), every query's real logits to the QueryScorer (hpmkit/attacks.py).
 """
-import argparse
 import contextlib
 import os
 import sys
@@ -41,21 +49,20 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from hpmkit.api import object_config
 from hpmkit.attackers import attacker_slots, put, run_slot_attack
 from hpmkit.attacks import QueryScorer, check_adv, fixed_prototype_logits, run_attack
 from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, Cost, check_classes
 from hpmkit.checkpoint import Models, count_classes, load_models, object_models
-from hpmkit.checks import Checks, run_checks
+from hpmkit.checks import Checks, check_eps, check_runs, judge
 from hpmkit.chunks import ChunkResult, FixedBatches
-from hpmkit.cli import CLIError, WarningCounter, eps_value, run_cli
-from hpmkit.config import (DEFAULT_CHUNK, header_lines, identity, load_subset, object_config, open_results,
-                           resolve_config, setting_of)
+from hpmkit.cli import ArgumentParser, CLIError, WarningCounter, eps_value, run_cli
+from hpmkit.config import (CHECKS_DEFAULTS, DEFAULT_CHUNK, MAX_ORDERS, header_lines, identity, load_subset,
+                           open_results, resolve_config, setting_of)
 from hpmkit.data import DATASETS
+from hpmkit.engine import AdvStore, Plan, Runner, start_ranks
 from hpmkit.files import OutLock
-from hpmkit.gpu import MemoryFit, compile_head
-from hpmkit.jobs import AdvStore, Engine, Job, Plan, run_job
-from hpmkit.models import check_images
-from hpmkit.ranks import start_ranks
+from hpmkit.models import as_given, check_images, compile_head
 from hpmkit.report import (check_beside, describe, print_header, print_report, square_note, version_line,
                            write_beside)
 from hpmkit.results import Results
@@ -165,19 +172,23 @@ class ModelUnderTest:
         return [a for a in attacks if a.rows != "batch" or not self.per_image]
 
     def surrogate(self, name, batch_size=None, scorer=None, x=None):
-        """The module attacked for surrogate `name` (None: the real model), on a chunk of fixed
-        batches of batch_size; x: the clean images (the "fixed" surrogate needs them)."""
-        if self.context is None:
-            return Scored(self.model, scorer)
+        """The module attacked for surrogate `name` ("fc", "soft", "ste", "mix", "fixed"), on a chunk
+        of fixed batches of batch_size; x: the clean images (the "fixed" surrogate needs them). An
+        attack without a surrogate (None: Square, a per-image model's own) attacks the real model."""
+        if name is None or self.context is None:
+            return self.real(batch_size, scorer)
         z_clean = None
         if name == "fixed":
             with torch.no_grad():
                 z_clean = self.model.features(x)
-        return Surrogate(self.model, name or "ste", self.context, batch_size, scorer, z_clean)
+        return Surrogate(self.model, name, self.context, batch_size, scorer, z_clean)
 
-    def real(self, batch_size=None):
-        """The real model, which scores every adversarial batch (not attacked: no scorer)."""
-        return self.surrogate(None, batch_size)
+    def real(self, batch_size=None, scorer=None):
+        """The real model, which scores every adversarial batch (no scorer), on a chunk of fixed
+        batches of batch_size; with a scorer, attacked itself, every query scored."""
+        if self.context is None:
+            return Scored(self.model, scorer)
+        return Surrogate(self.model, "ste", self.context, batch_size, scorer)
 
     def whole_batch(self, attack):
         """AutoAttack's standard path (perturb) only where it is exact, an end-to-end attack on a
@@ -253,9 +264,8 @@ def slots_chunk(row, attack, chunk, setting, warnings=None, standing=None):
     return ChunkResult(correct & scorer.robust, x_adv, c_final)
 
 
-def clean_chunk(row, data, first, end):
-    """The clean pass on batches first..end-1 of data, each fixed batch classified whole."""
-    chunk = data.chunk(first, end)
+def clean_chunk(row, chunk):
+    """The clean pass on a chunk of fixed batches (chunks.Chunk), each fixed batch classified whole."""
     try:
         c, logits = score(row.real(chunk.grouped_by), chunk.x, chunk.y)
     except torch.cuda.OutOfMemoryError:
@@ -264,9 +274,9 @@ def clean_chunk(row, data, first, end):
         raise EvaluationError(f"{row.name}: the model cannot classify the images "
                               f"{tuple(chunk.x.shape[1:])} ({str(e).splitlines()[0]})")
     if not torch.isfinite(logits).all():
-        raise EvaluationError(f"{row.name}: the model returned NaN or inf logits on clean "
-                              f"images (batches {first}-{end - 1}); check the model file, "
-                              "the head and the input range")
+        raise EvaluationError(f"{row.name}: the model returned NaN or inf logits on clean images "
+                              f"(images {chunk.span.start}-{chunk.span.stop - 1} of the subset); check the model "
+                              "file, the head and the input range")
     return ChunkResult(c)
 
 
@@ -276,16 +286,16 @@ class EvaluationError(Exception):
     """The models cannot be evaluated on these images (main says it in one line)."""
 
 
-def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None, classes=None):
+def evaluate(rows, attacks, data, setting, runner=None, adv=None, classes=None):
     """Clean and robust accuracy of every row under `attacks` (names from the HPM list) on the
-    fixed batches `data` (chunks.FixedBatches), attacked as `setting` (catalogue.Setting) says,
-    run by `engine` (jobs.Engine: chunks, torchrun, GPU memory, progress). results: the
-    results.Results to fill and resume from (finished batches are skipped); adv: a
-    jobs.AdvStore that keeps every attack's adversarial images (--save-adv); classes: the
-    model's number of classes (APGD-T's targets in the cost estimate; None: at most 9).
-    Prints the run's estimated cost, then a progress line after every job. Returns results."""
-    engine = engine or Engine()
-    results = Results() if results is None else results
+    fixed batches `data` (chunks.FixedBatches), attacked as `setting` (catalogue.Setting) says.
+    runner (engine.Runner): the results to fill and resume from (finished batches are skipped),
+    written after every chunk, and how chunks run (size, torchrun, GPU memory, progress); adv: an
+    engine.AdvStore that keeps every attack's adversarial images (--save-adv); classes: the
+    model's number of classes (APGD-T's targets in the cost estimate; None: at most 9). Prints
+    the run's estimated cost, then a progress line after every job. Returns the results."""
+    runner = runner or Runner()
+    results = runner.results
     todo = [(row, attack) for row in rows for attack in [None] + row.attacks(attacks)
             if not results.row(row.name).finished(attack.name if attack else "clean")]
 
@@ -297,56 +307,72 @@ def evaluate(rows, attacks, data, setting, engine=None, results=None, adv=None, 
         return attack.cost(setting, data.batch_size, classes, row.whole_batch(attack),
                            1.0 if standing is None else standing)
 
-    plan = Plan([(row.name, attack.name if attack else "clean") for row, attack in todo], cost, len(data), engine)
+    plan = Plan([(row.name, attack.name if attack else "clean") for row, attack in todo], cost, len(data), runner)
     w = max(len(row.name) for row in rows)  # (the rows' names aligned in the progress lines)
     for line in plan.estimate():
-        engine.log(line)
+        runner.log(line)
     for row in rows:
         rr = results.row(row.name)
         if row.attackers:  # who holds which image: the per-image records split into own and benign
             rr.set_attacker_slots(attacker_slots([b - a for a, b in data.batches], row.attackers).int().tolist())
-        clean_done = rr.finished("clean")
-        if not clean_done:
-            run_job(rr, Job(row.name, "clean", lambda first, end: clean_chunk(row, data, first, end), row.backbone),
-                    data.batches, engine)
-        rr.finish("clean")
-        if not clean_done:
-            engine.log(plan.line(f"{row.name:<{w}}  {'clean':<14} {rr.clean:7.2%}", rr.seconds("clean")))
+        if not rr.finished("clean"):
+            job = runner.job(rr, data, row.name, "clean", row.backbone)
+            for chunk in job:  # chunks of whole fixed batches, from where the results left off
+                with job.fit():  # out of GPU memory: this chunk again, in halves
+                    job.record(clean_chunk(row, chunk))
+            job.finish()
+            plan.done(f"{row.name:<{w}}  {'clean':<14} {rr.clean:7.2%}", rr.seconds("clean"))
 
         for attack in row.attacks(attacks):
             name = attack.name
             if rr.finished(name):
                 if adv is not None and not adv.has(row.name, name):
-                    engine.log(f"  note: {row.name} {name} finished in an earlier run without --save-adv; "
+                    runner.log(f"  note: {row.name} {name} finished in an earlier run without --save-adv; "
                                "its adversarial images were not kept")
                 continue
             if row.name == "hpm/batch" and attack.kind == "square":
-                engine.log("  note: " + square_note(setting))
+                runner.log("  note: " + square_note(setting))
             counter = WarningCounter()
-            saver = None if adv is None else adv.saver(row.name, name)
-            if saver is not None and not saver.has_parts(rr.batches_done(name)):  # resumed without parts
-                rr.reset(name)
-            standing = torch.tensor(rr.correct("worst_case"), dtype=torch.bool, device=engine.device)
-
-            def attack_batches(first, end):
-                chunk = data.chunk(first, end)
-                return attack_chunk(row, attack, chunk, setting, counter, standing[chunk.span])
-
-            run_job(rr, Job(row.name, name, attack_batches, row.backbone, saver), data.batches, engine)
-            rr.finish(name)
-            if saver is not None:
-                saver.finish()
-            engine.updated()
+            standing = torch.tensor(rr.correct("worst_case"), dtype=torch.bool, device=runner.device)
+            saver = None if adv is None else adv.saver(row.name, name)  # --save-adv
+            job = runner.job(rr, data, row.name, name, row.backbone, saver)
+            for chunk in job:
+                with job.fit():
+                    job.record(attack_chunk(row, attack, chunk, setting, counter, standing[chunk.span]))
+            job.finish()
             if row.attackers:  # K of B: the attacker's own images and the benign ones
                 found = (f"{row.name:<{w}}  {name:<18} own {rr.by_role(name, 'own'):7.2%}  benign "
                          f"{rr.by_role(name, 'benign'):7.2%}   worst case own {rr.own:7.2%}  benign {rr.benign:7.2%}")
             else:
                 found = f"{row.name:<{w}}  {name:<14} {rr.accuracy(name):7.2%}   worst case {rr.worst_case:7.2%}"
-            engine.log(plan.line(found, rr.seconds(name)))
+            plan.done(found, rr.seconds(name))
             if counter.counts:  # one line per attack, not one warning per batch
                 rr.set_warnings(name, counter.summary())
-                engine.log(f"{'':<{w + 10}}{name:<14} AutoAttack warned: {counter.summary()}")
+                runner.log(f"{'':<{w + 10}}{name:<14} AutoAttack warned: {counter.summary()}")
     return results
+
+
+def run_checks(rows, data, setting, runner, checks):
+    """--checks (hpmkit/checks.py: what they attack and how they judge): each row's check attacks
+    on the first checks.n images of the same fixed batches, run as evaluate's loop runs an attack,
+    then the row judged; the results in runner.results."""
+    part = data.first(min(checks.n, len(data)))
+    sweep = check_eps(setting, data)
+    for row in rows:
+        if row.attackers:  # its checks are those of hpm/batch: the same model
+            continue
+        rr = runner.results.row(row.name)
+        runs = rr.check_runs(len(part))
+        for check in check_runs(row.name, setting, sweep):
+            if runs.finished(check.key):
+                continue
+            job = runner.job(runs, part, row.name, check.key)
+            for chunk in job:
+                with job.fit():
+                    job.record(attack_chunk(row, check.attack, chunk, check.setting, WarningCounter()))
+            job.finish()
+        judge(row, rr, data, setting, sweep, checks)
+        runner.save()
 
 
 # The script --------------------------------------------------------------------------------
@@ -402,28 +428,21 @@ def run(cfg, models, subset, ranks=None, header=()):
     setting, banner = setting_of(cfg), version_line(cfg, VERSIONS[cfg["version"]], rows)
     describe(results, cfg, setting, rows, idx, n_total, banner)
 
-    def on_update():
-        results.updated(processes=None if ranks is None else ranks.world)
-        if cfg["out"] and (ranks is None or ranks.rank == 0):  # under torchrun, rank 0 writes the one file
-            results.write(cfg["out"])
-
     print_header(banner, cfg, rows, len(idx), n_total, device)
     for line in header:
         print(line)
-    on_update()
     data = FixedBatches(x, y, cfg["batch_size"], device)
-    engine = Engine(device, cfg["chunk"], ranks, MemoryFit(lambda line: print(line, flush=True)),
-                    progress=not cfg["no_progress"], on_update=on_update)
+    runner = Runner(results, cfg["out"], device, cfg["chunk"], ranks, progress=not cfg["no_progress"])
+    runner.save()
     adv = AdvStore(cfg["save_adv"], y, idx.tolist(), data.batches) if cfg["save_adv"] else None
     try:
-        evaluate(rows, cfg["attacks"], data, setting, engine, results, adv, num_classes)
+        evaluate(rows, cfg["attacks"], data, setting, runner, adv, num_classes)
         if cfg["checks"]:
-            run_checks(rows, data, results, setting, engine,
-                       Checks(cfg["checks_n"], cfg["checks_tol"], cfg["context_orders"]), attack_chunk)
+            run_checks(rows, data, setting, runner, Checks(cfg["checks_n"], cfg["checks_tol"], cfg["context_orders"]))
     except EvaluationError as e:
         raise CLIError(str(e))
     results.finished()
-    on_update()
+    runner.save()
     if ranks is not None:
         ranks.finish()
     if cfg["out"] and (ranks is None or ranks.rank == 0):
@@ -437,21 +456,29 @@ def evaluate_model(model, x, y, head=None, **flags):
     (x in [0, 1] -> logits) and, if given, its head (hpm.attach(model) with a trained head, a DPNP
     model, or a head checkpoint's path), on images x (N, C, H, W; float in [0, 1] or uint8) with
     labels y (N,). flags: evaluate.py's flags by name (eps=8/255, version="paper", batch_size=64,
-    attacks="apgd-ce/mix,square", steps=10, contexts="image", attackers="1,8", checks=True, ...),
+    attacks="apgd-ce/mix,square", steps=10, contexts=["image"], attackers=[1, 8], checks=True, ...),
     their defaults the command line's except n_examples (all of x) and out (no file; a path to
-    write and resume). Like hpm.attach, it freezes the models in place. Returns the results file's
+    write and resume). Bad input is one CLIError (a ValueError) with the command line's line, before
+    any work. The models are frozen and moved to the device for the run, and left as they were given
+    after it (training flags, requires_grad, device), also on error. Returns the results file's
     contents (a dict)."""
-    models = object_models(model, head)
-    cfg, subset = object_config(flags, parse_args([]), VERSIONS, models, x, y)
-    if cfg["out"]:
-        check_beside(cfg["out"])
-    models = Models(*(m.to(cfg["device"]) if isinstance(m, nn.Module) else m for m in models))
-    with OutLock(cfg["out"]) if cfg["out"] else contextlib.nullcontext():  # one run writes a file at a time
-        return run(cfg, models, subset).data
+    with as_given(model, head):
+        models = object_models(model, head)
+        cfg, subset = object_config(flags, parser(), VERSIONS, models, x, y)
+        if cfg["out"]:
+            check_beside(cfg["out"])
+        models = Models(*(m.to(cfg["device"]) if isinstance(m, nn.Module) else m for m in models))
+        with OutLock(cfg["out"]) if cfg["out"] else contextlib.nullcontext():  # one run writes a file at a time
+            return run(cfg, models, subset).data
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    return parser().parse_args(argv)
+
+
+def parser():
+    """evaluate.py's flags (the Python API reads each value as its flag would be read)."""
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--head", help="head checkpoint written by finetune.py (dataset, threat model and "
                    "batch size are read from it); data: read without running code, and a model file or code it "
                    "names is not loaded unless given as --model; without it only the base model is evaluated")
@@ -472,8 +499,9 @@ def parse_args(argv=None):
                    "(default by dataset: Linf 8/255 CIFAR (paper) and own data (RobustBench's CIFAR budget), "
                    "4/255 ImageNet (paper), 0.3 MNIST (Madry et al.); L2 0.5 CIFAR and own data (RobustBench's), "
                    "3.0 ImageNet, 2.0 MNIST (ours); the header says which)")
-    p.add_argument("--data", metavar="FILE.npz", help="local test set .npz (x: uint8 N x C x H x W, y: int N) "
-                   "instead of the dataset's own loader; needed for a head fine-tuned on own data")
+    p.add_argument("--data", metavar="FILE.npz", help="local test set .npz (x: uint8 N x C x H x W, float in "
+                   "[0, 1], or grey N x H x W; y: int N) instead of the dataset's own loader; needed for a head "
+                   "fine-tuned on own data")
     p.add_argument("--data-dir", default="./data",
                    help="where torchvision datasets / ImageNet live (default ./data)")
     p.add_argument("--model-dir", default="./models", help="RobustBench model cache (default ./models)")
@@ -508,18 +536,19 @@ def parse_args(argv=None):
                    "(opt-in: fewer, larger kernels where the head's many small ones show, at small "
                    "batches on a GPU; each mode, context and batch shape compiles once, seconds each)")
     p.add_argument("--checks", action="store_true", help="run the gradient-masking checks")
-    p.add_argument("--checks-n", type=int, default=512,
-                   help="images (first of the subset) for --checks (default 512)")
+    p.add_argument("--checks-n", type=int, help="--checks: images (first of the subset) for the checks "
+                   f"(default {CHECKS_DEFAULTS['checks_n']})")
     p.add_argument("--attackers", metavar="K[,K...]", help="for each K, a row hpm/attackers-K: the attacker "
                    "holds the last K slots of every fixed batch (DIA's convention) among benign, clean images; "
                    "it reports own (the attacker's images misclassified) and benign (the other images "
                    "misclassified through the batch prototypes); 1 <= K < batch size")
     p.add_argument("--attacker-eps", type=eps_value, help="--attackers: the attacker's budget around its natural "
                    "images (default: --eps; 1 under L-inf: any image)")
-    p.add_argument("--context-orders", type=int, default=5, help="--checks: the subset's batches formed again "
-                   "in this many random orders; the fraction of clean predictions that change (default 5)")
-    p.add_argument("--checks-tol", type=float, default=0.02,
-                   help="accuracy difference tolerated by the checks, at least one image (default 0.02)")
+    p.add_argument("--context-orders", type=int, help="--checks: the subset's batches formed again in this many "
+                   f"random orders, 1 to {MAX_ORDERS}; the fraction of clean predictions that change (default "
+                   f"{CHECKS_DEFAULTS['context_orders']})")
+    p.add_argument("--checks-tol", type=float, help="--checks: accuracy difference tolerated by the checks, at "
+                   f"least one image (default {CHECKS_DEFAULTS['checks_tol']})")
     p.add_argument("--out", help="results JSON, rewritten after every chunk; rerun to resume "
                    "(default: HEAD.eval-VERSION.json, or eval.eval-VERSION.json without --head: one file per version)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds results "
@@ -530,7 +559,7 @@ def parse_args(argv=None):
                    help="torch device (default cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (a redirected log gets none anyway, only periodic lines)")
-    return p.parse_args(argv)
+    return p
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from hpm import attach
 from hpmkit import controls
-from hpmkit.checkpoint import HeadRecord, HeadWriter
-from hpmkit.cli import CLIError, eps_value, progress_bar, run_cli
+from hpmkit.checkpoint import HeadRecord, HeadWriter, probe
+from hpmkit.cli import ArgumentParser, CLIError, eps_value, progress_bar, run_cli
 from hpmkit.config import finetune_banner, finetune_origins, finetune_settings
 from hpmkit.data import DATASETS, OWN, check_labels, load_data, random_crop_flip, to_float
 from hpmkit.files import OutLock
@@ -118,8 +118,7 @@ def perturb(model, x, zn, y, S, cfg):
 def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
     """Before training: set C_global to the exact class means of the clean features; return S.
 
-    Sets model.head.prototypes and model.head.seen; returns the class means (K, D) and
-    S (K, K), row c the mean of softmax(zn / T) over the images of class c, zn the HPM
+    Sets model.head.prototypes and model.head.seen; returns S (K, K), row c the mean of softmax(zn / T) over the images of class c, zn the HPM
     logits (mode "ste", context "batch") once C_global is set. The features are kept on
     the host between the two sweeps, since S needs the prototypes that the first sweep sets.
     Prints the base model's clean accuracy on x, free: before training the head's FC layer is
@@ -155,7 +154,7 @@ def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
           "(no augmentation)")
     uniform = torch.full_like(P_sum, 1 / K)  # a class never seen has no evidence: weigh all classes alike
     S = torch.where(count[:, None] > 0, P_sum / count.clamp_min(1)[:, None], uniform)
-    return C_global.to(head.prototypes), S.to(head.prototypes)
+    return S.to(head.prototypes)
 
 
 def start(model, x, y, cfg):
@@ -163,7 +162,7 @@ def start(model, x, y, cfg):
     (None for the NCM control, which trains nothing) and the IKL class weights S."""
     optimizer = None if cfg.head == "ncm" else torch.optim.Adam(head_parameters(model), lr=cfg.lr)
     print(finetune_banner(cfg, len(x)))
-    _, S = clean_pass(model, x, y, cfg.T, cfg.batch_size, cfg.device, not cfg.no_progress)
+    S = clean_pass(model, x, y, cfg.T, cfg.batch_size, cfg.device, not cfg.no_progress)
     if optimizer is None:
         return None, None
     if cfg.class_weights == "ema":  # the official first epoch: uniform, then the EMA per batch
@@ -318,13 +317,15 @@ def main(args):
         check_images(model.base_model, x, cfg.device, name=f"the model {cfg.model}")
         check_images(model, x, cfg.device, name=f"the model {cfg.model} with its head")
         record = HeadRecord(cfg.head, cfg.model, cfg.dataset, cfg.threat_model, cfg.batch_size, cfg.eps,
-                            dict(vars(cfg)), fingerprint(model.base_model.state_dict()), cfg.weights)
+                            dict(vars(cfg)), fingerprint(model.base_model.state_dict()), cfg.weights,
+                            probe(model.base_model, x.shape[1:]))
         save = HeadWriter(cfg.out, model, record, to_float(x[:cfg.batch_size], cfg.device), cfg.overwrite)
         if save.unfinished is not None:
             print(f"note: {cfg.out} holds a finished head; it is replaced only when this run finishes "
                   f"(until then checkpoints go to {save.unfinished}; --overwrite to write there)")
         if cfg.head == "dpnp":
-            optimizer, S = controls.start(cfg.head, model, x, cfg, head_parameters), None
+            trained = head_parameters(model, controls.TRAINED[cfg.head])
+            optimizer, S = controls.start(cfg.head, x, cfg, trained), None
         else:
             optimizer, S = start(model, x, y, cfg)
         train(model, optimizer, x, y, S, cfg, save)
@@ -332,7 +333,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Head-only adversarial fine-tuning of HPM with the IKL loss (paper supp. 6.2). "
                     "Flags marked 'per dataset' default to the paper's setting for --dataset; own data "
                     "(--data without --dataset) takes CIFAR-10's, without augmentation.")
@@ -354,8 +355,9 @@ def parse_args(argv=None):
                         "augmentation)")
     p.add_argument("--threat-model", default="Linf", choices=["Linf", "L2"],
                    help="RobustBench threat model of --model and the attack's norm (default Linf)")
-    p.add_argument("--data", metavar="FILE.npz", help="local training set: x uint8 (N, C, H, W), y int (N,) "
-                   "(default: the dataset's own loader); without --dataset it is your own data")
+    p.add_argument("--data", metavar="FILE.npz", help="local training set: x uint8 (N, C, H, W), float in [0, 1], "
+                   "or grey (N, H, W); y int (N,) (default: the dataset's own loader); without --dataset it is "
+                   "your own data")
     p.add_argument("--data-dir", default="./data",
                    help="where torchvision finds/downloads CIFAR and MNIST; ImageNet: an ImageFolder "
                         "at DATA_DIR/train (default ./data)")

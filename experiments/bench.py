@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 import finetune
 import hpm
-from hpmkit import chunks, config, gpu, models
+from hpmkit import chunks, config, models
 from hpmkit.attacks import run_attack
 from hpmkit.catalogue import CATALOGUE, Setting
 from hpmkit.chunks import Chunk, FixedBatches
-from hpmkit.jobs import Engine
+from hpmkit.engine import Runner
 from hpmkit.pgd import project
 
 models.alias_autoattack()
@@ -99,7 +99,7 @@ def head_compiled_vs_eager(model, x, y, device, repeats, calls=50):
     and dispatch of its many small ops, the part that showed on an H100)."""
     with torch.no_grad():
         z0 = model.features(x)
-    compiled = gpu.compile_head(copy.deepcopy(model.head))
+    compiled = models.compile_head(copy.deepcopy(model.head))
 
     def steps(head):
         for _ in range(calls):
@@ -181,7 +181,7 @@ def evaluate_vs_autoattack(base, x, y, device, repeats, steps):
     from pyautoattack.autopgd_base import APGDAttack
 
     row = evaluate.build_rows(base)[0]
-    target = row.surrogate(None)
+    target = row.real()
 
     def ours():
         apgd(target, x, y, steps, whole_batch=False)
@@ -290,9 +290,10 @@ def protocol_grouped_vs_sequential(base, model, x, y, batch, chunk, steps, queri
     data = FixedBatches(x, y, batch, device)
     times = {}
     for form, c in (("sequential", None), ("grouped", chunk), ("sequential", None), ("grouped", chunk)):
-        engine = Engine(device, c, progress=False, log=lambda *a: None)
-        t = timed_once(lambda: evaluate.evaluate(evaluate.build_rows(base, model), evaluate.VERSIONS["strong"]["attacks"],
-                                                 data, setting, engine), device)
+        runner = Runner(device=device, chunk=c, progress=False, log=lambda *a: None)
+        attacks = evaluate.VERSIONS["strong"]["attacks"]
+        t = timed_once(lambda: evaluate.evaluate(evaluate.build_rows(base, model), attacks, data, setting, runner),
+                       device)
         times[form] = min(times.get(form, math.inf), t)
     return times["sequential"] / times["grouped"], {k: len(x) / v for k, v in times.items()}
 
@@ -307,7 +308,7 @@ def attacker_rows_cost(base, model, x, y, batch, steps, queries, device):
     rows = evaluate.build_rows(base, model, contexts=(), attackers=Ks, attacker_eps=1.0)[1:]
     setting = Setting("Linf", 8 / 255, steps=steps, queries=queries, score_queries=True, fixed_batch_square=True)
     res = evaluate.evaluate(rows, list(ATTACKER_ATTACKS), FixedBatches(x, y, batch, device), setting,
-                            Engine(device, None, progress=False, log=lambda *a: None))
+                            Runner(device=device, progress=False, log=lambda *a: None))
     return {r.name: {a: res.row(r.name).passes_per_image(a) for a in ATTACKER_ATTACKS} for r in rows}
 
 
@@ -432,7 +433,7 @@ def main(args):
         torch.autograd.grad(F.cross_entropy(base(xw), y), xw)
     report("hpm_fwd_bwd / base_fwd_bwd", hpm_forward_backward(base, model, x, y, device, r), 1.05)
     compiled = copy.deepcopy(model)
-    gpu.compile_head(compiled.head)
+    models.compile_head(compiled.head)
     report("hpm_fwd_bwd (head compiled) / base_fwd_bwd", hpm_forward_backward(base, compiled, x, y, device, r),
            1.05, "(evaluate.py --compile)")
     report("head_fwd_bwd compiled / eager (head alone)", head_compiled_vs_eager(model, x, y, device, r), 1.0,

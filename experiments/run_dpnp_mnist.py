@@ -9,7 +9,7 @@ It uses the training and held-out split of experiments.run_mnist (experiments.co
 seeded split of the embedded 10k test set, or --mnist-dir). Both models share the LeNets++ backbone of Wen et al. (2016): three stages of
 two 5x5 convolutions (32, 64, 128 channels) with PReLU and 2x2 max pooling, then a linear layer
 to 2-D features (PReLU). "at": a linear classifier on the features, trained on PGD examples with
-cross-entropy (Madry et al.). "dpnp": unified prototypes on the circle of radius alpha (dpnp.py),
+cross-entropy (Madry et al.). "dpnp": unified prototypes on the circle of radius alpha (hpmkit/controls.py),
 trained end to end on Eq. 7 with Algorithm 1's dual branch, prototypes renormalised at every
 epoch's start, their Adam learning rate alpha times the others' (ours: Adam's step does not
 scale with a weight's size, and at 1e-3 prototypes of norm 40 stayed where they started,
@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from experiments.common import EPS, make_splits, pgd_linf
-from hpmkit import dpnp
+from hpmkit import controls
 from hpmkit.cli import progress_bar
 
 SETTINGS = {
@@ -38,7 +38,7 @@ SETTINGS = {
     "quick": dict(n_train=300, n_heldout=100, epochs=1, steps=1, batch_size=64, n_plot=100, eval_steps=2,
                   ramp=(0.1, 0.2)),
 }
-LAMBDAS = dpnp.DEFAULTS["cifar10"]  # the paper's CIFAR-10 weights (MNIST: our choice)
+LAMBDAS = controls.DEFAULTS["cifar10"]  # the paper's CIFAR-10 weights (MNIST: our choice)
 
 
 class LeNetsPP(nn.Module):
@@ -54,7 +54,7 @@ class LeNetsPP(nn.Module):
         self.features = nn.Sequential(*stage(1, 32), *stage(32, 64), *stage(64, 128),  # (B, 128, 3, 3)
                                       nn.Flatten(), nn.Linear(128 * 3 * 3, 2), nn.PReLU())  # (B, 2)
         fc = nn.Linear(2, K)
-        self.classifier = fc if classifier == "fc" else dpnp.DPNPHead(fc, alpha=alpha)
+        self.classifier = fc if classifier == "fc" else controls.DPNPHead(fc, alpha=alpha)
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -88,7 +88,7 @@ def train(model, x, y, cfg, kind, device):
             if kind == "at":
                 loss = F.cross_entropy(model(x_adv), yb)
             else:
-                loss = dpnp.adv_dpnp_loss(model.classifier, model.features(xb), model.features(x_adv), yb,
+                loss = controls.adv_dpnp_loss(model.classifier, model.features(xb), model.features(x_adv), yb,
                                           *LAMBDAS)
             opt.zero_grad()
             loss.backward()

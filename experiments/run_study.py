@@ -12,7 +12,7 @@ contexts) on the same held-out images, batches and seeds, through their command 
 the mixer's start (average, global, default) x the training attack's mode (ste, soft, fc) x the
 IKL class weights (ema, fixed), all with the official attack loss, plus the first landing's
 defaults (average, ste, fixed, attack on the whole training loss), plus two controls: an NCM head
-(l2 logits to C_global alone, nothing trained) and an Adv-DPNP head trained head-only (dpnp.py).
+(l2 logits to C_global alone, nothing trained) and an Adv-DPNP head trained head-only (hpmkit/controls.py).
 The official defaults are average / ste / ema / official. Writes study.json, study.md (the table) and study.png (the plot).
 All settings are ours (the paper has no MNIST experiment); the evaluation budget is reduced to fit
 2 CPU cores (EVAL below), which weakens the attacks for every row alike.

@@ -5,7 +5,7 @@
 
 Writes into --out-dir (default runs/theory):
 - fig2.png: F_X(c) = P(|cos theta_c| / |sin theta_d| <= c) for directions uniform on the sphere in
-  R^d, several d (Eq. 9, hpmkit.theory.cdf_isotropic), and the table of F_X at a few (d, c).
+  R^d, several d (Eq. 9, experiments.theory.cdf_isotropic), and the table of F_X at a few (d, c).
 - fig3_paper.png: Eq. 12-13 with the paper's ResNet-50 statistics (Section 3.4), alpha = 1/1000.
 - fig3_mnist.png: the same measured on the MNIST miniature's two normally trained CNNs (cnn_fc.pt,
   cnn_l2.pt; 128-d features) on held-out images: the angles between a feature and its own class's
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from experiments.common import EPS, machine
-from hpmkit import theory
+from experiments import theory
 
 DIMS = (2, 8, 32, 128, 512, 2048)
 CS = (0.05, 0.1, 0.2, 0.5, 1.0)

@@ -7,7 +7,7 @@ batches). The checks derive theirs with `dataclasses.replace(setting, eps=...)`.
 The catalogue holds one record per attack: the name it has in the results, the kind that runs
 (the AutoAttack class or one of hpmkit/attacks.py), the surrogate of an HPM model it follows,
 the classes it needs, the rows that run it, and what it costs (`Attack.cost`: backbone passes
-per image, the unit jobs.BackboneCounter measures).
+per image, the unit engine.BackboneCounter measures).
 """
 from dataclasses import dataclass
 

@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from hpm import attach, find_classifier
-from hpmkit import dpnp
+from hpm import FrozenBackbone, attach, find_classifier
+from hpmkit import controls
 from hpmkit.cli import CLIError, first_line, is_number
 from hpmkit.data import DATASETS, OWN, check_labels, to_float
 from hpmkit.files import atomic_save, check_out, kind_of, remove_stale_tmp
@@ -31,7 +31,8 @@ class HeadRecord:
     the study, "ncm" (an HPM head on C_global alone) or "dpnp"; model: the base model as given (a
     RobustBench name, a file's absolute path, or a code spec /abs/FILE.py:NAME); base_fingerprint:
     fingerprint() of the frozen base model, checked when the head is loaded; args: every setting of
-    the run; weights: the absolute path of a code spec's --weights (None: none given)."""
+    the run; weights: the absolute path of a code spec's --weights (None: none given); base_probe:
+    the base model's outputs on fixed images (probe), which its code decides as well as its weights."""
     head_type: str
     model: str
     dataset: str
@@ -41,6 +42,7 @@ class HeadRecord:
     args: dict
     base_fingerprint: str = None
     weights: str = None
+    base_probe: dict = None
 
 
 def save_head(path, model, record, history, finished):
@@ -53,7 +55,7 @@ def save_head(path, model, record, history, finished):
         "batch_size": record.batch_size, "attack_eps": record.attack_eps, "finished": finished,
         "num_classes": base_fc.out_features, "feature_dim": base_fc.in_features,
         "fc_name": model.fc_name, "args": record.args, "history": history,
-        "base_fingerprint": record.base_fingerprint, "weights": record.weights,
+        "base_fingerprint": record.base_fingerprint, "weights": record.weights, "base_probe": record.base_probe,
     }, path)
 
 
@@ -126,6 +128,10 @@ FIELD_RULES = {
     "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of epochs"),
     "args": (lambda v: isinstance(v, dict), "a dict of settings"),
     "base_fingerprint": (lambda v: v is None or isinstance(v, str), "a fingerprint"),
+    "base_probe": (lambda v: v is None or isinstance(v, dict) and isinstance(v.get("shape"), list) and len(v["shape"])
+                   == 3 and all(isinstance(n, int) and 0 < n <= 4096 for n in v["shape"]) and torch.is_tensor(
+                       v.get("logits")) and v["logits"].is_floating_point() and v["logits"].dim() == 2,
+                   "the base model's logits on the probe images"),
 }
 
 
@@ -149,7 +155,7 @@ def is_head_file(path, finished=None):
     return finished is None or ckpt.get("finished") is finished
 
 
-def load_head(ckpt, hpm_model):
+def load_head_state(ckpt, hpm_model):
     """Load a checkpoint's head state into an attached model, or say clearly why it does not fit."""
     state, head = ckpt["head"], hpm_model.head
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
@@ -165,10 +171,33 @@ def load_head(ckpt, hpm_model):
     return hpm_model
 
 
+# The probe: images of the data's shape from a fixed seed, made again wherever a head is loaded.
+PROBE_IMAGES, PROBE_SEED = 4, 0
+# How far the base model's logits on the probe may move (of their scale, max |logit| + 1) before
+# a warning: cuDNN's TF32 convolutions on a GPU move a deep network's by well under 1%; an edit of
+# the model's code (an activation, a layer) moves them by its whole scale.
+PROBE_TOL = 0.02
+
+
+def probe(base, shape):
+    """The record of the base model's outputs (logits) on the probe, images of shape (C, H, W)."""
+    return {"shape": [int(n) for n in shape], "logits": probe_logits(base, shape)}
+
+
+@torch.no_grad()
+def probe_logits(base, shape):
+    x = torch.rand((PROBE_IMAGES, *shape), generator=torch.Generator().manual_seed(PROBE_SEED))
+    device = next(base.parameters(), torch.empty(0)).device
+    return base(x.to(device)).detach().float().cpu()
+
+
 def check_base(ckpt, base, model_name, weights=None):
     """The head was fine-tuned on this very base model (its fingerprint: for a code spec, this
     proves the --weights too), else one line; a head saved before fingerprints existed loads with
-    a one-line note."""
+    a one-line note. With the same weights, the base model's code may have changed since (mynet.py
+    edited): outputs on the probe other than those the head recorded get a one-line warning, not a
+    refusal (a deliberate edit is the user's to evaluate, and the weights check already refuses
+    the head on another model); a head without a probe (written before probes) loads as before."""
     if ckpt.get("base_fingerprint") is None:
         print("note: the head checkpoint records no fingerprint of its base model (written before "
               "they existed): that it was trained on this model cannot be checked")
@@ -178,6 +207,20 @@ def check_base(ckpt, base, model_name, weights=None):
                        f"differ; the checkpoint names {ckpt['model']!r}"
                        + (f" with weights {ckpt['weights']!r}" if ckpt.get("weights") else "")
                        + "): a head only fits the model it was trained on")
+    recorded = ckpt.get("base_probe")
+    if recorded is not None:
+        try:
+            now = probe_logits(base, recorded["shape"])
+        except Exception as e:  # (a model that no longer takes those images; check_images says more)
+            now = first_line(e)
+        scale = float(recorded["logits"].abs().max()) + 1
+        if isinstance(now, str) or now.shape != recorded["logits"].shape or not (
+                (now - recorded["logits"]).abs().max() <= PROBE_TOL * scale):
+            change = now if isinstance(now, str) else ("logits of another shape" if now.shape != recorded[
+                "logits"].shape else f"logits moved by up to {float((now - recorded['logits']).abs().max()):.3g}")
+            print(f"warning: the base model {model_name} no longer gives the outputs the head recorded at "
+                  f"fine-tuning ({change} on its probe images), though its weights are the same: its code "
+                  "changed since? The head was trained on the old model's features; fine-tune it again")
 
 
 class Models(NamedTuple):
@@ -196,9 +239,9 @@ def attach_head(ckpt, base, model_name, weights=None):
     an HPM model (also for "ncm": its mixer passes C_global alone) or a DPNP model."""
     try:
         if ckpt["head_type"] == "dpnp":
-            model = load_head(ckpt, dpnp.attach(base, alpha=ckpt["alpha"]))
+            model = load_head_state(ckpt, controls.attach_dpnp(base, alpha=ckpt["alpha"]))
         else:
-            model = load_head(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
+            model = load_head_state(ckpt, attach(base, momentum=ckpt["momentum"], eps=ckpt["eps"]))
     except ValueError as e:  # attach: no final nn.Linear
         raise CLIError(str(e))
     check_base(ckpt, base, model_name, weights)
@@ -233,9 +276,14 @@ def with_head(base, head_model, head_type):
 
 def object_models(base, head=None):
     """The Python API's models: a base model object and its head, given as the model hpm.attach (or
-    dpnp.attach) made of it, or as a head checkpoint's path; frozen in place."""
+    dpnp.attach) made of it, or as a head checkpoint's path; frozen in place (evaluate_model gives
+    them back as they were). A model with its head as the base model is refused: it would run as a
+    per-image "base" row."""
     if not isinstance(base, torch.nn.Module):
         raise TypeError(f"the model must be an nn.Module (images in [0, 1] -> logits), got {type(base).__name__}")
+    if isinstance(base, FrozenBackbone):
+        raise CLIError(f"the model is a {type(base).__name__}, a base model with its head: pass the base model "
+                       "and the head apart, evaluate(head_model.base_model, x, y, head=head_model)")
     base.eval().requires_grad_(False)
     if head is None:
         return Models(base)
@@ -243,9 +291,9 @@ def object_models(base, head=None):
         ckpt = read_head(str(head))
         return with_head(base, attach_head(ckpt, base, type(base).__name__), ckpt["head_type"])
     if getattr(head, "base_model", None) is not base:
-        raise ValueError("the head must be hpm.attach(model) (or dpnp.attach(model)) of this very model, or a "
+        raise CLIError("the head must be hpm.attach(model) (or controls.attach_dpnp(model)) of this very model, or a "
                          "head checkpoint's path")
-    return with_head(base, head, "dpnp" if isinstance(head, dpnp.DPNPClassifier) else "hpm")
+    return with_head(base, head, "dpnp" if isinstance(head, controls.DPNPClassifier) else "hpm")
 
 
 @torch.no_grad()

@@ -10,8 +10,6 @@ import torch
 
 from hpmkit.catalogue import CATALOGUE
 from hpmkit.chunks import FixedBatches
-from hpmkit.cli import WarningCounter
-from hpmkit.jobs import Job, run_job
 
 
 def sweep_eps(norm, eps, dim):
@@ -155,33 +153,34 @@ def check_context_sensitivity(row, data, orders):
                                                        "depend on who else is in the batch"))}
 
 
-def run_checks(rows, data, results, setting, engine, checks, attack_chunk):
-    """--checks: the eps sweep and doubled steps on the first checks.n images of the fixed batches
-    `data` (the same fixed batches), each a run of the main setting with another eps or twice
-    the steps, attacked by attack_chunk (evaluate.py's) through engine (jobs.Engine); the other
-    two checks from the main results."""
+@dataclass(frozen=True)
+class CheckRun:
+    """One check attack: its key in the row's check runs, the attack (a catalogue record), and the
+    main setting with another eps or twice the steps."""
+    key: str
+    attack: object
+    setting: object
+
+
+def check_eps(setting, data):
+    """The eps values of the sweep (the main eps among them), for images like data's."""
+    return sorted(set(sweep_eps(setting.norm, setting.eps, data.x[0].numel())) | {setting.eps})
+
+
+def check_runs(row_name, setting, sweep):
+    """What --checks attacks on a row, on the first n images (evaluate.py's loop runs them): the
+    strongest single gradient attack at every eps of the sweep, and at the main eps with twice the
+    steps."""
+    attack = CATALOGUE[check_attack(row_name)]
+    settings = [replace(setting, eps=e) for e in sweep] + [replace(setting, steps=2 * setting.steps)]
+    return [CheckRun(check_key(attack.name, s.eps, s.steps), attack, s) for s in settings]
+
+
+def judge(row, rr, data, setting, sweep, checks):
+    """The checks of a row (evaluate.py's ModelUnderTest) into its results rr (results.RowResults):
+    the eps sweep and doubled steps from its check runs, Square and transfer from its main results,
+    the context sensitivity from the clean fixed batches `data` (the whole subset)."""
     n = min(checks.n, len(data))
-    part = data.first(n)
-    sweep = sorted(set(sweep_eps(setting.norm, setting.eps, data.x[0].numel())) | {setting.eps})
-    for row in rows:
-        if row.attackers:  # its checks are those of hpm/batch: the same model
-            continue
-        rr = results.row(row.name)
-        runs = rr.check_runs(n)
-        attack = CATALOGUE[check_attack(row.name)]
-        for s in [replace(setting, eps=e) for e in sweep] + [replace(setting, steps=2 * setting.steps)]:
-            key = check_key(attack.name, s.eps, s.steps)
-            if runs.finished(key):
-                continue
-
-            def run(first, end, s=s):
-                return attack_chunk(row, attack, part.chunk(first, end), s, WarningCounter())
-
-            run_job(runs, Job(row.name, key, run, label=f"check {key}"), part.batches, engine)
-            runs.finish(key)
-        rr.checks.update(gradient_masking_checks(row.name, rr.check_accuracies(), rr, setting, sweep, n,
-                                                 checks.tol))
-        if checks.orders:
-            rr.checks["context_sensitivity"] = check_context_sensitivity(row, data, checks.orders)
-        engine.updated()
-    return results
+    rr.checks.update(gradient_masking_checks(row.name, rr.check_accuracies(), rr, setting, sweep, n, checks.tol))
+    if checks.orders:
+        rr.checks["context_sensitivity"] = check_context_sensitivity(row, data, checks.orders)

@@ -1,24 +1,51 @@
 """The command line and the console: bad input as one line, the flags' checks, progress.
 
-- Bad input: `CLIError`, printed by `run_cli` as one line (exit status 2, no traceback).
+- Bad input: `CLIError`, printed by `run_cli` as one line (exit status 2, no traceback); argparse's
+  own errors too (`ArgumentParser`), naming the command the user ran.
 - Flags: an eps as a number or a fraction, counts, devices, checked before any work.
 - The console: a tqdm bar on a terminal, a compact line a minute in a redirected log;
   AutoAttack's warnings counted, not printed per batch.
+- The installed commands (`hpm-finetune`, `hpm-evaluate`, pyproject.toml's entry points) and the
+  scripts as modules for the Python API. finetune.py and evaluate.py stay files at the
+  repository's root, read as the protocol, never installed as top-level modules (a module
+  `evaluate` would shadow Hugging Face's package): they are found beside this package (a checkout,
+  or pip install -e .), else in PREFIX/share/hpm (pip install ., pyproject.toml's data-files).
 
 Neither script imports the other; both import this module.
 """
+import argparse
+import importlib.util
 import math
 import os
 import re
+import runpy
 import sys
+import sysconfig
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 
 
-class CLIError(Exception):
-    """Bad input from the user: printed as one line, without a traceback."""
+class CLIError(ValueError):
+    """Bad input from the user: printed as one line, without a traceback (a ValueError: the Python
+    API raises it with the line the command line prints)."""
+
+
+PROG = None  # the installed command running a script (run_script), else None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser for both scripts: a bad flag or value is one line, not the 15-line usage
+    (`--help` prints that), and a flag is never taken for a longer one it abbreviates (`--epoch 1`
+    is no `--epochs 1`). prog: the command as the user ran it (hpm-evaluate, or evaluate.py)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(prog=PROG or os.path.basename(sys.argv[0]), allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        raise CLIError(f"{message} ({self.prog} --help lists the flags)")
 
 
 def run_cli(main, parse_args, argv=None, interrupted=None):
@@ -52,13 +79,14 @@ def first_line(e):
 # Flags -----------------------------------------------------------------------------------------
 
 def eps_value(text):
-    """argparse type of --eps: a number or a fraction such as 8/255 (non-negative)."""
+    """argparse type of --eps: a number or a fraction such as 8/255 (non-negative); argparse prints
+    what is wrong (ArgumentTypeError), not only "invalid value"."""
     try:
         value = float(Fraction(text.strip())) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"not a number or a fraction like 8/255: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a number or a fraction like 8/255: {text!r}")
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"must be a finite number >= 0: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
     return value
 
 
@@ -197,3 +225,41 @@ def duration(seconds):
     if seconds < 60:
         return f"{seconds:.1f} s"
     return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+# The installed commands -------------------------------------------------------------------------
+
+def script_path(name):
+    """Where the script `name` (finetune.py or evaluate.py) is."""
+    for folder in (Path(__file__).resolve().parent.parent, Path(sysconfig.get_path("data")) / "share" / "hpm"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{name} is neither beside hpmkit nor in {sys.prefix}/share/hpm: reinstall the "
+                            "project (pip install .)")
+
+
+def run_script(name):
+    """Run the script as `python SCRIPT ARGS...` does (its exit status is the command's); its messages
+    name the command the user ran (hpm-evaluate), which runpy's sys.argv[0], the script's path, would not."""
+    global PROG
+    PROG = Path(sys.argv[0]).name
+    runpy.run_path(str(script_path(name)), run_name="__main__")
+
+
+def load_script(name):
+    """The script as a module (imported once, under the name hpm_<script>)."""
+    module_name = "hpm_" + Path(name).stem
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, script_path(name))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def finetune():
+    run_script("finetune.py")
+
+
+def evaluate():
+    run_script("evaluate.py")

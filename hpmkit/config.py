@@ -6,20 +6,28 @@ import os
 
 import torch
 
-from hpmkit.catalogue import ALL_ATTACKS, ATTACKER_ATTACKS, CONTEXTS, Setting, parse_attacks
+from hpmkit.catalogue import ALL_ATTACKS, ATTACKER_ATTACKS, CATALOGUE, CONTEXTS, Setting, parse_attacks
 from hpmkit import controls
 from hpmkit.checkpoint import is_head_file, read_head, shown
 from hpmkit.chunks import make_batches
 from hpmkit.cli import CLIError, check_device, check_eps, check_number, check_positive, check_seed
-from hpmkit.data import DATASETS, DEFAULT_EPS, OWN, as_images, check_labels, eps_line, load_data
+from hpmkit.data import DATASETS, DEFAULT_EPS, OWN, check_labels, eps_line, load_data
 from hpmkit.files import check_out, sha256
-from hpmkit.models import check_model, code_file, code_identity, code_spec, fingerprint
-from hpmkit.ranks import world_size
+from hpmkit.models import check_model, code_file, code_identity, code_spec
+from hpmkit.engine import world_size
 from hpmkit.results import Results
 
 # --chunk: images attacked at once. On the CPU one batch of the default size: bench.py measured
 # larger batches slower per image there (WRN-16-4 forward+backward: 148 images/s at 64, 88 at 256).
 DEFAULT_CHUNK = {"cuda": 1024, "cpu": 64}
+
+# The flags of --checks, and their defaults. --context-orders without --checks is refused, not
+# ignored; --checks-n and --checks-tol are still taken without it (experiments/run_mnist.py shares
+# its flags between runs with and without --checks).
+CHECKS_DEFAULTS = {"checks_n": 512, "checks_tol": 0.02, "context_orders": 5}
+# --context-orders at most: each order is one more clean pass of the whole subset, and the check
+# asks whether any clean label changes; a thousand orders see what a billion would, in bounded time.
+MAX_ORDERS = 1000
 
 
 # Settings that change the numbers: an existing --out file must match them to be resumed. Files
@@ -58,7 +66,7 @@ def resolve_config(args, versions):
     """All settings, with the checkpoint's values where the flags leave them out, and the
     version's (versions: evaluate.VERSIONS); every flag is checked here, before anything is
     loaded or written. Settled later, by main: n_examples when left out (it needs the test set's
-    size, load_subset) and, under torchrun, each process's GPU (ranks.start_ranks)."""
+    size, load_subset) and, under torchrun, each process's GPU (engine.start_ranks)."""
     ckpt = read_head(args.head) if args.head else None
     if ckpt is None and (args.model is None or args.dataset is None and args.data is None):
         raise CLIError("give --head FILE (a finetune.py checkpoint), or --model with --dataset or --data "
@@ -111,6 +119,7 @@ def resolve_settings(cfg, versions, ckpt=None):
     if cfg["steps"] is None:
         cfg["steps"] = version["steps"]
     cfg["score_queries"], cfg["fixed_batch_square"] = version["score_queries"], version["fixed_batch_square"]
+    resolve_checks(cfg)
     check_positive(batch_size=cfg["batch_size"], steps=cfg["steps"], queries=cfg["queries"],
                    restarts=cfg["restarts"], checks_n=cfg["checks_n"], n_examples=cfg["n_examples"],
                    per_class=cfg["per_class"])
@@ -124,51 +133,26 @@ def resolve_settings(cfg, versions, ckpt=None):
         raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {contexts!r}")
     resolve_attackers(cfg, given, version)
     check_seed(seed=cfg["seed"], subset_seed=cfg["subset_seed"])
-    if not 0 <= cfg["checks_tol"] < 1:
-        raise CLIError(f"--checks-tol is an accuracy difference in [0, 1), got {cfg['checks_tol']:g}")
     cfg["device"] = check_device(cfg["device"])
     if cfg["chunk"] is None:
         cfg["chunk"] = DEFAULT_CHUNK.get(cfg["device"].type, DEFAULT_CHUNK["cpu"])
     check_positive(chunk=cfg["chunk"])
 
 
-def object_config(flags, args, versions, models, x, y):
-    """The Python API's settings and fixed subset (evaluate.py's evaluate_model): flags by name over
-    the command line's defaults (args: evaluate.parse_args([])), checked as resolve_config checks
-    them, with the objects identified by their contents (fingerprints) for a results file to
-    resume; n_examples defaults to all of x. Returns (cfg, (x, y, indices, len(x)))."""
-    objects = {"head", "model", "data", "weights", "data_dir", "model_dir", "per_class"}  # (files, or given)
-    unknown = sorted(set(flags) - set(vars(args)) | set(flags) & objects)
-    if unknown:
-        raise TypeError(f"unknown settings {', '.join(unknown)}: the model, its head and the images are "
-                        f"arguments; the settings are evaluate.py's flags by name ({', '.join(sorted(set(vars(args)) - objects))})")
-    cfg = {**vars(args), **flags}
-    x, y = checked_tensors(x, y)
-    cfg.update(model=f"{type(models.base).__name__} (a Python object)", weights=None, head=None, data=None,
-               dataset=cfg["dataset"] or OWN, per_class=None)
-    resolve_settings(cfg, versions, None if models.head_type is None else {"head_type": models.head_type})
-    head = models.hpm or models.dpnp
-    cfg.update(model_sha256=fingerprint(models.base.state_dict()), weights_sha256=None,
-               head_sha256=None if head is None else fingerprint(head.head.state_dict()),
-               data_sha256=fingerprint({"x": x, "y": y}))
-    idx = select_subset(len(y), len(y) if cfg["n_examples"] is None else cfg["n_examples"], cfg["subset_seed"])
-    cfg["n_examples"] = len(idx)
-    if cfg["out"]:
-        check_out(cfg["out"], [], lambda path: Results.read(path) is not None, "results file of evaluate.py")
-    return cfg, (x[idx], y[idx], idx, len(y))
-
-
-def checked_tensors(x, y):
-    """Images (data.as_images: uint8 (N, C, H, W), float in [0, 1], or grey (N, H, W)) and integer
-    labels (N,) on the CPU, else one ValueError saying what they are and the conversion."""
-    x, y = torch.as_tensor(x).detach().cpu(), torch.as_tensor(y)
-    try:
-        x = as_images(x, "the images")
-    except CLIError as e:
-        raise ValueError(str(e)) from None
-    if y.dtype.is_floating_point or y.dtype == torch.bool or tuple(y.shape) != (len(x),) or len(x) == 0:
-        raise ValueError(f"y must be integer labels of shape ({len(x)},); got {y.dtype} {tuple(y.shape)}")
-    return x, y.detach().cpu().long()
+def resolve_checks(cfg):
+    """The flags of --checks (CHECKS_DEFAULTS), in place: their defaults where left out, each checked
+    (a check never reports work it did not do); --context-orders without --checks is refused."""
+    if cfg["context_orders"] is not None and not cfg["checks"]:
+        raise CLIError("--context-orders needs --checks: it sets the context sensitivity check, which runs only "
+                       "with --checks")
+    for name, default in CHECKS_DEFAULTS.items():
+        if cfg[name] is None:
+            cfg[name] = default
+    if not 0 <= cfg["checks_tol"] < 1:
+        raise CLIError(f"--checks-tol is an accuracy difference in [0, 1), got {cfg['checks_tol']:g}")
+    if not 1 <= cfg["context_orders"] <= MAX_ORDERS:
+        raise CLIError(f"--context-orders is a number of random orders of the batches, 1 to {MAX_ORDERS} (each is a "
+                       f"clean pass of the subset), got {cfg['context_orders']}")
 
 
 def head_weights(args, ckpt):
@@ -312,11 +296,21 @@ def resolve_attackers(cfg, attacks, version):
                            else f"a {cfg['head_type']} head") + " has no batch context, so nobody's images "
                            "change anyone else's label")
     E = cfg.get("attacker_eps")
+    if E is not None and not cfg["attackers"]:
+        raise CLIError("--attacker-eps needs --attackers K: it is the budget of the attacker's K slots")
     cfg["attacker_eps"] = cfg["eps"] if E is None else E
     if not (cfg["attacker_eps"] > 0 and (cfg["threat_model"] != "Linf" or cfg["attacker_eps"] <= 1)):
         raise CLIError(f"--attacker-eps must lie in (0, 1] (L-inf: 1 is any image), got {cfg['attacker_eps']:g}")
     if cfg["attackers"] and attacks is None:
         cfg["attacks"] = parse_attacks(",".join(version["attacks"] + ATTACKER_ATTACKS))
+    elif cfg["attackers"] and not any(CATALOGUE[a].rows == "attackers" for a in cfg["attacks"]):
+        # --attacks names none of the K-of-B rows' own: APGD-CE/-DLR asked of every row is, on those
+        # rows, the same attack through the same surrogate on the attacker's slots
+        own = [f"own:{a}" for a in cfg["attacks"] if f"own:{a}" in CATALOGUE]
+        if not own:
+            raise CLIError(f"--attacks {attacks} has no attack for the --attackers rows: add apgd-ce or apgd-dlr "
+                           "(run on the attacker's slots), or name theirs (own:..., benign:...)")
+        cfg["attacks"] = parse_attacks(",".join(cfg["attacks"] + own))
 
 
 def setting_of(cfg):

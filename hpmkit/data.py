@@ -51,6 +51,11 @@ def load_npz(path):
     except CLIError:
         raise
     except Exception as e:  # a text file, a truncated archive, pickled objects
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # (numpy takes any file that is no array or zip for a pickle)
+        if not zipped:
+            raise CLIError(f"{path} is not an .npz archive of arrays x and y (no zip archive: text, or another "
+                           "format); write it with numpy.savez(path, x=uint8 N x C x H x W, y=int N)")
         raise CLIError(f"{path} is not a readable .npz file ({first_line(e)}); write it with "
                        "numpy.savez(path, x=uint8 N x C x H x W, y=int N)")
     if x.dtype.kind not in "uif":  # (booleans, strings, objects)

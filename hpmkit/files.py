@@ -21,9 +21,14 @@ import torch
 
 from hpmkit.cli import CLIError
 
+# A temporary file of atomic_write beside PATH: PATH.hpm-PID-xxxxxxxx.tmp (PID: its process's;
+# xxxxxxxx: mkstemp's random letters), a name no user gives a file; remove_stale_tmp removes
+# only such names, and only those whose process is gone.
+TMP = re.compile(r"\.hpm-(\d{1,10})-[a-z0-9_]{8}\.tmp")
+
 # What a run writes beside --out, at most, in bytes of the name: OUT.unfinished.pt's temporary
-# file, OUT.unfinished.pt.xxxxxxxx.tmp (finetune.py), or OUT.parts (torchrun).
-BESIDE = len(".unfinished") + len(".xxxxxxxx.tmp")
+# file, OUT.unfinished.pt.hpm-PID-xxxxxxxx.tmp (finetune.py), or OUT.parts (torchrun).
+BESIDE = len(".unfinished") + len(".hpm-4194304-xxxxxxxx.tmp")  # (Linux's largest PID)
 
 
 def atomic_write(path, write):
@@ -34,8 +39,8 @@ def atomic_write(path, write):
     tmp = None
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=os.path.basename(target) + ".",
-                                   suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".tmp",
+                                   prefix=f"{os.path.basename(target)}.hpm-{os.getpid()}-")
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, file_mode(target))  # mkstemp's 0600 is for the temporary file alone
@@ -101,16 +106,30 @@ def sha256(path):
 
 
 def remove_stale_tmp(path):
-    """The temporary files of atomic_write that a killed run left beside PATH (PATH.xxxxxxxx.tmp,
-    mkstemp's names): called with PATH's lock held, when no live run can be writing one."""
+    """The temporary files of atomic_write that a killed run left beside PATH: only names of TMP's
+    form (PATH.hpm-PID-xxxxxxxx.tmp) whose process PID is gone; a file of any other name, or of a
+    live process, stays. Called with PATH's lock held."""
     folder, base = os.path.split(os.path.realpath(path))
-    ours = re.compile(re.escape(base) + r"\.[a-z0-9_]{8}\.tmp")
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        if ours.fullmatch(name):
+        found = TMP.fullmatch(name[len(base):]) if name.startswith(base) else None
+        if found and not alive(int(found.group(1))):
             try:
                 os.remove(os.path.join(folder, name))
             except OSError:
                 pass
+
+
+def alive(pid):
+    """A process PID exists (this one included)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: is it alive?
+    except PermissionError:
+        return True  # alive, another user's
+    except (OSError, OverflowError):
+        return False
+    return True
 
 
 def kind_of(mode):
@@ -193,13 +212,7 @@ class OutLock:
             raise CLIError(f"{self.lock} does not name a process: it is no lock of these scripts; remove it "
                            "or choose another --out")
         pid = int(text)
-        if pid == 0 or pid == os.getpid():
-            return None, st
-        try:
-            os.kill(pid, 0)  # signal 0: is it alive?
-        except PermissionError:
-            return pid, None  # alive, another user's
-        except (OSError, OverflowError):
+        if pid == 0 or pid == os.getpid() or not alive(pid):
             return None, st
         return pid, None
 

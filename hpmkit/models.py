@@ -101,6 +101,19 @@ def import_path(*folders):
                 sys.path.remove(f)
 
 
+@contextlib.contextmanager
+def as_program(spec):
+    """The block runs the spec's code as a program of its own: sys.argv is [its file] alone (an
+    argparse in the user's code sees none of our flags) and its folder is first on the import path."""
+    argv = sys.argv
+    sys.argv = [spec.source]
+    try:
+        with import_path(spec.folder()):
+            yield
+    finally:
+        sys.argv = argv
+
+
 def code_file(spec):
     """The file whose contents are the code of a spec: the .py file, or the module's own file
     (found with the current folder on the import path; a package's parents are imported)."""
@@ -129,7 +142,7 @@ def import_code(spec):
     under its own name, which sys.modules holds only while it runs (a file elsewhere with that
     name stays as it was)."""
     try:
-        with import_path(spec.folder()):
+        with as_program(spec):
             if not spec.is_file:
                 return importlib.import_module(spec.source)
             path = os.path.abspath(spec.source)
@@ -170,8 +183,11 @@ def build_from_code(spec):
     except ValueError:  # no signature to read (a builtin): the call says
         pass
     try:
-        with import_path(spec.folder()):  # (an import inside NAME finds the file's neighbours too)
+        with as_program(spec):  # (an import inside NAME finds the file's neighbours too)
             net = build()
+    except SystemExit as e:  # quit(), sys.exit(n), an argparse error: the builder ended the program
+        raise CLIError(f"{spec.source}:{spec.name}() exited (status {e.code!r}) instead of returning the model; "
+                       "a builder must return an nn.Module, not end the program")
     except Exception as e:
         raise CLIError(f"{spec.source}:{spec.name}() failed while building the model ({first_line(e)})")
     if not isinstance(net, torch.nn.Module):
@@ -365,6 +381,27 @@ def check_images(model, x, device, name="the model"):
               "and its robust accuracy may be overestimated; evaluate a deterministic model")
 
 
+@contextlib.contextmanager
+def as_given(*objects):
+    """The modules among objects left as they were given after the block, also on error: every
+    submodule's training flag, every parameter's requires_grad, and the device of a module whose
+    tensors lie on one (the Python API freezes and moves the caller's model for its run only)."""
+    modules = [m for m in objects if isinstance(m, torch.nn.Module)]
+    training = [(s, s.training) for m in modules for s in m.modules()]
+    grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    devices = [(m, {t.device for t in (*m.parameters(), *m.buffers())}) for m in modules]
+    try:
+        yield
+    finally:
+        for m, given in devices:
+            if len(given) == 1:
+                m.to(given.pop())
+        for s, flag in training:
+            s.training = flag
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
 def fingerprint(state):
     """A short hash of a model's tensors (a state_dict): which base model a head was trained on."""
     h = hashlib.sha256()
@@ -373,3 +410,25 @@ def fingerprint(state):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def compile_head(head):
+    """--compile: the head's forward through torch.compile, in place (its state_dict unchanged),
+    tried once at once: a machine that cannot compile fails here, in one line, not inside the
+    first attack. An evaluation calls it in up to ~20 forms (modes, contexts, grouped or not,
+    with or without gradients, new batch shapes): room for all, so that none runs eager."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, limit, max(getattr(config, limit), 64))
+    head.compile()
+    w = head.fc.weight
+    try:
+        with torch.no_grad():
+            head(torch.zeros(2, w.shape[1], device=w.device, dtype=w.dtype))
+    except Exception as e:
+        while getattr(e, "inner_exception", None) or e.__cause__:  # the compiler's own error,
+            e = getattr(e, "inner_exception", None) or e.__cause__  # not dynamo's wrapper
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CLIError(f"--compile: torch.compile fails on this machine ({type(e).__name__}: {first}); "
+                       "run without --compile")
+    return head

@@ -274,7 +274,8 @@ def print_report(results, rows, cfg, setting):
     if "hpm/batch" in [r.name for r in rows] and results.row("hpm/batch").finished("square"):
         print("\nnote: " + square_note(setting))
     if cfg["out"]:
-        print(f"\nresults: {cfg['out']} (the tables: {beside(cfg['out'], '.md')}; the plot: {beside(cfg['out'], '.png')})")
+        print(f"\nresults: {cfg['out']} (the tables: {beside_free(cfg['out'], '.md')}; the plot: "
+              f"{beside_free(cfg['out'], '.png')})")
 
 
 # What a run writes beside its results: OUT.md and OUT.png (OUT: --out without .json) ---------------
@@ -384,8 +385,35 @@ def plot(results, rows, cfg, path):
                                              metadata=png_marker(cfg["out"])))
 
 
+def replaceable(path, out):
+    """evaluate.py may write `path` beside the results file `out`: absent, or a writable regular file
+    it wrote there (its marker)."""
+    if not os.path.exists(path):
+        return True
+    mode = os.stat(path).st_mode
+    return stat.S_ISREG(mode) and bool(mode & 0o222) and is_ours(path, out)
+
+
+def beside_free(out, ext):
+    """Where evaluate.py writes OUT.md (ext ".md") or OUT.png: there while it may (replaceable), else
+    the first of OUT-1.md, OUT-2.md, ... that it may: a file a user put there during the run stays."""
+    path, n = beside(out, ext), 0
+    while not replaceable(path, out):
+        n += 1
+        path = beside(out, f"-{n}{ext}")
+    return path
+
+
 def write_beside(results, rows, cfg):
-    """OUT.md and OUT.png beside the results file cfg["out"], each written atomically."""
+    """OUT.md and OUT.png beside the results file cfg["out"], each written atomically. check_beside
+    found them free at the start; a file that appeared there during the run is kept, and its
+    replacement goes beside it (beside_free), said in one line."""
+    out = cfg["out"]
+    md, png = beside_free(out, ".md"), beside_free(out, ".png")
+    moved = [f"{beside(out, ext)} -> {path}" for ext, path in ((".md", md), (".png", png)) if path != beside(out, ext)]
+    if moved:
+        print(f"note: a file not evaluate.py's appeared during the run where it writes beside {out}; it is kept, "
+              f"and this run's went beside it: {'; '.join(moved)}")
     text = markdown(results, rows, cfg)
-    atomic_write(beside(cfg["out"], ".md"), lambda f: f.write(text.encode()))
-    plot(results, rows, cfg, beside(cfg["out"], ".png"))
+    atomic_write(md, lambda f: f.write(text.encode()))
+    plot(results, rows, cfg, png)

@@ -383,17 +383,6 @@ class Results:
     def version(self):
         return self.data.get("version")
 
-    def comparable(self):
-        """The contents without what measures time or cost, or names the output file (two runs of
-        one configuration, resumed, chunked or under torchrun, must agree on the rest)."""
-        def strip(obj):
-            if isinstance(obj, dict):
-                return {k: strip(v) for k, v in obj.items() if k not in MEASURED}
-            if isinstance(obj, list):
-                return [strip(v) for v in obj]
-            return obj
-        return strip(self.data)
-
     def describe(self, description, config, versions, subset, version, notes):
         """What was run, on what, with which software (the parts of the file that are not rows)."""
         self.data.update(description=description, config=config, versions=versions, subset=subset,

@@ -9,7 +9,7 @@ uniform on the sphere (Eq. 9-11) and for angles drawn from a mixture of truncate
 fitted to real features (Eq. 12-13).
 
 Where a printed equation disagrees with its independent check (test_hpm.py, section
-hpmkit/theory.py), the function named for the quantity implements the form the check
+experiments/theory.py), the function named for the quantity implements the form the check
 confirms and the printed form is kept beside it, named for it (`cdf_isotropic_as_printed`).
 Angles are in radians. numpy and scipy only: not part of the copyable head.
 """

@@ -490,8 +490,9 @@ def parser():
                    "(default by dataset: Linf 8/255 CIFAR (paper) and own data (RobustBench's CIFAR budget), "
                    "4/255 ImageNet (paper), 0.3 MNIST (Madry et al.); L2 0.5 CIFAR and own data (RobustBench's), "
                    "3.0 ImageNet, 2.0 MNIST (ours); the header says which)")
-    p.add_argument("--data", metavar="FILE.npz", help="local test set .npz (x: uint8 N x C x H x W, y: int N) "
-                   "instead of the dataset's own loader; needed for a head fine-tuned on own data")
+    p.add_argument("--data", metavar="FILE.npz", help="local test set .npz (x: uint8 N x C x H x W, float in "
+                   "[0, 1], or grey N x H x W; y: int N) instead of the dataset's own loader; needed for a head "
+                   "fine-tuned on own data")
     p.add_argument("--data-dir", default="./data",
                    help="where torchvision datasets / ImageNet live (default ./data)")
     p.add_argument("--model-dir", default="./models", help="RobustBench model cache (default ./models)")

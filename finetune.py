@@ -355,8 +355,9 @@ def parse_args(argv=None):
                         "augmentation)")
     p.add_argument("--threat-model", default="Linf", choices=["Linf", "L2"],
                    help="RobustBench threat model of --model and the attack's norm (default Linf)")
-    p.add_argument("--data", metavar="FILE.npz", help="local training set: x uint8 (N, C, H, W), y int (N,) "
-                   "(default: the dataset's own loader); without --dataset it is your own data")
+    p.add_argument("--data", metavar="FILE.npz", help="local training set: x uint8 (N, C, H, W), float in [0, 1], "
+                   "or grey (N, H, W); y int (N,) (default: the dataset's own loader); without --dataset it is "
+                   "your own data")
     p.add_argument("--data-dir", default="./data",
                    help="where torchvision finds/downloads CIFAR and MNIST; ImageNet: an ImageFolder "
                         "at DATA_DIR/train (default ./data)")

@@ -228,14 +228,16 @@ def cli_path(path):
 
 def run_script(argv, log_path):
     """Run `python ARGV...` (a script path or `-m module`) from the repository root, where the
-    pickled experiments.common models unpickle; stdout goes to the console and to log_path,
-    progress bars (stderr) to the console. A failure ends the experiment in one line."""
+    pickled experiments.common models unpickle; its output, stderr's progress lines and warnings
+    too, goes to the console (each line under "  | ", so that nothing of the script's reads as the
+    experiment's own) and to log_path. A failure ends the experiment in one line."""
     cmd = [sys.executable] + argv
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     print("  $ " + shlex.join(["python"] + argv))
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(["python"] + argv) + "\n")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
         for line in proc.stdout:
             print("  | " + line, end="")
             log.write(line)

@@ -4,7 +4,7 @@
     python -m experiments.run_mnist                         # the miniature: 43 min on 2 shared CPU cores
     python -m experiments.run_mnist --mnist-dir ~/data      # with the 60k training set: the full-size run
 
-Stages (everything lands in --out-dir, default runs/mnist):
+Stages (everything lands in --out-dir, default runs/mnist; with --quick runs/mnist-quick):
 1. data      the MNIST idx files -> train.npz (x uint8 (N, 1, 28, 28), y int64) and heldout.npz.
              With only the 10k test set (embedded, experiments/data/mnist), a seeded permutation splits it
              into a training part and a held-out part; with the training files too
@@ -391,7 +391,9 @@ def main(args):
     total = time.time() - t_start
     ec = results.config
     cmd = args.command
-    summary = f"""# MNIST miniature of Fig. 1 and Table 1
+    title = ("Quick form of the MNIST main job (not the MNIST miniature: reduced budgets, 128 images)" if args.quick
+             else "MNIST miniature of Fig. 1 and Table 1")
+    summary = f"""# {title}
 
 {about(cfg, args.quick)}
 
@@ -477,13 +479,15 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="the reduced run of the test suite: a few hundred images, one epoch, very few steps")
-    p.add_argument("--out-dir", default="runs/mnist", help="where every artefact is written")
+    p.add_argument("--out-dir", help="where every artefact is written (default: runs/mnist, with --quick "
+                   "runs/mnist-quick: the quick form never writes over the full run's folder)")
     p.add_argument("--mnist-dir", default=None,
                    help="MNIST idx files (.gz or not), directly or in MNIST/raw/; with the train-* files "
                         "the 60k set trains and the test set is held out (default: the embedded test set)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the training and the attacks")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
+    args.out_dir = args.out_dir or ("runs/mnist-quick" if args.quick else "runs/mnist")
     args.command = shlex.join(["python", "-m", "experiments.run_mnist"]
                               + (sys.argv[1:] if argv is None else list(argv)))
     return args

@@ -20,7 +20,7 @@ from hpmkit.checkpoint import load_head_file
 from hpmkit.cli import CLIError
 from hpmkit.cli import load_script
 from hpmkit.config import resolve_settings, select_subset
-from hpmkit.data import OWN, check_labels
+from hpmkit.data import OWN, as_images, check_labels
 from hpmkit.files import check_out
 from hpmkit.models import fingerprint
 from hpmkit.results import Results
@@ -29,11 +29,12 @@ from hpmkit.results import Results
 def evaluate(model, x, y, head=None, **flags):
     """The base model `model` (images in [0, 1] -> logits) and, if given, its head (the model
     hpm.attach(model) made, trained; a DPNP model; or a head checkpoint's path), evaluated as
-    evaluate.py does on images x (N, C, H, W; float in [0, 1] or uint8) with labels y (N,): the
-    results as a dict (the results file's layout, accuracies as fractions). flags: evaluate.py's
-    flags by name (eps, version, batch_size, attacks, steps, queries, contexts, attackers, checks,
-    seed, device, chunk, out, ...), as the command line takes them or as Python values (attackers=[1, 8],
-    contexts=["batch"], eps=8 / 255); every image of x is evaluated unless n_examples says less, and
+    evaluate.py does on images x (N, C, H, W; float in [0, 1] or uint8; grey ones may be (N, H, W))
+    with labels y (N,): the results as a dict (the results file's layout, accuracies as fractions:
+    0.672 where the printed tables say 67.2%). flags: evaluate.py's flags by name (eps, version,
+    batch_size, attacks, steps, queries, contexts, attackers, checks, seed, device, chunk, out, ...),
+    as the command line takes them or as Python values (attackers=[1, 8], contexts=["batch"],
+    eps=8 / 255); every image of x is evaluated unless n_examples says less, and
     nothing is written unless out names a file. Bad input is one hpmkit.cli.CLIError (a ValueError)
     with the line the command line prints, before any work. The models are frozen for the run and
     given back as they came (training flags, requires_grad, device)."""
@@ -123,14 +124,9 @@ def typed(action, text):
 
 
 def checked_tensors(x, y):
-    """Images (N, C, H, W), uint8 or float in [0, 1], and integer labels (N,) on the CPU, else one
-    CLIError (a ValueError) saying what they are."""
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
-    if x.dim() != 4 or not (x.dtype == torch.uint8 or x.is_floating_point()):
-        raise CLIError(f"x must be images (N, C, H, W), uint8 or float in [0, 1]; got {x.dtype} {tuple(x.shape)}")
-    if x.is_floating_point() and not (x.min() >= 0 and x.max() <= 1):
-        raise CLIError(f"x must lie in [0, 1] (the models take images in [0, 1]); got [{float(x.min()):g}, "
-                       f"{float(x.max()):g}]")
+    """Images (data.as_images: uint8 (N, C, H, W), float in [0, 1], or grey (N, H, W)) and integer
+    labels (N,) on the CPU, else one CLIError (a ValueError) saying what they are and the conversion."""
+    x, y = as_images(torch.as_tensor(x).detach().cpu(), "the images"), torch.as_tensor(y)
     if y.dtype.is_floating_point or y.dtype == torch.bool or tuple(y.shape) != (len(x),) or len(x) == 0:
         raise CLIError(f"y must be integer labels of shape ({len(x)},); got {y.dtype} {tuple(y.shape)}")
-    return x.detach().cpu(), y.detach().cpu().long()
+    return x, y.detach().cpu().long()

@@ -108,8 +108,8 @@ def resolve_settings(cfg, versions, ckpt=None):
     if cfg["dataset"] not in DATASETS and cfg["dataset"] != OWN:
         raise CLIError(f"unknown dataset {cfg['dataset']!r}; choose from {', '.join(DATASETS)}")
     cfg["threat_model"] = cfg["threat_model"] or (ckpt or {}).get("threat_model") or "Linf"
-    if cfg["eps"] is None:
-        cfg["eps"] = DEFAULT_EPS[cfg["threat_model"]][cfg["dataset"]]
+    if cfg["eps"] is None:  # a head: the threat model it was fine-tuned for (SPEC 3); else the dataset's
+        cfg["eps"] = head_eps(ckpt, cfg["threat_model"]) or DEFAULT_EPS[cfg["threat_model"]][cfg["dataset"]]
     if cfg["eps"] <= 0:
         raise CLIError(f"--eps must be positive, got {cfg['eps']:g}")
     check_eps(cfg["eps"], cfg["threat_model"])
@@ -166,16 +166,32 @@ def head_weights(args, ckpt):
     return ckpt["weights"]
 
 
+def head_eps(ckpt, threat_model):
+    """The eps the head was fine-tuned at, where it was fine-tuned under this norm (None: no head,
+    another norm, or a head written before the field existed)."""
+    ckpt = ckpt or {}
+    return (ckpt.get("attack_eps") or None) if ckpt.get("threat_model") == threat_model else None
+
+
 def header_lines(args, cfg, ckpt):
-    """evaluate.py's lines on where eps and the batch size come from: a flag, the head, a default."""
+    """evaluate.py's lines on where eps and the batch size come from: a flag, the head, a default. A
+    head is evaluated at its fine-tuning eps unless --eps says otherwise, and the line says both."""
+    trained = (ckpt or {}).get("attack_eps")
+    trained_at = f"{(ckpt or {}).get('threat_model')} eps {trained:.4g}" if trained else None
+    if args.eps is None and head_eps(ckpt, cfg["threat_model"]):
+        eps = f"eps {cfg['eps']:.4g} (the head's: it was fine-tuned at this eps; --eps to set)"
+    else:
+        eps = eps_line(cfg["eps"], args.eps is not None, cfg["threat_model"], cfg["dataset"])
+        if trained_at and f"{cfg['threat_model']} eps {cfg['eps']:.4g}" != trained_at:
+            eps = (f"{eps[:-1]}; the head was fine-tuned at {trained_at}: this is another threat model than "
+                   "the one it was trained for)")
     if args.batch_size is not None:
         batch = "given as --batch-size"
     elif (ckpt or {}).get("batch_size"):
         batch = "the head's fine-tuning batch size; --batch-size to set, 1 for the per-image model"
     else:
         batch = "the default, the paper's fine-tuning batch size; --batch-size to set"
-    return [eps_line(cfg["eps"], args.eps is not None, cfg["threat_model"], cfg["dataset"]),
-            f"batch size {cfg['batch_size']} ({batch})"]
+    return [eps, f"batch size {cfg['batch_size']} ({batch})"]
 
 
 # Where each dataset's augmentation default comes from (finetune.py says it before training).

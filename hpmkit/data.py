@@ -1,7 +1,8 @@
 """The images: a torchvision dataset, an ImageNet folder, or a local `.npz`, as uint8
-(N, C, H, W) with int64 labels; the usual attack budgets per dataset; the IKL code's CIFAR
-augmentation. A user's own data (--data FILE.npz without --dataset) is the dataset "own": its
-image size comes from the file, its classes from the model."""
+(N, C, H, W) (an .npz's float images in [0, 1]: float32) with int64 labels; the usual attack
+budgets per dataset; the IKL code's CIFAR augmentation. A user's own data (--data FILE.npz
+without --dataset) is the dataset "own": its image size comes from the file, its classes from the
+model."""
 import os
 
 import numpy as np
@@ -36,7 +37,8 @@ def eps_line(eps, given, threat_model, dataset):
 
 
 def load_npz(path):
-    """A local dataset: x uint8 (N, C, H, W), y integer (N,). Returns uint8 and int64 tensors."""
+    """A local dataset: x images (as_images: uint8 (N, C, H, W), float in [0, 1], grey (N, H, W)), y
+    integer (N,). Returns an image tensor (uint8, or float32 in [0, 1]) and int64 labels."""
     if not os.path.exists(path):
         raise CLIError(f"data file {path} does not exist")
     try:
@@ -56,23 +58,55 @@ def load_npz(path):
                            "format); write it with numpy.savez(path, x=uint8 N x C x H x W, y=int N)")
         raise CLIError(f"{path} is not a readable .npz file ({first_line(e)}); write it with "
                        "numpy.savez(path, x=uint8 N x C x H x W, y=int N)")
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise CLIError(f"{path}: x must be uint8 of shape (N, C, H, W), got {x.dtype} {x.shape}")
-    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        raise CLIError(f"{path}: x has shape {x.shape}, channels last (N, H, W, C); the models take "
-                       "(N, C, H, W): save x.transpose(0, 3, 1, 2)")
+    if x.dtype.kind not in "uif":  # (booleans, strings, objects)
+        raise CLIError(f"{path}: x must be images, uint8 of shape (N, C, H, W) or float in [0, 1], got "
+                       f"{x.dtype} {x.shape}")
+    x = as_images(torch.from_numpy(x.copy()), path)
     if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
         raise CLIError(f"{path}: y must be integers of shape ({x.shape[0]},), got {y.dtype} {y.shape}")
     if len(y) == 0:
         raise CLIError(f"{path} holds no images")
-    return torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
+    return x, torch.from_numpy(y.astype(np.int64))
+
+
+def as_images(x, where):
+    """Images as the pipeline takes them, from the forms people hold them in, else one CLIError
+    saying the conversion. Accepted as they are: uint8 (N, C, H, W) (to_float divides by 255) and
+    float in [0, 1] (kept as float32, not rounded to 256 levels: a value k/255 gives the same
+    float32 as the uint8 k, so the same results); grey images (N, H, W) become one channel.
+    Refused, each with its conversion: float in [0, 255], other ranges (normalised images),
+    channels last, other integer types."""
+    shape = tuple(x.shape)
+    if x.dim() == 3:
+        x = x[:, None]  # grey images (N, H, W): one channel, as torchvision's MNIST is read
+    if x.dim() != 4:
+        raise CLIError(f"{where}: x must be images of shape (N, C, H, W), or (N, H, W) for grey ones; got "
+                       f"{str(x.dtype).removeprefix('torch.')} {shape}")
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        raise CLIError(f"{where}: x has shape {shape}, channels last (N, H, W, C); the models take "
+                       "(N, C, H, W): save x.transpose(0, 3, 1, 2)")
+    if x.dtype == torch.uint8:
+        return x
+    lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
+    if not x.is_floating_point():  # int32, int64, ...: pixel levels in a wider type
+        fix = "x.astype(numpy.uint8)" if 0 <= lo and hi <= 255 else "give uint8 images (0-255)"
+        raise CLIError(f"{where}: x is {str(x.dtype).removeprefix('torch.')} in [{lo:g}, {hi:g}]; images are "
+                       f"uint8 (0-255) or float in [0, 1]: {fix}")
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise CLIError(f"{where}: x holds NaN or inf values")
+    if lo < 0 or hi > 1:
+        raise CLIError(f"{where}: x is float in [{lo:g}, {hi:g}], not [0, 1], the range the models take" + (
+            ": pixel levels 0-255? divide by 255 (x / 255), or x.astype(numpy.uint8) if they are whole numbers"
+            if 0 <= lo and hi <= 255 else " (normalised images?): they normalise inside; give the images "
+            "before normalising"))
+    return x.float()  # (float64 -> float32: what to_float would make of it anyway)
 
 
 def load_data(dataset, split, data=None, data_dir="./data", per_class=None):
-    """Images as uint8 (N, C, H, W) and labels int64 (N,): from --data FILE.npz, else the
-    dataset's own loader (torchvision; downloads CIFAR where the internet is reachable;
-    ImageNet from a local ImageFolder at DATA_DIR/{train,val}, resized 256, cropped 224).
-    """
+    """Images as uint8 (N, C, H, W) (or float32 in [0, 1], from an .npz) and labels int64 (N,):
+    from --data FILE.npz, else the dataset's own loader (torchvision; downloads CIFAR where the
+    internet is reachable; ImageNet from a local ImageFolder at DATA_DIR/{train,val}, resized 256,
+    cropped 224)."""
     if data is not None:
         x, y = load_npz(data)
     elif dataset in ("cifar10", "cifar100", "mnist"):

@@ -226,6 +226,10 @@ def load_code_model(spec, weights=None):
     return net.eval()
 
 
+# torch.nn's layers that compute something else in train mode than in eval mode.
+MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
+
+
 def load_model_file(path):
     """A whole pickled nn.Module saved with torch.save(model, path). Unpickling runs code: only
     ever from a path the user named. Its classes are found from the current folder and the
@@ -262,6 +266,11 @@ def load_model_file(path):
     if not isinstance(net, torch.nn.Module):
         raise CLIError(f"{path} holds a {type(net).__name__}, not a whole pickled nn.Module "
                        "(save it with torch.save(model, path))")
+    layers = sorted({type(m).__name__ for m in net.modules() if m.training and isinstance(m, MODE_DEPENDENT)})
+    if layers:  # saved in the middle of training: the scripts' eval() changes what it computes
+        print(f"note: model file {path} was saved in train mode, where its {' and '.join(layers)} layers act "
+              "otherwise; the scripts use it in eval mode (model.eval(): dropout off, batch norm's running "
+              "statistics)")
     return net.eval()
 
 

@@ -4,6 +4,7 @@ import os
 import platform
 import re
 import stat
+from textwrap import fill
 
 import torch
 
@@ -87,6 +88,28 @@ def square_note(setting):
 
 
 TITLES = {"base": "base", "hpm/batch": "HPM (batch)", "hpm/image": "HPM (image)", "dpnp": "DPNP"}
+# What an attack name's suffix means: the model whose gradients it follows (the MSA surrogates, paper 3.7).
+SURROGATES = {"fc": "the FC oracle", "soft": "the soft-hybrid model", "ste": "the real model (STE gradients)",
+              "mix": "the mixture of fc, soft and ste (their mean log-softmax)", "fixed": "the model with its clean batch prototypes fixed"}
+
+
+def surrogate_legend(names):
+    """The line that says what the suffixes of these attack names mean ("" where none has one)."""
+    used = [k for k in SURROGATES if any(n.endswith("/" + k) for n in names)]
+    return ("attack/surrogate, the model the attack's gradients come from: "
+            + "; ".join(f"{k} {SURROGATES[k]}" for k in used)) if used else ""
+
+
+def budgets(rows, cfg, attacked):
+    """The attack budgets of these rows, in words: the threat model's eps where a row without
+    attacker slots ran an attack (attacked), the attacker slots' own eps where there are any."""
+    slots = [r for r in rows if r.attackers]
+    said = [f"{cfg['threat_model']} eps {cfg['eps']:.4g}"] if attacked or not slots else []
+    if slots:
+        E = slots[0].attacker_eps
+        said.append(f"attacker slots {cfg['threat_model']} eps {E:.4g}"
+                    + (" (any image)" if cfg["threat_model"] == "Linf" and E >= 1 else ""))
+    return ", ".join(said)
 NO_ATTACK = "no attack"  # a row's robust accuracy when it ran none: its clean accuracy would mean nothing
 
 
@@ -97,8 +120,9 @@ def pct(v, digits=1):
 
 def tables(results, rows, digits=1):
     """What the final report shows, as tables [(title, header, body rows of cells)]: the paper's
-    Tables 1-2 shape (clean, worst case, difference to base), every attack's accuracy, then the rows
-    of K attacker slots (own and benign, per attack). Cells in percent with `digits` decimals."""
+    Tables 1-2 shape (clean, worst case, difference to base), every attack's accuracy (where any row
+    ran one), then the rows of K attacker slots (own and benign, per attack). Cells in percent with
+    `digits` decimals."""
     stores = {r.name: results.row(r.name) for r in rows if not r.attackers}
     base = stores.get("base")
 
@@ -115,9 +139,10 @@ def tables(results, rows, digits=1):
     out = [("accuracy (%); robust: the worst case over all attacks",
             ["model", "clean", "vs base", "robust", "vs base"], summary)]
     names = sorted({a for s in stores.values() for a in s.accuracies}, key=ORDER.index)
-    body = [[a] + [pct(s.accuracy(a), digits) for s in stores.values()] for a in ["clean"] + names]
-    body.append(["worst case"] + [robust(s) for s in stores.values()])
-    out.append(("every attack, accuracy (%)", ["attack"] + [TITLES[n] for n in stores], body))
+    if names:  # (rows that ran no attack, K of B's runs: only the clean line above, and "no attack")
+        body = [[a] + [pct(s.accuracy(a), digits) for s in stores.values()] for a in ["clean"] + names]
+        body.append(["worst case"] + [robust(s) for s in stores.values()])
+        out.append(("every attack, accuracy (%)", ["attack"] + [TITLES[n] for n in stores], body))
     slot_rows = [r for r in rows if r.attackers]
     if slot_rows:
         out.append(attackers_table(results, slot_rows, digits))
@@ -307,6 +332,9 @@ def markdown(results, rows, cfg):
              f"{sub['batch_size']}, {cfg['threat_model']} eps {cfg['eps']:.5g}, {cfg['steps']} APGD steps, "
              f"{cfg['queries']} Square queries. Accuracy in percent of the subset; "
              f"{os.path.basename(cfg['out'])} holds every number as a fraction, and per image.", ""]
+    names = {a for r in rows for a in results.row(r.name).accuracies}
+    if surrogate_legend(names):
+        lines += [surrogate_legend(names) + ".", ""]
     for t in tables(results, rows, digits=2) + [checks_table(results, rows, cfg)]:
         if t is not None:
             title, header, body = t
@@ -346,10 +374,12 @@ def plot(results, rows, cfg, path):
     ax.invert_yaxis()
     ax.set_xlim(0, 110)
     ax.set_xticks(range(0, 101, 20))
-    ax.set_xlabel("accuracy (%)")
+    legend = surrogate_legend(names)  # (the bars' suffixes, /fc /soft /ste /mix, explained under the axis)
+    ax.set_xlabel("accuracy (%)" + ("\n" + fill(legend, 100) if legend else ""), fontsize=8 if legend else None)
     ax.set_ylabel("attack")
-    ax.set_title(f"{os.path.basename(str(cfg['model']))} on {cfg['dataset']}, {cfg['threat_model']} eps "
-                 f"{cfg['eps']:.4g}: accuracy per attack", fontsize=10)
+    attacked = any(results.row(r.name).accuracies for r in rows if not r.attackers)
+    ax.set_title(f"{os.path.basename(str(cfg['model']))} on {cfg['dataset']}, {budgets(rows, cfg, attacked)}: "
+                 "accuracy per attack", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight",
                                              metadata=png_marker(cfg["out"])))

@@ -284,6 +284,14 @@ def run_script(script, argv, capsys):
     return status, capsys.readouterr().err
 
 
+def run_cli_out(script, argv, capsys):
+    """(exit status, stdout lines, stderr) of a script's command line, run in this process."""
+    module = {"evaluate": evaluate, "finetune": finetune}[script]
+    status = cli.run_cli(module.main, module.parse_args, argv)
+    captured = capsys.readouterr()
+    return status, captured.out.splitlines(), captured.err
+
+
 def run_process(script, argv, cwd):
     """(exit status, stderr) of `python SCRIPT.py ARGV` in a new process, from the folder cwd."""
     proc = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *argv], capture_output=True, text=True,

@@ -38,7 +38,8 @@ def bad_input_setup(tmp, case):
                  "--out", str(tmp / "r.json"), "--device", "cpu", "--no-progress"]
     ft = ["--model", paths["model"], "--dataset", "mnist", "--data", paths["data"], "--steps", "1",
           "--out", str(tmp / "new_head.pt"), "--device", "cpu", "--no-progress"]
-    npz = {"finetune: x of shape (N, H, W)": (np.zeros((4, SIZE, SIZE), np.uint8), np.zeros(4, np.int64)),
+    # (grey images (N, H, W) are taken as one channel since issue 37: flat vectors are the wrong shape)
+    npz = {"finetune: x of flat vectors (N, H*W)": (np.zeros((4, SIZE * SIZE), np.uint8), np.zeros(4, np.int64)),
            "finetune: y shorter than x": (np.zeros((4, 1, SIZE, SIZE), np.uint8), np.zeros(3, np.int64)),
            "finetune: labels out of range": (np.zeros((4, 1, SIZE, SIZE), np.uint8), np.array([0, 1, 10, 2])),
            "labels out of range": (np.zeros((4, 1, SIZE, SIZE), np.uint8), np.array([0, 1, 10, 2])),
@@ -153,6 +154,10 @@ def bad_input_setup(tmp, case):
         x, y = quad_data(8)
         np.savez(paths["data"], x=x.numpy().transpose(0, 2, 3, 1), y=y.numpy())
         return ("finetune", ft) if case.startswith("finetune") else ("evaluate", ev)
+    elif case.removeprefix("finetune: ") in IMAGE_RANGES:  # images in a form the scripts do not guess at
+        with np.load(paths["data"]) as f:
+            np.savez(paths["data"], x=IMAGE_RANGES[case.removeprefix("finetune: ")](f["x"]), y=f["y"])
+        return ("finetune", ft) if case.startswith("finetune") else ("evaluate", ev)
     elif case in ("--out is a folder", "finetune: --out is a folder"):
         (tmp / "folder").mkdir()
         argv = ft if case.startswith("finetune") else ev
@@ -194,6 +199,13 @@ def bad_input_setup(tmp, case):
     return "evaluate", ev
 
 
+# Images in another range than the two the scripts take (uint8 0-255, float in [0, 1]), from the uint8
+# images: each refused with the conversion in its line (issue 37).
+IMAGE_RANGES = {"float images in [0, 255]": lambda x: x.astype(np.float32),
+                "normalised images": lambda x: (x / 255.0 - 0.5) / 0.25,
+                "int64 images": lambda x: x.astype(np.int64)}
+
+
 class TupleOut(nn.Module):
     """A model whose forward returns (logits, features), as some model zoos do."""
 
@@ -210,7 +222,13 @@ BAD_INPUTS = {  # case: what its one line must match
                                              r"Cui2023Decoupled_WRN-28-10",
     "an unknown RobustBench name": r"unknown RobustBench model .*did you mean Cui2023Decoupled_WRN-28-10",
     "finetune: a dataset not in --data-dir": r"cifar10 train set not found in \S+/cifar .*pass --data FILE\.npz",
-    "finetune: x of shape (N, H, W)": r"x must be uint8 of shape \(N, C, H, W\), got uint8 \(4, 8, 8\)",
+    "finetune: x of flat vectors (N, H*W)": r"x must be images of shape \(N, C, H, W\), or \(N, H, W\) for grey ones; "
+                                            r"got uint8 \(4, 64\)",
+    **{prefix + case: message for prefix in ("", "finetune: ") for case, message in {
+        "float images in [0, 255]": r"x is float in \[\d+, \d+\], not \[0, 1\].*divide by 255 \(x / 255\), or "
+                                    r"x\.astype\(numpy\.uint8\)",
+        "normalised images": r"not \[0, 1\].*normalised images\?.*before normalising",
+        "int64 images": r"x is int64 in \[\d+, \d+\].*x\.astype\(numpy\.uint8\)"}.items()},
     "finetune: y shorter than x": r"y must be integers of shape \(4,\), got int64 \(3,\)",
     "finetune: labels out of range": r"labels must lie in \[0, 4\) for this model, found range \[0, 10\]",
     "labels out of range": r"labels must lie in \[0, 4\) for this model, found range \[0, 10\]",

@@ -17,7 +17,7 @@ from hpmkit.cli import CLIError
 
 from conftest import (K, SIZE, quadrant_mask, quad_data, quad_linear, Quantize, fitted_hpm, write_setup,
                       run_evaluate, comparable, read_results, rows_of, evaluate_rows, attack_once, TinyCNN,
-                      masked_head_model)
+                      masked_head_model, run_cli_out)
 
 
 # Known answers ------------------------------------------------------------------------------
@@ -379,3 +379,37 @@ def test_checks_pass_an_honest_model(saved_run):
         for check in ("eps_sweep", "doubled_steps", "square_vs_gradient"):
             assert row.checks[check]["status"] == "pass", (name, check, row.checks[check])
         assert row.checks["eps_sweep"]["accuracy"][-1] == 0.0
+
+
+# A head's threat model: evaluated at the eps it was fine-tuned at (issue 37) ---------------------
+
+def test_a_head_is_evaluated_at_its_fine_tuning_eps_and_another_eps_is_said_in_one_line(tmp_path, capsys):
+    """A head fine-tuned on own data at eps 0.2 (not own data's default, 8/255) is evaluated at 0.2
+    when --eps is left out, the header saying it is the head's, with the same per-image results as
+    --eps 0.2 given; --eps 0.1 is used, one line naming both budgets."""
+    paths = write_setup(tmp_path, quad_linear(), n=16)
+    status, _, err = run_cli_out("finetune", ["--model", paths["model"], "--data", paths["data"], "--eps", "0.2",
+                                              "--steps", "1", "--batch-size", "8", "--out", str(tmp_path / "own.pt"),
+                                              "--device", "cpu", "--no-progress"], capsys)
+    assert status == 0, err
+    head = read_head(str(tmp_path / "own.pt"))
+    assert (head["dataset"], head["threat_model"], head["attack_eps"]) == ("own", "Linf", 0.2)
+    ev = ["--head", str(tmp_path / "own.pt"), "--model", paths["model"], "--data", paths["data"], "--steps", "2",
+          "--attacks", "apgd-ce/fc,apgd-ce/mix", "--device", "cpu", "--no-progress"]
+
+    def run(out, *flags):
+        status, lines, err = run_cli_out("evaluate", ev + ["--out", str(tmp_path / out), *flags], capsys)
+        assert status == 0, err
+        return read_results(tmp_path / out), lines
+
+    res, lines = run("default.json")
+    assert res.config["eps"] == 0.2
+    assert "eps 0.2 (the head's: it was fine-tuned at this eps; --eps to set)" in lines
+    given, lines_given = run("given.json", "--eps", "0.2")
+    assert {n: r.per_image for n, r in rows_of(res).items()} == {n: r.per_image for n, r in rows_of(given).items()}
+    assert not [ln for ln in lines_given if "fine-tuned at" in ln]  # the same budget: nothing to say
+    other, lines = run("other.json", "--eps", "0.1")
+    assert other.config["eps"] == 0.1
+    assert [ln for ln in lines if "eps 0.2" in ln or "fine-tuned" in ln] == [
+        "eps 0.1 (given as --eps; the head was fine-tuned at Linf eps 0.2: this is another threat model than the "
+        "one it was trained for)"]

@@ -173,7 +173,7 @@ def quick(tmp_path_factory):
                         re.M).group(1)
     folder = tmp_path_factory.mktemp("fresh")
     if committed():
-        cwd, out = folder / "clone", folder / "clone" / "runs" / "mnist"
+        cwd, out = folder / "clone", folder / "clone" / "runs" / "mnist-quick"  # (the quick form's default)
         subprocess.run(["git", "clone", "-q", str(ROOT), str(cwd)], check=True)
         argv = command.split()[1:]
     else:

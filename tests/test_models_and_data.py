@@ -9,15 +9,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import evaluate
 import finetune
-from hpmkit import autoattack, cli, config, models
+from hpmkit import autoattack, checkpoint, cli, config, models
 from hpmkit.checkpoint import read_head
 from hpmkit.cli import CLIError
+from hpmkit.data import load_npz
 
-from conftest import (ROOT, K, quad_data, quad_linear, write_setup, run_evaluate, read_results, run_script, refused,
-                      QUADNET, MYNET)
+from conftest import (ROOT, K, quad_data, quad_linear, write_setup, run_evaluate, read_results, rows_of, run_script,
+                      run_cli_out, refused, QUADNET, MYNET)
 
 
 def rb_wideresnet():
@@ -262,7 +264,7 @@ def test_evaluates_header_says_where_eps_and_the_batch_size_come_from(tmp_path, 
     common = ["--model", paths["model"], "--data", paths["data"], "--steps", "1", "--device", "cpu", "--no-progress"]
     res = run_evaluate(paths, "--attacks", "apgd-ce/fc", "--contexts", "batch", "--out", str(tmp_path / "r.json"))
     out = capsys.readouterr().out.splitlines()
-    assert "eps 0.3 (Madry et al.'s for mnist; --eps to set)" in out  # the head's dataset
+    assert "eps 0.3 (the head's: it was fine-tuned at this eps; --eps to set)" in out  # its attack_eps
     assert "batch size 4 (the head's fine-tuning batch size; --batch-size to set, 1 for the per-image model)" in out
     assert res.config["batch_size"] == 4
     assert cli.run_cli(evaluate.main, evaluate.parse_args, common + ["--attacks", "apgd-ce", "--eps", "1/10",
@@ -303,3 +305,63 @@ def test_the_help_of_model_and_weights_names_each_form_and_that_code_runs(capsys
         assert "FILE.py:NAME or package.module:NAME" in text and "--weights STATE_DICT.pt" in text, module
         assert "which runs code: only name files you trust" in text, module
         assert "torch.save(model.state_dict(), path)" in text, module
+
+
+# Images in the forms people hold them, and a model saved mid-training (issue 37) ---------------
+
+def test_float_and_grey_npz_files_give_the_per_image_results_of_their_uint8_form(tmp_path, capsys):
+    """Float images k/255 (float32 and float64) and grey (N, H, W) images, uint8 or float, give the
+    head fine-tuned and the per-image results of every row that the uint8 (N, 1, H, W) file gives."""
+    paths = write_setup(tmp_path, quad_linear(), n=16)
+    with np.load(paths["data"]) as f:
+        x, y = f["x"], f["y"]
+    assert x.dtype == np.uint8 and x.shape == (16, 1, 8, 8)
+    forms = {"float32": x.astype(np.float32) / 255, "float64": x / 255.0, "grey": x[:, 0],
+             "grey float": x[:, 0].astype(np.float32) / 255}
+    for name, images in forms.items():
+        np.savez(tmp_path / f"{name}.npz", x=images, y=y)
+    assert load_npz(str(tmp_path / "float64.npz"))[0].dtype == torch.float32  # used as it is, not rounded
+
+    def heads_and_results(data, tag):
+        status, _, err = run_cli_out("finetune", ["--model", paths["model"], "--data", data, "--steps", "1",
+                                                  "--batch-size", "8", "--out", str(tmp_path / f"{tag}.pt"),
+                                                  "--device", "cpu", "--no-progress"], capsys)
+        assert status == 0, err
+        status, _, err = run_cli_out("evaluate", [
+            "--head", paths["head"], "--model", paths["model"], "--data", data, "--steps", "2", "--queries", "5",
+            "--attacks", "apgd-ce/fc,apgd-ce/mix,square", "--out", str(tmp_path / f"{tag}.json"), "--device", "cpu",
+            "--no-progress"], capsys)
+        assert status == 0, err
+        head = checkpoint.load_checkpoint(str(tmp_path / f"{tag}.pt"))["head"]
+        return head, {n: r.per_image for n, r in rows_of(read_results(tmp_path / f"{tag}.json")).items()}
+
+    head, per_image = heads_and_results(paths["data"], "uint8")
+    for i, name in enumerate(forms):
+        other_head, other = heads_and_results(str(tmp_path / f"{name}.npz"), f"form{i}")
+        assert other == per_image, name
+        assert all(torch.equal(other_head[k], head[k]) for k in head), name
+
+
+def test_a_model_saved_in_train_mode_is_said_in_one_line_and_evaluated_in_eval_mode(tmp_path, capsys):
+    """A model with dropout pickled in train mode: one line says so, and its results are those of
+    the same model pickled in eval mode (which gets no line)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Dropout(0.5), quad_linear())
+    paths = write_setup(tmp_path, net, n=16)
+    torch.save(net.eval(), tmp_path / "eval.pt")
+    assert net.train().training and torch.load(paths["model"], weights_only=False).training
+
+    def run(model, out):
+        status, lines, err = run_cli_out("evaluate", ["--model", model, "--data", paths["data"], "--steps", "2",
+                                                      "--attacks", "apgd-ce", "--out", str(tmp_path / out),
+                                                      "--device", "cpu", "--no-progress"], capsys)
+        assert status == 0, err
+        assert "gives other logits" not in "\n".join(lines)  # (dropout on would make it stochastic)
+        return [ln for ln in lines if "train mode" in ln], read_results(tmp_path / out)
+
+    said, res = run(paths["model"], "train.json")
+    assert said == [f"note: model file {paths['model']} was saved in train mode, where its Dropout layers act "
+                    "otherwise; the scripts use it in eval mode (model.eval(): dropout off, batch norm's running "
+                    "statistics)"]
+    said, res_eval = run(str(tmp_path / "eval.pt"), "eval.json")
+    assert said == [] and res.row("base").per_image == res_eval.row("base").per_image

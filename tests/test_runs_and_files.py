@@ -23,11 +23,13 @@ import torch.nn as nn
 import evaluate
 import finetune
 import hpm
+from experiments import common
 from finetune import train_step
 from hpm import attach
 from hpmkit import cli
 from hpmkit.checkpoint import read_head
 from hpmkit.cli import CLIError
+from hpmkit.data import load_npz
 from hpmkit.results import Results
 
 from conftest import (ROOT, SIZE, mnist_slice, quad_data, quad_linear, fitted_hpm, write_setup, run_evaluate,
@@ -466,6 +468,87 @@ def test_pip_install_e_gives_hpm_and_hpmkit_anywhere_and_both_commands(tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1  # a command's exit status is the script's
 
 
+# The README's own-model recipe (issue 37): its commands and its lines that make .npz files, as written.
+
+TINY_MYNET = '''import torch.nn as nn
+
+
+class MyNet(nn.Module):
+    """A newcomer's tiny CNN on 1x8x8 grey images of 4 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.classifier = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+'''
+
+
+def readme_block(heading, language):
+    """The first ```language block under the README's ## heading, as lines."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(f"## {heading}\n"):]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+@pytest.mark.slow
+def test_the_readmes_few_minute_own_model_form_runs_through_the_installed_command(tmp_path):
+    """The README's own-model recipe, its commands read from README.md: hpm-finetune, then the
+    first-look hpm-evaluate (the one with --steps), run as installed commands in a user's folder
+    on a tiny model and data of this test's own; it finishes, with the README's budgets and the
+    head's eps."""
+    import shlex
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "hpm-evaluate").exists():
+        pytest.skip("hpm-evaluate is not installed here (pip install -e .; .ci/run installs it)")
+    commands = [ln.split("  #")[0].strip() for ln in readme_block("Your own model and data", "bash")]
+    finetune_cmd, = [c for c in commands if c.startswith("hpm-finetune ")]
+    first_look, = [c for c in commands if c.startswith("hpm-evaluate ") and "--steps" in c]
+    (tmp_path / "mynet.py").write_text(TINY_MYNET)
+    namespace = {}
+    exec(TINY_MYNET, namespace)
+    torch.manual_seed(0)
+    torch.save(namespace["MyNet"]().state_dict(), tmp_path / "mynet_weights.pt")
+    for name, seed in (("train.npz", 0), ("test.npz", 1)):
+        x, y = quad_data(64, seed)
+        np.savez(tmp_path / name, x=x.numpy(), y=y.numpy())
+    # This checkout's code, wherever the install points; one thread, as conftest.one_thread sets for the
+    # tests in this process: on these tiny tensors torch's threads only wait on each other (on 2 shared
+    # cores the first look took 48 s with them, 6 s without).
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for command in (finetune_cmd, first_look):
+        argv = shlex.split(command)
+        proc = subprocess.run([str(bin_dir / argv[0]), *argv[1:], "--device", "cpu"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = shlex.split(first_look)
+    res = read_results(tmp_path / "head.eval-strong.json")
+    assert res.complete and res.version == "strong"
+    assert res.config["steps"] == int(flags[flags.index("--steps") + 1])
+    assert res.config["queries"] == int(flags[flags.index("--queries") + 1])
+    assert res.config["eps"] == read_head(str(tmp_path / "head.pt"))["attack_eps"] == 8 / 255
+    assert res.subset["n"] == 64  # --n-examples 128 of 64 images: all of them
+
+
+def test_the_readmes_lines_that_make_npz_files_of_the_embedded_mnist_give_what_the_scripts_read(tmp_path,
+                                                                                               monkeypatch):
+    code = "\n".join(readme_block("Your own model and data", "python"))
+    assert "np.savez(\"train.npz\"" in code
+    monkeypatch.chdir(ROOT)
+    code = code.replace('"train.npz"', repr(str(tmp_path / "train.npz"))).replace('"test.npz"',
+                                                                                   repr(str(tmp_path / "test.npz")))
+    exec(code, {})
+    x_train, y_train = load_npz(str(tmp_path / "train.npz"))
+    x_test, y_test = load_npz(str(tmp_path / "test.npz"))
+    assert x_train.shape == x_test.shape == (5000, 1, 28, 28) and x_train.dtype == torch.uint8
+    assert sorted(y_train.unique().tolist()) == list(range(10))
+    mnist = common.read_idx(ROOT / "experiments" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz")
+    assert torch.equal(torch.cat([x_train, x_test])[:, 0], torch.from_numpy(mnist.copy()))
+
+
 def test_the_python_api_evaluates_objects_as_the_command_line_evaluates_their_files(tmp_path):
     """hpmkit.api.evaluate on the model object, its head loaded by hpmkit.api.load_head (or given as
     the checkpoint's path), and the images as tensors (uint8, or float in [0, 1]) gives every row's
@@ -494,7 +577,10 @@ def test_the_python_api_evaluates_objects_as_the_command_line_evaluates_their_fi
 @pytest.mark.parametrize("call,error,message", [
     (lambda api, m, x, y: api.evaluate(m, x, y, stepz=3), TypeError, "unknown settings stepz"),
     (lambda api, m, x, y: api.evaluate(m, x, y, data="d.npz"), TypeError, "unknown settings data"),
-    (lambda api, m, x, y: api.evaluate(m, x * 2.0, y), ValueError, r"must lie in \[0, 1\]"),
+    (lambda api, m, x, y: api.evaluate(m, x * 2.0, y), ValueError, r"not \[0, 1\].*divide by 255"),
+    (lambda api, m, x, y: api.evaluate(m, (x - 0.5) / 0.25, y), ValueError, r"not \[0, 1\].*normalised images\?"),
+    (lambda api, m, x, y: api.evaluate(m, (x * 255).round().long(), y), ValueError,
+     r"x is int64 in \[\d+, \d+\].*x\.astype\(numpy\.uint8\)"),
     (lambda api, m, x, y: api.evaluate(m, x, y[:3]), ValueError, "integer labels of shape"),
     (lambda api, m, x, y: api.evaluate(m, x, y, head=attach(quad_linear())), ValueError, "this very model"),
 ])

@@ -13,21 +13,11 @@ images of a batch can spend them on the others. Who holds what is a mask `held` 
   risks: "own:*", its own images misclassified (AutoAttack's APGD through the MSA surrogates, on
   its slots alone), and "benign:*", collateral, the benign images misclassified through C_batch.
 
-The three loops, each told what `held` moves and whose loss rises:
-
-- ascend_standing ("joint": every image's CW margin; "benign:spread": the benign images' margins
-  clamped at 0): one run, the held images ascend the summed loss of the images no scored batch
-  has fooled yet;
-- attack_copies ("target": every image still standing; "benign:victim": every benign one): per
-  image still standing, a copy of its fixed batch whose held images ascend that one image's CW
-  margin, until a scored copy fools it;
-- square_search (Square on whole batches: the batch adversary's, each image its own margin;
-  "benign:square", each batch's summed benign margins): proposals in the held images only, every
-  query a whole fixed batch, no gradients.
-
-Every query is a whole fixed batch inside the ball: the model attacked (x -> logits, with
-`scorer`, a QueryScorer, and `regroup(batch_size, scorer)`: the same model on rows that are
-fixed batches of batch_size) scores it on the real model. Each loop returns the whole chunk.
+The three loops, each told what `held` moves and whose loss rises: ascend_standing ("joint",
+"benign:spread"), attack_copies ("target", "benign:victim") and square_search (the batch
+adversary's Square, "benign:square"). Every query is a whole fixed batch inside the ball, scored
+on the real model by the model attacked (x -> logits, with `scorer`, a QueryScorer, and
+`regroup(batch_size, scorer)`: the same model on rows that are fixed batches of batch_size).
 """
 import math
 

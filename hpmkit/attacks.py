@@ -2,11 +2,9 @@
 that do not use the batch.
 
 AutoAttack's APGD and Square assume a per-image model; HPM's batch context is not one: an
-image's prediction depends on the other images of its fixed batch. run_attack says, for each
-kind, what runs: the library's attacks (called as hpmkit/autoattack.py calls them), the attacks
-that use the batch (hpmkit/batch_attacks.py: the batch adversary, K of B, the Square on whole
-batches), and two of ours here. What each adds, kept because a test in tests/test_attacks.py
-shows images only it breaks:
+image's prediction depends on the other images of its fixed batch. What each attack of ours adds
+(here, or in hpmkit/batch_attacks.py), kept because a test in tests/test_attacks.py shows images
+only it breaks:
 
 - every query scored (batch_attacks.QueryScorer): every query an attack makes with a whole fixed
   batch inside the threat model is an adversarial batch in its own right, scored on the real
@@ -24,10 +22,9 @@ shows images only it breaks:
   (test_the_batch_adversary_breaks_images_every_other_strong_attack_leaves_robust).
 
 The model attacked is x -> logits, with `scorer` (a QueryScorer or None), `alone(scorer)`: the
-same model for one fixed batch of a chunk (autoattack.per_batch uses it), and
-`regroup(batch_size, scorer)`: the same model on rows that are fixed batches of batch_size.
-Every attack takes a chunk (chunks.Chunk: whole fixed batches, attacked at once) and the run's
-setting (catalogue.Setting).
+same model for one fixed batch of a chunk, and `regroup(batch_size, scorer)`: the same model on
+rows that are fixed batches of batch_size. Every attack takes a chunk (chunks.Chunk) and the
+run's setting (catalogue.Setting).
 """
 import math
 from dataclasses import replace
@@ -37,8 +34,7 @@ import torch
 from hpm import l2_logits, ste_assignment
 from hpmkit.autoattack import (final_batch, library_attack, per_batch, perturb_chunk, seed_all, square_chunk,
                                 tiled_starts)
-from hpmkit.batch_attacks import (ascend_standing, attack_copies, benign_margins, clamped_loss, own_attack,
-                                  square_search)
+from hpmkit.batch_attacks import ascend_standing, attack_copies, benign_margins, own_attack, square_search
 from hpmkit.pgd import cw_loss, inside, margins
 
 
@@ -111,8 +107,8 @@ def run_k_of_b(attack, model, chunk, setting, held, standing=None, warnings=None
         return [chunk.x]
     if kind in ("own:apgd-ce", "own:apgd-dlr"):
         return own_attack(kind.removeprefix("own:"), model, chunk, s, held, warnings)
-    if kind == "benign:spread":
-        return [ascend_standing(model, chunk, s, held, ~held, clamped_loss)]
+    if kind == "benign:spread":  # the benign images' CW margins clamped at 0: a fooled one adds nothing
+        return [ascend_standing(model, chunk, s, held, ~held, lambda logits, y: cw_loss(logits, y).clamp(max=0))]
     if kind == "benign:victim":
         return [attack_copies(model, chunk, s, held, standing & ~held)]
     if kind == "benign:square":

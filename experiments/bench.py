@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -221,10 +222,7 @@ def memory_probe(args):
             attack()
         # Each op's own allocations net of its own frees, and the frees between ops ("[memory]").
         deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
-        live = peak = 0
-        for _, delta in deltas:
-            live += delta
-            peak = max(peak, live)
+        peak = max([0, *accumulate(delta for _, delta in deltas)])  # the most ever live at once
     print(peak)
 
 
@@ -235,15 +233,6 @@ def evaluate_throughput(model, x, y, steps):
 
 
 # Many fixed batches at once (evaluate.py --chunk) ------------------------------------------
-
-def backbone_fwd_bwd(base, x, y):
-    """b -> one forward+backward (to the input) of the backbone on the first b images: the best
-    throughput over batch sizes is the physical limit of an attack on this machine."""
-    def make_step(b):
-        xb = x[:b].clone().requires_grad_(True)
-        return lambda: torch.autograd.grad(F.cross_entropy(base(xb), y[:b]), xb)
-    return make_step
-
 
 def attack_phase_throughput(model, x, y, batch, steps, device):
     """Image-steps/s of APGD-CE on the MSA mixture over one chunk of fixed batches (grouped)."""
@@ -402,7 +391,11 @@ def main(args):
     with torch.no_grad():
         yc = base(xc).argmax(1)  # every image correct: every image attacked
     sizes = sorted({max(1, args.batch // 2), args.batch, 2 * args.batch, 4 * args.batch, chunk})
-    per_size = best_throughput(backbone_fwd_bwd(base, xc, yc), sizes, device, r)
+
+    def fwd_bwd(b):  # the backbone's forward+backward (to the input): its best is an attack's physical limit
+        xb = xc[:b].clone().requires_grad_(True)
+        return lambda: torch.autograd.grad(F.cross_entropy(base(xb), yc[:b]), xb)
+    per_size = best_throughput(fwd_bwd, sizes, device, r)
     best = max(per_size.values())
     steps_s = attack_phase_throughput(model, xc[:chunk], yc[:chunk], args.batch, steps, device)
     report("attack_image_steps_per_s / backbone_best_fwd_bwd", steps_s / best, 0.8,

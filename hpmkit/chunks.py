@@ -57,7 +57,6 @@ class Chunk:
 
     @property
     def batch_size(self):
-        """The fixed batch size: the rows are consecutive fixed batches of this many images."""
         return self.sizes[0]
 
     @property

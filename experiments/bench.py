@@ -9,15 +9,9 @@ alike. Each is printed with its goal and written to bench.json: name -> {value, 
 Models are built offline from robustbench's own architecture classes (random weights: the
 cost of a forward pass does not depend on the weights). Not a test: it does not run in CI.
 
-The figures of evaluate.py's chunks (--chunk) are single timed runs, not paired medians: the
-attack phase's image-steps per second over the backbone's best forward+backward throughput at
-any batch size (the physical limit of an attack); the whole default protocol on a small subset,
-chunked versus batch by batch; AutoAttack's Square on a per-image model, chunked versus batch
-by batch (on a small CNN, where per-query overhead matters), with the limit of any Square that
-makes the same queries (the model's own forward time for them at its best batch size); and, as
-a count that does not depend on the machine, the head's aten ops for the mixture's
-forward+backward, one fused pass versus three calls. The --compile figures compare the head
-through torch.compile with the eager head (the first call compiles; it is not timed).
+The figures of evaluate.py's chunks (--chunk) are single timed runs, not paired medians (each
+function's docstring says what it compares). The head's aten ops are a count that does not
+depend on the machine. The --compile figures time the head after its first call (it compiles).
 """
 import argparse
 import copy
@@ -28,16 +22,19 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import evaluate
 import finetune
 import hpm
 from hpmkit import autoattack, config, models
 from hpmkit.attacks import run_attack
-from hpmkit.catalogue import CATALOGUE, Setting
+from hpmkit.catalogue import ATTACKER_ATTACKS, CATALOGUE, Setting
 from hpmkit.chunks import Chunk, FixedBatches
 from hpmkit.engine import Runner
 from hpmkit.pgd import project
@@ -56,26 +53,36 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def paired_ratio(f_num, f_den, device, repeats, warmup=1):
-    """Median over `repeats` of time(f_num) / time(f_den), the two run back to back."""
-    def timed(f):
-        sync(device)
-        t0 = time.perf_counter()
-        f()
-        sync(device)
-        return time.perf_counter() - t0
+def timed_once(f, device):
+    sync(device)
+    t0 = time.perf_counter()
+    f()
+    sync(device)
+    return time.perf_counter() - t0
 
-    for _ in range(warmup):
-        f_num(), f_den()
-    ratios, nums = [], []
+
+def paired_ratio(f_num, f_den, device, repeats):
+    """Median over `repeats` of time(f_num) / time(f_den), the two run back to back after a warm-up."""
+    f_num(), f_den()
+    ratios = []
     for i in range(repeats):  # alternate the order so neither side always runs on a warm cache
         if i % 2:
-            d, n = timed(f_den), timed(f_num)
+            d, n = timed_once(f_den, device), timed_once(f_num, device)
         else:
-            n, d = timed(f_num), timed(f_den)
+            n, d = timed_once(f_num, device), timed_once(f_den, device)
         ratios.append(n / d)
-        nums.append(n)
-    return statistics.median(ratios), statistics.median(nums)
+    return statistics.median(ratios)
+
+
+def best_throughput(make_step, sizes, device, repeats):
+    """{b: images/s of make_step(b)() on b images} for each batch size b, median of `repeats` after
+    a warm-up call."""
+    rates = {}
+    for b in sizes:
+        step = make_step(b)
+        step()
+        rates[b] = b / statistics.median(timed_once(step, device) for _ in range(repeats))
+    return rates
 
 
 # The figures ---------------------------------------------------------------------------------
@@ -84,13 +91,9 @@ def hpm_forward_backward(base, model, x, y, device, repeats):
     """HPM model forward + backward (to the input, as an attack does) / the base model's."""
     x = x.clone().requires_grad_(True)
 
-    def base_step():
-        (g,) = torch.autograd.grad(F.cross_entropy(base(x), y), x)
-
-    def hpm_step():
-        (g,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
-
-    return paired_ratio(hpm_step, base_step, device, repeats)[0]
+    def step(m):
+        torch.autograd.grad(F.cross_entropy(m(x), y), x)
+    return paired_ratio(lambda: step(model), lambda: step(base), device, repeats)
 
 
 def head_compiled_vs_eager(model, x, y, device, repeats, calls=50):
@@ -105,7 +108,7 @@ def head_compiled_vs_eager(model, x, y, device, repeats, calls=50):
         for _ in range(calls):
             z = z0.clone().requires_grad_(True)
             torch.autograd.grad(F.cross_entropy(head(z), y), z)
-    return paired_ratio(lambda: steps(compiled), lambda: steps(model.head), device, repeats)[0]
+    return paired_ratio(lambda: steps(compiled), lambda: steps(model.head), device, repeats)
 
 
 def apgd(target, x, y, steps, sizes=None, whole_batch=True):
@@ -117,7 +120,7 @@ def apgd(target, x, y, steps, sizes=None, whole_batch=True):
 def apgd_step_msa_vs_base(base, model, x, y, device, repeats, steps):
     """One APGD-CE step against the MSA mixture (one backbone pass) / one against the base model."""
     mix = evaluate.Surrogate(model, "mix", "batch")
-    return paired_ratio(lambda: apgd(mix, x, y, steps), lambda: apgd(base, x, y, steps), device, repeats)[0]
+    return paired_ratio(lambda: apgd(mix, x, y, steps), lambda: apgd(base, x, y, steps), device, repeats)
 
 
 def finetune_step_vs_unfrozen(base, x, y, device, repeats, steps):
@@ -157,50 +160,39 @@ def finetune_step_vs_unfrozen(base, x, y, device, repeats, steps):
         unfrozen.head.update_prototypes(z_clean.detach(), y)
 
     return paired_ratio(lambda: finetune.train_step(frozen, opt_frozen, x, y, S, args),
-                        unfrozen_step, device, repeats)[0]
+                        unfrozen_step, device, repeats)
 
 
 def image_context_vs_loop(model, x, device, repeats):
     """The head in context "image" over a batch / the head on each image alone, in a loop."""
     with torch.no_grad():
-        z = model.features(x).detach()
+        z = model.features(x)
     z.requires_grad_(True)
     head = model.head
 
-    def vectorised():
-        torch.autograd.grad(head(z, "ste", "image").sum(), z)
-
     def looped():
         torch.autograd.grad(sum(head(z[i:i + 1], "ste", "batch").sum() for i in range(len(z))), z)
-
-    return paired_ratio(vectorised, looped, device, repeats)[0]
+    return paired_ratio(lambda: torch.autograd.grad(head(z, "ste", "image").sum(), z), looped, device, repeats)
 
 
 def evaluate_vs_autoattack(base, x, y, device, repeats, steps):
     """evaluate.py's attack on a batch / AutoAttack's APGDAttack called directly on the same batch."""
-    from hpmkit.autoattack import APGDAttack
-
-    row = evaluate.build_rows(base)[0]
-    target = row.real()
-
-    def ours():
-        apgd(target, x, y, steps, whole_batch=False)
+    target = evaluate.build_rows(base)[0].real()
 
     def direct():
-        APGDAttack(base, n_iter=steps, norm="Linf", eps=8 / 255, seed=0, loss="ce",
-                   device=x.device).perturb(x, y)
-
-    return paired_ratio(ours, direct, device, repeats)[0]
+        autoattack.APGDAttack(base, n_iter=steps, norm="Linf", eps=8 / 255, seed=0, loss="ce",
+                              device=x.device).perturb(x, y)
+    return paired_ratio(lambda: apgd(target, x, y, steps, whole_batch=False), direct, device, repeats)
 
 
 def peak_memory_ratio(args):
     """Peak memory of evaluate's MSA attack on a batch / the base model's APGD alone (subprocesses)."""
     peaks = {}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `experiments` imports
     for which in ("msa", "base"):
         cmd = [sys.executable, "-m", "experiments.bench", "--_memory-probe", which, "--depth", str(args.depth),
                "--width", str(args.width), "--batch", str(args.batch), "--device", args.device,
                "--apgd-steps", str(args.apgd_steps)]
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `experiments` imports
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=root).stdout
         peaks[which] = float(out.strip().splitlines()[-1])
     return peaks["msa"] / peaks["base"], peaks
@@ -215,10 +207,7 @@ def memory_probe(args):
     device = torch.device(args.device)
     base, model, x, y = setup(args, device)
     target = evaluate.Surrogate(model, "mix", "batch") if args._memory_probe == "msa" else base
-
-    def attack():
-        apgd(target, x, y, args.apgd_steps)
-
+    attack = lambda: apgd(target, x, y, args.apgd_steps)  # noqa: E731
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -233,46 +222,17 @@ def memory_probe(args):
             attack()
         # Each op's own allocations net of its own frees, and the frees between ops ("[memory]").
         deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
-        live = peak = 0
-        for _, delta in deltas:
-            live += delta
-            peak = max(peak, live)
+        peak = max([0, *accumulate(delta for _, delta in deltas)])  # the most ever live at once
     print(peak)
 
 
-def evaluate_throughput(base, model, x, y, steps):
+def evaluate_throughput(model, x, y, steps):
     """Images per second of evaluate.py's APGD-CE on the MSA mixture (GPU figure, no goal)."""
     mix = evaluate.Surrogate(model, "mix", "batch")
-    sync(x.device)
-    t0 = time.perf_counter()
-    apgd(mix, x, y, steps)
-    sync(x.device)
-    return len(x) / (time.perf_counter() - t0)
+    return len(x) / timed_once(lambda: apgd(mix, x, y, steps), x.device)
 
 
 # Many fixed batches at once (evaluate.py --chunk) ------------------------------------------
-
-def timed_once(f, device):
-    sync(device)
-    t0 = time.perf_counter()
-    f()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def backbone_best_throughput(base, x, y, device, repeats, sizes):
-    """The backbone's best forward+backward (to the input) throughput, images/s, over batch sizes:
-    the physical limit of an attack on this machine."""
-    best = {}
-    for b in sizes:
-        xb = x[:b].clone().requires_grad_(True)
-
-        def step():
-            torch.autograd.grad(F.cross_entropy(base(xb), y[:b]), xb)
-        step()
-        best[b] = b / statistics.median(timed_once(step, device) for _ in range(repeats))
-    return max(best.values()), best
-
 
 def attack_phase_throughput(model, x, y, batch, steps, device):
     """Image-steps/s of APGD-CE on the MSA mixture over one chunk of fixed batches (grouped)."""
@@ -287,11 +247,9 @@ def protocol_grouped_vs_sequential(base, model, x, y, batch, chunk, steps, queri
     """The default protocol (version strong's attacks, every row) on one subset: images/s with
     chunks of `chunk` images / images/s one fixed batch at a time."""
     setting = Setting("Linf", 8 / 255, steps=steps, queries=queries, score_queries=True, fixed_batch_square=True)
-    data = FixedBatches(x, y, batch, device)
-    times = {}
-    for form, c in (("sequential", None), ("grouped", chunk), ("sequential", None), ("grouped", chunk)):
+    data, attacks, times = FixedBatches(x, y, batch, device), evaluate.VERSIONS["strong"]["attacks"], {}
+    for form, c in (("sequential", None), ("grouped", chunk)) * 2:
         runner = Runner(device=device, chunk=c, progress=False, log=lambda *a: None)
-        attacks = evaluate.VERSIONS["strong"]["attacks"]
         t = timed_once(lambda: evaluate.evaluate(evaluate.build_rows(base, model), attacks, data, setting, runner),
                        device)
         times[form] = min(times.get(form, math.inf), t)
@@ -302,8 +260,6 @@ def attacker_rows_cost(base, model, x, y, batch, steps, queries, device):
     """K of B (evaluate.py --attackers): backbone passes (forward + backward) per image of each
     attack of the attacker rows, K = 1 and K = B / 8, attacker budget 1 (any image), from one
     evaluation of x in fixed batches of `batch`: {row: {attack: passes per image}}."""
-    from hpmkit.catalogue import ATTACKER_ATTACKS
-
     Ks = sorted({1, max(1, batch // 8)})
     rows = evaluate.build_rows(base, model, contexts=(), attackers=Ks, attacker_eps=1.0)[1:]
     setting = Setting("Linf", 8 / 255, steps=steps, queries=queries, score_queries=True, fixed_batch_square=True)
@@ -318,36 +274,29 @@ def square_chunk_vs_per_batch(base, x, y, batch, queries, device, repeats):
     Also the limit of any Square making the same queries: the time before / the time the model
     alone needs for the images it was queried on, at its best forward throughput at any batch
     size (no reordering of the queries can beat that)."""
-    from hpmkit.autoattack import SquareAttack
-
-    sizes = [batch] * (len(x) // batch)
     queried, adv = [0], {}
+
+    def square(model):
+        return autoattack.SquareAttack(model, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
+                                       verbose=False, device=x.device)
 
     def counted(xq):  # the images the model is queried on, in the form before
         queried[0] += len(xq)
         return base(xq)
 
     def new():
-        sq = SquareAttack(base, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
-                          verbose=False, device=x.device)
-        adv["new"] = autoattack.square_chunk(sq, x, y, sizes)
+        adv["new"] = autoattack.square_chunk(square(base), x, y, [batch] * (len(x) // batch))
 
     def before():
-        queried[0], outs = 0, []
-        for a in range(0, len(x), batch):
-            sq = SquareAttack(counted, norm="Linf", n_queries=queries, eps=8 / 255, p_init=0.8, seed=0,
-                              verbose=False, device=x.device)
-            outs.append(sq.perturb(x[a:a + batch], y[a:a + batch]))
-        adv["before"] = torch.cat(outs)
+        queried[0] = 0
+        adv["before"] = torch.cat([square(counted).perturb(x[a:a + batch], y[a:a + batch])
+                                   for a in range(0, len(x), batch)])
     t_new = min(timed_once(new, device) for _ in range(2))
     t_before = min(timed_once(before, device) for _ in range(2))
     same = torch.equal(adv["new"], adv["before"])
-    best = {}
     with torch.no_grad():
-        for b in sorted({batch, 2 * batch, 4 * batch, len(x)}):
-            xb = x[:b]
-            base(xb)
-            best[b] = b / statistics.median(timed_once(lambda: base(xb), device) for _ in range(repeats))
+        best = best_throughput(lambda b: partial(base, x[:b]), sorted({batch, 2 * batch, 4 * batch, len(x)}),
+                               device, repeats)
     limit = t_before / (queried[0] / max(best.values()))
     return t_before / t_new, same, limit
 
@@ -364,39 +313,28 @@ def head_ops(model, x, y):
 
     with torch.no_grad():
         z0 = model.features(x)
-    head = model.head
+    head, modes = model.head, ("fc", "soft", "ste")
+    mixtures = {"fused": lambda z: head(z, mode=modes).log_softmax(dim=2).mean(dim=0),
+                "separate": lambda z: torch.stack([head(z, mode=m).log_softmax(dim=1) for m in modes]).mean(dim=0)}
 
-    def fused():
+    def fwd_bwd(mixture):
         z = z0.clone().requires_grad_(True)
-        out = head(z, mode=("fc", "soft", "ste")).log_softmax(dim=2).mean(dim=0)
-        torch.autograd.grad(F.cross_entropy(out, y), z)
-
-    def separate():
-        z = z0.clone().requires_grad_(True)
-        out = torch.stack([head(z, mode=m).log_softmax(dim=1) for m in ("fc", "soft", "ste")]).mean(dim=0)
-        torch.autograd.grad(F.cross_entropy(out, y), z)
+        torch.autograd.grad(F.cross_entropy(mixture(z), y), z)
 
     counts = {}
-    for name, f in (("fused", fused), ("separate", separate)):
-        f()
+    for name, mixture in mixtures.items():
+        fwd_bwd(mixture)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            f()
+            fwd_bwd(mixture)
         counts[name] = sum(1 for e in prof.events() if top_level_op(e))
     return counts["fused"] / counts["separate"], counts
 
 
-class SmallCNN(torch.nn.Module):
+def small_cnn():
     """A small CIFAR CNN (the kind of model whose Square is bound by Python, not arithmetic)."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten())
-        self.fc = torch.nn.Linear(64 * 8 * 8, 10)
-
-    def forward(self, x):
-        return self.fc(self.features(x))
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(64 * 8 * 8, 10))
 
 
 def setup(args, device):
@@ -426,7 +364,7 @@ def main(args):
         print(f"{name:52s} {value:7.3f}   goal {'>=' if at_least else '<='} {goal:<5}  "
               f"{'ok' if ok else 'MISSED'} {extra}")
 
-    r = args.repeats
+    r, steps, queries = args.repeats, args.apgd_steps, args.protocol_queries
     xw = x.clone().requires_grad_(True)
     for _ in range(5):  # warm the allocator and the caches before the first figure
         torch.autograd.grad(F.cross_entropy(model(xw), y), xw)
@@ -438,13 +376,11 @@ def main(args):
            1.05, "(evaluate.py --compile)")
     report("head_fwd_bwd compiled / eager (head alone)", head_compiled_vs_eager(model, x, y, device, r), 1.0,
            "(below 1: compiling helps)")
-    report("apgd_step_msa_mix / apgd_step_base", apgd_step_msa_vs_base(base, model, x, y, device, r,
-                                                                         args.apgd_steps), 1.10)
-    report("finetune_step / step_with_backbone_grads", finetune_step_vs_unfrozen(base, x, y, device, r,
-                                                                                 args.attack_steps), 0.80)
+    report("apgd_step_msa_mix / apgd_step_base", apgd_step_msa_vs_base(base, model, x, y, device, r, steps), 1.10)
+    report("finetune_step / step_with_backbone_grads",
+           finetune_step_vs_unfrozen(base, x, y, device, r, args.attack_steps), 0.80)
     report("head_image_context / 64_single_calls", image_context_vs_loop(model, x, device, r), 0.10)
-    report("evaluate_apgd / autoattack_apgd", evaluate_vs_autoattack(base, x, y, device, r,
-                                                                     args.apgd_steps), 1.05)
+    report("evaluate_apgd / autoattack_apgd", evaluate_vs_autoattack(base, x, y, device, r, steps), 1.05)
     fused, ops = head_ops(model, x, y)
     report("head_ops_msa_fused / head_ops_three_calls", fused, 0.6,
            f"({ops['fused']} vs {ops['separate']} aten ops per forward+backward)")
@@ -455,21 +391,25 @@ def main(args):
     with torch.no_grad():
         yc = base(xc).argmax(1)  # every image correct: every image attacked
     sizes = sorted({max(1, args.batch // 2), args.batch, 2 * args.batch, 4 * args.batch, chunk})
-    best, per_size = backbone_best_throughput(base, xc, yc, device, r, sizes)
-    steps_s = attack_phase_throughput(model, xc[:chunk], yc[:chunk], args.batch, args.apgd_steps, device)
+
+    def fwd_bwd(b):  # the backbone's forward+backward (to the input): its best is an attack's physical limit
+        xb = xc[:b].clone().requires_grad_(True)
+        return lambda: torch.autograd.grad(F.cross_entropy(base(xb), yc[:b]), xb)
+    per_size = best_throughput(fwd_bwd, sizes, device, r)
+    best = max(per_size.values())
+    steps_s = attack_phase_throughput(model, xc[:chunk], yc[:chunk], args.batch, steps, device)
     report("attack_image_steps_per_s / backbone_best_fwd_bwd", steps_s / best, 0.8,
            f"(chunk {chunk}: {steps_s:.0f} vs {best:.0f} images/s; backbone " +
            ", ".join(f"batch {b}: {v:.0f}" for b, v in per_size.items()) + ")", at_least=True)
     pb = args.protocol_batch or (64 if device.type == "cuda" else 8)
     n = pb * args.protocol_batches
     xp, yp = xc[:n], yc[:n]
-    ratio, ips = protocol_grouped_vs_sequential(base, model, xp, yp, pb, n, args.apgd_steps,
-                                                args.protocol_queries, device)
+    ratio, ips = protocol_grouped_vs_sequential(base, model, xp, yp, pb, n, steps, queries, device)
     report("protocol_grouped / protocol_sequential (images/s)", ratio, 1.0,
            f"({ips['grouped']:.2f} vs {ips['sequential']:.2f} images/s; {n} images in batches of {pb}, "
-           f"strong attacks, {args.apgd_steps} steps, {args.protocol_queries} queries)", at_least=True)
+           f"strong attacks, {steps} steps, {queries} queries)", at_least=True)
     torch.manual_seed(0)
-    cnn = SmallCNN().to(device).eval().requires_grad_(False)
+    cnn = small_cnn().to(device).eval().requires_grad_(False)
     n_sq = max(chunk, 4 * args.batch)  # chunked: at least 4 fixed batches at once
     xs = torch.rand(n_sq, 3, 32, 32, device=device)
     with torch.no_grad():
@@ -482,21 +422,19 @@ def main(args):
     figures["square_limit_same_queries"] = {"value": round(limit, 4), "goal": "none (the bound on the figure above)",
                                             "ok": True}
 
-    costs = attacker_rows_cost(base, model, xp, yp, pb, args.apgd_steps, args.protocol_queries, device)
-    for name, per_attack in costs.items():
-        figures[f"passes_per_image {name}"] = {"value": per_attack, "goal": None, "ok": True,
-                                              "note": f"{n} images in batches of {pb}, {args.apgd_steps} steps, "
-                                                      f"{args.protocol_queries} queries, attacker budget 1"}
-        print(f"{name} backbone passes per image (fwd+bwd), {args.apgd_steps} steps: " +
+    note = f"{n} images in batches of {pb}, {steps} steps, {queries} queries, attacker budget 1"
+    for name, per_attack in attacker_rows_cost(base, model, xp, yp, pb, steps, queries, device).items():
+        figures[f"passes_per_image {name}"] = {"value": per_attack, "goal": None, "ok": True, "note": note}
+        print(f"{name} backbone passes per image (fwd+bwd), {steps} steps: " +
               ", ".join(f"{a} {v:g}" for a, v in per_attack.items()) + f"; total {sum(per_attack.values()):g}")
     ratio, peaks = peak_memory_ratio(args)
     report("peak_mem_msa_attack / peak_mem_base_apgd", ratio, 1.2,
            f"({peaks['msa'] / 2**20:.0f} MiB vs {peaks['base'] / 2**20:.0f} MiB)")
     if device.type == "cuda":
-        ips = evaluate_throughput(base, model, x, y, args.apgd_steps)
+        ips = evaluate_throughput(model, x, y, steps)
         figures["evaluate_images_per_second"] = {"value": round(ips, 2), "goal": None, "ok": True,
-                                                 "note": f"APGD-CE on the MSA mixture, {args.apgd_steps} steps"}
-        print(f"evaluate.py images/s (APGD-CE/mix, {args.apgd_steps} steps): {ips:.1f}")
+                                                 "note": f"APGD-CE on the MSA mixture, {steps} steps"}
+        print(f"evaluate.py images/s (APGD-CE/mix, {steps} steps): {ips:.1f}")
     with open(args.out, "w") as f:
         json.dump(figures, f, indent=2)
     print(f"wrote {args.out}")

@@ -2,11 +2,9 @@
 that do not use the batch.
 
 AutoAttack's APGD and Square assume a per-image model; HPM's batch context is not one: an
-image's prediction depends on the other images of its fixed batch. run_attack says, for each
-kind, what runs: the library's attacks (called as hpmkit/autoattack.py calls them), the attacks
-that use the batch (hpmkit/batch_attacks.py: the batch adversary, K of B, the Square on whole
-batches), and two of ours here. What each adds, kept because a test in tests/test_attacks.py
-shows images only it breaks:
+image's prediction depends on the other images of its fixed batch. What each attack of ours adds
+(here, or in hpmkit/batch_attacks.py), kept because a test in tests/test_attacks.py shows images
+only it breaks:
 
 - every query scored (batch_attacks.QueryScorer): every query an attack makes with a whole fixed
   batch inside the threat model is an adversarial batch in its own right, scored on the real
@@ -24,10 +22,9 @@ shows images only it breaks:
   (test_the_batch_adversary_breaks_images_every_other_strong_attack_leaves_robust).
 
 The model attacked is x -> logits, with `scorer` (a QueryScorer or None), `alone(scorer)`: the
-same model for one fixed batch of a chunk (autoattack.per_batch uses it), and
-`regroup(batch_size, scorer)`: the same model on rows that are fixed batches of batch_size.
-Every attack takes a chunk (chunks.Chunk: whole fixed batches, attacked at once) and the run's
-setting (catalogue.Setting).
+same model for one fixed batch of a chunk, and `regroup(batch_size, scorer)`: the same model on
+rows that are fixed batches of batch_size. Every attack takes a chunk (chunks.Chunk) and the
+run's setting (catalogue.Setting).
 """
 import math
 from dataclasses import replace
@@ -37,28 +34,22 @@ import torch
 from hpm import l2_logits, ste_assignment
 from hpmkit.autoattack import (final_batch, library_attack, per_batch, perturb_chunk, seed_all, square_chunk,
                                 tiled_starts)
-from hpmkit.batch_attacks import (ascend_standing, attack_copies, benign_margins, clamped_loss, own_attack,
-                                  square_search)
+from hpmkit.batch_attacks import ascend_standing, attack_copies, benign_margins, own_attack, square_search
 from hpmkit.pgd import cw_loss, inside, margins
 
 
 def run_attack(attack, model, chunk, setting, *, whole_batch=True, warnings=None, standing=None, helpers=None):
-    """One attack (a catalogue.Attack) on a chunk of fixed batches; returns its final adversarial
-    batches, whole chunks (a list: one per run; APGD-T makes one run per target class). Nothing is
-    scored here, but `model.scorer` (if any) sees every query; `model` is the module attacked (an
-    MSA surrogate of an HPM model, or a per-image model itself).
+    """One attack (a catalogue.Attack) on a chunk of fixed batches, the attacker holding every image
+    (K of B: run_k_of_b); returns its final adversarial batches, whole chunks (a list: one per run;
+    APGD-T makes one per target class). Nothing is scored here, but `model.scorer` (if any) sees
+    every query; "joint" and "target" need it.
 
-    The attacker holds every image (K of B: run_k_of_b). whole_batch=True: the library's
-    attack_single_run on the whole batch (for batch-dependent models and for transfer attacks);
-    each image gets its last iterate that fooled `model`, else its highest-loss iterate.
-    whole_batch=False: the library's perturb (AutoAttack's standard path). Either way the RNG is
-    seeded with the setting's seed, and every batch of a chunk gets the random numbers it gets
-    alone (autoattack.py); AutoAttack's Square on shrinking queries (whole_batch) or in L2 goes
-    batch by batch (per_batch). With the setting's fixed-batch Square, Square on a whole batch
-    (L-inf) queries the whole fixed batch every time. warnings: an autoattack.WarningCounter.
-    helpers: for "flip", the FC oracle (scored like model) and the real model (not scored),
-    {"fc": ..., "real": ...}. "joint" and "target" need model.scorer; standing: for "target", the
-    images still standing (n,) bool.
+    whole_batch=True: the library's attack_single_run on the whole batch (for batch-dependent
+    models and for transfer attacks), each image's last iterate that fooled `model`, else its
+    highest-loss iterate; False: the library's perturb (AutoAttack's standard path). warnings: an
+    autoattack.WarningCounter. helpers: for "flip", the FC oracle (scored like model) and the real
+    model (not scored), {"fc": ..., "real": ...}. standing: for "target", the images still
+    standing (n,) bool.
     """
     kind, x, y, s = attack.kind, chunk.x, chunk.y, setting
     everyone = torch.ones_like(y, dtype=torch.bool)  # the batch adversary holds the whole batch
@@ -69,14 +60,13 @@ def run_attack(attack, model, chunk, setting, *, whole_batch=True, warnings=None
     if kind == "flip":
         return flip_attack(model, helpers, chunk, s, warnings)
     several = len(chunk.sizes) > 1  # a chunk of several fixed batches
-    fixed_square = kind == "square" and whole_batch and s.square_on_whole_batches
-    if several and kind == "square" and not fixed_square and (whole_batch or s.norm != "Linf"):
-        # AutoAttack's Square on shrinking queries (batch context) or in L2: batch by batch
-        return per_batch(lambda m, batch: run_attack(attack, m, batch, s, whole_batch=whole_batch,
-                                                     warnings=warnings), model, chunk)
-    if fixed_square:
-        return [square_search(model, chunk, s, everyone, lambda logits: margins(logits, y), per_image=True)]
     if kind == "square":
+        if whole_batch and s.square_on_whole_batches:  # every query the whole fixed batch
+            return [square_search(model, chunk, s, everyone, lambda logits: margins(logits, y), per_image=True)]
+        if several and (whole_batch or s.norm != "Linf"):
+            # AutoAttack's Square on shrinking queries (batch context) or in L2: batch by batch
+            return per_batch(lambda m, batch: run_attack(attack, m, batch, s, whole_batch=whole_batch,
+                                                         warnings=warnings), model, chunk)
         sq = library_attack(kind, model, s, x.device)
         if several:
             return [square_chunk(sq, x, y, chunk.sizes)]
@@ -98,12 +88,10 @@ def run_attack(attack, model, chunk, setting, *, whole_batch=True, warnings=None
     apgd.init_hyperparam(x)  # perturb would do this; attack_single_run needs it
     # as perturb: one seed, then each restart (or target class) draws its own random start
     starts = tiled_starts(apgd, x, chunk.batch_size, n_target_classes or s.restarts, s.seed)
-    if kind != "apgd-t":
-        return [final_batch(x, *apgd.attack_single_run(x, y, x_init=start)) for start in starts]
-    order = clean_logits.sort(dim=1)[1]  # (B, K) classes by clean logit, ascending
     runs = []
-    for t, start in zip(range(2, n_target_classes + 2), starts):
-        apgd.y_target = order[:, -t]
+    for t, start in enumerate(starts, start=2):
+        if n_target_classes:  # APGD-T's target: the class of the t-th largest clean logit
+            apgd.y_target = clean_logits.sort(dim=1)[1][:, -t]
         runs.append(final_batch(x, *apgd.attack_single_run(x, y, x_init=start)))
     return runs
 
@@ -119,8 +107,8 @@ def run_k_of_b(attack, model, chunk, setting, held, standing=None, warnings=None
         return [chunk.x]
     if kind in ("own:apgd-ce", "own:apgd-dlr"):
         return own_attack(kind.removeprefix("own:"), model, chunk, s, held, warnings)
-    if kind == "benign:spread":
-        return [ascend_standing(model, chunk, s, held, ~held, clamped_loss)]
+    if kind == "benign:spread":  # the benign images' CW margins clamped at 0: a fooled one adds nothing
+        return [ascend_standing(model, chunk, s, held, ~held, lambda logits, y: cw_loss(logits, y).clamp(max=0))]
     if kind == "benign:victim":
         return [attack_copies(model, chunk, s, held, standing & ~held)]
     if kind == "benign:square":

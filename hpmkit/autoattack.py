@@ -1,19 +1,11 @@
 """The adapter over AutoAttack: the one module that imports the library and owns how it is called.
 
-What it owns, so that an upgrade of the library touches this file alone:
-
-- the `autoattack` alias: PyPI ships AutoAttack as `pyautoattack`, robustbench imports `autoattack`;
-- the library's attack objects with the settings we use everywhere (library_attack; APGDLoss,
-  APGD on a loss of ours) and how their outputs are read (final_batch); APGDAttack,
-  APGDAttack_targeted and SquareAttack are re-exported for the experiments that call the library
-  directly;
-- its random streams: the library draws on the CPU generator, seeded with the same seed for
-  every batch; a chunk of G fixed batches is attacked in one run, and every batch gets the very
-  numbers it gets when attacked alone (tiled_starts, perturb_chunk, square_chunk), so a
-  per-image model gets the sequential form's results (tested), a batch-dependent one the same
-  attack up to float rounding; where the library's Square cannot be chunked, it goes batch by
-  batch (per_batch);
-- its warnings: counted, not printed per batch (WarningCounter), said in words (PHRASES).
+An upgrade of the library touches this file alone: the `autoattack` alias, the attack objects
+with our settings (APGDAttack, APGDAttack_targeted and SquareAttack are re-exported for the
+experiments), its random streams and its warnings. The library draws on the CPU generator, seeded
+alike for every batch; a chunk of G fixed batches is attacked in one run, and every batch gets the
+very numbers it gets when attacked alone, so a per-image model gets the sequential form's results
+(tested), a batch-dependent one the same attack up to float rounding.
 """
 import importlib
 import math
@@ -26,11 +18,8 @@ from pyautoattack.square import SquareAttack
 
 
 def alias_autoattack():
-    """robustbench imports `autoattack`; PyPI ships AutoAttack as `pyautoattack`.
-
-    Needed before robustbench is imported, and before unpickling a model whose classes come
-    from robustbench (they import `autoattack` too).
-    """
+    """robustbench imports `autoattack`; PyPI ships AutoAttack as `pyautoattack`. Needed before
+    robustbench is imported, and before unpickling a model whose classes come from robustbench."""
     if "autoattack" in sys.modules:
         return
     try:
@@ -161,17 +150,12 @@ def perturb_chunk(apgd, x, y, sizes, n_target_classes=0):
     return adv
 
 
-def square_side(p, c, h, w):
-    """The side of Square's square for the fraction p of the image's pixels, as AutoAttack's
-    SquareAttack (L-inf) computes it: at least 1, at most the image's smaller side."""
-    return min(max(int(round(math.sqrt(p * c * h * w / c))), 1), min(h, w))
-
-
 def square_sides(n_queries, c, h, w, p_init=0.8):
-    """The side of the square at each of n_queries queries, as the library's Square schedules it
-    (p_selection) on images (c, h, w)."""
+    """The side of the square at each of n_queries queries on images (c, h, w), as the library's
+    Square (L-inf) schedules it (p_selection): at least 1, at most the image's smaller side."""
     sq = SquareAttack(None, n_queries=n_queries, p_init=p_init)
-    return [square_side(sq.p_selection(i), c, h, w) for i in range(n_queries)]
+    return [min(max(int(round(math.sqrt(sq.p_selection(i) * c * h * w / c))), 1), min(h, w))
+            for i in range(n_queries)]
 
 
 @torch.no_grad()
@@ -188,7 +172,7 @@ def square_chunk(sq, x, y, sizes):
         return adv
     xs, ys = x[idx], y[idx]
     counts = torch.bincount(group[idx], minlength=len(sizes)).tolist()
-    sides = [square_side(sq.p_selection(i), c, h, w) for i in range(sq.n_queries)]
+    sides = square_sides(sq.n_queries, c, h, w, sq.p_init)
     streams = BatchStreams(sq.seed, len(sizes))
 
     def schedule(n):  # the library's draws on a batch of n images: the start, then one square per query
@@ -230,15 +214,14 @@ def per_batch(attack_one, model, chunk):
     """attack_one(model, batch) -> runs on each fixed batch of the chunk in turn (the library's
     Square on shrinking queries, or in L2, has no chunked form), the model alone on that batch
     (model.alone: no groups, a scorer of its own, merged back); the runs joined."""
-    runs, a, scorer = None, 0, model.scorer
+    outs, a, scorer = [], 0, model.scorer
     for n in chunk.sizes:
         sub = None if scorer is None else scorer.part(a, a + n)
-        out = attack_one(model.alone(sub), chunk.part(a, a + n))
+        outs.append(attack_one(model.alone(sub), chunk.part(a, a + n)))
         if sub is not None:
             scorer.absorb(a, sub)
-        runs = out if runs is None else [torch.cat(pair) for pair in zip(runs, out)]
         a += n
-    return runs
+    return [torch.cat(run) for run in zip(*outs)]
 
 
 # Its warnings ------------------------------------------------------------------------------
@@ -271,8 +254,7 @@ PHRASES = {
     # checks.check_zero_gradients, once at the start of every APGD run on a batch (or a chunk)
     "there are {} points with zero gradient": lambda sums, n: (
         f"zero gradient at {sums[0]} point{'s' * (sums[0] != 1)} in all, over {n} APGD run{'s' * (n != 1)} "
-        "that found any (checked "
-        "at each run's start: an image counts once per run)"),
+        "that found any (checked at each run's start: an image counts once per run)"),
 }
 
 
@@ -281,6 +263,4 @@ def phrase(key, n, sums):
     if key in PHRASES:
         return PHRASES[key](sums, n)
     text = key.format(*(f"{v:g}" if isinstance(v, float) else v for v in sums))
-    if n == 1:
-        return text
-    return f"{text} ({'numbers summed over ' if sums else ''}{n} warnings)"
+    return text if n == 1 else f"{text} ({'numbers summed over ' if sums else ''}{n} warnings)"

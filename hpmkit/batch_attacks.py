@@ -13,21 +13,10 @@ images of a batch can spend them on the others. Who holds what is a mask `held` 
   risks: "own:*", its own images misclassified (AutoAttack's APGD through the MSA surrogates, on
   its slots alone), and "benign:*", collateral, the benign images misclassified through C_batch.
 
-The three loops, each told what `held` moves and whose loss rises:
-
-- ascend_standing ("joint": every image's CW margin; "benign:spread": the benign images' margins
-  clamped at 0): one run, the held images ascend the summed loss of the images no scored batch
-  has fooled yet;
-- attack_copies ("target": every image still standing; "benign:victim": every benign one): per
-  image still standing, a copy of its fixed batch whose held images ascend that one image's CW
-  margin, until a scored copy fools it;
-- square_search (Square on whole batches: the batch adversary's, each image its own margin;
-  "benign:square", each batch's summed benign margins): proposals in the held images only, every
-  query a whole fixed batch, no gradients.
-
-Every query is a whole fixed batch inside the ball: the model attacked (x -> logits, with
-`scorer`, a QueryScorer, and `regroup(batch_size, scorer)`: the same model on rows that are
-fixed batches of batch_size) scores it on the real model. Each loop returns the whole chunk.
+The three loops, each told what `held` moves and whose loss rises: ascend_standing ("joint",
+"benign:spread"), attack_copies ("target", "benign:victim") and square_search (the batch
+adversary's Square, "benign:square"). Every query is a whole fixed batch inside the ball, scored
+on the real model by `model.scorer` (a QueryScorer).
 """
 import math
 
@@ -80,11 +69,7 @@ class QueryScorer:
 def attacker_slots(sizes, K):
     """K of B: (n,) bool over consecutive fixed batches of these sizes, the last K slots of each
     batch (at most all but its first image: a batch of one image holds none)."""
-    slots = []
-    for n in sizes:
-        k = min(K, n - 1)
-        slots += [False] * (n - k) + [True] * k
-    return torch.tensor(slots, dtype=torch.bool)
+    return torch.tensor([i >= n - min(K, n - 1) for n in sizes for i in range(n)], dtype=torch.bool)
 
 
 def put(x, held, x_att):
@@ -120,11 +105,6 @@ def own_attack(kind, model, chunk, setting, held, warnings=None):
 
 
 # The losses the held images ascend -----------------------------------------------------------
-
-def clamped_loss(logits, y):
-    """The CW margin loss clamped at 0 (B,): an image already misclassified adds nothing."""
-    return cw_loss(logits, y).clamp(max=0)
-
 
 def benign_margins(held, y, n_batches):
     """Square's objective for K of B: logits -> per fixed batch (n_batches,) the summed margins of

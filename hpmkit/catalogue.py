@@ -1,13 +1,9 @@
 """What an evaluation runs: the settings every attack shares, and the catalogue of attacks.
 
-A `Setting` is the budget and the schedule of a run (norm, eps, steps, queries, seed,
-restarts) and its two choices (score every query; the Square that queries whole fixed
-batches). The checks derive theirs with `dataclasses.replace(setting, eps=...)`.
-
-The catalogue holds one record per attack: the name it has in the results, the kind that runs
-(the AutoAttack class, or one of ours: hpmkit/attacks.py's run_attack says what runs for each),
-the surrogate of an HPM model it follows, the classes it needs, the rows it runs on, and what it
-costs (`Attack.cost`: backbone passes per image, the unit engine.BackboneCounter measures).
+A `Setting` is a run's budget, schedule and two choices; the checks derive theirs with
+`dataclasses.replace(setting, eps=...)`. The catalogue holds one `Attack` record per attack
+(hpmkit/attacks.py's run_attack says what runs for each kind), with what it costs in backbone
+passes per image (`Attack.cost`, the unit engine.BackboneCounter measures).
 """
 from dataclasses import dataclass
 

@@ -23,17 +23,10 @@ def make_chunks(batches, done, chunk):
     batches, at most `chunk` images each (at least one batch); a batch smaller than the first (the
     last of the subset) is a chunk of its own. chunk None: one batch per chunk."""
     size = batches[0][1] - batches[0][0]
+    full = sum(b - a == size for a, b in batches)
     per = 1 if chunk is None else max(1, chunk // size)
-    chunks, i = [], done
-    while i < len(batches):
-        j = i + 1
-        while j < len(batches) and j - i < per and batches[j][1] - batches[j][0] == size:
-            j += 1
-        if batches[i][1] - batches[i][0] != size:
-            j = i + 1
-        chunks.append((i, j))
-        i = j
-    return chunks
+    return ([(i, min(i + per, full)) for i in range(done, full, per)]
+            + [(i, i + 1) for i in range(max(done, full), len(batches))])
 
 
 def balanced_chunks(batches, chunk, world):
@@ -64,7 +57,6 @@ class Chunk:
 
     @property
     def batch_size(self):
-        """The fixed batch size: the rows are consecutive fixed batches of this many images."""
         return self.sizes[0]
 
     @property
@@ -80,13 +72,8 @@ class Chunk:
         return slice(self.start, self.start + len(self.y))
 
     def part(self, a, b):
-        """Rows a..b-1 (whole fixed batches of the chunk) as a chunk of their own."""
-        sizes, at = [], 0
-        for n in self.sizes:
-            if a <= at < b:
-                sizes.append(n)
-            at += n
-        return Chunk(self.x[a:b], self.y[a:b], sizes, self.start + a)
+        """Rows a..b-1, one fixed batch of the chunk, as a chunk of its own."""
+        return Chunk(self.x[a:b], self.y[a:b], [b - a], self.start + a)
 
 
 @dataclass
@@ -95,14 +82,6 @@ class ChunkResult:
     correct: torch.Tensor  # (n,) bool: correct under every scored batch of the attack
     x_adv: torch.Tensor = None  # (n, C, H, W): the adversarial batches kept (None: clean pass)
     final_correct: torch.Tensor = None  # (n,) bool: the kept batch alone, where queries were scored
-
-    @staticmethod
-    def join(parts):
-        """Consecutive parts of a chunk as one."""
-        def cat(name):
-            values = [getattr(p, name) for p in parts]
-            return None if any(v is None for v in values) else torch.cat(values)
-        return ChunkResult(cat("correct"), cat("x_adv"), cat("final_correct"))
 
 
 class FixedBatches:

@@ -1,17 +1,11 @@
 """The command line and the console: bad input as one line, the flags' checks, progress.
 
-- Bad input: `CLIError`, printed by `run_cli` as one line (exit status 2, no traceback); argparse's
-  own errors too (`ArgumentParser`), naming the command the user ran.
-- Flags: an eps as a number or a fraction, counts, devices, checked before any work.
-- The console: a tqdm bar on a terminal, a compact line a minute in a redirected log
-  (AutoAttack's warnings are counted in hpmkit/autoattack.py).
-- The installed commands (`hpm-finetune`, `hpm-evaluate`, pyproject.toml's entry points) and the
-  scripts as modules for the Python API. finetune.py and evaluate.py stay files at the
-  repository's root, read as the protocol, never installed as top-level modules (a module
-  `evaluate` would shadow Hugging Face's package): they are found beside this package (a checkout,
-  or pip install -e .), else in PREFIX/share/hpm (pip install ., pyproject.toml's data-files).
-
-Neither script imports the other; both import this module.
+Bad input is a `CLIError`, printed by `run_cli` as one line (exit status 2, no traceback), and so
+are argparse's own errors. The installed commands (`hpm-finetune`, `hpm-evaluate`) and the Python
+API run finetune.py and evaluate.py, which stay files at the repository's root, read as the
+protocol, never installed as top-level modules (a module `evaluate` would shadow Hugging Face's
+package): they are found beside this package (a checkout, or pip install -e .), else in
+PREFIX/share/hpm (pip install ., pyproject.toml's data-files).
 """
 import argparse
 import importlib.util
@@ -128,14 +122,14 @@ def check_device(name):
     """torch.device(name), refused in one line where it is unknown or not available here."""
     if str(name).startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {name}, but no CUDA GPU is available; pass --device cpu")
+    use = "use --device cpu" + (" or cuda" if torch.cuda.is_available() else "")
     try:
         device = torch.device(name)
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError, AttributeError, NotImplementedError) as e:
-        raise CLIError(f"--device {name} is not available here ({first_line(e)}); use --device cpu"
-                       + (" or cuda" if torch.cuda.is_available() else ""))
+        raise CLIError(f"--device {name} is not available here ({first_line(e)}); {use}")
     if device.type == "meta":
-        raise CLIError("--device meta holds no data; use --device cpu" + (" or cuda" if torch.cuda.is_available() else ""))
+        raise CLIError(f"--device meta holds no data; {use}")
     return device
 
 
@@ -186,7 +180,6 @@ def duration(seconds):
 # The installed commands -------------------------------------------------------------------------
 
 def script_path(name):
-    """Where the script `name` (finetune.py or evaluate.py) is."""
     for folder in (Path(__file__).resolve().parent.parent, Path(sysconfig.get_path("data")) / "share" / "hpm"):
         if (folder / name).is_file():
             return folder / name

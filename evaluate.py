@@ -59,7 +59,7 @@ from hpmkit.checks import Checks, check_eps, check_runs, judge
 from hpmkit.chunks import ChunkResult, FixedBatches
 from hpmkit.cli import ArgumentParser, CLIError, eps_value, run_cli
 from hpmkit.config import (CHECKS_DEFAULTS, DEFAULT_CHUNK, MAX_ORDERS, header_lines, identity, load_subset,
-                           open_results, resolve_config, setting_of)
+                           open_results, resolve_config)
 from hpmkit.data import DATASETS
 from hpmkit.engine import AdvStore, Plan, Runner, start_ranks
 from hpmkit.files import OutLock
@@ -371,21 +371,22 @@ def run_checks(rows, data, setting, runner, checks):
 def main(args):
     """Evaluate as the flags say; returns the results (a results.Results, also written to --out)."""
     cfg, ckpt = resolve_config(args, VERSIONS)
-    check_beside(cfg["out"])  # OUT.md and OUT.png: absent or evaluate.py's own
-    ranks = start_ranks(cfg["out"], cfg["device"], cfg["overwrite"], {**identity(cfg), "chunk": cfg["chunk"]})
+    check_beside(cfg.out)  # OUT.md and OUT.png: absent or evaluate.py's own
+    ranks = start_ranks(cfg.out, cfg.device, cfg.overwrite, {**identity(cfg), "chunk": cfg.chunk})
     if ranks is not None:  # torchrun: each process on its own GPU, one log (rank 0's)
-        cfg["device"] = ranks.device
+        cfg = replace(cfg, device=ranks.device)
         if ranks.rank != 0:
             sys.stdout = open(os.devnull, "w")
     held = contextlib.ExitStack()
     if ranks is None or ranks.rank == 0:  # one run writes --out at a time
-        held.enter_context(OutLock(cfg["out"]))
+        held.enter_context(OutLock(cfg.out))
     try:
         if ckpt is not None and ckpt.get("finished") is False:
-            print(f"warning: {cfg['head']} is an unfinished head (fine-tuning was interrupted after "
+            print(f"warning: {cfg.head} is an unfinished head (fine-tuning was interrupted after "
                   f"{len(ckpt.get('history', []))} epoch(s)); its numbers are not those of a trained head")
-        models = load_models(cfg, ckpt, cfg["device"])  # frozen
-        x, y, idx, n_total, cfg["n_examples"] = load_subset(cfg, models.num_classes)
+        models = load_models(cfg, ckpt, cfg.device)  # frozen
+        x, y, idx, n_total, n = load_subset(cfg, models.num_classes)
+        cfg = replace(cfg, n_examples=n)  # (when left out, the paper's 25% of the test set)
         return run(cfg, models, (x, y, idx, n_total), ranks, header_lines(args, cfg, ckpt))
     finally:
         held.close()
@@ -399,44 +400,44 @@ def main(args):
 def run(cfg, models, subset, ranks=None, header=()):
     """The protocol on loaded models (checkpoint.Models) and the fixed subset (x, y, its indices in
     the test set, the test set's size), as cfg says (resolve_config's): the clean pass and every
-    attack of every row, the checks, the report. The results are written to cfg["out"] after every
+    attack of every row, the checks, the report. The results are written to cfg.out after every
     chunk (none: kept in memory); ranks: torchrun's processes; header: lines printed after the
     header (where eps and the batch size came from)."""
     base, hpm_model, dpnp_model, num_classes = models.base, models.hpm, models.dpnp, models.num_classes
     x, y, idx, n_total = subset
-    device = cfg["device"]
-    if cfg["compile"] and hpm_model is not None:
+    device = cfg.device
+    if cfg.compile and hpm_model is not None:
         compile_head(hpm_model.head)
         print("the HPM head runs through torch.compile (--compile): the first call of each mode, "
               "context and batch shape compiles")
-    results = open_results(cfg, len(y))  # (a resumed file's config names its earlier attacks too)
-    rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model, cfg["attackers"], cfg["attacker_eps"])
+    results, cfg = open_results(cfg, len(y))  # (a resumed file's config names its earlier attacks too)
+    rows = build_rows(base, hpm_model, cfg.contexts, dpnp_model, cfg.attackers, cfg.attacker_eps)
     for row in rows:  # a model that cannot take these images fails here, before any file is written
-        check_images(row.real(), x, device, name=f"{row.name} ({cfg['model']})")
+        check_images(row.real(), x, device, name=f"{row.name} ({cfg.model})")
     if num_classes is None:  # the base model alone: no final nn.Linear needed, its logits say
-        num_classes = count_classes(base, x, y, device, cfg["data"] or cfg["dataset"])
-    check_classes(cfg["attacks"], num_classes)
-    setting, banner = setting_of(cfg), version_line(cfg, VERSIONS[cfg["version"]], rows)
+        num_classes = count_classes(base, x, y, device, cfg.data or cfg.dataset)
+    check_classes(cfg.attacks, num_classes)
+    setting, banner = cfg.setting, version_line(cfg, VERSIONS[cfg.version], rows)
     describe(results, cfg, setting, rows, idx, n_total, banner)
 
     print_header(banner, cfg, rows, len(idx), n_total, device)
     for line in header:
         print(line)
-    data = FixedBatches(x, y, cfg["batch_size"], device)
-    runner = Runner(results, cfg["out"], device, cfg["chunk"], ranks, progress=not cfg["no_progress"])
+    data = FixedBatches(x, y, cfg.batch_size, device)
+    runner = Runner(results, cfg.out, device, cfg.chunk, ranks, progress=not cfg.no_progress)
     runner.save()
-    adv = AdvStore(cfg["save_adv"], y, idx.tolist(), data.batches) if cfg["save_adv"] else None
+    adv = AdvStore(cfg.save_adv, y, idx.tolist(), data.batches) if cfg.save_adv else None
     try:
-        evaluate(rows, cfg["attacks"], data, setting, runner, adv, num_classes)
-        if cfg["checks"]:
-            run_checks(rows, data, setting, runner, Checks(cfg["checks_n"], cfg["checks_tol"], cfg["context_orders"]))
+        evaluate(rows, cfg.attacks, data, setting, runner, adv, num_classes)
+        if cfg.checks:
+            run_checks(rows, data, setting, runner, Checks(cfg.checks_n, cfg.checks_tol, cfg.context_orders))
     except EvaluationError as e:
         raise CLIError(str(e))
     results.finished()
     runner.save()
     if ranks is not None:
         ranks.finish()
-    if cfg["out"] and (ranks is None or ranks.rank == 0):
+    if cfg.out and (ranks is None or ranks.rank == 0):
         write_beside(results, rows, cfg)
     print_report(results, rows, cfg, setting)
     return results
@@ -456,10 +457,10 @@ def evaluate_model(model, x, y, head=None, **flags):
     with as_given(model, head):
         models = object_models(model, head)
         cfg, subset = object_config(flags, parser(), VERSIONS, models, x, y)
-        if cfg["out"]:
-            check_beside(cfg["out"])
-        models = Models(*(m.to(cfg["device"]) if isinstance(m, nn.Module) else m for m in models))
-        with OutLock(cfg["out"]) if cfg["out"] else contextlib.nullcontext():  # one run writes a file at a time
+        if cfg.out:
+            check_beside(cfg.out)
+        models = Models(*(m.to(cfg.device) if isinstance(m, nn.Module) else m for m in models))
+        with OutLock(cfg.out) if cfg.out else contextlib.nullcontext():  # one run writes a file at a time
             return run(cfg, models, subset).data
 
 

@@ -25,6 +25,7 @@ each alternative flag: docs/finetune.md. The study's controls (--head ncm, dpnp)
 import argparse
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -317,7 +318,7 @@ def main(args):
         check_images(model.base_model, x, cfg.device, name=f"the model {cfg.model}")
         check_images(model, x, cfg.device, name=f"the model {cfg.model} with its head")
         record = HeadRecord(cfg.head, cfg.model, cfg.dataset, cfg.threat_model, cfg.batch_size, cfg.eps,
-                            dict(vars(cfg)), fingerprint(model.base_model.state_dict()), cfg.weights,
+                            asdict(cfg), fingerprint(model.base_model.state_dict()), cfg.weights,
                             probe(model.base_model, x.shape[1:]))
         save = HeadWriter(cfg.out, model, record, to_float(x[:cfg.batch_size], cfg.device), cfg.overwrite)
         if save.unfinished is not None:

@@ -3,6 +3,7 @@
 match to be resumed, the evaluation's attack setting, the fixed subset."""
 import os
 from dataclasses import dataclass, replace
+from fractions import Fraction
 
 import torch
 
@@ -30,6 +31,7 @@ CHECKS_DEFAULTS = {"checks_n": 512, "checks_tol": 0.02, "context_orders": 5}
 MAX_ORDERS = 1000
 # The paper's fine-tuning batch size: finetune.py's default, evaluate.py's B without a head's.
 PAPER_BATCH_SIZE = 64
+VAL_PER_CLASS = 5  # evaluate.py on ImageNet: the paper's 5 validation images per class
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def resolve_config(args, versions):
         raise CLIError("the head was fine-tuned on own data (--data without --dataset): pass its test set "
                        "as --data FILE.npz")
     s["per_class"] = args.per_class if args.per_class is not None else (
-        5 if s["dataset"] == "imagenet" and args.data is None else None)
+        VAL_PER_CLASS if s["dataset"] == "imagenet" and args.data is None else None)
     resolve_settings(s, versions, ckpt)
     if s["save_adv"] and os.path.exists(s["save_adv"]) and not os.path.isdir(s["save_adv"]):
         raise CLIError(f"--save-adv {s['save_adv']} is a file; it names a folder for the images")
@@ -183,7 +185,7 @@ def resolve_settings(s, versions, ckpt=None):
     s["attacks"] = parse_attacks(",".join(version["attacks"]) if given is None else given)
     s["head_type"] = None if ckpt is None else ckpt["head_type"]
     ncm = s["head_type"] == "ncm"  # no batch prototypes: one context says it all
-    contexts = ("image" if ncm else "batch,image") if s["contexts"] is None else s["contexts"]
+    contexts = ("image" if ncm else ",".join(CONTEXTS)) if s["contexts"] is None else s["contexts"]
     s["contexts"] = [c.strip() for c in contexts.split(",") if c.strip()]
     if not s["contexts"] or not set(s["contexts"]) <= set(CONTEXTS):
         raise CLIError(f"--contexts must be a list from {', '.join(CONTEXTS)}, got {contexts!r}")
@@ -229,6 +231,26 @@ def head_eps(ckpt, threat_model):
     return (ckpt.get("attack_eps") or None) if ckpt.get("threat_model") == threat_model else None
 
 
+def said(value):
+    """A default as a --help text says it: 8/255 where it is a fraction of 255, on or off, all for None."""
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "all"}[value]
+    fraction = Fraction(value).limit_denominator(255)
+    return str(fraction) if fraction.denominator == 255 else f"{value:g}"
+
+
+def per_dataset(table):
+    """A per-dataset table ({dataset: value}) in a --help text's words: "1 for cifar10 and mnist; 2 for ..."."""
+    words = {}
+    for dataset, value in table.items():
+        words.setdefault(said(value), []).append("own data" if dataset == OWN else dataset)
+    return "; ".join(f"{v} for {', '.join(ds[:-1])}{' and ' if len(ds) > 1 else ''}{ds[-1]}" for v, ds in words.items())
+
+
+# The --eps defaults in the --help texts (the scripts' first lines say where each comes from).
+EPS_DEFAULTS = ". ".join(f"{norm}: {per_dataset(table)}" for norm, table in DEFAULT_EPS.items())
+
+
 def header_lines(args, cfg, ckpt):
     """evaluate.py's lines on where eps and the batch size come from: a flag, the head, a default. A
     head is evaluated at its fine-tuning eps unless --eps says otherwise, and the line says both."""
@@ -250,6 +272,7 @@ def header_lines(args, cfg, ckpt):
     return [eps, f"batch size {cfg.batch_size} ({batch})"]
 
 
+FINETUNE_DATASET = "cifar10"  # finetune.py's without --dataset and --data
 # Where each dataset's augmentation default comes from (finetune.py says it before training).
 AUGMENT_ORIGIN = {"cifar10": "the IKL code's for cifar10", "cifar100": "the IKL code's for cifar100",
                   "imagenet": "our choice for imagenet", "mnist": "our choice for mnist: a flipped digit is "
@@ -337,7 +360,7 @@ def finetune_settings(args, defaults, official_attack):
     Adv-DPNP control's lambdas), then every check. Nothing is added to them later."""
     s = dict(vars(args))
     if s["dataset"] is None:  # --data alone is own data, never CIFAR-10's augmentation and budget
-        s["dataset"] = OWN if s["data"] is not None else "cifar10"
+        s["dataset"] = OWN if s["data"] is not None else FINETUNE_DATASET
     if s["eps"] is None:
         s["eps"] = DEFAULT_EPS[s["threat_model"]][s["dataset"]]
     for k, v in defaults[s["dataset"]].items():

@@ -53,13 +53,13 @@ from hpmkit.api import object_config
 from hpmkit.attacks import check_adv, fixed_prototype_logits, run_attack, run_k_of_b
 from hpmkit.autoattack import WarningCounter
 from hpmkit.batch_attacks import QueryScorer, attacker_slots
-from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, HPM_ATTACKS, Cost, check_classes
+from hpmkit.catalogue import ALL_ATTACKS, CATALOGUE, CONTEXTS, HPM_ATTACKS, Cost, Setting, check_classes
 from hpmkit.checkpoint import Models, count_classes, load_models, object_models
 from hpmkit.checks import Checks, check_eps, check_runs, judge
 from hpmkit.chunks import ChunkResult, FixedBatches
 from hpmkit.cli import ArgumentParser, CLIError, eps_value, run_cli
-from hpmkit.config import (CHECKS_DEFAULTS, DEFAULT_CHUNK, MAX_ORDERS, header_lines, identity, load_subset,
-                           open_results, resolve_config, setting_of)
+from hpmkit.config import (CHECKS_DEFAULTS, DEFAULT_CHUNK, EPS_DEFAULTS, MAX_ORDERS, PAPER_BATCH_SIZE, VAL_PER_CLASS,
+                           header_lines, identity, load_subset, open_results, resolve_config)
 from hpmkit.data import DATASETS
 from hpmkit.engine import AdvStore, Plan, Runner, start_ranks
 from hpmkit.files import OutLock
@@ -371,21 +371,22 @@ def run_checks(rows, data, setting, runner, checks):
 def main(args):
     """Evaluate as the flags say; returns the results (a results.Results, also written to --out)."""
     cfg, ckpt = resolve_config(args, VERSIONS)
-    check_beside(cfg["out"])  # OUT.md and OUT.png: absent or evaluate.py's own
-    ranks = start_ranks(cfg["out"], cfg["device"], cfg["overwrite"], {**identity(cfg), "chunk": cfg["chunk"]})
+    check_beside(cfg.out)  # OUT.md and OUT.png: absent or evaluate.py's own
+    ranks = start_ranks(cfg.out, cfg.device, cfg.overwrite, {**identity(cfg), "chunk": cfg.chunk})
     if ranks is not None:  # torchrun: each process on its own GPU, one log (rank 0's)
-        cfg["device"] = ranks.device
+        cfg = replace(cfg, device=ranks.device)
         if ranks.rank != 0:
             sys.stdout = open(os.devnull, "w")
     held = contextlib.ExitStack()
     if ranks is None or ranks.rank == 0:  # one run writes --out at a time
-        held.enter_context(OutLock(cfg["out"]))
+        held.enter_context(OutLock(cfg.out))
     try:
         if ckpt is not None and ckpt.get("finished") is False:
-            print(f"warning: {cfg['head']} is an unfinished head (fine-tuning was interrupted after "
+            print(f"warning: {cfg.head} is an unfinished head (fine-tuning was interrupted after "
                   f"{len(ckpt.get('history', []))} epoch(s)); its numbers are not those of a trained head")
-        models = load_models(cfg, ckpt, cfg["device"])  # frozen
-        x, y, idx, n_total, cfg["n_examples"] = load_subset(cfg, models.num_classes)
+        models = load_models(cfg, ckpt, cfg.device)  # frozen
+        x, y, idx, n_total, n = load_subset(cfg, models.num_classes)
+        cfg = replace(cfg, n_examples=n)  # (when left out, the paper's 25% of the test set)
         return run(cfg, models, (x, y, idx, n_total), ranks, header_lines(args, cfg, ckpt))
     finally:
         held.close()
@@ -399,44 +400,44 @@ def main(args):
 def run(cfg, models, subset, ranks=None, header=()):
     """The protocol on loaded models (checkpoint.Models) and the fixed subset (x, y, its indices in
     the test set, the test set's size), as cfg says (resolve_config's): the clean pass and every
-    attack of every row, the checks, the report. The results are written to cfg["out"] after every
+    attack of every row, the checks, the report. The results are written to cfg.out after every
     chunk (none: kept in memory); ranks: torchrun's processes; header: lines printed after the
     header (where eps and the batch size came from)."""
     base, hpm_model, dpnp_model, num_classes = models.base, models.hpm, models.dpnp, models.num_classes
     x, y, idx, n_total = subset
-    device = cfg["device"]
-    if cfg["compile"] and hpm_model is not None:
+    device = cfg.device
+    if cfg.compile and hpm_model is not None:
         compile_head(hpm_model.head)
         print("the HPM head runs through torch.compile (--compile): the first call of each mode, "
               "context and batch shape compiles")
-    results = open_results(cfg, len(y))  # (a resumed file's config names its earlier attacks too)
-    rows = build_rows(base, hpm_model, cfg["contexts"], dpnp_model, cfg["attackers"], cfg["attacker_eps"])
+    results, cfg = open_results(cfg, len(y))  # (a resumed file's config names its earlier attacks too)
+    rows = build_rows(base, hpm_model, cfg.contexts, dpnp_model, cfg.attackers, cfg.attacker_eps)
     for row in rows:  # a model that cannot take these images fails here, before any file is written
-        check_images(row.real(), x, device, name=f"{row.name} ({cfg['model']})")
+        check_images(row.real(), x, device, name=f"{row.name} ({cfg.model})")
     if num_classes is None:  # the base model alone: no final nn.Linear needed, its logits say
-        num_classes = count_classes(base, x, y, device, cfg["data"] or cfg["dataset"])
-    check_classes(cfg["attacks"], num_classes)
-    setting, banner = setting_of(cfg), version_line(cfg, VERSIONS[cfg["version"]], rows)
+        num_classes = count_classes(base, x, y, device, cfg.data or cfg.dataset)
+    check_classes(cfg.attacks, num_classes)
+    setting, banner = cfg.setting, version_line(cfg, VERSIONS[cfg.version], rows)
     describe(results, cfg, setting, rows, idx, n_total, banner)
 
     print_header(banner, cfg, rows, len(idx), n_total, device)
     for line in header:
         print(line)
-    data = FixedBatches(x, y, cfg["batch_size"], device)
-    runner = Runner(results, cfg["out"], device, cfg["chunk"], ranks, progress=not cfg["no_progress"])
+    data = FixedBatches(x, y, cfg.batch_size, device)
+    runner = Runner(results, cfg.out, device, cfg.chunk, ranks, progress=not cfg.no_progress)
     runner.save()
-    adv = AdvStore(cfg["save_adv"], y, idx.tolist(), data.batches) if cfg["save_adv"] else None
+    adv = AdvStore(cfg.save_adv, y, idx.tolist(), data.batches) if cfg.save_adv else None
     try:
-        evaluate(rows, cfg["attacks"], data, setting, runner, adv, num_classes)
-        if cfg["checks"]:
-            run_checks(rows, data, setting, runner, Checks(cfg["checks_n"], cfg["checks_tol"], cfg["context_orders"]))
+        evaluate(rows, cfg.attacks, data, setting, runner, adv, num_classes)
+        if cfg.checks:
+            run_checks(rows, data, setting, runner, Checks(cfg.checks_n, cfg.checks_tol, cfg.context_orders))
     except EvaluationError as e:
         raise CLIError(str(e))
     results.finished()
     runner.save()
     if ranks is not None:
         ranks.finish()
-    if cfg["out"] and (ranks is None or ranks.rank == 0):
+    if cfg.out and (ranks is None or ranks.rank == 0):
         write_beside(results, rows, cfg)
     print_report(results, rows, cfg, setting)
     return results
@@ -456,10 +457,10 @@ def evaluate_model(model, x, y, head=None, **flags):
     with as_given(model, head):
         models = object_models(model, head)
         cfg, subset = object_config(flags, parser(), VERSIONS, models, x, y)
-        if cfg["out"]:
-            check_beside(cfg["out"])
-        models = Models(*(m.to(cfg["device"]) if isinstance(m, nn.Module) else m for m in models))
-        with OutLock(cfg["out"]) if cfg["out"] else contextlib.nullcontext():  # one run writes a file at a time
+        if cfg.out:
+            check_beside(cfg.out)
+        models = Models(*(m.to(cfg.device) if isinstance(m, nn.Module) else m for m in models))
+        with OutLock(cfg.out) if cfg.out else contextlib.nullcontext():  # one run writes a file at a time
             return run(cfg, models, subset).data
 
 
@@ -487,38 +488,39 @@ def parser():
     p.add_argument("--threat-model", choices=["Linf", "L2"], help="the attacks' norm, and the "
                    "RobustBench list a model name is looked up in (default: the checkpoint's, else Linf)")
     p.add_argument("--eps", type=eps_value, help="attack budget, a number or a fraction like 8/255 "
-                   "(default by dataset: Linf 8/255 CIFAR (paper) and own data (RobustBench's CIFAR budget), "
-                   "4/255 ImageNet (paper), 0.3 MNIST (Madry et al.); L2 0.5 CIFAR and own data (RobustBench's), "
-                   "3.0 ImageNet, 2.0 MNIST (ours); the header says which)")
+                   "(default: the head's fine-tuning eps under this norm, else the dataset's: "
+                   f"{EPS_DEFAULTS}; the header says which and where it comes from)")
     p.add_argument("--data", metavar="FILE.npz", help="local test set .npz (x: uint8 N x C x H x W, float in "
                    "[0, 1], or grey N x H x W; y: int N) instead of the dataset's own loader; needed for a head "
                    "fine-tuned on own data")
     p.add_argument("--data-dir", default="./data",
-                   help="where torchvision datasets / ImageNet live (default ./data)")
-    p.add_argument("--model-dir", default="./models", help="RobustBench model cache (default ./models)")
-    p.add_argument("--per-class", type=int, help="images per class (default: 5 for ImageNet "
+                   help="where torchvision datasets / ImageNet live (default %(default)s)")
+    p.add_argument("--model-dir", default="./models", help="RobustBench model cache (default %(default)s)")
+    p.add_argument("--per-class", type=int, help=f"images per class (default: {VAL_PER_CLASS} for ImageNet "
                    "validation, as in the paper; all otherwise)")
     p.add_argument("--n-examples", type=int, help="size of the fixed evaluation subset (default: "
                    "25%% of the test set, as in the paper; ImageNet: all of the 5-per-class subset)")
-    p.add_argument("--subset-seed", type=int, default=0, help="seed that fixes the subset (default 0)")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed that fixes the subset (default %(default)s)")
     p.add_argument("--batch-size", type=int, help="fixed batch size B of the batch context "
-                   "(default: the checkpoint's fine-tuning batch size, else 64, the paper's; 1 = per-image "
-                   "model; the header says which)")
-    p.add_argument("--contexts", help="HPM contexts to evaluate (default batch,image; image for an "
+                   f"(default: the checkpoint's fine-tuning batch size, else {PAPER_BATCH_SIZE}, the paper's; 1 = "
+                   "per-image model; the header says which)")
+    p.add_argument("--contexts", help=f"HPM contexts to evaluate (default {','.join(CONTEXTS)}; image for an "
                    "NCM head, which has no batch prototypes)")
+    steps = {name: version["steps"] for name, version in VERSIONS.items()}
     p.add_argument("--version", choices=sorted(VERSIONS), default="strong",
-                   help="strong (default): the paper's attacks plus APGD-T, 100 steps, every query "
-                        "scored; paper: the paper's protocol exactly (MSA with APGD-CE/DLR, 40 steps, "
-                        "Square)")
+                   help=f"strong: the paper's attacks plus APGD-T, {steps['strong']} steps, every query scored; "
+                        f"paper: the paper's protocol exactly (MSA with APGD-CE/DLR, {steps['paper']} steps, "
+                        "Square) (default %(default)s)")
     p.add_argument("--attacks", help="comma list from " + ", ".join(ALL_ATTACKS) + " (a bare "
                    "apgd-ce, apgd-dlr or apgd-t = all four surrogates); the base model runs each "
                    "kind once (default: the version's)")
-    p.add_argument("--steps", type=int,
-                   help="APGD iterations (default: the version's, paper 40, strong 100)")
-    p.add_argument("--queries", type=int, default=5000, help="Square queries (default 5000)")
-    p.add_argument("--restarts", type=int, default=1, help="random restarts of APGD-CE, -DLR and "
-                   "-CW, each from its own random start (default 1, as the paper and AutoAttack)")
-    p.add_argument("--seed", type=int, default=0, help="attack seed, the same for every batch (default 0)")
+    p.add_argument("--steps", type=int, help="APGD iterations (default: the version's, paper "
+                   f"{steps['paper']}, strong {steps['strong']})")
+    p.add_argument("--queries", type=int, default=Setting.queries, help="Square queries (default %(default)s)")
+    p.add_argument("--restarts", type=int, default=Setting.restarts, help="random restarts of APGD-CE, -DLR "
+                   "and -CW, each from its own random start (default %(default)s, as the paper and AutoAttack)")
+    p.add_argument("--seed", type=int, default=Setting.seed, help="attack seed, the same for every batch "
+                   "(default %(default)s)")
     p.add_argument("--chunk", type=int, help="images attacked at once: whole fixed batches, each "
                    "with its own batch prototypes and the random numbers it gets alone (default "
                    f"{DEFAULT_CHUNK['cuda']} on a GPU, {DEFAULT_CHUNK['cpu']} on the CPU; halved by itself "

@@ -25,6 +25,7 @@ each alternative flag: docs/finetune.md. The study's controls (--head ncm, dpnp)
 import argparse
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,8 @@ from hpm import attach
 from hpmkit import controls
 from hpmkit.checkpoint import HeadRecord, HeadWriter, probe
 from hpmkit.cli import ArgumentParser, CLIError, eps_value, progress_bar, run_cli
-from hpmkit.config import finetune_banner, finetune_origins, finetune_settings
+from hpmkit.config import (EPS_DEFAULTS, FINETUNE_DATASET, PAPER_BATCH_SIZE, finetune_banner, finetune_origins,
+                           finetune_settings, per_dataset)
 from hpmkit.data import DATASETS, OWN, check_labels, load_data, random_crop_flip, to_float
 from hpmkit.files import OutLock
 from hpmkit.models import check_images, fingerprint, load_model
@@ -317,7 +319,7 @@ def main(args):
         check_images(model.base_model, x, cfg.device, name=f"the model {cfg.model}")
         check_images(model, x, cfg.device, name=f"the model {cfg.model} with its head")
         record = HeadRecord(cfg.head, cfg.model, cfg.dataset, cfg.threat_model, cfg.batch_size, cfg.eps,
-                            dict(vars(cfg)), fingerprint(model.base_model.state_dict()), cfg.weights,
+                            asdict(cfg), fingerprint(model.base_model.state_dict()), cfg.weights,
                             probe(model.base_model, x.shape[1:]))
         save = HeadWriter(cfg.out, model, record, to_float(x[:cfg.batch_size], cfg.device), cfg.overwrite)
         if save.unfinished is not None:
@@ -333,6 +335,7 @@ def main(args):
 
 
 def parse_args(argv=None):
+    default = {k: per_dataset({d: v[k] for d, v in DEFAULTS.items()}) for k in DEFAULTS["cifar10"]}  # in words
     p = ArgumentParser(
         description="Head-only adversarial fine-tuning of HPM with the IKL loss (paper supp. 6.2). "
                     "Flags marked 'per dataset' default to the paper's setting for --dataset; own data "
@@ -350,68 +353,68 @@ def parse_args(argv=None):
                         "state_dict(), path) (also a dict holding it under 'state_dict'); read as data, no code "
                         "runs (default: none, the model as NAME builds it)")
     p.add_argument("--dataset", choices=list(DATASETS),
-                   help="training set (default: cifar10; with --data and no --dataset, your own data: "
+                   help=f"training set (default: {FINETUNE_DATASET}; with --data and no --dataset, your own data: "
                         "image size from the file, classes from the model, CIFAR-10's settings without "
                         "augmentation)")
     p.add_argument("--threat-model", default="Linf", choices=["Linf", "L2"],
-                   help="RobustBench threat model of --model and the attack's norm (default Linf)")
+                   help="RobustBench threat model of --model and the attack's norm (default %(default)s)")
     p.add_argument("--data", metavar="FILE.npz", help="local training set: x uint8 (N, C, H, W), float in [0, 1], "
                    "or grey (N, H, W); y int (N,) (default: the dataset's own loader); without --dataset it is "
                    "your own data")
     p.add_argument("--data-dir", default="./data",
                    help="where torchvision finds/downloads CIFAR and MNIST; ImageNet: an ImageFolder "
-                        "at DATA_DIR/train (default ./data)")
-    p.add_argument("--model-dir", default="./models", help="RobustBench weights cache (default ./models)")
+                        "at DATA_DIR/train (default %(default)s)")
+    p.add_argument("--model-dir", default="./models", help="RobustBench weights cache (default %(default)s)")
     p.add_argument("--per-class", type=int, help="the first N training images of each class only "
-                   "(per dataset: 10 on ImageNet, as in the paper; all elsewhere)")
+                   f"(per dataset, ImageNet's as in the paper: {default['per_class']})")
     p.add_argument("--out", help="head checkpoint to write (default hpm_<dataset>_<model>.pt, <model> the "
                    "file's name or a code spec's NAME)")
-    p.add_argument("--epochs", type=int, help="per dataset: 1 on CIFAR-10, 2 on CIFAR-100 and ImageNet "
-                   "(paper); 1 on MNIST and own data")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch and per C_batch (paper: 64)")
-    p.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate (paper: 5e-5)")
-    p.add_argument("--momentum", type=float, help="EMA momentum of C_global, Eq. 14; per dataset: 0.98 "
-                   "on CIFAR-10, 0.995 on CIFAR-100 and ImageNet (paper); 0.98 on MNIST and own data")
-    p.add_argument("--alpha", type=float, help="softCE weight of IKL; per dataset: 3 on CIFAR-10, 5 on "
-                   "CIFAR-100 (IKL's released models); 5 on ImageNet, 3 on MNIST and own data (our choices)")
-    p.add_argument("--beta", type=float, help="wMSE weight of IKL; per dataset: 10 on CIFAR-10, 12 on "
-                   "CIFAR-100 (IKL's released models); 12 on ImageNet, 10 on MNIST and own data (our choices)")
-    p.add_argument("--T", type=float, help="temperature of the IKL class weights S (per dataset: 4)")
+    p.add_argument("--epochs", type=int, help=f"per dataset: {default['epochs']} (CIFAR and ImageNet: the "
+                   "paper's)")
+    p.add_argument("--batch-size", type=int, default=PAPER_BATCH_SIZE,
+                   help="images per batch and per C_batch (paper: %(default)s)")
+    p.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate (paper: %(default)g)")
+    p.add_argument("--momentum", type=float, help="EMA momentum of C_global, Eq. 14; per dataset: "
+                   f"{default['momentum']} (CIFAR and ImageNet: the paper's)")
+    p.add_argument("--alpha", type=float, help=f"softCE weight of IKL; per dataset: {default['alpha']} (CIFAR: "
+                   "IKL's released models; ImageNet, MNIST and own data: our choices)")
+    p.add_argument("--beta", type=float, help=f"wMSE weight of IKL; per dataset: {default['beta']} (CIFAR: "
+                   "IKL's released models; ImageNet, MNIST and own data: our choices)")
+    p.add_argument("--T", type=float, help=f"temperature of the IKL class weights S (per dataset: {default['T']})")
     p.add_argument("--eps", type=eps_value, help="attack radius, a number or a fraction like 8/255; per "
-                   "dataset: Linf 8/255 on CIFAR (paper) and own data (RobustBench's CIFAR budget), 4/255 on "
-                   "ImageNet (paper), 0.3 on MNIST (Madry et al.); L2 0.5 on CIFAR and own data (RobustBench's), "
-                   "3 on ImageNet and 2 on MNIST (our choices)")
-    p.add_argument("--steps", type=int, default=10, help="attack steps maximising IKL (paper: 10)")
+                   f"dataset: {EPS_DEFAULTS} (the first lines say where it comes from)")
+    p.add_argument("--steps", type=int, default=10, help="attack steps maximising IKL (paper: %(default)s)")
     p.add_argument("--step-size", type=float, default=None, help="attack step size (default eps / 4)")
     p.add_argument("--attack-mode", default="ste", choices=["ste", "soft", "fc"],
                    help="head mode the attack differentiates through: 'ste' the real model with "
-                        "straight-through gradients (default: the model being trained), 'soft' the "
-                        "smooth surrogate, 'fc' the FC layer alone")
+                        "straight-through gradients (the model being trained), 'soft' the "
+                        "smooth surrogate, 'fc' the FC layer alone (default %(default)s)")
     p.add_argument("--head", choices=["hpm", "dpnp", "ncm"], default="hpm",
-                   help="the head: 'hpm' (default); the study's controls 'dpnp' (Adv-DPNP's unified "
+                   help="the head: 'hpm'; the study's controls 'dpnp' (Adv-DPNP's unified "
                         "prototypes, trained head-only on Eq. 7) and 'ncm' (l2 logits to C_global "
-                        "alone, nothing trained)")
+                        "alone, nothing trained) (default %(default)s)")
     p.add_argument("--dpnp-alpha", type=float, default=40.0,
-                   help="--head dpnp: radius of the prototypes' sphere (default 40, the paper's)")
+                   help="--head dpnp: radius of the prototypes' sphere (default %(default)g, the paper's)")
     p.add_argument("--lambda-dfa", type=float, default=None,
-                   help="--head dpnp: weight of the DFA term (default per dataset: 2 on CIFAR-10, MNIST "
-                        "and own data, 2.4 on CIFAR-100 and ImageNet); head-only, the adversarial branch "
-                        "reaches the prototypes through this term alone")
+                   help="--head dpnp: weight of the DFA term (default per dataset: "
+                        f"{per_dataset({d: v[2] for d, v in controls.DPNP_LAMBDAS.items()})}); head-only, the "
+                        "adversarial branch reaches the prototypes through this term alone")
     p.add_argument("--class-weights", choices=["ema", "fixed"], default="ema",
-                   help="IKL class weights S: 'ema' (default) from uniform, an EMA over batches of the "
+                   help="IKL class weights S: 'ema' from uniform, an EMA over batches of the "
                         "clean softmax(logits / T) per class with --momentum (the official rule, our "
-                        "reading of the paper's second momentum); 'fixed' computed once before training")
+                        "reading of the paper's second momentum); 'fixed' computed once before training "
+                        "(default %(default)s)")
     p.add_argument("--attack-loss", choices=["official", "train"], default="official",
-                   help="what the training attack maximises: 'official' (default) the IKL code's "
+                   help="what the training attack maximises: 'official' the IKL code's "
                         "attack loss (softCE alone on CIFAR-10, MNIST and own data; softCE + wMSE on CIFAR-100 "
-                        "and ImageNet); 'train' the whole training loss")
+                        "and ImageNet); 'train' the whole training loss (default %(default)s)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop (padding 4) and horizontal flip of the training batches; per dataset: "
-                        "on for CIFAR (the IKL code) and ImageNet (ours), off for MNIST (a flipped digit is "
-                        "another digit) and own data (nothing switched on unasked); the first lines say which")
+                        f"{default['augment']} (CIFAR: the IKL code's; a flipped digit is another digit; "
+                        "nothing switched on unasked for own data); the first lines say which")
     p.add_argument("--mixer-init", choices=["average", "global", "default"], default="average",
-                   help="the mixer's start: 'average' (default) (C_global + C_batch) / 2; 'global' "
-                        "C_global alone; 'default' PyTorch's nn.Linear initialisation")
+                   help="the mixer's start: 'average' (C_global + C_batch) / 2; 'global' "
+                        "C_global alone; 'default' PyTorch's nn.Linear initialisation (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffling and the attack's random start")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default cuda if available, else cpu)")

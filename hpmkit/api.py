@@ -19,7 +19,7 @@ import torch
 from hpmkit.checkpoint import load_head_file
 from hpmkit.cli import CLIError
 from hpmkit.cli import load_script
-from hpmkit.config import resolve_settings, select_subset
+from hpmkit.config import EvalConfig, resolve_settings, select_subset
 from hpmkit.data import OWN, as_images, check_labels
 from hpmkit.files import check_out
 from hpmkit.models import fingerprint
@@ -54,7 +54,7 @@ def object_config(flags, parser, versions, models, x, y):
     the command line's defaults (parser: evaluate.py's), each read as its flag would be
     (flag_value), checked as resolve_config checks them, with the objects identified by their
     contents (fingerprints) for a results file to resume; n_examples defaults to all of x. Returns
-    (cfg, (x, y, indices, len(x)))."""
+    (config.EvalConfig, (x, y, indices, len(x)))."""
     args = parser.parse_args([])
     objects = {"head", "model", "data", "weights", "data_dir", "model_dir", "per_class"}  # (files, or given)
     unknown = sorted(set(flags) - set(vars(args)) | set(flags) & objects)
@@ -63,22 +63,21 @@ def object_config(flags, parser, versions, models, x, y):
         raise TypeError(f"unknown settings {', '.join(unknown)}: the model, its head and the images are "
                         f"arguments; the settings are evaluate.py's flags by name ({names})")
     actions = {a.dest: a for a in parser._actions}
-    cfg = {**vars(args), **{k: flag_value(actions[k], v) for k, v in flags.items()}}
+    s = {**vars(args), **{k: flag_value(actions[k], v) for k, v in flags.items()}}  # as they are resolved
     x, y = checked_tensors(x, y)
     if models.num_classes is not None:  # (a base model alone: run() reads its classes from its logits)
         check_labels(y, models.num_classes, "y")
-    cfg.update(model=f"{type(models.base).__name__} (a Python object)", weights=None, head=None, data=None,
-               dataset=cfg["dataset"] or OWN, per_class=None)
-    resolve_settings(cfg, versions, None if models.head_type is None else {"head_type": models.head_type})
+    s.update(model=f"{type(models.base).__name__} (a Python object)", weights=None, head=None, data=None,
+             dataset=s["dataset"] or OWN, per_class=None)
+    resolve_settings(s, versions, None if models.head_type is None else {"head_type": models.head_type})
     head = models.hpm or models.dpnp
-    cfg.update(model_sha256=fingerprint(models.base.state_dict()), weights_sha256=None,
-               head_sha256=None if head is None else fingerprint(head.head.state_dict()),
-               data_sha256=fingerprint({"x": x, "y": y}))
-    idx = select_subset(len(y), len(y) if cfg["n_examples"] is None else cfg["n_examples"], cfg["subset_seed"])
-    cfg["n_examples"] = len(idx)
-    if cfg["out"]:
-        check_out(cfg["out"], [], lambda path: Results.read(path) is not None, "results file of evaluate.py")
-    return cfg, (x[idx], y[idx], idx, len(y))
+    idx = select_subset(len(y), len(y) if s["n_examples"] is None else s["n_examples"], s["subset_seed"])
+    s.update(model_sha256=fingerprint(models.base.state_dict()), weights_sha256=None,
+             head_sha256=None if head is None else fingerprint(head.head.state_dict()),
+             data_sha256=fingerprint({"x": x, "y": y}), n_examples=len(idx))
+    if s["out"]:
+        check_out(s["out"], [], lambda path: Results.read(path) is not None, "results file of evaluate.py")
+    return EvalConfig(**s), (x[idx], y[idx], idx, len(y))
 
 
 def flag_value(action, value):

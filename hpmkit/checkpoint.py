@@ -259,10 +259,10 @@ def load_head_file(path, base_model):
 def load_models(cfg, ckpt, device):
     """evaluate.py's models (Models), frozen, on device; cfg names the base model, ckpt (read_head)
     the head."""
-    base = load_model(cfg["model"], cfg["dataset"], cfg["threat_model"], cfg["model_dir"], cfg["weights"])
+    base = load_model(cfg.model, cfg.dataset, cfg.threat_model, cfg.model_dir, cfg.weights)
     if ckpt is None:
         return Models(base.to(device).eval().requires_grad_(False))
-    head_model = attach_head(ckpt, base, cfg["model"], cfg["weights"]).to(device)
+    head_model = attach_head(ckpt, base, cfg.model, cfg.weights).to(device)
     return with_head(base, head_model, ckpt["head_type"])
 
 

@@ -4,6 +4,7 @@ import os
 import platform
 import re
 import stat
+from dataclasses import asdict
 from textwrap import fill
 
 import torch
@@ -104,11 +105,11 @@ def budgets(rows, cfg, attacked):
     """The attack budgets of these rows, in words: the threat model's eps where a row without
     attacker slots ran an attack (attacked), the attacker slots' own eps where there are any."""
     slots = [r for r in rows if r.attackers]
-    said = [f"{cfg['threat_model']} eps {cfg['eps']:.4g}"] if attacked or not slots else []
+    said = [f"{cfg.threat_model} eps {cfg.eps:.4g}"] if attacked or not slots else []
     if slots:
         E = slots[0].attacker_eps
-        said.append(f"attacker slots {cfg['threat_model']} eps {E:.4g}"
-                    + (" (any image)" if cfg["threat_model"] == "Linf" and E >= 1 else ""))
+        said.append(f"attacker slots {cfg.threat_model} eps {E:.4g}"
+                    + (" (any image)" if cfg.threat_model == "Linf" and E >= 1 else ""))
     return ", ".join(said)
 NO_ATTACK = "no attack"  # a row's robust accuracy when it ran none: its clean accuracy would mean nothing
 
@@ -165,12 +166,12 @@ def attackers_table(results, rows, digits=1):
 
 def checks_table(results, rows, cfg):
     """The gradient-masking checks of every row, as a table (None: no checks ran)."""
-    if not cfg["checks"]:  # (RowResults.checks would add an empty entry to the results)
+    if not cfg.checks:  # (RowResults.checks would add an empty entry to the results)
         return None
     body = [[r.name, name, c["status"], c["detail"]] for r in rows
             for name, c in results.row(r.name).checks.items() if name != "runs"]
-    title = (f"gradient-masking checks (first {min(cfg['checks_n'], results.subset['n'])} images of the subset; "
-             f"tolerance {cfg['checks_tol']:.1%})")
+    title = (f"gradient-masking checks (first {min(cfg.checks_n, results.subset['n'])} images of the subset; "
+             f"tolerance {cfg.checks_tol:.1%})")
     return (title, ["row", "check", "status", "detail"], body) if body else None
 
 
@@ -211,53 +212,53 @@ def versions():
 def version_line(cfg, default, rows):
     """What this run does, as lines: its version's notes (default: evaluate.VERSIONS[version]), or the
     flags that changed it and how; then the attacks each row runs (rows: evaluate's rows)."""
-    version, hpm = cfg["version"], [a for a in cfg["attacks"] if CATALOGUE[a].runs_on != "attackers"]
+    version, hpm = cfg.version, [a for a in cfg.attacks if CATALOGUE[a].runs_on != "attackers"]
     extra = [a for a in hpm if a not in default["attacks"]]
     changes = {"--attacks": f"{len(set(hpm) & set(default['attacks']))} of the version's {len(default['attacks'])} "
                             "attacks" + (f" and {', '.join(extra)}" if extra else ""),
-               "--steps": f"{cfg['steps']} APGD steps, the version's {default['steps']}",
-               "--queries": f"{cfg['queries']} Square queries, the version's {Setting.queries}",
-               "--restarts": f"{cfg['restarts']} APGD restarts, the version's {Setting.restarts}"}
-    changed = {"--attacks": set(hpm) != set(default["attacks"]), "--steps": cfg["steps"] != default["steps"],
-               "--queries": cfg["queries"] != Setting.queries, "--restarts": cfg["restarts"] != Setting.restarts}
+               "--steps": f"{cfg.steps} APGD steps, the version's {default['steps']}",
+               "--queries": f"{cfg.queries} Square queries, the version's {Setting.queries}",
+               "--restarts": f"{cfg.restarts} APGD restarts, the version's {Setting.restarts}"}
+    changed = {"--attacks": set(hpm) != set(default["attacks"]), "--steps": cfg.steps != default["steps"],
+               "--queries": cfg.queries != Setting.queries, "--restarts": cfg.restarts != Setting.restarts}
     flags = [f for f in changes if changed[f]]
     if flags:
-        scored = ("every query of a whole fixed batch scored on the real model" if cfg["score_queries"]
+        scored = ("every query of a whole fixed batch scored on the real model" if cfg.score_queries
                   else "final adversarial batches scored")
         line = f"version {version}, changed by {', '.join(flags)}: {'; '.join(changes[f] for f in flags)}; {scored}"
     else:
         line = f"version {version}: {VERSION_NOTES[version]}"
     width = max(len(r.name) for r in rows)
-    return [line] + [f"  {r.name:<{width}}  " + (", ".join(a.name for a in r.attacks(cfg["attacks"])) or "no attack")
+    return [line] + [f"  {r.name:<{width}}  " + (", ".join(a.name for a in r.attacks(cfg.attacks)) or "no attack")
                      for r in rows]
 
 
 def describe(results, cfg, setting, rows, idx, n_total, banner):
     """The parts of the results file that say what was run, on what, with which software (banner:
     version_line's lines, the first notes)."""
-    subset = {"n": len(idx), "of": n_total, "subset_seed": cfg["subset_seed"], "batch_size": cfg["batch_size"],
-              "n_batches": len(make_batches(len(idx), cfg["batch_size"])), "indices": idx.tolist()}
+    subset = {"n": len(idx), "of": n_total, "subset_seed": cfg.subset_seed, "batch_size": cfg.batch_size,
+              "n_batches": len(make_batches(len(idx), cfg.batch_size)), "indices": idx.tolist()}
     notes = (list(banner)
              + [NOTES["worst_case"], NOTES["per_image"], NOTES["nonfinite"]]
              + ([NOTES["batch_apgd"], square_note(setting)] if "hpm/batch" in [r.name for r in rows] else [])
-             + ([NOTES["score_queries"]] if cfg["score_queries"] else [])
-             + ([NOTES["apgd_t"]] if any(a.startswith("apgd-t") for a in cfg["attacks"]) else [])
-             + ([NOTES["flip"]] if "flip/mix" in cfg["attacks"] else [])
-             + ([NOTES["batch_adversary"]] if set(cfg["attacks"]) & set(BATCH_ADVERSARY) else [])
-             + ([NOTES["attackers"]] if cfg.get("attackers") else []))
+             + ([NOTES["score_queries"]] if cfg.score_queries else [])
+             + ([NOTES["apgd_t"]] if any(a.startswith("apgd-t") for a in cfg.attacks) else [])
+             + ([NOTES["flip"]] if "flip/mix" in cfg.attacks else [])
+             + ([NOTES["batch_adversary"]] if set(cfg.attacks) & set(BATCH_ADVERSARY) else [])
+             + ([NOTES["attackers"]] if cfg.attackers else []))
     results.describe(
         "evaluate.py: clean and robust accuracy (fractions) of the base model and HPM on one fixed "
         "subset, same batches, same attacks",
-        {k: str(v) if k == "device" else v for k, v in sorted(cfg.items())}, versions(), subset,
-        cfg["version"], notes)
+        {k: str(v) if k == "device" else v for k, v in sorted(asdict(cfg).items())}, versions(), subset,
+        cfg.version, notes)
 
 
 def print_header(banner, cfg, rows, n, n_total, device):
     """What the run is about to do, before the first attack (banner: version_line's lines)."""
     print("\n".join(banner))
-    print(f"{cfg['model']} on {cfg['dataset']}: {n} of {n_total} test images (subset seed "
-          f"{cfg['subset_seed']}), batches of {cfg['batch_size']}, {cfg['threat_model']} eps {cfg['eps']:.5g}, "
-          f"{cfg['steps']} APGD steps, {cfg['queries']} Square queries, device {device}")
+    print(f"{cfg.model} on {cfg.dataset}: {n} of {n_total} test images (subset seed "
+          f"{cfg.subset_seed}), batches of {cfg.batch_size}, {cfg.threat_model} eps {cfg.eps:.5g}, "
+          f"{cfg.steps} APGD steps, {cfg.queries} Square queries, device {device}")
     if "hpm/batch" in [r.name for r in rows]:
         print("note: " + NOTES["batch_apgd"])
 
@@ -273,9 +274,9 @@ def print_report(results, rows, cfg, setting):
             print(f"  {row:<10} {name:<23} {status:<5} {detail}")
     if "hpm/batch" in [r.name for r in rows] and results.row("hpm/batch").finished("square"):
         print("\nnote: " + square_note(setting))
-    if cfg["out"]:
-        print(f"\nresults: {cfg['out']} (the tables: {beside_free(cfg['out'], '.md')}; the plot: "
-              f"{beside_free(cfg['out'], '.png')})")
+    if cfg.out:
+        print(f"\nresults: {cfg.out} (the tables: {beside_free(cfg.out, '.md')}; the plot: "
+              f"{beside_free(cfg.out, '.png')})")
 
 
 # What a run writes beside its results: OUT.md and OUT.png (OUT: --out without .json) ---------------
@@ -326,12 +327,12 @@ def check_beside(out):
 def markdown(results, rows, cfg):
     """OUT.md: the final report's tables in Markdown (percent, two decimals), under a marker line."""
     sub = results.subset
-    lines = [MD_MARKER.format(os.path.basename(cfg["out"])), "",
-             f"# {cfg['model']} on {cfg['dataset']}: evaluate.py, version {cfg['version']}", "",
+    lines = [MD_MARKER.format(os.path.basename(cfg.out)), "",
+             f"# {cfg.model} on {cfg.dataset}: evaluate.py, version {cfg.version}", "",
              f"{sub['n']} of {sub['of']} test images (subset seed {sub['subset_seed']}), fixed batches of "
-             f"{sub['batch_size']}, {cfg['threat_model']} eps {cfg['eps']:.5g}, {cfg['steps']} APGD steps, "
-             f"{cfg['queries']} Square queries. Accuracy in percent of the subset; "
-             f"{os.path.basename(cfg['out'])} holds every number as a fraction, and per image.", ""]
+             f"{sub['batch_size']}, {cfg.threat_model} eps {cfg.eps:.5g}, {cfg.steps} APGD steps, "
+             f"{cfg.queries} Square queries. Accuracy in percent of the subset; "
+             f"{os.path.basename(cfg.out)} holds every number as a fraction, and per image.", ""]
     names = {a for r in rows for a in results.row(r.name).accuracies}
     if surrogate_legend(names):
         lines += [surrogate_legend(names) + ".", ""]
@@ -378,11 +379,11 @@ def plot(results, rows, cfg, path):
     ax.set_xlabel("accuracy (%)" + ("\n" + fill(legend, 100) if legend else ""), fontsize=8 if legend else None)
     ax.set_ylabel("attack")
     attacked = any(results.row(r.name).accuracies for r in rows if not r.attackers)
-    ax.set_title(f"{os.path.basename(str(cfg['model']))} on {cfg['dataset']}, {budgets(rows, cfg, attacked)}: "
+    ax.set_title(f"{os.path.basename(str(cfg.model))} on {cfg.dataset}, {budgets(rows, cfg, attacked)}: "
                  "accuracy per attack", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight",
-                                             metadata=png_marker(cfg["out"])))
+                                             metadata=png_marker(cfg.out)))
 
 
 def replaceable(path, out):
@@ -405,10 +406,10 @@ def beside_free(out, ext):
 
 
 def write_beside(results, rows, cfg):
-    """OUT.md and OUT.png beside the results file cfg["out"], each written atomically. check_beside
+    """OUT.md and OUT.png beside the results file cfg.out, each written atomically. check_beside
     found them free at the start; a file that appeared there during the run is kept, and its
     replacement goes beside it (beside_free), said in one line."""
-    out = cfg["out"]
+    out = cfg.out
     md, png = beside_free(out, ".md"), beside_free(out, ".png")
     moved = [f"{beside(out, ext)} -> {path}" for ext, path in ((".md", md), (".png", png)) if path != beside(out, ext)]
     if moved:

@@ -4,6 +4,7 @@ control heads (Adv-DPNP's unified prototypes against the paper's formulas, NCM).
 """
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -369,6 +370,27 @@ def test_official_attack_loss_is_soft_ce_alone_on_cifar10():
     soft_cross_entropy(zn, za2).backward()
     torch.testing.assert_close(za1.grad, za2.grad, **TOL)
     assert za1.grad.abs().max() > 1e-3  # (a gradient there, not two Nones)
+
+
+def test_the_help_states_the_per_dataset_defaults_that_finetune_settings_resolves(capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split("options:")[1].split())
+    value = {"all": None, "on": True, "off": False}
+    for key, flag in (("epochs", "--epochs"), ("momentum", "--momentum"), ("alpha", "--alpha"), ("beta", "--beta"),
+                      ("T", "--T"), ("per_class", "--per-class"), ("augment", "--augment")):
+        said = re.search(r"per dataset[^:]*: (.*?)(?: \(|\))", text[re.search(flag + "[ ,]", text).start():]).group(1)
+        stated = {}  # "1 for cifar10, mnist and own data; 2 for cifar100 and imagenet" -> {dataset: value}
+        for part in said.split("; "):
+            v, datasets = part.split(" for ")
+            for d in re.split(", | and ", datasets):
+                stated["own" if d == "own data" else d] = value.get(v, v)
+        assert sorted(stated) == sorted(finetune.DEFAULTS), flag
+        for d, v in stated.items():
+            argv = ["--data", "own.npz"] if d == "own" else ["--dataset", d]
+            cfg = config.finetune_settings(finetune.parse_args(["--model", "m", "--device", "cpu", *argv]),
+                                           finetune.DEFAULTS, finetune.OFFICIAL_ATTACK)
+            assert getattr(cfg, key) == (v if v is None or isinstance(v, bool) else float(v)), (flag, d)
 
 
 def test_random_crop_flip_is_a_crop_of_the_padded_image_and_a_flip():

@@ -6,6 +6,7 @@ evaluate.py's.
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def version_cfg(**changes):
     strong = evaluate.VERSIONS["strong"]
     cfg = dict(version="strong", attacks=list(strong["attacks"]), steps=strong["steps"], queries=5000, restarts=1,
                score_queries=strong["score_queries"])
-    return {**cfg, **changes}
+    return types.SimpleNamespace(**{**cfg, **changes})
 
 
 def test_the_version_line_names_exactly_the_flags_that_changed_the_version():

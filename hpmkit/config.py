@@ -1,6 +1,8 @@
 """The scripts' configuration: every flag checked before anything is loaded or written
 (evaluate.py's resolve_config, finetune.py's finetune_settings), the settings a results file must
 match to be resumed, the evaluation's attack setting, the fixed subset."""
+from __future__ import annotations  # `str | None` fields on Python 3.9, pyproject's minimum
+
 import os
 from dataclasses import dataclass, replace
 from fractions import Fraction

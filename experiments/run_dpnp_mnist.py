@@ -38,7 +38,7 @@ SETTINGS = {
     "quick": dict(n_train=300, n_heldout=100, epochs=1, steps=1, batch_size=64, n_plot=100, eval_steps=2,
                   ramp=(0.1, 0.2)),
 }
-LAMBDAS = controls.DEFAULTS["cifar10"]  # the paper's CIFAR-10 weights (MNIST: our choice)
+LAMBDAS = controls.DPNP_LAMBDAS["cifar10"]  # the paper's CIFAR-10 weights (MNIST: our choice)
 
 
 class LeNetsPP(nn.Module):

@@ -17,10 +17,8 @@ adversarial logits za, w = S[y] and d = zn - za:
     softCE = -sum_j softmax(zn).detach()_j * log_softmax(za)_j
     loss   = CE(zn, y) + beta * wMSE + alpha * softCE               (means over the batch)
 
-Read top to bottom: the paper's settings, the IKL loss and its class weights S, the training
-attack, the clean pass (C_global the exact class means), a step, the loop, the save (a head
-checkpoint, readable with torch.load(..., weights_only=True)). What is ours, not the paper's, with
-each alternative flag: docs/finetune.md. The study's controls (--head ncm, dpnp): hpmkit/controls.py.
+What is ours, not the paper's, with each alternative flag: docs/finetune.md. The study's
+controls (--head ncm, dpnp): hpmkit/controls.py.
 """
 import argparse
 import sys
@@ -145,8 +143,8 @@ def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
 
 
 def start(model, x, y, cfg):
-    """Before the first epoch: the clean pass; returns the optimizer of the head's trained parts
-    (None for the NCM control, which trains nothing) and the IKL class weights S."""
+    """Before the first epoch: the clean pass; returns the optimizer (None for the NCM control,
+    which trains nothing) and the IKL class weights S."""
     optimizer = None if cfg.head == "ncm" else torch.optim.Adam(head_parameters(model), lr=cfg.lr)
     print(finetune_banner(cfg, len(x)))
     S = clean_pass(model, x, y, cfg.T, cfg.batch_size, cfg.device, not cfg.no_progress)
@@ -235,8 +233,8 @@ def train_epoch(model, step, x, y, cfg, epoch, generator):
 
 def train(model, optimizer, x, y, S, cfg, save):
     """The epochs (none without an optimizer), the head saved after each (save: a
-    checkpoint.HeadWriter; finished after the last) and the backbone checked bitwise unchanged;
-    an interrupt saves the unfinished head."""
+    checkpoint.HeadWriter) and the backbone checked bitwise unchanged; an interrupt saves the
+    unfinished head."""
     base_state = {k: v.detach().cpu().clone() for k, v in model.base_model.state_dict().items()}
     epochs = 0 if optimizer is None else cfg.epochs
     train_one = controls.train_step_dpnp if cfg.head == "dpnp" else train_step  # (NCM: no epochs)

@@ -100,12 +100,10 @@ def chained(entries, first, end):
 
 
 class Ranks:
-    """Several processes on one evaluation (torchrun): each attacks its share of the chunks of
-    whole fixed batches (cut so that every process gets as many: balanced_chunks), writes what
-    it did to its own ledger (OUT.parts/rank<r>.json, rewritten after every chunk), and after
-    each job every process reads all ledgers, so all hold the same results; rank 0 writes the
-    results file. A rerun reads the ledgers and does only the chunks no rank finished,
-    whichever rank did the others."""
+    """Several processes on one evaluation (torchrun): each attacks its share of a job's chunks and
+    writes what it did to its own ledger (OUT.parts/rank<r>.json, after every chunk); after each
+    job every process reads all ledgers, so all hold the same results. A rerun does only the
+    chunks no rank finished, whichever rank did the others."""
 
     def __init__(self, out, identity, device):
         import torch.distributed as dist
@@ -141,8 +139,7 @@ class Ranks:
         return out
 
     def todo(self, key, batches, chunk):
-        """This rank's chunks of a job: of the chunks (balanced_chunks) what no earlier run finished,
-        dealt out in turn."""
+        """This rank's chunks of a job: what no earlier run finished, dealt out in turn."""
         before, left = self.before.get(key, {}), []
         for first, end in balanced_chunks(batches, chunk, self.world):
             first = chained(before, first, end)
@@ -157,7 +154,7 @@ class Ranks:
 
     def merge(self, key, n_batches):
         """After a job: every rank's chunks of it (all wait for all), in order, as a results.Progress."""
-        self.dist.barrier()  # every rank's chunks of this job are in the ledgers
+        self.dist.barrier()
         done, entries, i = self.jobs().get(key, {}), [], 0
         while i < n_batches:
             entries.append(done[str(i)])
@@ -366,7 +363,7 @@ def adv_path(save_dir, row_name, attack):
 
 class AdvStore:
     """--save-adv: a folder that keeps every attack's adversarial images, one file per row and
-    attack (with the labels, the subset's indices and the fixed batches)."""
+    attack, with the labels, the subset's indices and the fixed batches."""
 
     def __init__(self, save_dir, y, indices, batches):
         self.dir, self.y, self.indices, self.batches = save_dir, y, indices, batches

@@ -20,7 +20,6 @@ def sweep_eps(norm, eps, dim):
 
 
 def check_eps_sweep(attack, accs, sweep, n, tol_n):
-    """Accuracy must fall as eps grows and reach ~0 at the largest eps of the sweep."""
     rises = [e for e, a, b in zip(sweep[1:], accs, accs[1:]) if b > a + tol_n]
     ok = not rises and accs[-1] <= tol_n
     return {
@@ -35,7 +34,6 @@ def check_eps_sweep(attack, accs, sweep, n, tol_n):
 
 
 def check_doubled_steps(attack, a1, a2, steps, n, tol_n):
-    """Twice the steps must not lower the accuracy by more than the tolerance."""
     ok = a2 >= a1 - tol_n
     return {
         "attack": attack, "steps": [steps, 2 * steps], "accuracy": [a1, a2], "n": n,
@@ -46,8 +44,7 @@ def check_doubled_steps(attack, a1, a2, steps, n, tol_n):
 
 
 def check_square_vs_gradient(rr, tol):
-    """A black-box attack must not beat the best gradient attack (whole subset); rr: the row's
-    results.RowResults."""
+    """rr: the row's results.RowResults (whole subset)."""
     accuracies = rr.accuracies
     grads = {k: v for k, v in accuracies.items() if k != "square"}
     if "square" not in accuracies or not grads:
@@ -66,7 +63,6 @@ def check_square_vs_gradient(rr, tol):
 
 
 def check_transfer_vs_end_to_end(rr, tol):
-    """A transfer attack from a surrogate beating the end-to-end (/ste) attack: obfuscated gradients."""
     grads = {k: v for k, v in rr.accuracies.items() if k != "square"}
     transfer = {k: v for k, v in grads.items() if not k.endswith("/ste")}
     end2end = {k: v for k, v in grads.items() if k.endswith("/ste")}

@@ -106,9 +106,7 @@ class DPNPClassifier(hpm.FrozenBackbone):
         return self.head(self.features(x))
 
 
-def attach_dpnp(base_model, alpha=40.0):
-    """Plug a DPNP head onto any classifier whose logits come from a final nn.Linear (frozen)."""
-    return DPNPClassifier(base_model, alpha=alpha)
+attach_dpnp = DPNPClassifier  # (hpm.attach's counterpart)
 
 
 # The controls in finetune.py's loop --------------------------------------------------------------

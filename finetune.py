@@ -17,10 +17,8 @@ adversarial logits za, w = S[y] and d = zn - za:
     softCE = -sum_j softmax(zn).detach()_j * log_softmax(za)_j
     loss   = CE(zn, y) + beta * wMSE + alpha * softCE               (means over the batch)
 
-Read top to bottom: the paper's settings, the IKL loss and its class weights S, the training
-attack, the clean pass (C_global the exact class means), a step, the loop, the save (a head
-checkpoint, readable with torch.load(..., weights_only=True)). What is ours, not the paper's, with
-each alternative flag: docs/finetune.md. The study's controls (--head ncm, dpnp): hpmkit/controls.py.
+What is ours, not the paper's, with each alternative flag: docs/finetune.md. The study's
+controls (--head ncm, dpnp): hpmkit/controls.py.
 """
 import argparse
 import sys
@@ -62,12 +60,9 @@ TRAINED = ("fc", "mixer")  # the parts of the HPM head that train
 # The IKL loss ----------------------------------------------------------------------------
 
 def weighted_mse(zn, za, w):
-    """wMSE of IKL: 0.5 * (sum_j w_j d_j^2 - (sum_j w_j d_j)^2) with d = zn - za, per row.
-
-    Written as half the w-weighted variance of d: the same value when every row of w sums
-    to 1, without the cancellation of a difference of two large sums. No stop-gradient:
-    both zn and za receive gradients (IKL's "broken asymmetry").
-    """
+    """wMSE of IKL, written as half the w-weighted variance of d = zn - za: the same value when every
+    row of w sums to 1, without the cancellation of a difference of two large sums. No stop-gradient:
+    both zn and za receive gradients (IKL's "broken asymmetry")."""
     d = zn - za  # (B, K)
     d_mean = (w * d).sum(1, keepdim=True)  # (B, 1)
     return 0.5 * (w * (d - d_mean).pow(2)).sum(1).mean()
@@ -79,11 +74,8 @@ def soft_cross_entropy(zn, za):
 
 
 def ikl_loss(zn, za, y, S, alpha, beta):
-    """IKL training loss on clean logits zn and adversarial logits za (B, K), labels y (B,).
-
-    S (K, K) holds the class-wise weights; row y is the weight vector of an image of class y.
-    The temperature T enters only through S (the IKL code calls its loss with T = 1).
-    """
+    """IKL on clean and adversarial logits (B, K); S (K, K): row y weighs an image of class y. The
+    temperature T enters only through S (the IKL code calls its loss with T = 1)."""
     w = S[y]  # (B, K)
     return F.cross_entropy(zn, y) + beta * weighted_mse(zn, za, w) + alpha * soft_cross_entropy(zn, za)
 
@@ -91,7 +83,7 @@ def ikl_loss(zn, za, y, S, alpha, beta):
 @torch.no_grad()
 def update_class_weights(S, zn, y, T, momentum):
     """--class-weights ema, in place: S[c] <- momentum * S[c] + (1 - momentum) * (mean of
-    softmax(zn / T) over the images of class c), for the classes present in the batch."""
+    softmax(zn / T) over the batch's images of class c), for the classes in the batch."""
     K = S.shape[0]
     onehot = F.one_hot(y, K).to(S.dtype)  # (B, K)
     count = onehot.sum(dim=0)  # (K,)
@@ -103,12 +95,9 @@ def update_class_weights(S, zn, y, T, momentum):
 # The training attack ---------------------------------------------------------------------
 
 def perturb(model, x, zn, y, S, cfg):
-    """The training attack: cfg.steps ascent steps on IKL through the head in cfg.attack_mode,
-    from x + 0.001 * N(0, 1) (IKL's start), signed for Linf, a normalised gradient for L2.
-
-    zn are the clean logits in the same mode, held fixed. The batch is perturbed jointly and
-    classified together (context "batch"), so the batch prototypes see the adversarial batch.
-    """
+    """The training attack: cfg.steps ascent steps on IKL through the head in cfg.attack_mode (zn:
+    the clean logits in that mode, fixed). The batch is perturbed and classified together (context
+    "batch"), so the batch prototypes see the adversarial batch."""
     return ascend(x, lambda x_adv: ikl_loss(zn, model(x_adv, mode=cfg.attack_mode), y, S,
                                             cfg.attack_alpha, cfg.attack_beta),
                   cfg.eps, cfg.threat_model, cfg.steps, cfg.step_size)
@@ -118,14 +107,10 @@ def perturb(model, x, zn, y, S, cfg):
 
 @torch.no_grad()
 def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
-    """Before training: set C_global to the exact class means of the clean features; return S.
-
-    Sets model.head.prototypes and model.head.seen; returns S (K, K), row c the mean of softmax(zn / T) over the images of class c, zn the HPM
-    logits (mode "ste", context "batch") once C_global is set. The features are kept on
-    the host between the two sweeps, since S needs the prototypes that the first sweep sets.
-    Prints the base model's clean accuracy on x, free: before training the head's FC layer is
-    the base model's, so its logits on these features are the base model's.
-    """
+    """Before training: C_global (head.prototypes, head.seen) the exact class means of the clean
+    features; returns S (K, K), row c the mean of softmax(zn / T) over the images of class c, zn the
+    HPM logits once C_global is set (the features wait on the host for that second sweep). Prints
+    the base model's clean accuracy, free: the head's FC layer is still the base model's."""
     head = model.head
     K = head.fc.out_features
     starts = range(0, len(x), batch_size)
@@ -160,8 +145,8 @@ def clean_pass(model, x, y, T, batch_size, device, show_progress=True):
 
 
 def start(model, x, y, cfg):
-    """Before the first epoch: the clean pass; returns the optimizer of the head's trained parts
-    (None for the NCM control, which trains nothing) and the IKL class weights S."""
+    """Before the first epoch: the clean pass; returns the optimizer (None for the NCM control,
+    which trains nothing) and the IKL class weights S."""
     optimizer = None if cfg.head == "ncm" else torch.optim.Adam(head_parameters(model), lr=cfg.lr)
     print(finetune_banner(cfg, len(x)))
     S = clean_pass(model, x, y, cfg.T, cfg.batch_size, cfg.device, not cfg.no_progress)
@@ -180,11 +165,8 @@ def start(model, x, y, cfg):
 
 def train_step(model, optimizer, x, y, S, cfg):
     """One batch: attack through the head, one IKL update of head.fc and head.mixer, then Eq. 14.
-
-    The backbone is frozen, so each batch needs one feature pass per input (no gradients):
-    the clean features serve the attack's targets, the update and the EMA. Returns the loss
-    and the numbers of clean and adversarial images the head classifies correctly.
-    """
+    Returns the loss and the numbers of clean and adversarial images the head classifies correctly.
+    The backbone is frozen: one feature pass per input serves the attack's targets, the update and the EMA."""
     head = model.head
     with torch.no_grad():
         z_clean = model.features(x)  # (B, D)
@@ -204,17 +186,13 @@ def train_step(model, optimizer, x, y, S, cfg):
 
 
 def head_parameters(model, trained=TRAINED):
-    """Freeze all but the head's trained parts (HPM: head.fc and head.mixer), as MoCo's linear
-    probe does; return those parameters.
-
+    """Freeze all but the head's trained parts, as MoCo's linear probe does; return their parameters.
     Set here rather than trusted from attach: the head's FC is a copy of a frozen layer. The
-    assertion also catches an FC shared with the base model (it would train the backbone).
-    """
+    assertion also catches an FC shared with the base model (it would train the backbone)."""
     model.requires_grad_(False)
     expected = set()
     for part in trained:
-        getattr(model.head, part).requires_grad_(True)
-        module = getattr(model.head, part)
+        module = getattr(model.head, part).requires_grad_(True)
         expected |= ({f"head.{part}.{name}" for name, _ in module.named_parameters()}
                      if isinstance(module, nn.Module) else {f"head.{part}"})
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -233,8 +211,7 @@ def check_frozen(model, base_state):
 # The loop ----------------------------------------------------------------------------------
 
 def train_epoch(model, step, x, y, cfg, epoch, generator):
-    """One shuffled pass over the uint8 training set, step(xb, yb) -> (loss, clean and adversarial
-    images correct) on each batch; returns the epoch's summary as a dict."""
+    """One shuffled pass over the uint8 training set, step(xb, yb) on each batch; its summary."""
     model.train()  # the head only: the classifier keeps the backbone in eval mode
     assert not any(m.training for m in model.base_model.modules()), "the backbone left eval mode"
     order = torch.randperm(len(x), generator=generator)
@@ -258,11 +235,11 @@ def train_epoch(model, step, x, y, cfg, epoch, generator):
 
 def train(model, optimizer, x, y, S, cfg, save):
     """The epochs (none without an optimizer), the head saved after each (save: a
-    checkpoint.HeadWriter; finished after the last) and the backbone checked bitwise unchanged;
-    an interrupt saves the unfinished head."""
+    checkpoint.HeadWriter) and the backbone checked bitwise unchanged; an interrupt saves the
+    unfinished head."""
     base_state = {k: v.detach().cpu().clone() for k, v in model.base_model.state_dict().items()}
     epochs = 0 if optimizer is None else cfg.epochs
-    train_one = train_step if cfg.head == "hpm" else controls.step(cfg.head)
+    train_one = controls.train_step_dpnp if cfg.head == "dpnp" else train_step  # (NCM: no epochs)
 
     def step(xb, yb):
         return train_one(model, optimizer, xb, yb, S, cfg)
@@ -270,7 +247,8 @@ def train(model, optimizer, x, y, S, cfg, save):
     history, generator = [], torch.Generator().manual_seed(cfg.seed)
     try:
         for epoch in range(1, epochs + 1):
-            controls.before_epoch(cfg.head, model)
+            if cfg.head == "dpnp":
+                model.head.renormalize()  # Algorithm 1, line 4
             history.append(train_epoch(model, step, x, y, cfg, epoch, generator))
             check_frozen(model, base_state)
             path = save.save(history, finished=epoch == epochs)  # (a diverged head stops the run instead)
@@ -293,11 +271,12 @@ def train(model, optimizer, x, y, S, cfg, save):
 # The script --------------------------------------------------------------------------------
 
 def build_model(base_model, cfg):
-    """The frozen base model with the head of --head: HPM (with its mixer's start), or a control."""
-    if cfg.head != "hpm":
-        return controls.build(cfg.head, base_model, cfg)
+    """The frozen base model with the head of --head: HPM (with its mixer's start), or a control
+    (NCM: HPM's head with C_hybrid = C_global, the nearest class mean)."""
+    if cfg.head == "dpnp":
+        return controls.attach_dpnp(base_model, alpha=cfg.dpnp_alpha)
     model = attach(base_model, momentum=cfg.momentum)
-    model.head.start_mixer(cfg.mixer_init)
+    model.head.start_mixer("global" if cfg.head == "ncm" else cfg.mixer_init)
     return model
 
 
@@ -326,8 +305,7 @@ def main(args):
             print(f"note: {cfg.out} holds a finished head; it is replaced only when this run finishes "
                   f"(until then checkpoints go to {save.unfinished}; --overwrite to write there)")
         if cfg.head == "dpnp":
-            trained = head_parameters(model, controls.TRAINED[cfg.head])
-            optimizer, S = controls.start(cfg.head, x, cfg, trained), None
+            optimizer, S = controls.start(x, cfg, head_parameters(model, ("prototypes",))), None
         else:
             optimizer, S = start(model, x, y, cfg)
         train(model, optimizer, x, y, S, cfg, save)

@@ -5,20 +5,17 @@ adversarial features with the learned prototypes.
     python -m experiments.run_dpnp_mnist                             # about 20 minutes on 2 CPU cores
     python -m experiments.run_dpnp_mnist --quick --out-dir /tmp/dpnp # the reduced run of the tests
 
-It uses the training and held-out split of experiments.run_mnist (experiments.common: the same
-seeded split of the embedded 10k test set, or --mnist-dir). Both models share the LeNets++ backbone of Wen et al. (2016): three stages of
-two 5x5 convolutions (32, 64, 128 channels) with PReLU and 2x2 max pooling, then a linear layer
-to 2-D features (PReLU). "at": a linear classifier on the features, trained on PGD examples with
-cross-entropy (Madry et al.). "dpnp": unified prototypes on the circle of radius alpha (hpmkit/controls.py),
-trained end to end on Eq. 7 with Algorithm 1's dual branch, prototypes renormalised at every
-epoch's start, their Adam learning rate alpha times the others' (ours: Adam's step does not
-scale with a weight's size, and at 1e-3 prototypes of norm 40 stayed where they started,
-some of them on top of each other). Both: L-inf eps 0.3, PGD with SETTINGS' steps, Adam
-1e-3, the first 10% of the updates clean, then eps ramped linearly to 0.3 by half of
-training (SETTINGS' ramp: with 2-D features and run_mnist's faster ramp, plain AT stayed
-near chance). Not the paper's
-settings (it trains ResNets on CIFAR for 110 epochs): ours, sized for a CPU.
-Writes fig2.png (features and prototypes), fig2.json (clean and PGD accuracy on held-out images).
+It uses experiments.run_mnist's split (experiments.common: the embedded 10k test set, or
+--mnist-dir). Both models share the LeNets++ backbone of Wen et al. (2016), 2-D features. "at": a
+linear classifier trained on PGD examples with cross-entropy (Madry et al.). "dpnp": unified
+prototypes on the circle of radius alpha (hpmkit/controls.py), trained end to end on Eq. 7 with
+Algorithm 1's dual branch, their Adam learning rate alpha times the others' (ours: Adam's step
+does not scale with a weight's size, and at 1e-3 prototypes of norm 40 stayed where they started,
+some on top of each other). Both: L-inf eps 0.3, Adam 1e-3, the first 10% of the updates clean,
+then eps ramped linearly to 0.3 by half of training (SETTINGS' ramp: with 2-D features and
+run_mnist's faster ramp, plain AT stayed near chance). Ours, sized for a CPU (the paper trains
+ResNets on CIFAR for 110 epochs). Writes fig2.png (features and prototypes) and fig2.json (clean
+and PGD accuracy on held-out images).
 """
 import argparse
 import json
@@ -38,7 +35,7 @@ SETTINGS = {
     "quick": dict(n_train=300, n_heldout=100, epochs=1, steps=1, batch_size=64, n_plot=100, eval_steps=2,
                   ramp=(0.1, 0.2)),
 }
-LAMBDAS = controls.DEFAULTS["cifar10"]  # the paper's CIFAR-10 weights (MNIST: our choice)
+LAMBDAS = controls.DPNP_LAMBDAS["cifar10"]  # the paper's CIFAR-10 weights (MNIST: our choice)
 
 
 class LeNetsPP(nn.Module):
@@ -169,8 +166,8 @@ def main(args):
     note = f"{n_plot} held-out images, PGD-10 at eps {EPS}"
     plot(models, x_ho[:n_plot], y_ho[:n_plot], out / "fig2.png", note, device)
     minutes = (time.time() - t0) / 60
-    (out / "fig2.json").write_text(json.dumps({"settings": cfg, "lambdas": LAMBDAS, "accuracy": results,
-                                               "minutes": minutes, "data": source}, indent=1))
+    (out / "fig2.json").write_text(json.dumps(
+        {"settings": cfg, "lambdas": LAMBDAS, "accuracy": results, "minutes": minutes, "data": source}, indent=1))
     print(f"fig2.png, fig2.json in {out} ({minutes:.1f} min)")
     return results
 
@@ -178,9 +175,11 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the reduced run of the test suite")
-    p.add_argument("--out-dir", default="runs/dpnp_mnist", help="where the models and plot go (default runs/dpnp_mnist)")
+    p.add_argument("--out-dir", default="runs/dpnp_mnist",
+                   help="where the models and plot go (default runs/dpnp_mnist)")
     p.add_argument("--mnist-dir", default=None, help="MNIST idx files (default: the embedded test set)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the attacks (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the split, the initialisation and the attacks (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     return p.parse_args(argv)
 

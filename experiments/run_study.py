@@ -10,12 +10,12 @@ adversarially trained CNN cnn_fc_at.pt), running it there first if they are miss
 setting: finetune.py with the setting's flags, and evaluate.py (its default version, strong; both
 contexts) on the same held-out images, batches and seeds, through their command lines. Settings:
 the mixer's start (average, global, default) x the training attack's mode (ste, soft, fc) x the
-IKL class weights (ema, fixed), all with the official attack loss, plus the first landing's
-defaults (average, ste, fixed, attack on the whole training loss), plus two controls: an NCM head
-(l2 logits to C_global alone, nothing trained) and an Adv-DPNP head trained head-only (hpmkit/controls.py).
-The official defaults are average / ste / ema / official. Writes study.json, study.md (the table) and study.png (the plot).
-All settings are ours (the paper has no MNIST experiment); the evaluation budget is reduced to fit
-2 CPU cores (EVAL below), which weakens the attacks for every row alike.
+IKL class weights (ema, fixed), all with the official attack loss (the official defaults: average
+/ ste / ema / official), plus the first landing's defaults (average, ste, fixed, attack on the
+whole training loss), plus two controls (hpmkit/controls.py): an NCM head and an Adv-DPNP head.
+Writes study.json, study.md (the table) and study.png (the plot). All settings are ours (the paper
+has no MNIST experiment); the evaluation budget (EVAL) is reduced to fit 2 CPU cores, which
+weakens the attacks for every row alike.
 """
 import argparse
 import itertools
@@ -69,7 +69,7 @@ def row(results, name):
 
 def table(runs):
     """Markdown: one line per setting; worst case (%) per row and the difference to the base."""
-    def cells(r, name):
+    def cells(r):
         if r is None:  # a control has no batch context
             return "–", "–", "–"
         return f"{100 * r.clean:.1f}", f"{100 * r.worst_case:.1f}", f"{100 * (r.worst_case - base):+.1f}"
@@ -83,8 +83,8 @@ def table(runs):
         mark = {name_of(OFFICIAL): " (official defaults)", name_of(FIRST_LANDING): " (first landing)",
                 "ncm": " (control: l2 to C_global alone)", "dpnp": " (control: Adv-DPNP head)",
                 "dpnp (lambda_DFA 0)": " (control: Adv-DPNP head without DFA)"}.get(r["name"], "")
-        lines.append(f"| {r['name']}{mark} | " + " | ".join(cells(row(res, "hpm/batch"), "batch")) + " | "
-                     + " | ".join(cells(row(res, "hpm/image"), "image")) + " |")
+        lines.append(f"| {r['name']}{mark} | " + " | ".join(cells(row(res, "hpm/batch"))) + " | "
+                     + " | ".join(cells(row(res, "hpm/image"))) + " |")
     base = row(runs[0]["results"], "base")
     lines.append(f"| base model (its own FC head) | | | | {100 * base.clean:.1f} | {100 * base.worst_case:.1f} | |")
     return "\n".join(lines)
@@ -183,10 +183,8 @@ def main(args):
     (out / "study.json").write_text(json.dumps(
         {"eval_args": eval_args, "minutes_this_invocation": minutes, "compute": compute, "verdict": verdict,
          "runs": [{k: r[k] for k in ("name", "setting", "seconds")} | {
-             "worst_case": {n: getattr(row(r["results"], n), "worst_case", None)
-                            for n in ("base", "hpm/batch", "hpm/image")},
-             "clean": {n: getattr(row(r["results"], n), "clean", None) for n in ("base", "hpm/batch", "hpm/image")}}
-             for r in runs]}, indent=1))
+             key: {n: getattr(row(r["results"], n), key, None) for n in ("base", "hpm/batch", "hpm/image")}
+             for key in ("worst_case", "clean")} for r in runs]}, indent=1))
     print("\n" + md + "\n\n" + verdict + f"\n\nstudy: {out / 'study.md'}, {out / 'study.png'} ({minutes:.1f} min)")
     return runs
 
@@ -200,8 +198,9 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="runs/study", help="where the study is written (default runs/study)")
     p.add_argument("--seed", type=int, default=0, help="seed of every fine-tuning and evaluation (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    args.command = shlex.join(["python", "-m", "experiments.run_study"] + (sys.argv[1:] if argv is None else list(argv)))
+    args.command = shlex.join(["python", "-m", "experiments.run_study", *argv])
     return args
 
 

@@ -76,25 +76,22 @@ def attack_side(fc, l2, x, y, steps, seed):
                                                             for k, v in (("apgd", x_adv), ("random", x_rand))}
         refs = (model.classifier.weight if name == "fc" else model.classifier.prototypes).detach().double().numpy()
         w = refs[y_0.numpy()]  # (n, D) the true class's reference vector
+        sensitivity = theory.sensitivity_fc if name == "fc" else theory.sensitivity_l2
         for kind, z_adv in zs.items():
             dz = z_adv - z
             cos_g = np.abs((dz * w).sum(1)) / (np.linalg.norm(dz, axis=1) * np.linalg.norm(w, axis=1) + 1e-12)
-            if name == "fc":
-                s = np.array([theory.sensitivity_fc(a, b, c) for a, b, c in zip(z, w, dz)])
-            else:
-                s = np.array([theory.sensitivity_l2(a, b, c) for a, b, c in zip(z, w, dz)])
-            out[f"{name}/{kind}"] = {"abs_cos_gamma": cos_g.tolist(), "S": s.tolist()}
+            s = [float(sensitivity(a, b, c)) for a, b, c in zip(z, w, dz)]
+            out[f"{name}/{kind}"] = {"abs_cos_gamma": cos_g.tolist(), "S": s}
     return out
 
 
 def quantiles(v):
-    v = np.asarray(v)
-    return {q: float(np.quantile(v, p)) for q, p in (("q25", 0.25), ("median", 0.5), ("q75", 0.75))}
+    return {q: float(np.quantile(np.asarray(v), p)) for q, p in (("q25", 0.25), ("median", 0.5), ("q75", 0.75))}
 
 
 def figure(width, height):
-    """A matplotlib Figure outside pyplot (nothing to close; a test can inspect it), laid out by
-    constrained layout so that legends placed outside the axes stay inside the image."""
+    """A Figure outside pyplot (nothing to close; a test can inspect it); constrained layout keeps
+    legends outside the axes inside the image."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
@@ -121,18 +118,14 @@ def plot_fig3(data, title):
     t = np.linspace(0, math.pi, 721)
     for ax, which, name in ((axes[0], "c", "FC classifier\nθ_c: angle of z to the FC weight rows"),
                             (axes[1], "d", "l2 classifier\nθ_d: angle of z to the prototypes")):
-        if "angles" in data:
-            pos, neg = data["angles"][which]
-            ax.hist(np.degrees(pos), bins=60, density=True, alpha=0.4, color="tab:orange",
-                    label="own class, measured")
-            ax.hist(np.degrees(neg), bins=60, density=True, alpha=0.4, color="tab:blue",
-                    label="other classes, measured")
-        a, mp, sp, mn, sn = data["stats"][which]
-        # the densities are per radian; the axis is in degrees
-        ax.plot(np.degrees(t), theory.truncated_normal_pdf(t, mp, sp) * math.pi / 180, color="tab:red",
-                label="Eq. 12, own class (μ+, σ+)")
-        ax.plot(np.degrees(t), theory.truncated_normal_pdf(t, mn, sn) * math.pi / 180, color="tab:green",
-                label="Eq. 12, other classes (μ-, σ-)")
+        measured = data["angles"][which] if "angles" in data else ()
+        for angles, color, whose in zip(measured, ("tab:orange", "tab:blue"), ("own class", "other classes")):
+            ax.hist(np.degrees(angles), bins=60, density=True, alpha=0.4, color=color, label=f"{whose}, measured")
+        _, mp, sp, mn, sn = data["stats"][which]
+        for mu, sd, color, label in ((mp, sp, "tab:red", "own class (μ+, σ+)"),
+                                     (mn, sn, "tab:green", "other classes (μ-, σ-)")):  # per radian, in degrees
+            ax.plot(np.degrees(t), theory.truncated_normal_pdf(t, mu, sd) * math.pi / 180, color=color,
+                    label=f"Eq. 12, {label}")
         ax.set(xlabel="angle (degrees)", ylabel="density (per degree)", title=name, xlim=(0, 180))
     axes[2].plot(data["c"], data["model"], color="black", label="Eq. 13, modelled")
     if "empirical" in data:
@@ -253,8 +246,9 @@ def parse_args(argv=None):
     p.add_argument("--mnist-run", default="runs/mnist", help="experiments.run_mnist's output folder")
     p.add_argument("--out-dir", default="runs/theory", help="where the figures and tables go")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks and random perturbations")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    args.command = shlex.join(["python", "-m", "experiments.run_theory"] + (sys.argv[1:] if argv is None else list(argv)))
+    args.command = shlex.join(["python", "-m", "experiments.run_theory", *argv])
     return args
 
 

@@ -16,7 +16,7 @@ Angles are in radians. numpy and scipy only: not part of the copyable head.
 import math
 
 import numpy as np
-from scipy import integrate, special, stats
+from scipy import integrate, optimize, special, stats
 
 # Eq. 3-8: sensitivities of one feature -----------------------------------------------------------
 
@@ -179,8 +179,6 @@ def fit_truncated_normal(angles):
     def nll(p):
         mu, log_sd = p
         return -np.log(np.maximum(truncated_normal_pdf(angles, mu, math.exp(log_sd)), 1e-300)).sum()
-    from scipy import optimize
-
     res = optimize.minimize(nll, [angles.mean(), math.log(max(angles.std(), 1e-3))], method="Nelder-Mead",
                             options=dict(xatol=1e-8, fatol=1e-8, maxiter=4000))
     return float(res.x[0]), float(math.exp(res.x[1]))

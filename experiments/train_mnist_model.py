@@ -50,8 +50,9 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    args.command = shlex.join(["python", "-m", "experiments.train_mnist_model"] + (sys.argv[1:] if argv is None else list(argv)))
+    args.command = shlex.join(["python", "-m", "experiments.train_mnist_model", *argv])
     return args
 
 

@@ -27,12 +27,11 @@ HEAD_ARGS = {"hpm": ("momentum", "eps"), "ncm": ("momentum", "eps"), "dpnp": ("a
 
 @dataclass
 class HeadRecord:
-    """What a checkpoint says of its head besides the tensors. head_type: "hpm", or a control of
-    the study, "ncm" (an HPM head on C_global alone) or "dpnp"; model: the base model as given (a
-    RobustBench name, a file's absolute path, or a code spec /abs/FILE.py:NAME); base_fingerprint:
-    fingerprint() of the frozen base model, checked when the head is loaded; args: every setting of
-    the run; weights: the absolute path of a code spec's --weights (None: none given); base_probe:
-    the base model's outputs on fixed images (probe), which its code decides as well as its weights."""
+    """What a checkpoint says of its head besides the tensors. head_type: "hpm", "ncm" or "dpnp"
+    (HEAD_ARGS); model: the base model as given (a RobustBench name, a file's absolute path, or a
+    code spec /abs/FILE.py:NAME); args: every setting of the run; weights: the absolute path of a
+    code spec's --weights; base_probe: probe(), since the base model's code decides its outputs as
+    well as its weights."""
     head_type: str
     model: str
     dataset: str
@@ -192,12 +191,10 @@ def probe_logits(base, shape):
 
 
 def check_base(ckpt, base, model_name, weights=None):
-    """The head was fine-tuned on this very base model (its fingerprint: for a code spec, this
-    proves the --weights too), else one line; a head saved before fingerprints existed loads with
-    a one-line note. With the same weights, the base model's code may have changed since (mynet.py
-    edited): outputs on the probe other than those the head recorded get a one-line warning, not a
-    refusal (a deliberate edit is the user's to evaluate, and the weights check already refuses
-    the head on another model); a head without a probe (written before probes) loads as before."""
+    """The head was fine-tuned on this very base model (its fingerprint), else one line. With the
+    same weights, the base model's code may have changed since (mynet.py edited): outputs on the
+    probe other than those the head recorded get a warning, not a refusal (a deliberate edit is
+    the user's to evaluate). Heads from before fingerprints or probes load (with a note)."""
     if ckpt.get("base_fingerprint") is None:
         print("note: the head checkpoint records no fingerprint of its base model (written before "
               "they existed): that it was trained on this model cannot be checked")
@@ -207,26 +204,24 @@ def check_base(ckpt, base, model_name, weights=None):
                        f"differ; the checkpoint names {ckpt['model']!r}"
                        + (f" with weights {ckpt['weights']!r}" if ckpt.get("weights") else "")
                        + "): a head only fits the model it was trained on")
-    recorded = ckpt.get("base_probe")
-    if recorded is not None:
-        try:
-            now = probe_logits(base, recorded["shape"])
-        except Exception as e:  # (a model that no longer takes those images; check_images says more)
-            now = first_line(e)
-        scale = float(recorded["logits"].abs().max()) + 1
-        if isinstance(now, str) or now.shape != recorded["logits"].shape or not (
-                (now - recorded["logits"]).abs().max() <= PROBE_TOL * scale):
-            change = now if isinstance(now, str) else ("logits of another shape" if now.shape != recorded[
-                "logits"].shape else f"logits moved by up to {float((now - recorded['logits']).abs().max()):.3g}")
-            print(f"warning: the base model {model_name} no longer gives the outputs the head recorded at "
-                  f"fine-tuning ({change} on its probe images), though its weights are the same: its code "
-                  "changed since? The head was trained on the old model's features; fine-tune it again")
+    if ckpt.get("base_probe") is None:
+        return
+    old = ckpt["base_probe"]["logits"]
+    try:
+        now = probe_logits(base, ckpt["base_probe"]["shape"])
+        moved = float((now - old).abs().max()) if now.shape == old.shape else math.inf
+        change = f"logits moved by up to {moved:.3g}" if now.shape == old.shape else "logits of another shape"
+    except Exception as e:  # (a model that no longer takes those images; check_images says more)
+        moved, change = math.inf, first_line(e)
+    if not moved <= PROBE_TOL * (float(old.abs().max()) + 1):
+        print(f"warning: the base model {model_name} no longer gives the outputs the head recorded at "
+              f"fine-tuning ({change} on its probe images), though its weights are the same: its code "
+              "changed since? The head was trained on the old model's features; fine-tune it again")
 
 
 class Models(NamedTuple):
-    """What evaluate.py attacks: the base model, its HPM model (None: the base model alone) or DPNP
-    model, frozen, the number of classes (the head's; None for a base model alone, which needs no
-    final nn.Linear: count_classes reads it from its logits) and the head's type (HEAD_ARGS)."""
+    """What evaluate.py attacks, frozen: the base model, its HPM or DPNP model (None: the base model
+    alone, which needs no final nn.Linear: count_classes reads num_classes from its logits)."""
     base: torch.nn.Module
     hpm: torch.nn.Module = None
     dpnp: torch.nn.Module = None
@@ -249,16 +244,13 @@ def attach_head(ckpt, base, model_name, weights=None):
 
 
 def load_head_file(path, base_model):
-    """A head checkpoint of finetune.py on base_model (the Python API, hpmkit.api.load_head): the HPM
-    (or DPNP) model, frozen, in eval mode; one CLIError if the file is no head or the head was
-    fine-tuned on another model."""
+    """hpmkit.api.load_head: a head checkpoint of finetune.py on base_model, frozen, in eval mode."""
     model = attach_head(read_head(path), base_model, type(base_model).__name__)
     return model.eval().requires_grad_(False)
 
 
 def load_models(cfg, ckpt, device):
-    """evaluate.py's models (Models), frozen, on device; cfg names the base model, ckpt (read_head)
-    the head."""
+    """evaluate.py's models, on device; cfg names the base model, ckpt (read_head) the head."""
     base = load_model(cfg.model, cfg.dataset, cfg.threat_model, cfg.model_dir, cfg.weights)
     if ckpt is None:
         return Models(base.to(device).eval().requires_grad_(False))
@@ -267,7 +259,7 @@ def load_models(cfg, ckpt, device):
 
 
 def with_head(base, head_model, head_type):
-    """Models of a base model and its head's model (HPM or DPNP), both frozen."""
+    """Models of a base model and its head's model, both frozen."""
     head_model.eval().requires_grad_(False)
     dpnp_model = head_model if head_type == "dpnp" else None
     return Models(base, None if dpnp_model else head_model, dpnp_model, find_classifier(base)[1].out_features,
@@ -306,13 +298,10 @@ def count_classes(model, x, y, device, where):
 
 
 class HeadWriter:
-    """Where and how a fine-tuning writes its head (model) with its record, and the check before
-    each write. An unfinished head never replaces a finished one at --out (unless overwrite):
-    until the run finishes, its checkpoints go beside it, to OUT.unfinished.pt (OUT resolved),
-    which must be free or an unfinished head already (anything else: refused at once); the run
-    removes that file only if it wrote it. Each head is checked just before it is written: the
-    epoch's loss, the head's parameters and its logits on `probe` (a batch of training images)
-    finite, else the run stops in one line and that head is not saved."""
+    """Where a fine-tuning writes its head (model) with its record. An unfinished head never
+    replaces a finished one at --out (unless overwrite): until the run finishes, its checkpoints go
+    beside it, to OUT.unfinished.pt (OUT resolved), which must be free or an unfinished head
+    already; the run removes that file only if it wrote it. probe: a batch of training images."""
 
     def __init__(self, out, model, record, probe, overwrite=False):
         self.out, self.model, self.record, self.probe = out, model, record, probe
@@ -339,9 +328,9 @@ class HeadWriter:
 
     @torch.no_grad()
     def check(self, history):
-        """A diverged run (the epoch's loss, the head's parameters or its logits not finite) stops
-        before it saves that head: the head that is saved is the head checked, after its last step
-        (the loss was measured before it). A finished head at --out stays; this run's unfinished one goes."""
+        """A diverged run (the epoch's loss, the head's parameters or its logits on the probe not
+        finite) stops before it saves that head; a finished head at --out stays, this run's
+        unfinished one goes."""
         loss = history[-1]["loss"] if history else 0.0
         bad = [n for n, p in self.model.head.named_parameters() if not torch.isfinite(p).all()]
         logits = self.model(self.probe)

@@ -20,7 +20,6 @@ def sweep_eps(norm, eps, dim):
 
 
 def check_eps_sweep(attack, accs, sweep, n, tol_n):
-    """Accuracy must fall as eps grows and reach ~0 at the largest eps of the sweep."""
     rises = [e for e, a, b in zip(sweep[1:], accs, accs[1:]) if b > a + tol_n]
     ok = not rises and accs[-1] <= tol_n
     return {
@@ -35,7 +34,6 @@ def check_eps_sweep(attack, accs, sweep, n, tol_n):
 
 
 def check_doubled_steps(attack, a1, a2, steps, n, tol_n):
-    """Twice the steps must not lower the accuracy by more than the tolerance."""
     ok = a2 >= a1 - tol_n
     return {
         "attack": attack, "steps": [steps, 2 * steps], "accuracy": [a1, a2], "n": n,
@@ -46,8 +44,7 @@ def check_doubled_steps(attack, a1, a2, steps, n, tol_n):
 
 
 def check_square_vs_gradient(rr, tol):
-    """A black-box attack must not beat the best gradient attack (whole subset); rr: the row's
-    results.RowResults."""
+    """rr: the row's results.RowResults (whole subset)."""
     accuracies = rr.accuracies
     grads = {k: v for k, v in accuracies.items() if k != "square"}
     if "square" not in accuracies or not grads:
@@ -66,7 +63,6 @@ def check_square_vs_gradient(rr, tol):
 
 
 def check_transfer_vs_end_to_end(rr, tol):
-    """A transfer attack from a surrogate beating the end-to-end (/ste) attack: obfuscated gradients."""
     grads = {k: v for k, v in rr.accuracies.items() if k != "square"}
     transfer = {k: v for k, v in grads.items() if not k.endswith("/ste")}
     end2end = {k: v for k, v in grads.items() if k.endswith("/ste")}
@@ -82,27 +78,6 @@ def check_transfer_vs_end_to_end(rr, tol):
                     "MSA exists) ") + f"best transfer {transfer[bt]:.1%} ({bt}) vs best "
                    f"end-to-end {end2end[be]:.1%} ({be}), whole subset"),
     }
-
-
-def gradient_masking_checks(row_name, runs, rr, setting, sweep, n, tol):
-    """The four checks as {name: {"status": "pass" | "flag" | "n/a", "detail": str, numbers...}}.
-
-    runs: accuracies of the check attacks on the first n images, keyed by check_key(); rr: the
-    row's main results (whole subset); setting: the run's; sweep: the eps values of the sweep.
-    tol: the accuracy difference tolerated; on the n check images, never less than one image.
-    """
-    attack, eps, steps = check_attack(row_name), setting.eps, setting.steps
-    tol_n = max(tol, 1 / n)
-    out = {
-        "eps_sweep": check_eps_sweep(attack, [runs[check_key(attack, e, steps)] for e in sweep],
-                                     sweep, n, tol_n),
-        "doubled_steps": check_doubled_steps(attack, runs[check_key(attack, eps, steps)],
-                                             runs[check_key(attack, eps, 2 * steps)], steps, n, tol_n),
-        "square_vs_gradient": check_square_vs_gradient(rr, tol),
-    }
-    if row_name != "base":
-        out["transfer_vs_end_to_end"] = check_transfer_vs_end_to_end(rr, tol)
-    return out
 
 
 def check_attack(row_name):
@@ -144,15 +119,6 @@ def context_sensitivity(row, data, orders, seed=0):
     return changed
 
 
-def check_context_sensitivity(row, data, orders):
-    changed = context_sensitivity(row, data, orders)
-    n, k = len(changed), int(changed.sum())
-    return {"orders": orders, "n": n, "changed": k / n, "status": "pass" if k == 0 else "note",
-            "detail": (f"{k} of {n} clean predictions ({k / n:.1%}) change when the batches are formed again "
-                       f"in {orders} random orders" + ("" if k == 0 else ": a deployment's clean outputs "
-                                                       "depend on who else is in the batch"))}
-
-
 @dataclass(frozen=True)
 class CheckRun:
     """One check attack: its key in the row's check runs, the attack (a catalogue record), and the
@@ -178,9 +144,24 @@ def check_runs(row_name, setting, sweep):
 
 def judge(row, rr, data, setting, sweep, checks):
     """The checks of a row (evaluate.py's ModelUnderTest) into its results rr (results.RowResults):
-    the eps sweep and doubled steps from its check runs, Square and transfer from its main results,
-    the context sensitivity from the clean fixed batches `data` (the whole subset)."""
-    n = min(checks.n, len(data))
-    rr.checks.update(gradient_masking_checks(row.name, rr.check_accuracies(), rr, setting, sweep, n, checks.tol))
+    the eps sweep and doubled steps from its check runs on the first n images (differences of
+    checks.tol tolerated, never less than one image), Square and transfer from its main results
+    (whole subset), the context sensitivity from the clean fixed batches `data`."""
+    runs, attack, tol = rr.check_accuracies(), check_attack(row.name), checks.tol
+    eps, steps, n = setting.eps, setting.steps, min(checks.n, len(data))
+    tol_n = max(tol, 1 / n)
+    rr.checks.update(
+        eps_sweep=check_eps_sweep(attack, [runs[check_key(attack, e, steps)] for e in sweep], sweep, n, tol_n),
+        doubled_steps=check_doubled_steps(attack, runs[check_key(attack, eps, steps)],
+                                          runs[check_key(attack, eps, 2 * steps)], steps, n, tol_n),
+        square_vs_gradient=check_square_vs_gradient(rr, tol))
+    if row.name != "base":
+        rr.checks["transfer_vs_end_to_end"] = check_transfer_vs_end_to_end(rr, tol)
     if checks.orders:
-        rr.checks["context_sensitivity"] = check_context_sensitivity(row, data, checks.orders)
+        changed = context_sensitivity(row, data, checks.orders)
+        n, k, orders = len(changed), int(changed.sum()), checks.orders
+        rr.checks["context_sensitivity"] = {
+            "orders": orders, "n": n, "changed": k / n, "status": "pass" if k == 0 else "note",
+            "detail": (f"{k} of {n} clean predictions ({k / n:.1%}) change when the batches are formed again "
+                       f"in {orders} random orders" + ("" if k == 0 else ": a deployment's clean outputs "
+                                                       "depend on who else is in the batch"))}

@@ -1,17 +1,16 @@
-"""The fine-tuning study's controls (finetune.py --head): two other heads on the same frozen
-backbone, trained by finetune.py's loop, written to the same head checkpoint.
+"""The fine-tuning study's controls (finetune.py --head), two other heads on the same frozen
+backbone, trained by finetune.py's loop and written to the same head checkpoint:
 
 - "ncm": HPM's l2 head on C_global alone (the mixer [I; 0]), C_global the class means of
   finetune.py's clean pass; nothing trained.
-- "dpnp": Adv-DPNP's unified prototypes (below) trained head-only on its Eq. 7 with
+- "dpnp": Adv-DPNP's unified prototypes ("Adversarially Robust Learning with Deep
+  Positive-Negative Prototypes", arXiv 2504.03782, section 3) trained head-only on its Eq. 7 with
   Algorithm 1's dual branch, on PGD examples that maximise the head's cross-entropy (our choice
   of attack). With the backbone frozen only the prototypes learn, and the adversarial branch
   reaches them through the DFA term alone.
 
-Adv-DPNP's unified prototypes, the prototype baseline beside HPM, from "Adversarially Robust Learning with Deep Positive-Negative Prototypes" (Adv-DPNP, arXiv
-2504.03782), section 3. Features z = f(x) (B, D) of a backbone; M classes; each class j has one
-learnable vector c_j that is both its prototype and its classifier weight, kept on the sphere
-of radius alpha:
+Features z = f(x) (B, D); M classes; each class j has one learnable vector c_j, both its
+prototype and its classifier weight, kept on the sphere of radius alpha:
 
     p_j(x)  = softmax_j(c_j . z / alpha)                                     Eq. 1
     L_DPP   = CE(p(x), y) + lambda_DPP / 2 * ||z - c_y||^2                    Eq. 3
@@ -20,19 +19,16 @@ of radius alpha:
     L_DFA   = KL(p(x) || p(x_adv))                                            Eq. 6
     L       = lambda_DNP L_DNP + 1/(2N) sum_i [DPP(x_i) + DPP(x_adv_i) + lambda_DFA DFA_i]   Eq. 7
 
-with ||v||_{1/2}^{1/2} = sum_d |v_d|^{1/2}. The prototypes are put back on the sphere at the
-start of every epoch (Algorithm 1, line 4).
+with ||v||_{1/2}^{1/2} = sum_d |v_d|^{1/2}; the prototypes go back on the sphere at the start of
+every epoch (Algorithm 1, line 4).
 
 The dual branch. The paper's text (3.2) says the prototypes learn from clean data only; its
 Algorithm 1 (line 21) updates them with lambda_DNP L_DNP, the clean DPP terms and the DFA term,
 which depends on the adversarial outputs, and never with the adversarial DPP term. We follow
-Algorithm 1: in `adv_dpnp_loss` the adversarial DPP term sees the prototypes detached, so the
-backbone gets the gradient of all of Eq. 7 and the prototypes that of every term but one.
+Algorithm 1: in `adv_dpnp_loss` the adversarial DPP term sees the prototypes detached.
 
-Defaults from the paper: alpha 40; lambda_DPP 0.1, lambda_DNP 0.1, lambda_DFA 2 on CIFAR-10 and
-SVHN (0.3, 3, 2.4 on CIFAR-100). Ours, not the paper's: the head starts from the base model's
-FC weights, scaled onto the sphere (a head-only start; the paper trains everything from
-scratch), and has no bias (Eq. 1 has none).
+Ours, not the paper's: the head starts from the base model's FC weights, scaled onto the sphere
+(a head-only start; the paper trains everything from scratch), and has no bias (Eq. 1 has none).
 """
 import torch
 import torch.nn as nn
@@ -42,9 +38,10 @@ import hpm
 from hpmkit.pgd import ascend
 
 
-DEFAULTS = {  # (lambda_DPP, lambda_DNP, lambda_DFA), the paper's section 4.1
-    "cifar10": (0.1, 0.1, 2.0), "svhn": (0.1, 0.1, 2.0), "cifar100": (0.3, 3.0, 2.4),
-}
+# (lambda_DPP, lambda_DNP, lambda_DFA): the paper's (section 4.1; alpha 40) for CIFAR-10 (and SVHN) and CIFAR-100;
+# MNIST and own data take CIFAR-10's, ImageNet CIFAR-100's (our choice).
+CIFAR10, CIFAR100 = (0.1, 0.1, 2.0), (0.3, 3.0, 2.4)
+DPNP_LAMBDAS = {"cifar10": CIFAR10, "mnist": CIFAR10, "own": CIFAR10, "cifar100": CIFAR100, "imagenet": CIFAR100}
 
 
 class DPNPHead(nn.Module):
@@ -109,19 +106,10 @@ class DPNPClassifier(hpm.FrozenBackbone):
         return self.head(self.features(x))
 
 
-def attach_dpnp(base_model, alpha=40.0):
-    """Plug a DPNP head onto any classifier whose logits come from a final nn.Linear (frozen)."""
-    return DPNPClassifier(base_model, alpha=alpha)
+attach_dpnp = DPNPClassifier  # (hpm.attach's counterpart)
 
 
 # The controls in finetune.py's loop --------------------------------------------------------------
-# --head dpnp: (lambda_DPP, lambda_DNP, lambda_DFA), the Adv-DPNP paper's for CIFAR (MNIST and own
-# data take CIFAR-10's, ImageNet CIFAR-100's: our choice).
-DPNP_LAMBDAS = {"cifar10": DEFAULTS["cifar10"], "mnist": DEFAULTS["cifar10"],
-                "cifar100": DEFAULTS["cifar100"], "imagenet": DEFAULTS["cifar100"],
-                "own": DEFAULTS["cifar10"]}
-TRAINED = {"dpnp": ("prototypes",), "ncm": ()}  # what each control's head trains
-
 
 def dpnp_lambdas(dataset, lambda_dfa=None):
     """The dataset's (lambda_DPP, lambda_DNP, lambda_DFA), with --lambda-dfa if given."""
@@ -129,18 +117,9 @@ def dpnp_lambdas(dataset, lambda_dfa=None):
     return lambdas if lambda_dfa is None else lambdas[:2] + (lambda_dfa,)
 
 
-def build(head, base_model, cfg):
-    """The frozen base model with the control's head."""
-    if head == "dpnp":
-        return attach_dpnp(base_model, alpha=cfg.dpnp_alpha)
-    model = hpm.attach(base_model, momentum=cfg.momentum)
-    model.head.start_mixer("global")  # C_hybrid = C_global: the nearest class mean
-    return model
-
-
-def start(head, x, cfg, parameters):
-    """Before the first epoch of the DPNP control: the optimizer of its prototypes (parameters: the
-    head's trained parts, TRAINED[head], from finetune.py's head_parameters, which froze all else)."""
+def start(x, cfg, parameters):
+    """Before the first epoch of the DPNP control: the optimizer of its prototypes (parameters, from
+    finetune.py's head_parameters, which froze all else)."""
     lambdas = ", ".join(f"{n} {v:g}" for n, v in zip(("DPP", "DNP", "DFA"), cfg.dpnp_lambdas))
     print(f"DPNP head on {cfg.model}: {len(x)} {cfg.dataset} training images, {cfg.epochs} "
           f"epoch(s) of batch {cfg.batch_size}, Adam lr {cfg.lr:g}, alpha {cfg.dpnp_alpha:g}, "
@@ -148,21 +127,9 @@ def start(head, x, cfg, parameters):
     return torch.optim.Adam(parameters, lr=cfg.lr)
 
 
-def before_epoch(head, model):
-    """Algorithm 1, line 4 (DPNP): the prototypes back on their sphere at every epoch's start."""
-    if head == "dpnp":
-        model.head.renormalize()
-
-
-def step(head):
-    """The control's training step, as finetune.train_step's signature (None: NCM trains nothing)."""
-    return {"dpnp": train_step_dpnp}.get(head)
-
-
 def train_step_dpnp(model, optimizer, x, y, S, cfg):
-    """One batch: PGD on the DPNP head's cross-entropy, then one step on Eq. 7 with Algorithm 1's
-    dual branch (adv_dpnp_loss). S is unused. Returns the loss and the numbers of clean and
-    adversarial images the head classifies correctly."""
+    """finetune.train_step for the DPNP head (S unused): PGD on its cross-entropy, then one step on
+    Eq. 7 with Algorithm 1's dual branch (adv_dpnp_loss)."""
     head = model.head
     x_adv = ascend(x, lambda x_adv: F.cross_entropy(model(x_adv), y), cfg.eps, cfg.threat_model, cfg.steps,
                    cfg.step_size)

@@ -8,11 +8,6 @@ loop in evaluate.py reads
         with job.fit():           # timed, backbone passes counted; out of GPU memory: again in halves
             job.record(attack_chunk(row, attack, chunk, setting, ...))   # written at once
     job.finish()
-
-Here: the Runner (device, --chunk, torchrun's Ranks, the results and their file), a ChunkJob
-(one job's chunks as an iterator, fit() and record()), torchrun's ledgers (Ranks), the images
-through the backbone (BackboneCounter, BackboneTally), the run's Plan (its cost estimate and the
-[k/N] line after each job) and --save-adv (AdvStore, AdvSaver).
 """
 import contextlib
 import datetime
@@ -77,9 +72,8 @@ def world_size():
 
 
 def start_ranks(out, device, overwrite, identity):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on GPUs, gloo on the CPU),
-    each process on its own GPU (Ranks.device); returns a Ranks, else None. identity: the
-    settings a ledger must match to be resumed."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group, each process on its own GPU
+    (Ranks.device); returns a Ranks, else None. identity: what a ledger must match to be resumed."""
     if world_size() <= 1:
         return None
     import torch.distributed as dist
@@ -106,12 +100,10 @@ def chained(entries, first, end):
 
 
 class Ranks:
-    """Several processes on one evaluation (torchrun): each attacks its share of the chunks of
-    whole fixed batches (cut so that every process gets as many: balanced_chunks), writes what
-    it did to its own ledger (OUT.parts/rank<r>.json, rewritten after every chunk), and after
-    each job every process reads all ledgers, so all hold the same results; rank 0 writes the
-    results file. A rerun reads the ledgers and does only the chunks no rank finished,
-    whichever rank did the others."""
+    """Several processes on one evaluation (torchrun): each attacks its share of a job's chunks and
+    writes what it did to its own ledger (OUT.parts/rank<r>.json, after every chunk); after each
+    job every process reads all ledgers, so all hold the same results. A rerun does only the
+    chunks no rank finished, whichever rank did the others."""
 
     def __init__(self, out, identity, device):
         import torch.distributed as dist
@@ -147,8 +139,7 @@ class Ranks:
         return out
 
     def todo(self, key, batches, chunk):
-        """This rank's chunks of a job: of the chunks (balanced_chunks) what no earlier run finished,
-        dealt out in turn."""
+        """This rank's chunks of a job: what no earlier run finished, dealt out in turn."""
         before, left = self.before.get(key, {}), []
         for first, end in balanced_chunks(batches, chunk, self.world):
             first = chained(before, first, end)
@@ -163,7 +154,7 @@ class Ranks:
 
     def merge(self, key, n_batches):
         """After a job: every rank's chunks of it (all wait for all), in order, as a results.Progress."""
-        self.dist.barrier()  # every rank's chunks of this job are in the ledgers
+        self.dist.barrier()
         done, entries, i = self.jobs().get(key, {}), [], 0
         while i < n_batches:
             entries.append(done[str(i)])
@@ -184,12 +175,10 @@ class Ranks:
 
 @dataclass
 class Runner:
-    """How evaluate.py's jobs run, below the protocol: into `results` (results.Results), written to
-    `out` after every chunk (None: kept in memory; under torchrun rank 0 writes it); on `device`, in
-    chunks of whole fixed batches of at most `chunk` images (None: one batch at a time); shared among
-    torchrun's processes (`ranks`, a Ranks, or None); progress bars or not; lines to `log`. It keeps
-    the backbone passes this process counted (tally) and, per row, the most fixed batches per chunk
-    known to fit in GPU memory (fits)."""
+    """How evaluate.py's jobs run, below the protocol: into `results`, written to `out` after every
+    chunk (None: kept in memory); in chunks of whole fixed batches of at most `chunk` images (None:
+    one batch at a time). It keeps the backbone passes this process counted (tally) and, per row,
+    the most fixed batches per chunk known to fit in GPU memory (fits)."""
     results: Results = field(default_factory=Results)
     out: str = None
     device: torch.device = torch.device("cpu")
@@ -201,13 +190,12 @@ class Runner:
     fits: dict = field(default_factory=dict)
 
     def job(self, runs, data, row, name, backbone=None, saver=None):
-        """The job `name` of the row named `row` over the fixed batches `data` (chunks.FixedBatches),
-        resumed from `runs` (a results.Runs: the row's, or its checks'); backbone: whose forward
-        passes measure its cost; saver: an AdvSaver (--save-adv)."""
+        """The job `name` of the row named `row` over the fixed batches `data`, resumed from `runs`
+        (the row's, or its checks'); backbone: whose forward passes measure its cost."""
         return ChunkJob(self, runs, data, row, name, backbone, saver)
 
     def save(self):
-        """The results as they stand, stamped and written into `out` (rank 0 writes under torchrun)."""
+        """The results as they stand, stamped and written (by rank 0 under torchrun)."""
         if not self.out:
             return
         self.results.updated(processes=None if self.ranks is None else self.ranks.world)
@@ -216,9 +204,7 @@ class Runner:
 
 
 class ChunkJob:
-    """One job in this process: iterate it for its chunks (chunks.Chunk: whole fixed batches on the
-    device) from where `runs` left off (under torchrun, this rank's share); attack each inside
-    fit() and record() its result there; finish() when the loop ends."""
+    """One job in this process, as the module's docstring runs it."""
 
     def __init__(self, runner, runs, data, row, name, backbone, saver):
         self.runner, self.runs, self.data, self.row, self.name = runner, runs, data, row, name
@@ -278,7 +264,7 @@ class ChunkJob:
 
     def record(self, result):
         """The chunk's result (chunks.ChunkResult) into the results at once (under torchrun, into this
-        rank's ledger), its adversarial batches kept (--save-adv)."""
+        rank's ledger)."""
         (first, end), batches = self.current, self.data.batches
         if self.saver is not None and result.x_adv is not None:
             for i in range(first, end):
@@ -303,8 +289,7 @@ class ChunkJob:
         self.bar.update(end - first)
 
     def finish(self):
-        """After the last chunk: (torchrun) every rank's chunks into the results; the job's accuracy;
-        --save-adv's file; the results written."""
+        """After the last chunk: (torchrun) every rank's chunks into the results; the results written."""
         if self.runner.ranks is not None:
             self.runs.record(self.name, self.runner.ranks.merge(self.key, len(self.data.batches)))
         self.runs.finish(self.name)
@@ -318,10 +303,7 @@ class ChunkJob:
 class Plan:
     """The jobs a run will do, in order (`names`: (row, job) pairs), on n images each, and what each
     costs now (cost(i) -> catalogue.Cost, backbone passes per image: an estimate that the images
-    fooled so far may lower). After each job, done() prints the progress line: [k/N], the job's
-    seconds, the run's so far and the time left: the passes left (upper bounds where an attack may
-    stop early) times the seconds per backbone pass measured so far (runner.tally; under torchrun
-    each process does 1/world of them); after the first, the whole run's time in minutes."""
+    fooled so far may lower); done() prints the progress line after each job."""
 
     def __init__(self, names, cost, n, runner):
         self.names, self.cost, self.n, self.runner = list(names), cost, n, runner
@@ -348,13 +330,15 @@ class Plan:
         return lines + [f"  {'in all':<16} {'':<20} {self.left(0)}"]
 
     def seconds_left(self):
-        """The jobs after the k-th, in seconds at the rate measured so far (None: none measured)."""
+        """The jobs after the k-th, in seconds at the rate measured so far (None: none measured); the
+        passes are upper bounds where an attack may stop early; each torchrun process does 1/world."""
         rate, world = self.runner.tally.seconds_per_pass, self.runner.ranks.world if self.runner.ranks else 1
         return None if rate is None else self.left(self.k).passes * self.n * rate / world
 
     def done(self, text, seconds):
-        """The progress line after the next job: text (what it found) with the clock; after the first
-        (the first row's clean pass, unless resumed), the run's time in minutes at its rate."""
+        """The progress line after the next job: [k/N], text (what it found), its seconds, the run's so far
+        and the time left; after the first (the first row's clean pass, unless resumed), the run's time
+        in minutes at its rate."""
         self.k += 1
         left = self.seconds_left()  # (rough: a pass with gradients, or in a small batch, takes longer)
         eta = "time left not known yet" if left is None else f"about {duration(left)} left"
@@ -379,7 +363,7 @@ def adv_path(save_dir, row_name, attack):
 
 class AdvStore:
     """--save-adv: a folder that keeps every attack's adversarial images, one file per row and
-    attack (with the labels, the subset's indices and the fixed batches)."""
+    attack, with the labels, the subset's indices and the fixed batches."""
 
     def __init__(self, save_dir, y, indices, batches):
         self.dir, self.y, self.indices, self.batches = save_dir, y, indices, batches

@@ -1,14 +1,5 @@
-"""The files the scripts write: atomically, through links, one run at a time, never over a file not theirs.
-
-- `atomic_write`: a temporary file of its own beside the file PATH names (through a symlink, its
-  target: the link stays), then renamed over it: a run that dies never leaves half a file. The
-  file keeps its mode (a new one gets the umask's); a write that fails (a full disk) is one
-  line, and the file keeps its earlier contents.
-- `OutLock`: one run writes PATH at a time, whichever script and however PATH is spelled.
-- `check_out`: --out checked before any work (a folder, an input, a file of another kind, a
-  read-only file, a pipe or device, a name too long, a folder one may not write in).
-- `dumps`: indented JSON whose per-image lists stay on one line.
-"""
+"""The files the scripts write: atomically (`atomic_write`), through links, one run at a time
+(`OutLock`), never over a file not theirs (`check_out`, before any work)."""
 import errno
 import hashlib
 import json
@@ -33,8 +24,8 @@ BESIDE = len(".unfinished") + len(".hpm-4194304-xxxxxxxx.tmp")  # (Linux's large
 
 def atomic_write(path, write):
     """write(file object) into a temporary file of its own beside the file PATH names (two runs on
-    one PATH never share one), then rename it over that file: never half a file there. The file
-    keeps its mode; a write that fails (OSError: a full disk, say) is one line, the file unchanged."""
+    one PATH never share one), then rename it over that file: a run that dies never leaves half a
+    file. The file keeps its mode; a write that fails (a full disk, say) is one line, the file unchanged."""
     target = os.path.realpath(path)  # a symlink stays one: its target is the file replaced
     tmp = None
     try:
@@ -54,7 +45,7 @@ def atomic_write(path, write):
 
 
 def file_mode(path):
-    """The mode a rewritten file keeps; a new one gets what open() would give it (0666 & ~umask)."""
+    """The mode a rewritten file keeps; a new one gets what open() would give it."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
@@ -141,11 +132,10 @@ def kind_of(mode):
 
 class OutLock:
     """Context manager: one run writes PATH at a time, whichever script and however PATH is
-    spelled. The lock is R.lock, R the resolved PATH (a symlink and its target take one lock),
-    written in one step with the PID of its process. A second run stops in one line; a stale lock
-    is taken over: an empty one, one naming this very process (a PID reused after a restart), or
-    one whose process is gone. Once it is held, the temporary files a killed run left beside R
-    go; folders made for the lock go again if the run leaves them empty."""
+    spelled: the lock is R.lock, R the resolved PATH, holding its run's PID. A second run stops in
+    one line; a stale lock is taken over: an empty one, one naming this very process (a PID reused
+    after a restart), or one whose process is gone. Folders made for the lock go again if the run
+    leaves them empty."""
 
     def __init__(self, path):
         self.path, self.lock, self.made = path, os.path.realpath(path) + ".lock", []
@@ -263,12 +253,8 @@ def make_folders(folder):
 
 
 def check_out(path, inputs=(), replaceable=None, what="file"):
-    """--out can be written, checked before any work: a file name (not a folder, nor ending in a
-    slash), not under a regular file, in a folder this user may write in, a name the file system
-    takes with what the run writes beside it, never one of the run's inputs (files or folders),
-    and, if it exists, a regular file (a pipe or device is never opened), one the script may
-    replace (replaceable(path) True: a `what` of its own), not made read-only. Through a symlink,
-    its target is what is checked (and written)."""
+    """--out can be written, checked before any work (through a symlink, its target): each check
+    is one error below. replaceable(path): True if an existing file is a `what` the script may replace."""
     if os.path.isdir(path):
         raise CLIError(f"--out {path} is a folder; give a file name")
     if path.endswith(("/", os.sep)):
@@ -283,7 +269,10 @@ def check_out(path, inputs=(), replaceable=None, what="file"):
         raise CLIError(f"--out {path} lies under {folder}, which is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CLIError(f"--out {path}: no permission to write in {folder}")
-    name_max = name_limit(folder)
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
     for name, room in [(m, 0) for m in missing] + [(os.path.basename(target), BESIDE)]:
         if len(os.fsencode(name)) + room > name_max:
             raise CLIError(f"--out {path}: the name {name[:20]}... is too long for this file system "
@@ -302,10 +291,3 @@ def check_out(path, inputs=(), replaceable=None, what="file"):
     if not mode & 0o222:  # (os.access would say yes to root)
         raise CLIError(f"--out {path} is read-only (mode {stat.S_IMODE(mode):04o}); it is never replaced: "
                        f"make it writable (chmod u+w) to let this run replace it, or choose another --out")
-
-
-def name_limit(folder):
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255

@@ -96,45 +96,31 @@ class Runs:
         self.store[self.acc][name] = sum(correct) / len(correct)
 
 
+def stored(key, copy=False):
+    """A property: the row's entry `key` (None where absent; copy: a copy of a mapping, {} where absent)."""
+    return property(lambda self: dict(self.store.get(key, {})) if copy else self.store.get(key))
+
+
 class RowResults(Runs):
     """The results of one row of the table (a model under test)."""
+    clean, worst_case = stored("clean"), stored("worst_case")
+    accuracies = stored("attacks", copy=True)  # {attack: accuracy} of the finished attacks, in ORDER
+    per_image = stored("correct", copy=True)  # {"clean" | attack | "worst_case": [0/1 per image]}
+    finals = stored("final_batch_correct", copy=True)  # {attack: what its kept final batch alone scores}
+    warnings = stored("library_warnings", copy=True)  # {attack: AutoAttack's warnings, counted}
+    attacker_slots = stored("attacker_slots")  # K of B: [0/1 per image], 1 for the attacker's images
+    own = stored("own")  # K of B: the attacker's images correct clean and under every attack (worst case)
+    benign = stored("benign")  # K of B: the benign images correct clean and under every attack on the slots
+    benign_clean = stored("benign_clean")  # K of B: the benign images correct, the attacker's left clean
 
     def __init__(self, store):
         super().__init__(store, "attacks")
-
-    @property
-    def clean(self):
-        return self.store["clean"]
-
-    @property
-    def worst_case(self):
-        return self.store["worst_case"]
-
-    @property
-    def accuracies(self):
-        """{attack: accuracy} of the finished attacks, in the catalogue's order."""
-        return dict(self.store["attacks"])
 
     def accuracy(self, name):
         return self.clean if name == "clean" else self.worst_case if name == "worst_case" else super().accuracy(name)
 
     def finished(self, name):
         return self.clean is not None if name == "clean" else super().finished(name)
-
-    @property
-    def per_image(self):
-        """{"clean" | attack | "worst_case": [0/1 per image]}: every per-image record of the row."""
-        return dict(self.store["correct"])
-
-    @property
-    def finals(self):
-        """{attack: [0/1]}: what each attack's kept final batch alone scores (queries scored apart)."""
-        return dict(self.store.get("final_batch_correct", {}))
-
-    @property
-    def warnings(self):
-        """{attack: AutoAttack's warnings, counted}."""
-        return dict(self.store.get("library_warnings", {}))
 
     def passes_per_image(self, name):
         return self.store.get("backbone_passes_per_image", {}).get(name)
@@ -152,13 +138,8 @@ class RowResults(Runs):
         self.update_worst_case()
 
     def set_attacker_slots(self, slots):
-        """K of B: which images are the attacker's ([0/1 per image]); the row then reports its
-        per-image records split: own (the attacker's images) and benign (the others)."""
+        """K of B: the row then reports its per-image records split: own and benign."""
         self.store["attacker_slots"] = list(slots)
-
-    @property
-    def attacker_slots(self):
-        return self.store.get("attacker_slots")
 
     def by_role(self, name, role):
         """Accuracy of `name` ("clean", an attack, "worst_case") over the attacker's images (role
@@ -168,21 +149,6 @@ class RowResults(Runs):
             return None
         picked = [c for c, s in zip(correct, slots) if s == (role == "own")]
         return sum(picked) / len(picked) if picked else None
-
-    @property
-    def own(self):
-        """K of B: the attacker's images correct clean and under every attack (worst case)."""
-        return self.store.get("own")
-
-    @property
-    def benign(self):
-        """K of B: the benign images correct clean and under every attack on the slots (worst case)."""
-        return self.store.get("benign")
-
-    @property
-    def benign_clean(self):
-        """K of B: the benign images correct with the attacker's images left clean."""
-        return self.store.get("benign_clean")
 
     def set_warnings(self, name, text):
         self.store.setdefault("library_warnings", {})[name] = text
@@ -305,6 +271,10 @@ def jobs_problem(store, finished, batches):
 
 class Results:
     """A results file's contents (`data`, a JSON-able dict), read and written through here."""
+    config, subset = property(lambda self: self.data["config"]), property(lambda self: self.data["subset"])
+    complete = property(lambda self: self.data.get("complete") is True)
+    version = property(lambda self: self.data.get("version"))
+    processes = property(lambda self: self.data.get("timing", {}).get("processes"))  # torchrun's; None for one
 
     def __init__(self, data=None):
         self.data = {} if data is None else data
@@ -331,9 +301,9 @@ class Results:
 
     def rows(self):
         """{name: RowResults} of the rows the file holds."""
-        out = {k: RowResults(self.data[k]) for k in ("base", "dpnp") if k in self.data}
-        out.update({f"hpm/{c}": RowResults(s) for c, s in self.data.get("hpm", {}).items()})
-        return out
+        stores = {k: self.data[k] for k in ("base", "dpnp") if k in self.data}
+        stores.update({f"hpm/{c}": v for c, v in self.data.get("hpm", {}).items()})
+        return {name: RowResults(store) for name, store in stores.items()}
 
     def problem(self, batches):
         """What a resumed run would read that does not hold together (a file edited by hand or
@@ -354,34 +324,11 @@ class Results:
         if not (isinstance(d.get("hpm", {}), dict) and all(re.fullmatch(r"batch|image|attackers-\d+", str(c))
                                                            for c in d.get("hpm", {}))):
             return "hpm is not a mapping of contexts to rows"
-        stores = {k: d[k] for k in ("base", "dpnp") if k in d}
-        stores.update({f"hpm/{c}": v for c, v in d.get("hpm", {}).items()})
-        for name, store in stores.items():
-            problem = row_problem(store, batches)
+        for name, rr in self.rows().items():
+            problem = row_problem(rr.store, batches)
             if problem:
                 return f"{name} {problem}"
         return None
-
-    @property
-    def config(self):
-        return self.data["config"]
-
-    @property
-    def subset(self):
-        return self.data["subset"]
-
-    @property
-    def complete(self):
-        return self.data.get("complete") is True
-
-    @property
-    def processes(self):
-        """The number of processes that wrote the file (torchrun), None for one."""
-        return self.data.get("timing", {}).get("processes")
-
-    @property
-    def version(self):
-        return self.data.get("version")
 
     def describe(self, description, config, versions, subset, version, notes):
         """What was run, on what, with which software (the parts of the file that are not rows)."""

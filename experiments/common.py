@@ -11,7 +11,6 @@ the models the experiments pickle (torch.save(model, path)) unpickle in a fresh 
 finetune.py and evaluate.py run from the repository root, where `experiments` is importable.
 """
 import gzip
-import hashlib
 import os
 import platform
 import shlex
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 import hpm
 from hpmkit.cli import progress_bar
+from hpmkit.files import sha256
 from hpmkit.pgd import ascent_step, project
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ def check_embedded(path, digest, what, retrain=""):
     restore = f"restore it with `git checkout -- {cli_path(path)}`"
     if not path.is_file():
         raise SystemExit(f"the embedded {what} {path} is missing; {restore}")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+    if sha256(path) != digest:
         raise SystemExit(f"the embedded {what} {path} is corrupted (its SHA-256 differs); {restore}{retrain}")
 
 

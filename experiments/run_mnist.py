@@ -72,29 +72,25 @@ SETTINGS = {
 
 # 3. Fig. 1: FC versus l2 classifier under APGD-CE ------------------------------------------
 
-def apgd_accuracy(model, x, y, eps, steps, seed, device):
-    """Accuracy under AutoAttack's APGD-CE (perturb: attacks the correctly classified images)."""
-    from hpmkit.autoattack import APGDAttack
-
-    xf, yd = x.to(device).float().div(255), y.to(device)
-    attack = APGDAttack(model, n_iter=steps, norm="Linf", eps=eps, seed=seed, loss="ce", device=device)
-    x_adv = attack.perturb(xf, yd).detach()
-    assert (x_adv - xf).abs().max() <= eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
-    with torch.no_grad():
-        return (model(x_adv).argmax(1) == yd).float().mean().item()
-
-
 def fig1(models, x, y, eps_list, steps, seed, device):
-    """{"fc": [acc at each eps], "l2": [...]}: APGD-CE on the same held-out images at every eps.
+    """{"fc": [acc at each eps], "l2": [...]}: AutoAttack's APGD-CE (perturb: attacks the correctly
+    classified images) on the same held-out images at every eps.
 
     eps 0 runs the attack too (it cannot move an image), so the first point is the clean accuracy.
     """
+    from hpmkit.autoattack import APGDAttack
+
+    xf, yd = x.to(device).float().div(255), y.to(device)
     curves = {}
     for name, model in models.items():
         curves[name] = []
         for eps in eps_list:
             t0 = time.time()
-            curves[name].append(apgd_accuracy(model, x, y, eps, steps, seed, device))
+            attack = APGDAttack(model, n_iter=steps, norm="Linf", eps=eps, seed=seed, loss="ce", device=device)
+            x_adv = attack.perturb(xf, yd).detach()
+            assert (x_adv - xf).abs().max() <= eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+            with torch.no_grad():
+                curves[name].append((model(x_adv).argmax(1) == yd).float().mean().item())
             print(f"  fig1 {name} classifier  eps {eps:<5g} accuracy {curves[name][-1]:7.2%}  ({time.time() - t0:.1f} s)")
     return curves
 

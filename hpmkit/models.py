@@ -38,15 +38,6 @@ class CodeSpec:
     def is_file(self):
         return self.source.endswith(".py")
 
-    def canonical(self):
-        """How a head records it: a file by its absolute path (found again from any folder)."""
-        return f"{os.path.abspath(self.source) if self.is_file else self.source}:{self.name}"
-
-    def folder(self):
-        """What goes first on the import path while its code runs, so that its own imports work: a
-        file's own folder, or for a module the current folder."""
-        return os.path.dirname(os.path.abspath(self.source)) if self.is_file else os.getcwd()
-
 
 def code_spec(model):
     """The CodeSpec of --model, None where it names no code (a RobustBench name never has a colon;
@@ -86,11 +77,12 @@ def import_path(*folders):
 @contextlib.contextmanager
 def as_program(spec):
     """The block runs the spec's code as a program of its own: sys.argv is [its file] alone (an
-    argparse in the user's code sees none of our flags) and its folder is first on the import path."""
+    argparse in the user's code sees none of our flags) and its folder (a module's: the current
+    folder) is first on the import path, so that its own imports work."""
     argv = sys.argv
     sys.argv = [spec.source]
     try:
-        with import_path(spec.folder()):
+        with import_path(os.path.dirname(os.path.abspath(spec.source)) if spec.is_file else os.getcwd()):
             yield
     finally:
         sys.argv = argv
@@ -120,9 +112,8 @@ def code_identity(spec):
 
 
 def import_code(spec):
-    """The module of a spec, imported with spec.folder() first on sys.path. A file is loaded afresh
-    under its own name, which sys.modules holds only while it runs (a file elsewhere with that
-    name stays as it was)."""
+    """The module of a spec, imported as_program. A file is loaded afresh under its own name, which
+    sys.modules holds only while it runs (a file elsewhere with that name stays as it was)."""
     try:
         with as_program(spec):
             if not spec.is_file:
@@ -271,15 +262,17 @@ def load_model_file(path):
 
 
 def check_model(model, weights):
-    """--model and --weights checked before anything is loaded: (the model, a code spec by its
-    canonical form; the weights' absolute path, or None)."""
+    """--model and --weights checked before anything is loaded: (the model, a code file by its
+    absolute path, found again from any folder; the weights' absolute path, or None)."""
     spec = code_spec(model)
     if weights is not None and spec is None:
         raise CLIError(f"--weights needs --model FILE.py:NAME or package.module:NAME, the code that builds "
                        f"the model; --model {model} brings its own weights")
     if weights is not None and not os.path.isfile(weights):
         raise CLIError(f"weights file {weights} does not exist")
-    return (model if spec is None else spec.canonical()), None if weights is None else os.path.abspath(weights)
+    if spec is not None and spec.is_file:
+        model = f"{os.path.abspath(spec.source)}:{spec.name}"
+    return model, None if weights is None else os.path.abspath(weights)
 
 
 def load_model(model, dataset, threat_model="Linf", model_dir="./models", weights=None):

@@ -38,10 +38,8 @@ from experiments.common import (EPS, MODEL_PATH, SmallCNN, accuracy, cli_path, e
 from hpmkit.catalogue import ATTACKER_ATTACKS
 from hpmkit.results import Results
 
-# Every knob of the run, full and quick. Not from the paper: sized for 2 CPU cores. Both runs split
-# the embedded test set alike and use the embedded adversarially trained CNN; the quick run
-# fine-tunes on a fifth of the training part and evaluates the first 128 of the full run's 500
-# images (the same subset seed: a prefix of the same permutation) with half the APGD steps.
+# Every knob of the run, full and quick, sized for 2 CPU cores (not from the paper). The quick run's
+# 128 images are the first of the full run's 500 (the same subset seed: a prefix of one permutation).
 SETTINGS = {
     "full": dict(
         n_train=5000,          # training part of the 10k test set (the rest is held out)

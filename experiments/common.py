@@ -11,7 +11,6 @@ the models the experiments pickle (torch.save(model, path)) unpickle in a fresh 
 finetune.py and evaluate.py run from the repository root, where `experiments` is importable.
 """
 import gzip
-import hashlib
 import os
 import platform
 import shlex
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 import hpm
 from hpmkit.cli import progress_bar
+from hpmkit.files import sha256
 from hpmkit.pgd import ascent_step, project
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,15 +41,13 @@ MODEL_PATH = REPO / "experiments" / "data" / "mnist_cnn_at.pt"
 MODEL_SHA256 = "c49a85dba26ddccd8056a22f453086eb07ed8b1263981d95d30fa785b4da8f04"
 
 
-def check_embedded_mnist():
-    """The embedded files are there and intact (their SHA-256), else SystemExit in one line."""
-    for name, digest in MNIST_SHA256.items():
-        path = MNIST_DIR / name
-        restore = f"restore it with `git checkout -- experiments/data/mnist/{name}`"
-        if not path.is_file():
-            raise SystemExit(f"the embedded MNIST file {path} is missing; {restore}")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise SystemExit(f"the embedded MNIST file {path} is corrupted (its SHA-256 differs); {restore}")
+def check_embedded(path, digest, what, retrain=""):
+    """An embedded file is there and intact (its SHA-256), else SystemExit in one line."""
+    restore = f"restore it with `git checkout -- {cli_path(path)}`"
+    if not path.is_file():
+        raise SystemExit(f"the embedded {what} {path} is missing; {restore}")
+    if sha256(path) != digest:
+        raise SystemExit(f"the embedded {what} {path} is corrupted (its SHA-256 differs); {restore}{retrain}")
 
 
 # Data ----------------------------------------------------------------------------------------
@@ -81,7 +79,8 @@ def load_mnist(folder=None):
     """(x_train, y_train, x_heldout, y_heldout, description), with None for the training part
     when the folder holds the test set only. folder None: the embedded test set (checked)."""
     if folder is None or Path(folder).resolve() == MNIST_DIR.resolve():
-        check_embedded_mnist()
+        for name, digest in MNIST_SHA256.items():
+            check_embedded(MNIST_DIR / name, digest, "MNIST file")
         folder = MNIST_DIR
     test = find_idx(folder, "t10k-images-idx3-ubyte"), find_idx(folder, "t10k-labels-idx1-ubyte")
     if None in test:
@@ -162,7 +161,8 @@ def pgd_linf(model, x, y, eps, steps):
 
 def train(model, x, y, epochs, batch_size, device, desc, at_steps=0):
     """Adam, lr 1e-3. With at_steps > 0: PGD adversarial training at EPS (Madry et al.) on a short
-    schedule: the first 10% of the updates clean, eps ramped linearly to EPS over the next 10%."""
+    schedule: the first 10% of the updates clean, eps ramped linearly to EPS over the next 10%
+    (without the warm-up, small CNNs often stall at chance under eps 0.3)."""
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     n_batches = (len(y) + batch_size - 1) // batch_size
@@ -194,14 +194,8 @@ def train(model, x, y, epochs, batch_size, device, desc, at_steps=0):
 
 
 def embedded_model():
-    """The embedded adversarially trained SmallCNN (eval mode), its file checked by SHA-256, else
-    SystemExit in one line."""
-    restore = f"restore it with `git checkout -- {MODEL_PATH.relative_to(REPO)}`"
-    if not MODEL_PATH.is_file():
-        raise SystemExit(f"the embedded model {MODEL_PATH} is missing; {restore}")
-    if hashlib.sha256(MODEL_PATH.read_bytes()).hexdigest() != MODEL_SHA256:
-        raise SystemExit(f"the embedded model {MODEL_PATH} is corrupted (its SHA-256 differs); {restore} "
-                         "or train it again: python -m experiments.train_mnist_model")
+    """The embedded adversarially trained SmallCNN (eval mode), its file checked."""
+    check_embedded(MODEL_PATH, MODEL_SHA256, "model", " or train it again: python -m experiments.train_mnist_model")
     model = SmallCNN("fc")
     model.load_state_dict(torch.load(MODEL_PATH, map_location="cpu", weights_only=True))
     return model.eval()

@@ -4,37 +4,22 @@
     python -m experiments.run_mnist                         # the miniature: 43 min on 2 shared CPU cores
     python -m experiments.run_mnist --mnist-dir ~/data      # with the 60k training set: the full-size run
 
-Stages (everything lands in --out-dir, default runs/mnist; with --quick runs/mnist-quick):
-1. data      the MNIST idx files -> train.npz (x uint8 (N, 1, 28, 28), y int64) and heldout.npz.
-             With only the 10k test set (embedded, experiments/data/mnist), a seeded permutation splits it
-             into a training part and a held-out part; with the training files too
-             (train-images-idx3-ubyte, the standard layout), the 60k set trains and the 10k
-             test set is held out.
-2. models    three small CNNs (2 conv layers, a hidden linear layer, a classifier), inputs in [0, 1]:
-             cnn_fc.pt (FC classifier) and cnn_l2.pt (l2 classifier: logits = -||z - c_j||_2 to
-             learnable class prototypes c_j), both trained normally; cnn_fc_at.pt (FC classifier,
-             PGD adversarial training, L-inf eps 0.3, the standard MNIST setting of Madry et al.):
-             the embedded model (experiments/data/mnist_cnn_at.pt, experiments.train_mnist_model),
-             trained here only with --mnist-dir.
-3. fig1      Fig. 1 in miniature: APGD-CE (AutoAttack) against the two normally trained CNNs at
-             several eps -> fig1.md, fig1.json, fig1.png (accuracy versus eps).
-4. finetune  python finetune.py on cnn_fc_at.pt and train.npz -> head.pt, through its command line.
-5. evaluate  python evaluate.py on head.pt, cnn_fc_at.pt and heldout.npz -> results.json (strong, with
-             the checks), results_paper.json (--version paper) and results_attackers_*.json (K of B,
-             at the threat model's eps and as any image), the same way.
-6. table1    Table 1 in miniature (base vs HPM, both contexts, every attack, worst case, the
-             gradient-masking checks) -> table1.md; who holds the batch -> threat.md; summary.md
-             with everything above.
+Stages, each a block of main() (everything lands in --out-dir, default runs/mnist; with --quick
+runs/mnist-quick; docs/mnist.md shows a run):
+1. data      train.npz and heldout.npz: with only the 10k test set (embedded, experiments/data/mnist), a
+             seeded split of it; with the training files too (--mnist-dir), the standard 60k / 10k split.
+2. models    three small CNNs: cnn_fc.pt and cnn_l2.pt (FC and l2 classifier), trained normally, and
+             cnn_fc_at.pt (FC, PGD adversarial training at L-inf eps 0.3, Madry et al.'s MNIST setting):
+             the embedded model (experiments.train_mnist_model), trained here only with --mnist-dir.
+3. fig1      Fig. 1 in miniature: APGD-CE against cnn_fc and cnn_l2 at several eps -> fig1.md/.json/.png.
+4. finetune  python finetune.py on cnn_fc_at.pt and train.npz -> head.pt.
+5. evaluate  python evaluate.py on heldout.npz -> results.json (strong, with the checks),
+             results_paper.json (--version paper), results_attackers_*.json (K of B).
+6. table1    Table 1 in miniature -> table1.md; who holds the batch -> threat.md; summary.md.
 
-Choices that are ours (the paper has no MNIST experiment): the CNN, the training schedules, the
-split, and every reduction of the attack budgets made to fit 2 CPU cores; all of them are in
-SETTINGS below and are printed into summary.md. Adversarial training (--mnist-dir, and
-experiments.train_mnist_model) is a short schedule: PGD with 7 steps instead of Madry's 40, 10
-epochs of 5,000 images, the first 10% of the updates clean and eps ramped linearly to 0.3 over the
-next 10% (without the warm-up, small CNNs often stall at chance under eps 0.3).
-
-The data, the CNNs and the runner are experiments/common.py's (the pickled models refer to
-experiments.common.SmallCNN, which finetune.py and evaluate.py unpickle from the repository root).
+Choices that are ours (the paper has no MNIST experiment): the CNN, the training schedules
+(experiments.common.train), the split, and every reduction of the attack budgets made to fit 2 CPU
+cores; all of them are in SETTINGS below and are printed into summary.md.
 """
 import argparse
 import datetime
@@ -53,10 +38,8 @@ from experiments.common import (EPS, MODEL_PATH, SmallCNN, accuracy, cli_path, e
 from hpmkit.catalogue import ATTACKER_ATTACKS
 from hpmkit.results import Results
 
-# Every knob of the run, full and quick. Not from the paper: sized for 2 CPU cores. Both runs split
-# the embedded test set alike and use the embedded adversarially trained CNN; the quick run
-# fine-tunes on a fifth of the training part and evaluates the first 128 of the full run's 500
-# images (the same subset seed: a prefix of the same permutation) with half the APGD steps.
+# Every knob of the run, full and quick, sized for 2 CPU cores (not from the paper). The quick run's
+# 128 images are the first of the full run's 500 (the same subset seed: a prefix of one permutation).
 SETTINGS = {
     "full": dict(
         n_train=5000,          # training part of the 10k test set (the rest is held out)
@@ -87,29 +70,25 @@ SETTINGS = {
 
 # 3. Fig. 1: FC versus l2 classifier under APGD-CE ------------------------------------------
 
-def apgd_accuracy(model, x, y, eps, steps, seed, device):
-    """Accuracy under AutoAttack's APGD-CE (perturb: attacks the correctly classified images)."""
-    from hpmkit.autoattack import APGDAttack
-
-    xf, yd = x.to(device).float().div(255), y.to(device)
-    attack = APGDAttack(model, n_iter=steps, norm="Linf", eps=eps, seed=seed, loss="ce", device=device)
-    x_adv = attack.perturb(xf, yd).detach()
-    assert (x_adv - xf).abs().max() <= eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
-    with torch.no_grad():
-        return (model(x_adv).argmax(1) == yd).float().mean().item()
-
-
 def fig1(models, x, y, eps_list, steps, seed, device):
-    """{"fc": [acc at each eps], "l2": [...]}: APGD-CE on the same held-out images at every eps.
+    """{"fc": [acc at each eps], "l2": [...]}: AutoAttack's APGD-CE (perturb: attacks the correctly
+    classified images) on the same held-out images at every eps.
 
     eps 0 runs the attack too (it cannot move an image), so the first point is the clean accuracy.
     """
+    from hpmkit.autoattack import APGDAttack
+
+    xf, yd = x.to(device).float().div(255), y.to(device)
     curves = {}
     for name, model in models.items():
         curves[name] = []
         for eps in eps_list:
             t0 = time.time()
-            curves[name].append(apgd_accuracy(model, x, y, eps, steps, seed, device))
+            attack = APGDAttack(model, n_iter=steps, norm="Linf", eps=eps, seed=seed, loss="ce", device=device)
+            x_adv = attack.perturb(xf, yd).detach()
+            assert (x_adv - xf).abs().max() <= eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+            with torch.no_grad():
+                curves[name].append((model(x_adv).argmax(1) == yd).float().mean().item())
             print(f"  fig1 {name} classifier  eps {eps:<5g} accuracy {curves[name][-1]:7.2%}  ({time.time() - t0:.1f} s)")
     return curves
 
@@ -148,9 +127,9 @@ ROWS = (("base", "base (FC, adversarially trained)"), ("hpm/batch", "HPM, batch 
         ("hpm/image", "HPM, image context"))
 
 
-def row_of(results, name):
-    """The results of one table row (a results.RowResults)."""
-    return results.row(name)
+def pct(v):
+    """A fraction as a table cell: percent to one decimal, "–" where not measured."""
+    return "–" if v is None else f"{100 * v:.1f}"
 
 
 def combined(row, prefix):
@@ -164,26 +143,22 @@ def combined(row, prefix):
 
 def table1(results):
     """The paper's Table 1 shape plus every attack: (compact markdown, per-attack markdown)."""
-    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"
     base = results.row("base")
     lines = ["| model | clean | APGD-CE | APGD-DLR | APGD-T | Square | worst case | vs base |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, label in ROWS:
-        r = row_of(results, name)
+        r = results.row(name)
         delta = "" if name == "base" else f"{100 * (r.worst_case - base.worst_case):+.1f}"
         lines.append(f"| {label} | {pct(r.clean)} | {pct(combined(r, 'apgd-ce'))} | "
                      f"{pct(combined(r, 'apgd-dlr'))} | {pct(combined(r, 'apgd-t'))} | "
                      f"{pct(r.accuracy('square'))} | {pct(r.worst_case)} | {delta} |")
     compact = "\n".join(lines)
 
-    attacks = list(dict.fromkeys(a for name, _ in ROWS for a in row_of(results, name).accuracies))
+    attacks = list(dict.fromkeys(a for name, _ in ROWS for a in results.row(name).accuracies))
     lines = ["| accuracy (%) | " + " | ".join(label for _, label in ROWS) + " |",
              "|---|" + "---:|" * len(ROWS)]
     for a in ["clean"] + attacks + ["worst_case"]:
-        cells = []
-        for name, _ in ROWS:
-            r = row_of(results, name)
-            cells.append(pct(r.accuracy(a)))
+        cells = [pct(results.row(name).accuracy(a)) for name, _ in ROWS]
         lines.append(f"| {a.replace('_', ' ')} | " + " | ".join(cells) + " |")
     return compact, "\n".join(lines)
 
@@ -192,7 +167,7 @@ def checks_table(results):
     """Markdown: evaluate.py's gradient-masking checks, one line per row and check."""
     lines = ["| model | check | status | detail |", "|---|---|---|---|"]
     for name, label in ROWS:
-        for check, c in row_of(results, name).checks.items():
+        for check, c in results.row(name).checks.items():
             if check != "runs":
                 lines.append(f"| {label} | {check} | {c['status']} | {c['detail']} |")
     return "\n".join(lines)
@@ -204,11 +179,11 @@ def versions_table(by_version):
     lines = ["| version | " + " | ".join(label for _, label in ROWS) + " | backbone passes / image | minutes |",
              "|---|" + "---:|" * (len(ROWS) + 2)]
     for version, results in by_version.items():
-        cells = [f"{100 * row_of(results, name).worst_case:.1f}" for name, _ in ROWS]
-        rows_ = [row_of(results, name) for name, _ in ROWS]
-        passes = sum(r.passes_per_image(a) or 0 for r in rows_ for a in r.accuracies)
-        minutes = sum(r.seconds(a) for r in rows_ for a in r.accuracies) / 60
-        lines.append(f"| {version} | " + " | ".join(cells) + f" | {passes:,.0f} | {minutes:.1f} |")
+        rows = [results.row(name) for name, _ in ROWS]
+        passes = sum(r.passes_per_image(a) or 0 for r in rows for a in r.accuracies)
+        minutes = sum(r.seconds(a) for r in rows for a in r.accuracies) / 60
+        lines.append(f"| {version} | " + " | ".join(pct(r.worst_case) for r in rows)
+                     + f" | {passes:,.0f} | {minutes:.1f} |")
     return "\n".join(lines)
 
 
@@ -217,7 +192,6 @@ def threat_table(results, threats):
     attacker holds every image of a fixed batch, K of its B slots (own: the attacker's images;
     collateral: the benign ones, clean and under attack), or one image alone. threats: {the
     attacker's eps: the results of its K-of-B run}."""
-    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
     base, batch, alone = (results.row(n) for n in ("base", "hpm/batch", "hpm/image"))
     B = results.subset["batch_size"]
     lines = ["| who holds the batch | attacker's budget | base model | HPM |", "|---|---|---:|---:|",
@@ -248,7 +222,7 @@ def verdict(results):
     n = len(base)
     out = []
     for name, label in ROWS[1:]:
-        hpm_wc = row_of(results, name).correct("worst_case")
+        hpm_wc = results.row(name).correct("worst_case")
         gain = sum(h and not b for h, b in zip(hpm_wc, base))  # robust for HPM only
         loss = sum(b and not h for h, b in zip(hpm_wc, base))  # robust for the base only
         d = (sum(hpm_wc) - sum(base)) / n
@@ -259,8 +233,6 @@ def verdict(results):
                    f"{100 * sum(base) / n:.1f}% ({100 * d:+.1f} points on {n} images, {noise}; {gain} "
                    f"images robust only with HPM, {loss} only with the base model).")
     return out
-
-
 
 
 def about(cfg, quick):
@@ -355,32 +327,31 @@ def main(args):
     done("finetune", "head.pt")
 
     stage("evaluate")  # the default (strong) version, with the checks; then the paper's protocol
-    ev_argv = ["evaluate.py", "--head", cli_path(out / "head.pt"), "--model", cli_path(out / "cnn_fc_at.pt"),
-               "--dataset", "mnist", "--data", cli_path(out / "heldout.npz"), "--out", cli_path(out / "results.json"),
-               "--checks", "--overwrite", "--seed", str(args.seed), "--subset-seed", str(args.seed),
-               "--device", args.device] + cfg["eval_args"]
-    run_script(ev_argv, out / "evaluate.log")
-    paper_argv = [a for a in ev_argv if a != "--checks"]
-    paper_argv[paper_argv.index("--out") + 1] = cli_path(out / "results_paper.json")
-    paper_argv += ["--version", "paper"]
-    run_script(paper_argv, out / "evaluate_paper.log")
+
+    def evaluate(name, *extra, checks=False):  # evaluate.py -> results{name}.json; its argv
+        argv = ["evaluate.py", "--head", cli_path(out / "head.pt"), "--model", cli_path(out / "cnn_fc_at.pt"),
+                "--dataset", "mnist", "--data", cli_path(out / "heldout.npz"),
+                "--out", cli_path(out / f"results{name}.json")] + ["--checks"] * checks
+        argv += ["--overwrite", "--seed", str(args.seed), "--subset-seed", str(args.seed),
+                 "--device", args.device, *cfg["eval_args"], *extra]
+        run_script(argv, out / f"evaluate{name}.log")
+        return argv
+
+    ev_argv = evaluate("", checks=True)
+    paper_argv = evaluate("_paper", "--version", "paper")
     threats = {}  # K of B: the attacker's slots, at the threat model's eps and as any image
     for E in cfg["attacker_eps"]:
-        tag = "any" if E >= 1 else "eps"
-        argv = [a for a in ev_argv if a != "--checks"]
-        argv[argv.index("--out") + 1] = cli_path(out / f"results_attackers_{tag}.json")
-        argv += ["--contexts", "batch", "--attacks", ",".join(ATTACKER_ATTACKS), "--attackers", cfg["attackers"],
-                 "--attacker-eps", f"{E:g}"]
-        run_script(argv, out / f"evaluate_attackers_{tag}.log")
-        threats[E] = Results.read(out / f"results_attackers_{tag}.json")
+        tag = "_attackers_" + ("any" if E >= 1 else "eps")
+        evaluate(tag, "--contexts", "batch", "--attacks", ",".join(ATTACKER_ATTACKS), "--attackers",
+                 cfg["attackers"], "--attacker-eps", f"{E:g}")
+        threats[E] = Results.read(out / f"results{tag}.json")
     done("evaluate", "results.json (version strong), results_paper.json (version paper), "
-                     + ", ".join(f"results_attackers_{'any' if E >= 1 else 'eps'}.json" for E in cfg["attacker_eps"])
+                     + ", ".join(f"results_attackers_{'any' if E >= 1 else 'eps'}.json" for E in threats)
                      + " (K of B)")
 
     stage("table1")
     results = Results.read(out / "results.json")
-    results_paper = Results.read(out / "results_paper.json")
-    versions_md = versions_table({"strong": results, "paper": results_paper})
+    versions_md = versions_table({"strong": results, "paper": Results.read(out / "results_paper.json")})
     compact, per_attack = table1(results)
     checks_md, verdicts = checks_table(results), verdict(results)
     threat_md = threat_table(results, threats)
@@ -390,14 +361,13 @@ def main(args):
 
     total = time.time() - t_start
     ec = results.config
-    cmd = args.command
     title = ("Quick form of the MNIST main job (not the MNIST miniature: reduced budgets, 128 images)" if args.quick
              else "MNIST miniature of Fig. 1 and Table 1")
     summary = f"""# {title}
 
 {about(cfg, args.quick)}
 
-Command: `{cmd}` ({'reduced run, --quick' if args.quick else 'full run'})
+Command: `{args.command}` ({'reduced run, --quick' if args.quick else 'full run'})
 Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; machine: {machine()}; device {args.device}.
 Total time: {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}); 1-minute
 load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above ~2 means other processes shared the CPUs).
@@ -459,16 +429,7 @@ Gradient-masking checks:
 
 """ + "\n".join(f"- {v}" for v in verdicts) + "\n"
     (out / "summary.md").write_text(summary)
-    print()
-    print(fig1_md)
-    print()
-    print(compact)
-    print()
-    print(threat_md)
-    print()
-    print(versions_md)
-    print()
-    print("\n".join(verdicts))
+    print("\n" + "\n\n".join([fig1_md, compact, threat_md, versions_md, "\n".join(verdicts)]))
     print("\n" + about(cfg, args.quick))
     print(f"\nall artefacts in {out}; summary: {out / 'summary.md'} ({total / 60:.1f} min)")
     return {"out": out, "fig1": curves, "results": results, "clean": clean, "seconds": total}

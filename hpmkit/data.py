@@ -37,20 +37,16 @@ def eps_line(eps, given, threat_model, dataset):
 
 
 def load_npz(path):
-    """A local dataset: x images (as_images: uint8 (N, C, H, W), float in [0, 1], grey (N, H, W)), y
-    integer (N,). Returns an image tensor (uint8, or float32 in [0, 1]) and int64 labels."""
+    """A local dataset: arrays x (images, in a form as_images takes) and y (integer labels (N,)), as
+    an image tensor and int64 labels."""
     if not os.path.exists(path):
         raise CLIError(f"data file {path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):
-                raise CLIError(f"{path} is a single array, not an .npz archive with arrays 'x' and 'y'")
-            if "x" not in f or "y" not in f:
-                raise CLIError(f"{path} must hold arrays 'x' and 'y', found {sorted(f.files) or 'none'}")
-            x, y = f["x"], f["y"]
-    except CLIError:
-        raise
-    except Exception as e:  # a text file, a truncated archive, pickled objects
+            found = sorted(f.files)
+            if "x" in found and "y" in found:
+                x, y = f["x"], f["y"]
+    except Exception as e:  # a text file, a lone .npy array, a truncated archive, pickled objects
         with open(path, "rb") as f:
             zipped = f.read(4) == b"PK\x03\x04"  # (numpy takes any file that is no array or zip for a pickle)
         if not zipped:
@@ -58,6 +54,8 @@ def load_npz(path):
                            "format); write it with numpy.savez(path, x=uint8 N x C x H x W, y=int N)")
         raise CLIError(f"{path} is not a readable .npz file ({first_line(e)}); write it with "
                        "numpy.savez(path, x=uint8 N x C x H x W, y=int N)")
+    if "x" not in found or "y" not in found:
+        raise CLIError(f"{path} must hold arrays 'x' and 'y', found {found or 'none'}")
     if x.dtype.kind not in "uif":  # (booleans, strings, objects)
         raise CLIError(f"{path}: x must be images, uint8 of shape (N, C, H, W) or float in [0, 1], got "
                        f"{x.dtype} {x.shape}")
@@ -74,8 +72,7 @@ def as_images(x, where):
     saying the conversion. Accepted as they are: uint8 (N, C, H, W) (to_float divides by 255) and
     float in [0, 1] (kept as float32, not rounded to 256 levels: a value k/255 gives the same
     float32 as the uint8 k, so the same results); grey images (N, H, W) become one channel.
-    Refused, each with its conversion: float in [0, 255], other ranges (normalised images),
-    channels last, other integer types."""
+    Other forms are refused, each with its conversion."""
     shape = tuple(x.shape)
     if x.dim() == 3:
         x = x[:, None]  # grey images (N, H, W): one channel, as torchvision's MNIST is read
@@ -103,10 +100,9 @@ def as_images(x, where):
 
 
 def load_data(dataset, split, data=None, data_dir="./data", per_class=None):
-    """Images as uint8 (N, C, H, W) (or float32 in [0, 1], from an .npz) and labels int64 (N,):
-    from --data FILE.npz, else the dataset's own loader (torchvision; downloads CIFAR where the
-    internet is reachable; ImageNet from a local ImageFolder at DATA_DIR/{train,val}, resized 256,
-    cropped 224)."""
+    """Images and int64 labels from --data FILE.npz, else the dataset's own loader (torchvision,
+    which downloads where the internet is reachable; ImageNet from a local ImageFolder at
+    DATA_DIR/{train,val})."""
     if data is not None:
         x, y = load_npz(data)
     elif dataset in ("cifar10", "cifar100", "mnist"):
@@ -157,8 +153,7 @@ def load_imagenet(folder, per_class):
     idx = torch.arange(len(targets))
     if per_class is not None:
         idx = torch.cat([idx[targets == c][:per_class] for c in targets.unique()])
-    xs = [ds[i][0] for i in idx.tolist()]
-    return torch.stack(xs), targets[idx]
+    return torch.stack([ds[i][0] for i in idx.tolist()]), targets[idx]
 
 
 def check_labels(y, num_classes, where):

@@ -38,15 +38,6 @@ class CodeSpec:
     def is_file(self):
         return self.source.endswith(".py")
 
-    def canonical(self):
-        """How a head records it: a file by its absolute path (found again from any folder)."""
-        return f"{os.path.abspath(self.source) if self.is_file else self.source}:{self.name}"
-
-    def folder(self):
-        """What goes first on the import path while its code runs, so that its own imports work: a
-        file's own folder, or for a module the current folder."""
-        return os.path.dirname(os.path.abspath(self.source)) if self.is_file else os.getcwd()
-
 
 def code_spec(model):
     """The CodeSpec of --model, None where it names no code (a RobustBench name never has a colon;
@@ -86,11 +77,12 @@ def import_path(*folders):
 @contextlib.contextmanager
 def as_program(spec):
     """The block runs the spec's code as a program of its own: sys.argv is [its file] alone (an
-    argparse in the user's code sees none of our flags) and its folder is first on the import path."""
+    argparse in the user's code sees none of our flags) and its folder (a module's: the current
+    folder) is first on the import path, so that its own imports work."""
     argv = sys.argv
     sys.argv = [spec.source]
     try:
-        with import_path(spec.folder()):
+        with import_path(os.path.dirname(os.path.abspath(spec.source)) if spec.is_file else os.getcwd()):
             yield
     finally:
         sys.argv = argv
@@ -120,9 +112,8 @@ def code_identity(spec):
 
 
 def import_code(spec):
-    """The module of a spec, imported with spec.folder() first on sys.path. A file is loaded afresh
-    under its own name, which sys.modules holds only while it runs (a file elsewhere with that
-    name stays as it was)."""
+    """The module of a spec, imported as_program. A file is loaded afresh under its own name, which
+    sys.modules holds only while it runs (a file elsewhere with that name stays as it was)."""
     try:
         with as_program(spec):
             if not spec.is_file:
@@ -201,8 +192,15 @@ def read_weights(path):
     return state
 
 
-def load_weights(net, state, path, name):
-    """state into net (strictly), or one line naming the first keys or shapes that do not fit."""
+def load_code_model(spec, weights=None):
+    """The model a code spec builds, with --weights loaded into it strictly, else one line naming the
+    first keys or shapes that do not fit (None: as NAME builds it, a one-line note says so). The
+    weights are read first: they are data, checked before code runs."""
+    state = None if weights is None else read_weights(weights)
+    net = build_from_code(spec)
+    if state is None:
+        print(f"note: no --weights: the model is used as {spec.name}() builds it")
+        return net.eval()
     own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state.items()}
     missing, unexpected = [k for k in own if k not in given], [k for k in given if k not in own]
@@ -210,19 +208,8 @@ def load_weights(net, state, path, name):
     problems = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
                 (("missing", missing), ("unexpected", unexpected), ("shape of", shapes)) if keys]
     if problems:
-        raise CLIError(f"--weights {path} do not fit the model {name} builds: {'; '.join(problems)}")
+        raise CLIError(f"--weights {weights} do not fit the model {spec.name}() builds: {'; '.join(problems)}")
     net.load_state_dict(state)
-
-
-def load_code_model(spec, weights=None):
-    """The model a code spec builds, with --weights loaded into it (None: as NAME builds it, a
-    one-line note says so). The weights are read first: they are data, checked before code runs."""
-    state = None if weights is None else read_weights(weights)
-    net = build_from_code(spec)
-    if state is None:
-        print(f"note: no --weights: the model is used as {spec.name}() builds it")
-    else:
-        load_weights(net, state, weights, f"{spec.name}()")
     return net.eval()
 
 
@@ -275,23 +262,21 @@ def load_model_file(path):
 
 
 def check_model(model, weights):
-    """--model and --weights checked before anything is loaded: (the model, a code spec by its
-    canonical form; the weights' absolute path, or None)."""
+    """--model and --weights checked before anything is loaded: (the model, a code file by its
+    absolute path, found again from any folder; the weights' absolute path, or None)."""
     spec = code_spec(model)
     if weights is not None and spec is None:
         raise CLIError(f"--weights needs --model FILE.py:NAME or package.module:NAME, the code that builds "
                        f"the model; --model {model} brings its own weights")
     if weights is not None and not os.path.isfile(weights):
         raise CLIError(f"weights file {weights} does not exist")
-    return (model if spec is None else spec.canonical()), None if weights is None else os.path.abspath(weights)
+    if spec is not None and spec.is_file:
+        model = f"{os.path.abspath(spec.source)}:{spec.name}"
+    return model, None if weights is None else os.path.abspath(weights)
 
 
 def load_model(model, dataset, threat_model="Linf", model_dir="./models", weights=None):
-    """A RobustBench model by name, a whole pickled nn.Module from a path the user names, or the
-    model a code spec builds (FILE.py:NAME or package.module:NAME) with its --weights.
-
-    Either way the model takes images in [0, 1] and returns logits; it comes back in eval mode.
-    """
+    """The base model --model names (one of the three kinds above), in eval mode."""
     spec = code_spec(model)
     if spec is not None:
         return load_code_model(spec, weights)
@@ -333,10 +318,8 @@ def load_model(model, dataset, threat_model="Linf", model_dir="./models", weight
 
 
 def check_images(model, x, device, name="the model"):
-    """Two forwards of `model` (x -> logits) on two images, before anything is written: weights
-    that are not float32 (the scripts feed float32 images), a shape the model cannot take, or
-    NaN/inf logits, fail here in one line; logits that differ between the two forwards (a
-    stochastic model) print a warning, as AutoAttack's checks do."""
+    """Two forwards of `model` on two images, before anything is written: what the scripts cannot
+    use fails here in one line; a stochastic model gets a warning, as in AutoAttack's checks."""
     odd = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
                   if p.is_floating_point() and p.dtype != torch.float32})
     if odd:
@@ -395,10 +378,9 @@ def fingerprint(state):
 
 
 def compile_head(head):
-    """--compile: the head's forward through torch.compile, in place (its state_dict unchanged),
-    tried once at once: a machine that cannot compile fails here, in one line, not inside the
-    first attack. An evaluation calls it in up to ~20 forms (modes, contexts, grouped or not,
-    with or without gradients, new batch shapes): room for all, so that none runs eager."""
+    """--compile: the head's forward through torch.compile, in place, tried at once: a machine that
+    cannot compile fails here, in one line, not inside the first attack. An evaluation calls it in
+    up to ~20 forms (modes, contexts, grouped or not, gradients, batch shapes): room for all."""
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(config, limit, max(getattr(config, limit), 64))

@@ -220,6 +220,14 @@ def cli_path(path):
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def parse_with_command(parser, module, argv=None):
+    """parser's args, with `command`: the command line that ran them (kept in what they write)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "-m", module, *argv])
+    return args
+
+
 def run_script(argv, log_path):
     """Run `python ARGV...` (a script path or `-m module`) from the repository root, where the
     pickled experiments.common models unpickle; its output, stderr's progress lines and warnings

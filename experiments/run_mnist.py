@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from experiments.common import (EPS, MODEL_PATH, SmallCNN, accuracy, cli_path, embedded_model, machine,
-                                make_splits, run_script, train)
+                                make_splits, parse_with_command, run_script, train)
 from hpmkit.catalogue import ATTACKER_ATTACKS
 from hpmkit.results import Results
 
@@ -89,7 +88,8 @@ def fig1(models, x, y, eps_list, steps, seed, device):
             assert (x_adv - xf).abs().max() <= eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
             with torch.no_grad():
                 curves[name].append((model(x_adv).argmax(1) == yd).float().mean().item())
-            print(f"  fig1 {name} classifier  eps {eps:<5g} accuracy {curves[name][-1]:7.2%}  ({time.time() - t0:.1f} s)")
+            print(f"  fig1 {name} classifier  eps {eps:<5g} accuracy {curves[name][-1]:7.2%}  "
+                  f"({time.time() - t0:.1f} s)")
     return curves
 
 
@@ -252,11 +252,11 @@ def about(cfg, quick):
     return (f"The quick form of the main job: {model}, its HPM head fine-tuned on 1,000 training images, "
             f"evaluated on {ev['--n-examples']} held-out images (the first of the full run's "
             f"{full['--n-examples']}) with {ev['--steps']} APGD steps (full run {full['--steps']}) and "
-            f"{ev['--queries']} Square queries ({full['--queries']}); K of B only for K = {cfg['attackers']} attacker "
-            f"images that may be any image. Its table is within a few points of the full run's on the same images, with about 4 points "
-            f"of sampling noise at {ev['--n-examples']} images. It is not the MNIST miniature: Fig. 1's CNNs "
-            f"train for {cfg['epochs']} epoch and the checks run on {ev['--checks-n']} images; the full run is "
-            "python -m experiments.run_mnist (docs/mnist.md).")
+            f"{ev['--queries']} Square queries ({full['--queries']}); K of B only for K = {cfg['attackers']} "
+            "attacker images that may be any image. Its table is within a few points of the full run's on the "
+            f"same images, with about 4 points of sampling noise at {ev['--n-examples']} images. It is not the "
+            f"MNIST miniature: Fig. 1's CNNs train for {cfg['epochs']} epoch and the checks run on "
+            f"{ev['--checks-n']} images; the full run is python -m experiments.run_mnist (docs/mnist.md).")
 
 
 # The script -----------------------------------------------------------------------------------
@@ -370,7 +370,8 @@ def main(args):
 Command: `{args.command}` ({'reduced run, --quick' if args.quick else 'full run'})
 Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; machine: {machine()}; device {args.device}.
 Total time: {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}); 1-minute
-load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above ~2 means other processes shared the CPUs).
+load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above ~2 means other processes
+shared the CPUs).
 
 Data: {source}. Settings (not from the paper; sized for 2 CPU cores): {json.dumps(cfg)}.
 Models: small CNN (conv 5x5 16, conv 5x5 32, linear 128, classifier); Adam 1e-3, batch {cfg['batch_size']}.
@@ -447,10 +448,8 @@ def parse_args(argv=None):
                         "the 60k set trains and the test set is held out (default: the embedded test set)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the training and the attacks")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    args = p.parse_args(argv)
+    args = parse_with_command(p, "experiments.run_mnist", argv)
     args.out_dir = args.out_dir or ("runs/mnist-quick" if args.quick else "runs/mnist")
-    args.command = shlex.join(["python", "-m", "experiments.run_mnist"]
-                              + (sys.argv[1:] if argv is None else list(argv)))
     return args
 
 

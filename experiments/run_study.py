@@ -21,12 +21,10 @@ import argparse
 import itertools
 import json
 import re
-import shlex
-import sys
 import time
 from pathlib import Path
 
-from experiments.common import cli_path, machine, run_script
+from experiments.common import cli_path, machine, parse_with_command, run_script
 from hpmkit.results import Results
 
 GRID = [dict(mixer_init=m, attack_mode=a, class_weights=w, attack_loss="official")
@@ -198,10 +196,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="runs/study", help="where the study is written (default runs/study)")
     p.add_argument("--seed", type=int, default=0, help="seed of every fine-tuning and evaluation (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
-    args.command = shlex.join(["python", "-m", "experiments.run_study", *argv])
-    return args
+    return parse_with_command(p, "experiments.run_study", argv)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,13 @@ Not the paper's setting (ImageNet ResNet-50): ours, on what this project can run
 import argparse
 import json
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from experiments.common import EPS, machine
+from experiments.common import EPS, machine, parse_with_command
 from experiments import theory
 
 DIMS = (2, 8, 32, 128, 512, 2048)
@@ -246,10 +244,7 @@ def parse_args(argv=None):
     p.add_argument("--mnist-run", default="runs/mnist", help="experiments.run_mnist's output folder")
     p.add_argument("--out-dir", default="runs/theory", help="where the figures and tables go")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks and random perturbations")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv)
-    args.command = shlex.join(["python", "-m", "experiments.run_theory", *argv])
-    return args
+    return parse_with_command(p, "experiments.run_theory", argv)
 
 
 if __name__ == "__main__":

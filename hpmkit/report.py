@@ -91,7 +91,8 @@ def square_note(setting):
 TITLES = {"base": "base", "hpm/batch": "HPM (batch)", "hpm/image": "HPM (image)", "dpnp": "DPNP"}
 # What an attack name's suffix means: the model whose gradients it follows (the MSA surrogates, paper 3.7).
 SURROGATES = {"fc": "the FC oracle", "soft": "the soft-hybrid model", "ste": "the real model (STE gradients)",
-              "mix": "the mixture of fc, soft and ste (their mean log-softmax)", "fixed": "the model with its clean batch prototypes fixed"}
+              "mix": "the mixture of fc, soft and ste (their mean log-softmax)",
+              "fixed": "the model with its clean batch prototypes fixed"}
 
 
 def surrogate_legend(names):

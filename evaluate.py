@@ -31,10 +31,8 @@ The subset (25% of the test set, as in the paper) is cut into fixed consecutive 
 head's fine-tuning batch size; an image is robust only if correct clean and under every attack.
 The results JSON is rewritten after every chunk; the same command resumes. When the run ends,
 OUT.md (the final tables) and OUT.png (every row's accuracy per attack) are written beside it.
-The machinery the loop uses is hpmkit/engine.py's: `runner.job(...)` serves a job's chunks from
-where the results left off (under torchrun, this process's share), `job.fit()` halves a chunk
-the GPU cannot hold, `job.record(...)` writes the results after every chunk; --compile is one
-line in run (models.compile_head).
+The machinery the loop uses (resume, torchrun, GPU memory) is hpmkit/engine.py's; --compile is
+one line in run (models.compile_head).
 
 One batch through an MSA attack (apgd-ce/mix), hop by hop:
 main -> run -> evaluate (the loop, this file) -> attack_chunk (this file) -> attacks.run_attack
@@ -66,7 +64,6 @@ from hpmkit.files import OutLock
 from hpmkit.models import as_given, check_images, compile_head
 from hpmkit.report import (check_beside, describe, print_header, print_report, square_note, version_line,
                            write_beside)
-from hpmkit.results import Results
 
 # The attacks each version runs on an HPM row ("kind/surrogate"; the base model runs each kind
 # once, on itself), and how it scores. Strong adds APGD-T (targeted DLR, RobustBench's standard
@@ -146,10 +143,9 @@ class ModelUnderTest:
     """A row of the table: the real model, which scores, and the surrogates the attacks follow.
 
     name: "base", "dpnp", "hpm/batch", "hpm/image" or "hpm/attackers-K"; model: x -> logits, or the
-    HPMClassifier of an HPM row; context: HPM rows' "batch" or "image" (None: a per-image model,
-    its own surrogate); backbone: the module whose forward passes measure an attack's cost;
-    attackers: K of B, the attacker holds the last K slots of every fixed batch and moves them
-    within attacker_eps (batch_attacks.py), the others stay clean (None: the attacker holds all)."""
+    HPMClassifier of an HPM row; context: HPM rows' "batch" or "image" (None: a per-image model, its
+    own surrogate); backbone: whose forward passes measure an attack's cost; attackers: K of B, the
+    attacker's last K slots of every fixed batch, within attacker_eps (None: the attacker holds all)."""
 
     def __init__(self, name, model, context=None, backbone=None, attackers=None, attacker_eps=None):
         self.name, self.model, self.context, self.backbone = name, model, context, backbone
@@ -222,14 +218,11 @@ def score(model, x, y):
 # 3. What an attack does to a chunk of fixed batches ----------------------------------------
 
 def attack_chunk(row, attack, chunk, setting, warnings=None, standing=None):
-    """The attack (a catalogue record) on a chunk of fixed batches (chunks.Chunk): it follows its
-    surrogate's gradients (or, Square, the real model's outputs); with setting.score_queries,
-    every query that is a whole fixed batch inside the ball is scored on the real model; every
-    final adversarial batch is re-scored whole. An image is fooled if any scored batch fooled
-    it. standing: the images no attack has fooled yet (n,) bool (for "target" and "benign:victim").
-    K of B (row.attackers): the attack moves the attacker's slots alone (the last K of each fixed
-    batch), within the attacker's budget; a query counts only if its benign images are exactly the
-    clean ones. The result is per image, benign and attacker's alike."""
+    """The attack (a catalogue record) on a chunk of fixed batches (chunks.Chunk), as 3. above says;
+    an image is fooled if any scored batch fooled it. standing: the images no attack has fooled yet
+    (n,) bool (for "target" and "benign:victim"). K of B (row.attackers): the attack moves the
+    attacker's slots alone, within the attacker's budget; a query counts only if its benign images
+    are exactly the clean ones."""
     B, held, frozen = chunk.grouped_by, None, None
     if row.attackers:
         held = attacker_slots(chunk.sizes, row.attackers).to(chunk.x.device)
@@ -279,12 +272,9 @@ class EvaluationError(Exception):
 
 def evaluate(rows, attacks, data, setting, runner=None, adv=None, classes=None):
     """Clean and robust accuracy of every row under `attacks` (names from the HPM list) on the
-    fixed batches `data` (chunks.FixedBatches), attacked as `setting` (catalogue.Setting) says.
-    runner (engine.Runner): the results to fill and resume from (finished batches are skipped),
-    written after every chunk, and how chunks run (size, torchrun, GPU memory, progress); adv: an
-    engine.AdvStore that keeps every attack's adversarial images (--save-adv); classes: the
-    model's number of classes (APGD-T's targets in the cost estimate; None: at most 9). Prints
-    the run's estimated cost, then a progress line after every job. Returns the results."""
+    fixed batches `data` (chunks.FixedBatches), attacked as `setting` (catalogue.Setting) says, into
+    runner.results (engine.Runner; resumed where they left off); adv: --save-adv's engine.AdvStore;
+    classes: APGD-T's targets in the cost estimate (None: at most 9). Returns the results."""
     runner = runner or Runner()
     results = runner.results
     todo = [(row, attack) for row in rows for attack in [None] + row.attacks(attacks)
@@ -398,11 +388,9 @@ def main(args):
 
 
 def run(cfg, models, subset, ranks=None, header=()):
-    """The protocol on loaded models (checkpoint.Models) and the fixed subset (x, y, its indices in
-    the test set, the test set's size), as cfg says (resolve_config's): the clean pass and every
-    attack of every row, the checks, the report. The results are written to cfg.out after every
-    chunk (none: kept in memory); ranks: torchrun's processes; header: lines printed after the
-    header (where eps and the batch size came from)."""
+    """The protocol as cfg says on loaded models (checkpoint.Models) and the fixed subset (x, y, its
+    indices in the test set, the test set's size), written to cfg.out after every chunk (None: kept in
+    memory); ranks: torchrun's processes; header: where eps and the batch size came from."""
     base, hpm_model, dpnp_model, num_classes = models.base, models.hpm, models.dpnp, models.num_classes
     x, y, idx, n_total = subset
     device = cfg.device
@@ -444,16 +432,8 @@ def run(cfg, models, subset, ranks=None, header=()):
 
 
 def evaluate_model(model, x, y, head=None, **flags):
-    """The protocol on Python objects, for a notebook (hpmkit.api.evaluate): the base model `model`
-    (x in [0, 1] -> logits) and, if given, its head (hpm.attach(model) with a trained head, a DPNP
-    model, or a head checkpoint's path), on images x (N, C, H, W; float in [0, 1] or uint8) with
-    labels y (N,). flags: evaluate.py's flags by name (eps=8/255, version="paper", batch_size=64,
-    attacks="apgd-ce/mix,square", steps=10, contexts=["image"], attackers=[1, 8], checks=True, ...),
-    their defaults the command line's except n_examples (all of x) and out (no file; a path to
-    write and resume). Bad input is one CLIError (a ValueError) with the command line's line, before
-    any work. The models are frozen and moved to the device for the run, and left as they were given
-    after it (training flags, requires_grad, device), also on error. Returns the results file's
-    contents (a dict)."""
+    """hpmkit.api.evaluate (its docstring says the arguments): the protocol on Python objects. The
+    models are moved to the device for the run and left as they were given, also on error."""
     with as_given(model, head):
         models = object_models(model, head)
         cfg, subset = object_config(flags, parser(), VERSIONS, models, x, y)

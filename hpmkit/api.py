@@ -5,10 +5,8 @@
     results = api.evaluate(base, x, y, head=hpm_model, eps=8 / 255, version="paper")
     results["hpm"]["batch"]["worst_case"], results["base"]["attacks"]
 
-`evaluate` runs evaluate.py's protocol (evaluate.py's evaluate_model, loaded where the project is
-installed: hpmkit/cli.py) and returns what its results file would hold. Its settings are
-evaluate.py's flags by name, each Python value read as the command line reads its flag
-(object_config), so that bad input is the command line's one line, as a CLIError.
+`evaluate` is evaluate.py's evaluate_model (loaded where the project is installed: hpmkit/cli.py);
+each Python value is read as the command line reads its flag (object_config).
 """
 import argparse
 import numbers
@@ -17,8 +15,7 @@ import os
 import torch
 
 from hpmkit.checkpoint import load_head_file
-from hpmkit.cli import CLIError
-from hpmkit.cli import load_script
+from hpmkit.cli import CLIError, load_script
 from hpmkit.config import EvalConfig, resolve_settings, select_subset
 from hpmkit.data import OWN, as_images, check_labels
 from hpmkit.files import check_out
@@ -50,11 +47,9 @@ def load_head(path, base_model):
 # The settings of a call: evaluate.py's flags by name, read as the command line reads them ----------
 
 def object_config(flags, parser, versions, models, x, y):
-    """The Python API's settings and fixed subset (evaluate.py's evaluate_model): flags by name over
-    the command line's defaults (parser: evaluate.py's), each read as its flag would be
-    (flag_value), checked as resolve_config checks them, with the objects identified by their
-    contents (fingerprints) for a results file to resume; n_examples defaults to all of x. Returns
-    (config.EvalConfig, (x, y, indices, len(x)))."""
+    """(config.EvalConfig, (x, y, indices, len(x))): flags by name over the defaults of parser
+    (evaluate.py's), checked as resolve_config checks them, the objects identified by their contents
+    (fingerprints) for a results file to resume; n_examples defaults to all of x."""
     args = parser.parse_args([])
     objects = {"head", "model", "data", "weights", "data_dir", "model_dir", "per_class"}  # (files, or given)
     unknown = sorted(set(flags) - set(vars(args)) | set(flags) & objects)

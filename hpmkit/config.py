@@ -38,10 +38,9 @@ VAL_PER_CLASS = 5  # evaluate.py on ImageNet: the paper's 5 validation images pe
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """evaluate.py's settings: its flags by name (its --help says each), resolved and checked
-    (resolve_config; the Python API's object_config). A field commented here is resolved, not only
-    given. Settled later, by dataclasses.replace: n_examples, the device under torchrun, and a
-    resumed file's attacks and attackers (open_results)."""
+    """evaluate.py's flags by name (its --help says each), resolved and checked (resolve_config,
+    api.object_config); a field commented here is resolved, not only given. Settled later (replace):
+    n_examples, the device under torchrun, a resumed file's attacks and attackers (open_results)."""
     head: str | None
     head_type: str | None  # the head's: "hpm", "ncm" or "dpnp"; None: the base model alone
     model: str  # --model, else the head's
@@ -162,9 +161,8 @@ def resolve_config(args, versions):
 
 
 def resolve_settings(s, versions, ckpt=None):
-    """The settings of s (the flags by name, its model and dataset resolved) that are no files, in
-    place, checked: the head's values (ckpt: its checkpoint, or just {"head_type": ...}) where the
-    flags leave them out, the version's, the dataset's eps, the device and the chunk."""
+    """The settings of s (the flags by name, model and dataset resolved) that are no files, in place,
+    checked: else the head's (ckpt: its checkpoint, or just {"head_type": ...}), the version's, the defaults."""
     if s["dataset"] not in DATASETS and s["dataset"] != OWN:
         raise CLIError(f"unknown dataset {s['dataset']!r}; choose from {', '.join(DATASETS)}")
     s["threat_model"] = s["threat_model"] or (ckpt or {}).get("threat_model") or "Linf"
@@ -356,10 +354,9 @@ class FinetuneConfig:
 
 
 def finetune_settings(args, defaults, official_attack):
-    """finetune.py's settings, resolved once from the parsed flags before anything is loaded or
-    written: the dataset's defaults where a flag was left out (defaults: finetune.DEFAULTS, the
-    paper's; official_attack: the IKL code's attack alpha and beta), what follows from them (the
-    Adv-DPNP control's lambdas), then every check. Nothing is added to them later."""
+    """finetune.py's settings, resolved once before anything is loaded or written: the dataset's
+    defaults where a flag was left out (finetune.DEFAULTS, the paper's; official_attack: the IKL
+    code's attack alpha and beta), the Adv-DPNP control's lambdas, then every check."""
     s = dict(vars(args))
     if s["dataset"] is None:  # --data alone is own data, never CIFAR-10's augmentation and budget
         s["dataset"] = OWN if s["data"] is not None else FINETUNE_DATASET
@@ -395,10 +392,8 @@ def finetune_settings(args, defaults, official_attack):
 
 
 def resolve_attackers(s, attacks, version):
-    """--attackers K[,K...] and --attacker-eps E (K of B, batch_attacks.py), checked: each K in [1, B),
-    an HPM head with batch prototypes, E in (0, 1] under L-inf (1: any image), E > 0 under L2.
-    The rows run the version's attacker attacks unless --attacks (`attacks`, None: not given)
-    names its own."""
+    """--attackers K[,K...] and --attacker-eps E (K of B, batch_attacks.py), checked as said below;
+    the rows run the version's attacker attacks unless --attacks (`attacks`, None: not given) does."""
     text = s["attackers"]
     s["attackers"] = []
     if text is not None:
@@ -442,10 +437,9 @@ def select_subset(n_total, n_examples, seed):
 
 
 def load_subset(cfg, num_classes):
-    """(x uint8 (n, C, H, W), y (n,), sorted indices (n,), size of the test set, n): the fixed
-    subset of cfg's n_examples, or when left out the paper's 25% of the test set; n the number
-    it holds (n_examples above the test set's size: all of it). num_classes None: the labels are
-    checked later (checkpoint.count_classes)."""
+    """(x uint8 (n, C, H, W), y (n,), sorted indices (n,), size of the test set, n): the fixed subset
+    of cfg's n_examples (at most all), else the paper's 25% of the test set. num_classes None: the
+    labels are checked later (checkpoint.count_classes)."""
     split = "val" if cfg.dataset == "imagenet" else "test"
     x_all, y_all = load_data(cfg.dataset, split, data=cfg.data, data_dir=cfg.data_dir,
                              per_class=cfg.per_class)
@@ -459,11 +453,9 @@ def load_subset(cfg, num_classes):
 
 
 def open_results(cfg, n):
-    """(the results to fill, cfg): empty to start, or what --out holds to resume (n images). Refuses a
-    file of another configuration (unless --overwrite), or one that does not hold together (its
-    per-image lists, the accuracies they give, the batches done). Writes nothing. A resumed file
-    keeps the attacks it finished: the cfg returned names them with this run's (the union, in the
-    canonical order)."""
+    """(the results to fill, cfg): empty to start, or what --out holds to resume (n images), refused
+    if of another configuration (unless --overwrite) or if it does not hold together (Results.problem).
+    Writes nothing. The cfg returned also names the attacks a resumed file finished."""
     out = cfg.out
     if not out or not os.path.exists(out) or cfg.overwrite:
         return Results(), cfg

@@ -100,10 +100,9 @@ def chained(entries, first, end):
 
 
 class Ranks:
-    """Several processes on one evaluation (torchrun): each attacks its share of a job's chunks and
-    writes what it did to its own ledger (OUT.parts/rank<r>.json, after every chunk); after each
-    job every process reads all ledgers, so all hold the same results. A rerun does only the
-    chunks no rank finished, whichever rank did the others."""
+    """torchrun: each process attacks its share of a job's chunks into its own ledger
+    (OUT.parts/rank<r>.json, after every chunk) and reads all ledgers after each job, so all hold the
+    same results; a rerun does only the chunks no rank finished."""
 
     def __init__(self, out, identity, device):
         import torch.distributed as dist
@@ -175,10 +174,9 @@ class Ranks:
 
 @dataclass
 class Runner:
-    """How evaluate.py's jobs run, below the protocol: into `results`, written to `out` after every
-    chunk (None: kept in memory); in chunks of whole fixed batches of at most `chunk` images (None:
-    one batch at a time). It keeps the backbone passes this process counted (tally) and, per row,
-    the most fixed batches per chunk known to fit in GPU memory (fits)."""
+    """How evaluate.py's jobs run: into `results`, written to `out` after every chunk (None: kept in
+    memory), in chunks of at most `chunk` images (None: one batch at a time); tally: this process's
+    backbone passes; fits: per row, the most fixed batches per chunk known to fit in GPU memory."""
     results: Results = field(default_factory=Results)
     out: str = None
     device: torch.device = torch.device("cpu")
@@ -243,10 +241,9 @@ class ChunkJob:
 
     @contextlib.contextmanager
     def fit(self):
-        """Around the attack of the chunk just served: its backbone passes counted. When the GPU runs
-        out of memory on a chunk of several fixed batches, the chunk comes again from the iterator in
-        halves, and that size is kept for the row's later chunks. Each batch of a chunk gets the random
-        numbers it gets alone, so parts give what the whole chunk gives."""
+        """Around the attack of the chunk just served: its backbone passes counted; out of GPU memory,
+        the chunk comes again in halves, a size kept for the row's later chunks (each batch of a chunk
+        gets the random numbers it gets alone, so parts give what the whole chunk gives)."""
         first, end = self.current
         try:
             with BackboneCounter(self.backbone) as self.seen:
@@ -263,8 +260,7 @@ class ChunkJob:
             self.ran_out = True
 
     def record(self, result):
-        """The chunk's result (chunks.ChunkResult) into the results at once (under torchrun, into this
-        rank's ledger)."""
+        """The chunk's result (chunks.ChunkResult) into the results at once (torchrun: this rank's ledger)."""
         (first, end), batches = self.current, self.data.batches
         if self.saver is not None and result.x_adv is not None:
             for i in range(first, end):
@@ -302,8 +298,7 @@ class ChunkJob:
 
 class Plan:
     """The jobs a run will do, in order (`names`: (row, job) pairs), on n images each, and what each
-    costs now (cost(i) -> catalogue.Cost, backbone passes per image: an estimate that the images
-    fooled so far may lower); done() prints the progress line after each job."""
+    costs now (cost(i) -> catalogue.Cost, backbone passes per image: the images fooled may lower it)."""
 
     def __init__(self, names, cost, n, runner):
         self.names, self.cost, self.n, self.runner = list(names), cost, n, runner
@@ -330,15 +325,13 @@ class Plan:
         return lines + [f"  {'in all':<16} {'':<20} {self.left(0)}"]
 
     def seconds_left(self):
-        """The jobs after the k-th, in seconds at the rate measured so far (None: none measured); the
-        passes are upper bounds where an attack may stop early; each torchrun process does 1/world."""
+        """Seconds the jobs after the k-th take at the rate so far (None: none yet), 1/world per process."""
         rate, world = self.runner.tally.seconds_per_pass, self.runner.ranks.world if self.runner.ranks else 1
         return None if rate is None else self.left(self.k).passes * self.n * rate / world
 
     def done(self, text, seconds):
-        """The progress line after the next job: [k/N], text (what it found), its seconds, the run's so far
-        and the time left; after the first (the first row's clean pass, unless resumed), the run's time
-        in minutes at its rate."""
+        """The progress line after the next job (text: what it found); after the first, the run's
+        estimated time at the rate it measured."""
         self.k += 1
         left = self.seconds_left()  # (rough: a pass with gradients, or in a small batch, takes longer)
         eta = "time left not known yet" if left is None else f"about {duration(left)} left"

@@ -121,10 +121,9 @@ def pct(v, digits=1):
 
 
 def tables(results, rows, digits=1):
-    """What the final report shows, as tables [(title, header, body rows of cells)]: the paper's
-    Tables 1-2 shape (clean, worst case, difference to base), every attack's accuracy (where any row
-    ran one), then the rows of K attacker slots (own and benign, per attack). Cells in percent with
-    `digits` decimals."""
+    """The final report's tables [(title, header, body rows of cells)], in percent with `digits`
+    decimals: the paper's Tables 1-2 shape (clean, worst case, difference to base), every attack's
+    accuracy (where any row ran one), then the rows of K attacker slots (attackers_table)."""
     stores = {r.name: results.row(r.name) for r in rows if not r.attackers}
     base = stores.get("base")
 
@@ -191,11 +190,6 @@ def markdown_table(title, header, body):
     rule = "|" + "|".join("---:" if right else "---" for right in numbers) + "|"
     return "\n".join([f"**{title}**", "", "| " + " | ".join(header) + " |", rule]
                      + ["| " + " | ".join(str(c) for c in row) + " |" for row in body])
-
-
-def format_tables(results, rows):
-    """The final report's tables as text."""
-    return "\n\n".join(text_table(*t) for t in tables(results, rows))
 
 
 def versions():
@@ -267,7 +261,7 @@ def print_header(banner, cfg, rows, n, n_total, device):
 def print_report(results, rows, cfg, setting):
     """The final tables, the checks and where the results are."""
     print()
-    print(format_tables(results, rows))
+    print("\n\n".join(text_table(*t) for t in tables(results, rows)))
     checks = checks_table(results, rows, cfg)
     if checks is not None:
         print(f"\n{checks[0]}:")
@@ -307,9 +301,8 @@ def is_ours(path, out):
 
 
 def check_beside(out):
-    """OUT.md and OUT.png, checked before any work: each absent, or a writable file that evaluate.py
-    wrote beside this results file (its marker); else one line: a run never replaces a file it did
-    not write."""
+    """OUT.md and OUT.png before any work: each absent, or a writable file evaluate.py wrote beside
+    this results file (is_ours); a run never replaces a file it did not write."""
     for path, what in ((beside(out, ".md"), "table"), (beside(out, ".png"), "plot")):
         if not os.path.exists(path):
             continue
@@ -345,9 +338,8 @@ def markdown(results, rows, cfg):
 
 
 def plot(results, rows, cfg, path):
-    """OUT.png: every row's accuracy (%) under clean, each attack and the worst case, as grouped bars
-    (the attacker rows' own and benign images apart); an attack a row does not run is "n/a", a row
-    that ran none has "no attack" as its worst case, both written where the bar would be."""
+    """OUT.png: every row's accuracy (%) clean, per attack and worst case, as grouped bars (attacker
+    rows' own and benign apart); "n/a" and "no attack" are written where the bar would be."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # (no pyplot: no global state)
     from matplotlib.figure import Figure
 
@@ -407,9 +399,8 @@ def beside_free(out, ext):
 
 
 def write_beside(results, rows, cfg):
-    """OUT.md and OUT.png beside the results file cfg.out, each written atomically. check_beside
-    found them free at the start; a file that appeared there during the run is kept, and its
-    replacement goes beside it (beside_free), said in one line."""
+    """OUT.md and OUT.png beside cfg.out, each written atomically; a file not ours that appeared there
+    during the run is kept, and ours goes beside it (beside_free), said in one line."""
     out = cfg.out
     md, png = beside_free(out, ".md"), beside_free(out, ".png")
     moved = [f"{beside(out, ext)} -> {path}" for ext, path in ((".md", md), (".png", png)) if path != beside(out, ext)]

@@ -34,9 +34,8 @@ MEASURED = ("timing", "timings_s", "out", "backbone_passes_per_image", "backbone
 
 @dataclass
 class Progress:
-    """What a job has done so far: per-image 0/1 (the images of its first `done` batches), the
-    kept final batches' own scores (None: not scored apart), seconds, backbone images (None:
-    unknown, a file from before the count)."""
+    """What a job has done: per-image 0/1 of its first `done` batches, the kept final batches' own
+    scores (None: not scored apart), seconds, backbone images (None: a file from before the count)."""
     done: int = 0
     correct: list = field(default_factory=list)
     final: list = None

@@ -8,9 +8,8 @@ asks how often that holds: F_X(c) = P(|cos theta_c| / |sin theta_d| <= c), for d
 uniform on the sphere (Eq. 9-11) and for angles drawn from a mixture of truncated Gaussians
 fitted to real features (Eq. 12-13).
 
-Where a printed equation disagrees with its independent check (test_hpm.py, section
-experiments/theory.py), the function named for the quantity implements the form the check
-confirms and the printed form is kept beside it, named for it (`cdf_isotropic_as_printed`).
+Where a printed equation disagrees with its independent check (tests/test_experiments.py), the
+function named for the quantity implements the form the check confirms and the printed form is kept beside it, named for it (`cdf_isotropic_as_printed`).
 Angles are in radians. numpy and scipy only: not part of the copyable head.
 """
 import math

@@ -5,7 +5,7 @@ one-epoch fine-tunings of a small CNN's head on 256 real MNIST images (HPM as th
 HPM with L2, augmentation, two epochs and the non-default choices; the two controls, NCM and
 Adv-DPNP), then small evaluations of the committed heads: both --versions, every attack of the
 catalogue with restarts and the gradient-masking checks, L2, and the controls. Every per-image
-result and every head tensor is kept; test_hpm.py runs the same commands and compares exactly.
+result and every head tensor is kept; tests/test_golden.py runs the same commands and compares exactly.
 
     python testdata/golden/make_golden.py            # writes testdata/golden/golden.pt and heads
     python testdata/golden/make_golden.py --add attackers attackers_any   # adds evaluations to it

@@ -9,7 +9,8 @@ uniform on the sphere (Eq. 9-11) and for angles drawn from a mixture of truncate
 fitted to real features (Eq. 12-13).
 
 Where a printed equation disagrees with its independent check (tests/test_experiments.py), the
-function named for the quantity implements the form the check confirms and the printed form is kept beside it, named for it (`cdf_isotropic_as_printed`).
+function named for the quantity implements the form the check confirms and the printed form is
+kept beside it, named for it (`cdf_isotropic_as_printed`).
 Angles are in radians. numpy and scipy only: not part of the copyable head.
 """
 import math
